@@ -1,0 +1,385 @@
+"""Shower files: the package's point-cloud HDF5, the ILD (CaloClouds) layout and the CaloChallenge layout.
+
+========================  ==================================================================
+format                    content
+========================  ==================================================================
+``points`` (default)      ``points`` (P, 4) float32 x, y, z [mm], energy [MeV]; ``offsets``
+                          (N + 1,); ``incident_energy_mev`` (N,); ``meta/*``; units, particle
+                          and geometry (name and YAML description) as attributes; chunked, gzip
+``ild``                   ``events`` (N, 4, M) float32 zero-padded at the start, features
+                          (x [mm], layer + position in layer, z [mm], energy [GeV]);
+                          ``energy`` (N, 1) incident energy [GeV] (CaloClouds)
+``calochallenge``         ``incident_energies`` (N, 1) [MeV]; ``showers`` (N, cells) [MeV] in
+                          (layer, alpha, r) order, cells below threshold zeroed
+========================  ==================================================================
+
+The format is detected from the keys on reading. Every writer writes a temporary file and renames
+it when complete, so an interrupted run never leaves a partial file under the target name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import yaml
+
+from .. import __version__
+from .._atomic import atomic_path
+from ..errors import InputError
+from ..geometry import Geometry, geometry_from_yaml_text, get_geometry
+from ..showers import ENERGY, Showers
+
+__all__ = ["FORMATS", "detect_format", "read_showers", "iter_showers", "write_showers", "ShowerWriter",
+           "file_info", "ILD_IMPACT_MM"]
+
+FORMATS = ("points", "ild", "calochallenge")
+#: impact point of the CaloClouds ILD photons in the (x, z) plane, mm (CaloClouds-2 cfg.origin)
+ILD_IMPACT_MM = (0.0, 40.0)
+_CALOCHALLENGE_GEOMETRY = {6480: "calochallenge-2", 40500: "calochallenge-3"}
+
+
+# -- opening and detection -------------------------------------------------------------------
+def _open(path: str | os.PathLike[str]) -> h5py.File:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a shower file")
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        raise InputError(f"{path}: not an HDF5 file (or unreadable)") from None
+
+
+def _format_of(f: h5py.File, path) -> str:
+    keys = set(f.keys())
+    if f.attrs.get("format") == "caloadapt-points" or {"points", "offsets"} <= keys:
+        return "points"
+    if {"events", "energy"} <= keys:
+        return "ild"
+    if {"incident_energies", "showers"} <= keys:
+        return "calochallenge"
+    raise InputError(f"{path}: unknown shower file layout with keys {sorted(keys) or 'none'}; expected "
+                     "points/offsets (caloadapt), events/energy (ILD) or incident_energies/showers (CaloChallenge)")
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """``points``, ``ild`` or ``calochallenge``, from the keys of the file."""
+    with _open(path) as f:
+        return _format_of(f, path)
+
+
+def _dataset(f: h5py.File, key: str, ndim: int, path) -> h5py.Dataset:
+    if key not in f or not isinstance(f[key], h5py.Dataset):
+        raise InputError(f"{path}: missing dataset {key!r}")
+    if f[key].ndim != ndim:
+        raise InputError(f"{path}: dataset {key!r} has shape {f[key].shape}, expected {ndim} dimensions")
+    return f[key]
+
+
+def _check_values(values: np.ndarray, what: str, path, positive: bool = False) -> None:
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{path}: {what} contain NaN or infinite values")
+    if np.any(values < 0) or (positive and np.any(values <= 0)):
+        raise InputError(f"{path}: {what} must be {'positive' if positive else 'non-negative'}")
+
+
+# -- per-format readers (rows [start, stop)) --------------------------------------------------
+class _Reader:
+    """Random access to the showers of one file, whatever its layout."""
+
+    def __init__(self, path, geometry: Geometry | str | None, smear: bool, seed: int | None):
+        self.path = Path(path)
+        self.file = _open(path)
+        self.format = _format_of(self.file, path)
+        self.smear, self.rng = smear, np.random.default_rng(seed)
+        self.particle = "electron"
+        getattr(self, f"_init_{self.format}")(geometry)
+        if self.n == 0:
+            self.file.close()
+            raise InputError(f"{path}: file holds no showers")
+
+    def _init_points(self, geometry) -> None:
+        f = self.file
+        self.points = _dataset(f, "points", 2, self.path)
+        self.offsets = _dataset(f, "offsets", 1, self.path)[:]
+        self.energy = _dataset(f, "incident_energy_mev", 1, self.path)
+        self.n = len(self.energy)
+        if self.points.shape[1] != 4 or len(self.offsets) != self.n + 1 or self.offsets[-1] != len(self.points):
+            raise InputError(f"{self.path}: points {self.points.shape}, offsets {self.offsets.shape} and "
+                             f"{self.n} incident energies do not fit together")
+        self.particle = str(f.attrs.get("particle", "electron"))
+        stored = f.attrs.get("geometry_spec")
+        self.geometry = get_geometry(geometry) if geometry is not None else (
+            geometry_from_yaml_text(stored, str(self.path)) if stored is not None
+            else get_geometry(str(f.attrs.get("geometry", "ild-ecal"))))
+
+    def _init_ild(self, geometry) -> None:
+        self.events = _dataset(self.file, "events", 3, self.path)
+        self.energy = _dataset(self.file, "energy", 2, self.path)
+        self.n = len(self.events)
+        if self.events.shape[1] != 4 or self.energy.shape != (self.n, 1):
+            raise InputError(f"{self.path}: ILD layout needs events (N, 4, M) and energy (N, 1), got "
+                             f"{self.events.shape} and {self.energy.shape}")
+        self.particle = "photon"
+        self.geometry = get_geometry(geometry if geometry is not None else "ild-ecal")
+
+    def _init_calochallenge(self, geometry) -> None:
+        self.showers = _dataset(self.file, "showers", 2, self.path)
+        self.energy = _dataset(self.file, "incident_energies", 2, self.path)
+        self.n = len(self.showers)
+        n_cells = self.showers.shape[1]
+        if self.energy.shape != (self.n, 1):
+            raise InputError(f"{self.path}: incident_energies has shape {self.energy.shape}, expected ({self.n}, 1)")
+        if geometry is None:
+            if n_cells not in _CALOCHALLENGE_GEOMETRY:
+                raise InputError(f"{self.path}: {n_cells} voxels per shower match no built-in geometry; "
+                                 "give --geometry")
+            geometry = _CALOCHALLENGE_GEOMETRY[n_cells]
+        self.geometry = get_geometry(geometry)
+        if n_cells != self.geometry.n_cells:
+            raise InputError(f"{self.path}: {n_cells} voxels per shower, but geometry "
+                             f"{self.geometry.name!r} has {self.geometry.n_cells}")
+
+    def read(self, start: int, stop: int) -> Showers:
+        return getattr(self, f"_read_{self.format}")(start, stop)
+
+    def _read_points(self, start: int, stop: int) -> Showers:
+        p0, p1 = self.offsets[start], self.offsets[stop]
+        points = self.points[p0:p1]
+        energy = self.energy[start:stop]
+        _check_values(points[:, ENERGY], "point energies", self.path)
+        _check_values(energy, "incident energies", self.path, positive=True)
+        meta = {k: v[start:stop] for k, v in self.file["meta"].items()} if "meta" in self.file else {}
+        return Showers(points, self.offsets[start:stop + 1] - p0, energy, self.particle, self.geometry.name, meta)
+
+    def _read_ild(self, start: int, stop: int) -> Showers:
+        events = np.asarray(self.events[start:stop], dtype=np.float64)  # (n, 4, M)
+        energy_gev = np.asarray(self.energy[start:stop, 0], dtype=np.float64)
+        _check_values(events[:, 3], "hit energies", self.path)
+        _check_values(energy_gev, "incident energies", self.path, positive=True)
+        mask = events[:, 3] > 0
+        x, layer_u, z, e = (events[:, k][mask] for k in range(4))
+        points = np.stack([x - ILD_IMPACT_MM[0], z - ILD_IMPACT_MM[1],
+                           layer_units_to_depth(self.geometry, layer_u), 1000.0 * e], axis=1)
+        return Showers.from_counts(points, mask.sum(axis=1), 1000.0 * energy_gev, particle=self.particle,
+                                   geometry=self.geometry.name)
+
+    def _read_calochallenge(self, start: int, stop: int) -> Showers:
+        voxels = np.asarray(self.showers[start:stop], dtype=np.float64)
+        energy = np.asarray(self.energy[start:stop, 0], dtype=np.float64)
+        _check_values(voxels, "voxel energies", self.path)
+        _check_values(energy, "incident energies", self.path, positive=True)
+        return self.geometry.points_from_voxels(voxels, energy, "electron", smear=self.smear, rng=self.rng)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def iter_showers(path: str | os.PathLike[str], geometry: Geometry | str | None = None, *,
+                 chunk_size: int = 1000, start: int = 0, stop: int | None = None,
+                 smear: bool = False, seed: int | None = None) -> Iterator[Showers]:
+    """Read showers chunk by chunk, never holding more than ``chunk_size`` showers in memory.
+
+    Args:
+        path: a shower file of any supported layout.
+        geometry: geometry of the showers; default: recorded in the file (``points``), ``ild-ecal``
+            (``ild``), or found from the number of voxels (``calochallenge``).
+        chunk_size: showers per chunk.
+        start, stop: read only showers ``[start, stop)``.
+        smear: for voxel files, place points uniformly inside their cells instead of at centres.
+        seed: seed of the smearing.
+    """
+    reader = _Reader(path, geometry, smear, seed)
+    try:
+        stop = reader.n if stop is None else min(stop, reader.n)
+        for first in range(start, stop, chunk_size):
+            yield reader.read(first, min(first + chunk_size, stop))
+    finally:
+        reader.close()
+
+
+def read_showers(path: str | os.PathLike[str], geometry: Geometry | str | None = None, **kwargs) -> Showers:
+    """Read showers (all, or ``start``/``stop``) into one batch; see :func:`iter_showers`."""
+    chunks = list(iter_showers(path, geometry, chunk_size=kwargs.pop("chunk_size", 10_000), **kwargs))
+    if not chunks:
+        raise InputError(f"{path}: no showers in the requested range")
+    return Showers.concatenate(chunks)
+
+
+def layer_units_to_depth(geometry: Geometry, layer_u: np.ndarray) -> np.ndarray:
+    """Depth in mm of an ILD-style layer coordinate (``layer + 0.5`` at the cell centre)."""
+    knots_u = np.concatenate([[0.0], np.arange(geometry.n_layers) + 0.5, [geometry.n_layers]])
+    knots_z = np.concatenate([[geometry.layer_edges_mm[0]], geometry.layer_centres_mm, [geometry.layer_edges_mm[-1]]])
+    return np.interp(layer_u, knots_u, knots_z)
+
+
+def depth_to_layer_units(geometry: Geometry, depth_mm: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`layer_units_to_depth`."""
+    knots_u = np.concatenate([[0.0], np.arange(geometry.n_layers) + 0.5, [geometry.n_layers]])
+    knots_z = np.concatenate([[geometry.layer_edges_mm[0]], geometry.layer_centres_mm, [geometry.layer_edges_mm[-1]]])
+    return np.interp(depth_mm, knots_z, knots_u)
+
+
+# -- writing ---------------------------------------------------------------------------------
+class ShowerWriter:
+    """Append showers chunk by chunk to a new file; it appears under its name only on success.
+
+    Use as a context manager::
+
+        with ShowerWriter("out.h5", "calochallenge", geometry) as writer:
+            for chunk in chunks:
+                writer.append(chunk)
+    """
+
+    def __init__(self, path: str | os.PathLike[str], format: str = "points",
+                 geometry: Geometry | str | None = None, attrs: dict | None = None):
+        if format not in FORMATS:
+            raise InputError(f"unknown output format {format!r}; expected one of {', '.join(FORMATS)}")
+        self.path, self.format = Path(path), format
+        self.geometry = get_geometry(geometry) if geometry is not None else None
+        self.attrs = attrs or {}
+        self.n = 0
+
+    def __enter__(self) -> ShowerWriter:
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        try:
+            self.file = h5py.File(tmp, "w")
+        except OSError as err:
+            self._atomic.__exit__(type(err), err, None)
+            raise InputError(f"{self.path}: cannot write: {err}") from None
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self.file.close()
+        finally:
+            if exc_type is None and self.n == 0:
+                exc = InputError(f"{self.path}: nothing to write (no showers)")
+                self._atomic.__exit__(InputError, exc, None)
+                raise exc
+            self._atomic.__exit__(exc_type, exc, tb)
+        return False
+
+    def append(self, showers: Showers) -> None:
+        if self.geometry is None:
+            self.geometry = get_geometry(showers.geometry)
+        self.geometry.check_showers(showers)
+        if len(showers):
+            if self.n == 0:
+                getattr(self, f"_create_{self.format}")(showers)
+            getattr(self, f"_append_{self.format}")(showers)
+            self.n += len(showers)
+
+    # points
+    def _create_points(self, showers: Showers) -> None:
+        f = self.file
+        f.attrs.update({"format": "caloadapt-points", "format_version": 1, "caloadapt_version": __version__,
+                        "particle": showers.particle, "geometry": self.geometry.name,
+                        "geometry_spec": yaml.safe_dump(self.geometry.spec, sort_keys=False),
+                        "units": "points: x, y, z [mm], energy [MeV]; incident_energy_mev [MeV]"})
+        f.attrs.update({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in self.attrs.items()})
+        f.create_dataset("points", (0, 4), np.float32, maxshape=(None, 4), chunks=(65536, 4),
+                         compression="gzip", compression_opts=4, shuffle=True)
+        f.create_dataset("offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(65536,))
+        f.create_dataset("incident_energy_mev", (0,), np.float64, maxshape=(None,), chunks=(65536,))
+        for key in showers.meta:
+            f.create_dataset(f"meta/{key}", (0,), np.float64, maxshape=(None,), chunks=(65536,))
+
+    def _append_points(self, showers: Showers) -> None:
+        f = self.file
+        base = int(f["offsets"][-1])
+        _extend(f["points"], showers.points)
+        _extend(f["offsets"], base + showers.offsets[1:])
+        _extend(f["incident_energy_mev"], showers.incident_energy_mev)
+        for key in f.get("meta", {}):
+            if key not in showers.meta:
+                raise InputError(f"{self.path}: chunk lacks meta {key!r} present in earlier chunks")
+            _extend(f[f"meta/{key}"], showers.meta[key])
+
+    # calochallenge
+    def _create_calochallenge(self, showers: Showers) -> None:
+        n_cells = self.geometry.n_cells
+        self.file.create_dataset("incident_energies", (0, 1), np.float64, maxshape=(None, 1), chunks=(1024, 1),
+                                 compression="gzip")
+        self.file.create_dataset("showers", (0, n_cells), np.float32, maxshape=(None, n_cells),
+                                 chunks=(max(1, min(100, 2**20 // n_cells)), n_cells), compression="gzip")
+
+    def _append_calochallenge(self, showers: Showers) -> None:
+        for chunk in showers.chunks(max(1, 2**26 // (4 * self.geometry.n_cells))):
+            _extend(self.file["showers"], self.geometry.voxelise(chunk, threshold=True))
+        _extend(self.file["incident_energies"], showers.incident_energy_mev[:, None])
+
+    # ild
+    def _create_ild(self, showers: Showers) -> None:
+        width = max(6000, int(showers.n_points.max()))  # CaloClouds pads to 6000 points
+        self.file.create_dataset("events", (0, 4, width), np.float32, maxshape=(None, 4, None),
+                                 chunks=(16, 4, width), compression="gzip")
+        self.file.create_dataset("energy", (0, 1), np.float32, maxshape=(None, 1), chunks=(1024, 1))
+
+    def _append_ild(self, showers: Showers) -> None:
+        events = self.file["events"]
+        width = events.shape[2]
+        if showers.n_points.max(initial=0) > width:
+            width = self._widen_ild(int(showers.n_points.max()))
+        counts = showers.n_points
+        block = np.zeros((len(showers), 4, width), np.float32)
+        rows = np.repeat(np.arange(len(showers)), counts)
+        # padding first: the points of a shower fill its last n columns
+        cols = np.arange(len(showers.points)) - np.repeat(showers.offsets[:-1] - (width - counts), counts)
+        p = showers.points.astype(np.float64)
+        features = [p[:, 0] + ILD_IMPACT_MM[0], depth_to_layer_units(self.geometry, p[:, 2]),
+                    p[:, 1] + ILD_IMPACT_MM[1], p[:, 3] / 1000.0]
+        for k, values in enumerate(features):
+            block[rows, k, cols] = values
+        _extend(events, block)
+        _extend(self.file["energy"], (showers.incident_energy_mev / 1000.0)[:, None])
+
+    def _widen_ild(self, width: int) -> int:
+        """Grow the point axis, keeping the zero padding at the start of earlier rows."""
+        events = self.file["events"]
+        old = events.shape[2]
+        events.resize(width, axis=2)
+        for first in range(0, events.shape[0], 256):
+            rows = events[first:first + 256, :, :old]
+            shifted = np.zeros((len(rows), 4, width), np.float32)
+            shifted[:, :, width - old:] = rows
+            events[first:first + 256] = shifted
+        return width
+
+
+def _extend(dataset: h5py.Dataset, values: np.ndarray) -> None:
+    n = dataset.shape[0]
+    dataset.resize(n + len(values), axis=0)
+    dataset[n:] = values
+
+
+def write_showers(path: str | os.PathLike[str], showers: Showers, format: str = "points",
+                  geometry: Geometry | str | None = None, attrs: dict | None = None) -> None:
+    """Write one batch of showers atomically (see :class:`ShowerWriter`)."""
+    with ShowerWriter(path, format, geometry, attrs) as writer:
+        writer.append(showers)
+
+
+def file_info(path: str | os.PathLike[str], geometry: Geometry | str | None = None,
+              chunk_size: int = 2000) -> dict:
+    """Summary of a shower file: format, geometry, counts, energy range, points per shower."""
+    n, e_min, e_max, counts = 0, np.inf, -np.inf, []
+    fmt, geo, particle = detect_format(path), None, None
+    for chunk in iter_showers(path, geometry, chunk_size=chunk_size):
+        n += len(chunk)
+        e_min = min(e_min, float(chunk.incident_energy_mev.min()))
+        e_max = max(e_max, float(chunk.incident_energy_mev.max()))
+        counts.append(chunk.n_points)
+        geo, particle = chunk.geometry, chunk.particle
+    counts = np.concatenate(counts)
+    return {"path": str(path), "format": fmt, "geometry": geo, "particle": particle, "showers": n,
+            "incident_energy_gev": [e_min / 1000.0, e_max / 1000.0],
+            "points_per_shower": {"min": int(counts.min()), "mean": float(counts.mean()), "max": int(counts.max())}}
+

@@ -1,0 +1,236 @@
+"""A detector geometry: material stack, readout layers and cells, energy scale."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import scipy.sparse
+
+from ..showers import ENERGY, X, Y, Z, Showers
+from ..errors import GeometryError, InputError
+from .materials import Mixture
+from .readout import CylindricalReadout, PlanarReadout
+from .stack import MaterialStack
+
+__all__ = ["Geometry", "EnergyScale", "ShowerParameters"]
+
+
+@dataclass(frozen=True)
+class EnergyScale:
+    """How deposited energy becomes the cell energies written in files.
+
+    visible energy = ``e_vis`` * f_mip(layer) * deposited energy (simulator reference §1.2, §6.1);
+    cell energy [MeV] = ``calibration`` * visible energy [MeV], cut at ``threshold_mev`` (cell units).
+
+    Attributes:
+        e_vis: e/mip calibration of the visible energy (0.78 ILD; 0.033 / f_mip for Par04).
+        calibration: readout MeV per visible MeV (1 for ILD, 1/0.033 for CaloChallenge).
+        threshold_mev: cell threshold in readout MeV (0.1 ILD; 0.5e-3/0.033 CaloChallenge).
+    """
+
+    e_vis: float
+    calibration: float
+    threshold_mev: float
+
+
+@dataclass(frozen=True)
+class ShowerParameters:
+    """Per-geometry settings of the embedded GFlash simulator (simulator reference §1.2, §4.5).
+
+    Attributes:
+        sampling_term: stochastic term c in sqrt(GeV) (0.166 ILD, 0.13 Par04).
+        kappa: Mode B spot energy in units of the mean mip loss in one sensor (1.7 ILD, 1.3 Par04).
+        moyal_sigma: width of the Moyal spot-energy weights (0.065-0.12).
+        shape_region_mm: depth range whose material defines Z_eff, E_c, F_s of the shower shape.
+        local_moliere: convert radii with the Moliere radius of the local layer (True) or the
+            shape medium (False), simulator reference §3.4.
+    """
+
+    sampling_term: float
+    kappa: float
+    moyal_sigma: float
+    shape_region_mm: tuple[float, float]
+    local_moliere: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """A calorimeter in the shower frame (x, y transverse mm from the impact point, z depth mm).
+
+    Readout layer ``l`` collects everything deposited at depths ``[layer_edges_mm[l],
+    layer_edges_mm[l+1])``; its cell-centre points sit at depth ``layer_centres_mm[l]`` (the
+    sensor centre for a per-sensor readout, the slice centre for a sliced mesh).
+    """
+
+    name: str
+    stack: MaterialStack
+    layer_edges_mm: np.ndarray
+    layer_centres_mm: np.ndarray
+    readout: PlanarReadout | CylindricalReadout
+    energy: EnergyScale
+    shower: ShowerParameters
+    particle: str = "electron"
+    description: str = ""
+    spec: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        edges = np.asarray(self.layer_edges_mm, np.float64)
+        centres = np.asarray(self.layer_centres_mm, np.float64)
+        object.__setattr__(self, "layer_edges_mm", edges)
+        object.__setattr__(self, "layer_centres_mm", centres)
+        if len(edges) != len(centres) + 1 or np.any(np.diff(edges) <= 0):
+            raise GeometryError(f"geometry {self.name!r}: layer edges must increase, one more than layers")
+        if np.any(centres < edges[:-1]) or np.any(centres >= edges[1:]):
+            raise GeometryError(f"geometry {self.name!r}: layer centres must lie inside their layers")
+        if self.readout.n_layers != len(centres):
+            raise GeometryError(f"geometry {self.name!r}: readout has {self.readout.n_layers} layers, "
+                                f"depth segmentation {len(centres)}")
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_centres_mm)
+
+    @cached_property
+    def n_cells(self) -> int:
+        return int(self.readout.cells_per_layer.sum())
+
+    @cached_property
+    def cell_layer(self) -> np.ndarray:
+        """``(n_cells,)`` readout layer of each cell."""
+        return np.repeat(np.arange(self.n_layers), self.readout.cells_per_layer)
+
+    @cached_property
+    def _cell_local(self) -> np.ndarray:
+        return np.arange(self.n_cells) - self.readout.layer_offsets[self.cell_layer]
+
+    @cached_property
+    def cell_centres_mm(self) -> np.ndarray:
+        """``(n_cells, 3)`` cell centres (x, y, z) in mm."""
+        x, y = self.readout.centres(self.cell_layer, self._cell_local)
+        return np.stack([x, y, self.layer_centres_mm[self.cell_layer]], axis=1)
+
+    # -- media -------------------------------------------------------------------------------
+    @cached_property
+    def shape_medium(self) -> Mixture:
+        """Effective medium that sets the shower shape (Z_eff, E_c, F_s, e/mip)."""
+        return self.stack.mixture(*self.shower.shape_region_mm)
+
+    @cached_property
+    def layer_media(self) -> tuple[Mixture, ...]:
+        """Effective medium of the material inside each readout layer."""
+        return tuple(self.stack.mixture(a, b) for a, b in zip(self.layer_edges_mm[:-1], self.layer_edges_mm[1:]))
+
+    @property
+    def x0_mm(self) -> float:
+        """Effective radiation length of the shape medium, mm."""
+        return self.shape_medium.x0_mm
+
+    @property
+    def moliere_radius_mm(self) -> float:
+        """Effective Moliere radius of the shape medium, mm."""
+        return self.shape_medium.moliere_radius_mm
+
+    @property
+    def critical_energy_mev(self) -> float:
+        """Effective critical energy of the shape medium, MeV."""
+        return self.shape_medium.critical_energy_mev
+
+    @property
+    def sampling_fraction(self) -> float:
+        """Mip sampling fraction f_mip of the shape medium."""
+        return self.shape_medium.mip_fraction
+
+    @cached_property
+    def layer_visible_fraction(self) -> np.ndarray:
+        """``(n_layers,)`` visible / deposited energy in each layer, e_vis * f_mip(layer)."""
+        f_mip = np.array([m.mip_fraction if m.has_active else 0.0 for m in self.layer_media])
+        if not self.shape_medium.has_passive:
+            f_mip = np.ones(self.n_layers)  # homogeneous: everything deposited is seen
+        return self.energy.e_vis * f_mip
+
+    @cached_property
+    def layer_moliere_radius_mm(self) -> np.ndarray:
+        """``(n_layers,)`` Moliere radius used to convert radii in each layer, mm."""
+        if not self.shower.local_moliere:
+            return np.full(self.n_layers, self.moliere_radius_mm)
+        return np.array([m.moliere_radius_mm for m in self.layer_media])
+
+    # -- point <-> cell ----------------------------------------------------------------------
+    def layer_index(self, depth_mm: np.ndarray) -> np.ndarray:
+        """Readout layer of each depth, -1 in front of or behind the readout."""
+        layer = np.searchsorted(self.layer_edges_mm, depth_mm, side="right") - 1
+        return np.where((layer >= 0) & (layer < self.n_layers), layer, -1)
+
+    def cell_index(self, points: np.ndarray) -> np.ndarray:
+        """Global cell index of each ``(x, y, z)`` point in mm, -1 outside the readout."""
+        points = np.asarray(points)
+        layer = self.layer_index(points[:, Z])
+        inside = layer >= 0
+        local = np.full(len(points), -1, np.int64)
+        local[inside] = self.readout.local_index(layer[inside], points[inside, X], points[inside, Y])
+        ok = local >= 0
+        return np.where(ok, self.readout.layer_offsets[np.maximum(layer, 0)] + local, -1)
+
+    def voxelise(self, showers: Showers, *, sparse: bool = False, threshold: bool = False,
+                 return_outside: bool = False):
+        """Sum point energies into cells.
+
+        Returns a dense ``(N, n_cells)`` float32 array of cell energies in MeV (a scipy CSR
+        matrix with ``sparse=True``); with ``threshold`` cells below the geometry's threshold are
+        zeroed; with ``return_outside`` also the ``(N,)`` energy in MeV that missed the readout.
+        """
+        self.check_showers(showers)
+        cells = self.cell_index(showers.points)
+        inside = cells >= 0
+        shower = showers.shower_index
+        energy = showers.points[:, ENERGY].astype(np.float64)
+        matrix = scipy.sparse.csr_matrix((energy[inside], (shower[inside], cells[inside])),
+                                         shape=(len(showers), self.n_cells))
+        matrix.sum_duplicates()
+        if threshold:
+            matrix.data[matrix.data < self.energy.threshold_mev] = 0.0
+            matrix.eliminate_zeros()
+        voxels = matrix.astype(np.float32) if sparse else matrix.toarray().astype(np.float32)
+        if return_outside:
+            outside = np.bincount(shower[~inside], weights=energy[~inside], minlength=len(showers))
+            return voxels, outside
+        return voxels
+
+    def points_from_voxels(self, voxels, incident_energy_mev: np.ndarray, particle: str | None = None, *,
+                           smear: bool = False, rng: np.random.Generator | None = None) -> Showers:
+        """One point per non-empty cell: at the cell centre, or uniform inside the cell.
+
+        ``voxels`` is ``(N, n_cells)`` dense or sparse, in MeV. Smearing is uniform in depth over
+        the layer and uniform in area transversally, so voxelising the points gives back the cells.
+        """
+        matrix = scipy.sparse.csr_matrix(voxels)
+        if matrix.shape[1] != self.n_cells:
+            raise InputError(f"voxel array has {matrix.shape[1]} cells per shower, geometry "
+                             f"{self.name!r} has {self.n_cells}")
+        matrix.eliminate_zeros()
+        matrix.sort_indices()
+        cells = matrix.indices.astype(np.int64)
+        if smear:
+            rng = rng if rng is not None else np.random.default_rng()
+            layer = self.cell_layer[cells]
+            x, y = self.readout.sample(layer, self._cell_local[cells], rng)
+            lo, hi = self.layer_edges_mm[layer], self.layer_edges_mm[layer + 1]
+            z = lo + rng.random(len(cells)) * (hi - lo)
+            xyz = np.stack([x, y, z], axis=1)
+        else:
+            xyz = self.cell_centres_mm[cells]
+        points = np.concatenate([xyz, matrix.data[:, None]], axis=1)
+        return Showers(points, matrix.indptr.astype(np.int64), incident_energy_mev,
+                       particle or self.particle, self.name)
+
+    def check_showers(self, showers: Showers) -> None:
+        """Raise a clear error when showers belong to another geometry."""
+        if showers.geometry and showers.geometry != self.name:
+            raise InputError(f"showers belong to geometry {showers.geometry!r}, not {self.name!r}")
+
+    def __repr__(self) -> str:
+        return (f"Geometry({self.name!r}, {self.readout.kind}, layers={self.n_layers}, cells={self.n_cells}, "
+                f"X0={self.x0_mm:.3f} mm, R_M={self.moliere_radius_mm:.2f} mm)")

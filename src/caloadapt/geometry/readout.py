@@ -1,0 +1,190 @@
+"""Transverse readout segmentations: a planar square grid and a cylindrical (r, alpha) mesh.
+
+Both work in the shower frame: ``x``, ``y`` in mm relative to the impact point. A cell is
+addressed by its layer and a local index inside the layer; layers are flattened one after the
+other, so the global cell index is ``layer_offsets[layer] + local``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import GeometryError
+
+__all__ = ["PlanarReadout", "CylindricalReadout", "Readout"]
+
+
+def _offsets(cells_per_layer: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(cells_per_layer)]).astype(np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class PlanarReadout:
+    """Square cells of ``pitch_mm`` on an ``n_x`` x ``n_y`` grid, the same in every layer.
+
+    The grid is centred on the impact point, so with odd ``n_x``/``n_y`` the impact point sits at
+    a cell centre (the ILD default of the simulator reference §5.1). Local index ``ix * n_y + iy``.
+    """
+
+    n_layers: int
+    pitch_mm: float
+    n_x: int
+    n_y: int
+    kind: str = field(default="planar", init=False)
+
+    def __post_init__(self) -> None:
+        if self.pitch_mm <= 0 or self.n_x < 1 or self.n_y < 1 or self.n_layers < 1:
+            raise GeometryError("a planar readout needs a positive pitch, layers and cell counts")
+
+    @property
+    def x_min_mm(self) -> float:
+        return -0.5 * self.n_x * self.pitch_mm
+
+    @property
+    def y_min_mm(self) -> float:
+        return -0.5 * self.n_y * self.pitch_mm
+
+    @property
+    def cells_per_layer(self) -> np.ndarray:
+        return np.full(self.n_layers, self.n_x * self.n_y, np.int64)
+
+    @property
+    def layer_offsets(self) -> np.ndarray:
+        return _offsets(self.cells_per_layer)
+
+    def local_index(self, layer: np.ndarray, x_mm: np.ndarray, y_mm: np.ndarray) -> np.ndarray:
+        """Cell index inside the layer, -1 where the point misses the grid."""
+        ix = np.floor((x_mm - self.x_min_mm) / self.pitch_mm).astype(np.int64)
+        iy = np.floor((y_mm - self.y_min_mm) / self.pitch_mm).astype(np.int64)
+        inside = (ix >= 0) & (ix < self.n_x) & (iy >= 0) & (iy < self.n_y)
+        return np.where(inside, ix * self.n_y + iy, -1)
+
+    def _grid(self, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return local // self.n_y, local % self.n_y
+
+    def centres(self, layer: np.ndarray, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Transverse centre in mm of the given cells."""
+        ix, iy = self._grid(local)
+        return self.x_min_mm + (ix + 0.5) * self.pitch_mm, self.y_min_mm + (iy + 0.5) * self.pitch_mm
+
+    def sample(self, layer: np.ndarray, local: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Points uniform inside the given cells."""
+        ix, iy = self._grid(local)
+        u, v = rng.random((2, len(local)))
+        return self.x_min_mm + (ix + u) * self.pitch_mm, self.y_min_mm + (iy + v) * self.pitch_mm
+
+    def to_spec(self) -> dict:
+        return {"kind": "planar", "pitch_mm": self.pitch_mm, "n_x": self.n_x, "n_y": self.n_y}
+
+
+@dataclass(frozen=True, eq=False)
+class CylindricalReadout:
+    """Rings and angular sectors around the shower axis, possibly different per layer.
+
+    Follows the CaloChallenge convention (XMLHandler.py): angular bin ``j`` covers
+    ``[-pi + j * 2pi/n_alpha, -pi + (j + 1) * 2pi/n_alpha)``, radial bin ``k`` covers
+    ``[r_edges[k], r_edges[k+1])``; local index ``j * n_r + k`` (radius fastest). A layer with a
+    single edge has no cells (the CaloChallenge dataset-1 placeholder layers).
+    """
+
+    r_edges_mm: tuple[np.ndarray, ...]
+    n_alpha: tuple[int, ...]
+    kind: str = field(default="cylindrical", init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.r_edges_mm) != len(self.n_alpha) or not self.r_edges_mm:
+            raise GeometryError("a cylindrical readout needs one set of radial edges and n_alpha per layer")
+        for edges, n_alpha in zip(self.r_edges_mm, self.n_alpha):
+            if len(edges) > 1 and (np.any(np.diff(edges) <= 0) or edges[0] < 0 or n_alpha < 1):
+                raise GeometryError("radial edges must increase from >= 0 mm and n_alpha must be >= 1")
+
+    @classmethod
+    def uniform(cls, n_layers: int, r_edges_mm: Sequence[float], n_alpha: int) -> CylindricalReadout:
+        edges = np.asarray(r_edges_mm, dtype=np.float64)
+        return cls(tuple(edges for _ in range(n_layers)), tuple(int(n_alpha) for _ in range(n_layers)))
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.r_edges_mm)
+
+    @property
+    def n_r(self) -> np.ndarray:
+        return np.array([max(len(e) - 1, 0) for e in self.r_edges_mm], np.int64)
+
+    @property
+    def cells_per_layer(self) -> np.ndarray:
+        return np.where(self.n_r > 0, self.n_r * np.asarray(self.n_alpha), 0).astype(np.int64)
+
+    @property
+    def layer_offsets(self) -> np.ndarray:
+        return _offsets(self.cells_per_layer)
+
+    @property
+    def is_uniform(self) -> bool:
+        """True when every layer has the same binning (the CaloChallenge datasets 2 and 3)."""
+        first = self.r_edges_mm[0]
+        return all(len(e) == len(first) and np.array_equal(e, first) for e in self.r_edges_mm) \
+            and len(set(self.n_alpha)) == 1
+
+    def _layer_groups(self, layer: np.ndarray):
+        """Yield (layer id, point mask) per layer present (or once for uniform binning)."""
+        if self.is_uniform:
+            yield 0, np.ones(len(layer), bool)
+            return
+        for lay in np.unique(layer):
+            yield int(lay), layer == lay
+
+    def local_index(self, layer: np.ndarray, x_mm: np.ndarray, y_mm: np.ndarray) -> np.ndarray:
+        """Cell index inside the layer, -1 where the point lies outside the mesh."""
+        out = np.full(len(layer), -1, np.int64)
+        r = np.hypot(x_mm, y_mm)
+        alpha = np.arctan2(y_mm, x_mm)
+        for lay, sel in self._layer_groups(layer):
+            edges, n_alpha = self.r_edges_mm[lay], self.n_alpha[lay]
+            n_r = len(edges) - 1
+            if n_r < 1:
+                continue
+            ir = np.searchsorted(edges, r[sel], side="right") - 1
+            ia = np.floor((alpha[sel] + np.pi) * (n_alpha / (2 * np.pi))).astype(np.int64) % n_alpha
+            out[sel] = np.where((ir >= 0) & (ir < n_r), ia * n_r + ir, -1)
+        return out
+
+    def _polar_bins(self, layer: np.ndarray, local: np.ndarray):
+        for lay, sel in self._layer_groups(layer):
+            edges, n_alpha = self.r_edges_mm[lay], self.n_alpha[lay]
+            n_r = len(edges) - 1
+            yield sel, edges, 2 * np.pi / n_alpha, local[sel] // n_r, local[sel] % n_r
+
+    def centres(self, layer: np.ndarray, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cell centre in mm: radial bin midpoint at the angular bin centre (CaloChallenge)."""
+        x, y = np.empty(len(local)), np.empty(len(local))
+        for sel, edges, d_alpha, ia, ir in self._polar_bins(layer, local):
+            r_mid = 0.5 * (edges[ir] + edges[ir + 1])
+            alpha = -np.pi + (ia + 0.5) * d_alpha
+            x[sel], y[sel] = r_mid * np.cos(alpha), r_mid * np.sin(alpha)
+        return x, y
+
+    def sample(self, layer: np.ndarray, local: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Points uniform in area inside the given cells (r^2 uniform, so no pile-up near the axis)."""
+        x, y = np.empty(len(local)), np.empty(len(local))
+        u, v = rng.random((2, len(local)))
+        for sel, edges, d_alpha, ia, ir in self._polar_bins(layer, local):
+            r0, r1 = edges[ir], edges[ir + 1]
+            r = np.sqrt(r0**2 + u[sel] * (r1**2 - r0**2))
+            alpha = -np.pi + (ia + v[sel]) * d_alpha
+            x[sel], y[sel] = r * np.cos(alpha), r * np.sin(alpha)
+        return x, y
+
+    def to_spec(self) -> dict:
+        if self.is_uniform:
+            return {"kind": "cylindrical", "r_edges_mm": [float(e) for e in self.r_edges_mm[0]],
+                    "n_alpha": int(self.n_alpha[0])}
+        return {"kind": "cylindrical",
+                "layers": [{"r_edges_mm": [float(e) for e in edges], "n_alpha": int(n)}
+                           for edges, n in zip(self.r_edges_mm, self.n_alpha)]}
+
+
+Readout = PlanarReadout | CylindricalReadout

@@ -1,0 +1,229 @@
+"""Geometry descriptions in YAML: schema, validation and construction of a :class:`Geometry`.
+
+A description lists the material slabs front to back (with ``repeat`` blocks), how readout
+layers are cut (one per sensor, or equal slices in mm or X0), the transverse readout (planar grid,
+cylindrical mesh from explicit edges, Moliere-radius units or a CaloChallenge binning XML), the
+energy scale and the simulator settings. The built-in geometries are such files, shipped in
+``caloadapt/geometry/data/``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Literal, Union
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import GeometryError
+from .calochallenge_xml import parse_binning_xml
+from .geometry import EnergyScale, Geometry, ShowerParameters
+from .materials import Material, Slab, get_material
+from .readout import CylindricalReadout, PlanarReadout
+from .stack import MaterialStack
+
+__all__ = ["GeometrySpec", "geometry_from_spec", "geometry_from_yaml"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MaterialSpec(_Strict):
+    z: float = Field(gt=0)
+    a: float = Field(gt=0)
+    density_g_cm3: float = Field(gt=0)
+    x0_g_cm2: float = Field(gt=0)
+    dedx_min_mev_cm2_g: float = Field(gt=0)
+
+
+class SlabSpec(_Strict):
+    material: str
+    thickness_mm: float = Field(gt=0)
+    active: bool = False
+
+
+class RepeatSpec(_Strict):
+    repeat: int = Field(ge=1)
+    slabs: list[Union[SlabSpec, "RepeatSpec"]]
+
+
+class LayerSpec(_Strict):
+    segmentation: Literal["sensors", "slices"]
+    slice_mm: float | None = Field(default=None, gt=0)
+    slice_x0: float | None = Field(default=None, gt=0)
+    n_layers: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_slice_unit(self) -> LayerSpec:
+        if self.segmentation == "slices" and (self.slice_mm is None) == (self.slice_x0 is None):
+            raise ValueError("slices need exactly one of slice_mm or slice_x0")
+        return self
+
+
+class ReadoutSpec(_Strict):
+    kind: Literal["planar", "cylindrical"]
+    pitch_mm: float | None = Field(default=None, gt=0)
+    n_x: int | None = Field(default=None, ge=1)
+    n_y: int | None = Field(default=None, ge=1)
+    binning_xml: str | None = None
+    r_edges_mm: list[float] | None = None
+    layers: list[dict] | None = None
+    n_r: int | None = Field(default=None, ge=1)
+    dr_mm: float | None = Field(default=None, gt=0)
+    dr_moliere: float | None = Field(default=None, gt=0)
+    n_alpha: int | None = Field(default=None, ge=1)
+
+
+class EnergySpec(_Strict):
+    e_vis: float | None = Field(default=None, gt=0)
+    visible_fraction: float | None = Field(default=None, gt=0, le=1)
+    calibration: float | Literal["inverse_visible_fraction"] = 1.0
+    threshold_mev: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _one_visible_scale(self) -> EnergySpec:
+        if (self.e_vis is None) == (self.visible_fraction is None):
+            raise ValueError("give exactly one of e_vis or visible_fraction")
+        if self.calibration == "inverse_visible_fraction" and self.visible_fraction is None:
+            raise ValueError("calibration 'inverse_visible_fraction' needs visible_fraction")
+        return self
+
+
+class ShowerSpec(_Strict):
+    sampling_term: float = Field(gt=0)
+    kappa: float = Field(default=1.5, gt=0)
+    moyal_sigma: float = Field(default=0.1, ge=0)
+    shape_layers: tuple[int, int] | None = None
+    local_moliere: bool = True
+
+
+class GeometrySpec(_Strict):
+    name: str
+    description: str = ""
+    particle: Literal["electron", "photon", "positron"] = "electron"
+    materials: dict[str, MaterialSpec] = {}
+    stack: list[Union[SlabSpec, RepeatSpec]]
+    layers: LayerSpec
+    readout: ReadoutSpec
+    energy: EnergySpec
+    shower: ShowerSpec
+
+
+def _expand(items, materials: dict[str, Material]) -> list[Slab]:
+    slabs: list[Slab] = []
+    for item in items:
+        if isinstance(item, RepeatSpec):
+            slabs += _expand(item.slabs, materials) * item.repeat
+        else:
+            slabs.append(Slab(get_material(item.material, materials), item.thickness_mm, item.active))
+    return slabs
+
+
+def _layer_segmentation(spec: LayerSpec, stack: MaterialStack) -> tuple[np.ndarray, np.ndarray]:
+    """Layer edges and cell-centre depths in mm."""
+    if spec.segmentation == "sensors":
+        sensors = stack.active_slabs_mm
+        if len(sensors) == 0:
+            raise GeometryError("a per-sensor readout needs active slabs in the stack")
+        centres = sensors.mean(axis=1)
+        # cells end half-way in X0 between consecutive sensor centres (simulator reference §6.1)
+        t_centres = stack.x0_at(centres)
+        inner = stack.depth_mm_at(0.5 * (t_centres[1:] + t_centres[:-1]))
+        edges = np.concatenate([[0.0], inner, [stack.depth_mm]])
+        if spec.n_layers is not None and spec.n_layers != len(centres):
+            raise GeometryError(f"n_layers={spec.n_layers} but the stack has {len(centres)} sensors")
+        return edges, centres
+    slice_mm = spec.slice_mm if spec.slice_mm is not None else spec.slice_x0 * stack.mixture().x0_mm
+    n_layers = spec.n_layers or int(np.floor(stack.depth_mm / slice_mm + 1e-9))
+    if n_layers < 1:
+        raise GeometryError(f"slices of {slice_mm:.3f} mm do not fit in a {stack.depth_mm:.3f} mm deep stack")
+    edges = slice_mm * np.arange(n_layers + 1)
+    return edges, 0.5 * (edges[1:] + edges[:-1])
+
+
+def _readout(spec: ReadoutSpec, n_layers: int, moliere_radius_mm: float, base_dir: Path | None):
+    if spec.kind == "planar":
+        if None in (spec.pitch_mm, spec.n_x, spec.n_y):
+            raise GeometryError("a planar readout needs pitch_mm, n_x and n_y")
+        return PlanarReadout(n_layers, spec.pitch_mm, spec.n_x, spec.n_y)
+    if spec.binning_xml is not None:
+        path = Path(spec.binning_xml)
+        if not path.is_absolute():
+            path = (base_dir or Path.cwd()) / path
+        binning = parse_binning_xml(path)
+        if len(binning.r_edges_mm) != n_layers:
+            raise GeometryError(f"binning XML {path} has {len(binning.r_edges_mm)} layers, "
+                                f"the depth segmentation {n_layers}")
+        return CylindricalReadout(binning.r_edges_mm, binning.n_alpha)
+    if spec.layers is not None:
+        if len(spec.layers) != n_layers:
+            raise GeometryError(f"readout lists {len(spec.layers)} layers, the depth segmentation {n_layers}")
+        return CylindricalReadout(tuple(np.asarray(lay["r_edges_mm"], float) for lay in spec.layers),
+                                  tuple(int(lay["n_alpha"]) for lay in spec.layers))
+    if spec.n_alpha is None:
+        raise GeometryError("a cylindrical readout needs n_alpha")
+    if spec.r_edges_mm is not None:
+        edges = spec.r_edges_mm
+    elif spec.n_r is not None and (spec.dr_mm or spec.dr_moliere):
+        dr = spec.dr_mm if spec.dr_mm is not None else spec.dr_moliere * moliere_radius_mm
+        edges = dr * np.arange(spec.n_r + 1)
+    else:
+        raise GeometryError("a cylindrical readout needs binning_xml, r_edges_mm, or n_r with dr_mm/dr_moliere")
+    return CylindricalReadout.uniform(n_layers, edges, spec.n_alpha)
+
+
+def geometry_from_spec(data: dict, base_dir: Path | None = None, source: str = "geometry") -> Geometry:
+    """Validate a geometry description (parsed YAML) and build the :class:`Geometry`."""
+    try:
+        spec = GeometrySpec.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise GeometryError(f"invalid geometry description {source}: {where}: {first['msg']}") from None
+    materials = {name: Material(name, m.z, m.a, m.density_g_cm3, m.x0_g_cm2, m.dedx_min_mev_cm2_g)
+                 for name, m in spec.materials.items()}
+    stack = MaterialStack.of(_expand(spec.stack, materials))
+    if not any(s.active for s in stack.slabs):
+        raise GeometryError(f"invalid geometry description {source}: the stack has no active slab")
+    edges, centres = _layer_segmentation(spec.layers, stack)
+    if edges[-1] > stack.depth_mm + 1e-6:
+        raise GeometryError(f"invalid geometry description {source}: readout layers end at {edges[-1]:.2f} mm, "
+                            f"behind the {stack.depth_mm:.2f} mm deep stack")
+    first, last = spec.shower.shape_layers or (0, len(centres) - 1)
+    if not 0 <= first <= last < len(centres):
+        raise GeometryError(f"invalid geometry description {source}: shape_layers outside 0..{len(centres) - 1}")
+    shape_region = (float(edges[first]), float(edges[last + 1]))
+    shape_medium = stack.mixture(*shape_region)
+    readout = _readout(spec.readout, len(centres), shape_medium.moliere_radius_mm, base_dir)
+    e = spec.energy
+    e_vis = e.e_vis if e.e_vis is not None else e.visible_fraction / (
+        shape_medium.mip_fraction if shape_medium.has_passive else 1.0)
+    calibration = 1.0 / e.visible_fraction if e.calibration == "inverse_visible_fraction" else float(e.calibration)
+    resolved = copy.deepcopy(data)
+    resolved["readout"] = readout.to_spec()  # self-contained: no file reference left
+    return Geometry(
+        name=spec.name, stack=stack, layer_edges_mm=edges, layer_centres_mm=centres, readout=readout,
+        energy=EnergyScale(e_vis=e_vis, calibration=calibration, threshold_mev=e.threshold_mev),
+        shower=ShowerParameters(spec.shower.sampling_term, spec.shower.kappa, spec.shower.moyal_sigma,
+                                shape_region, spec.shower.local_moliere),
+        particle=spec.particle, description=spec.description, spec=resolved,
+    )
+
+
+def geometry_from_yaml(path: str | Path) -> Geometry:
+    """Build a geometry from a YAML description file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise GeometryError(f"cannot read geometry file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise GeometryError(f"malformed YAML in geometry file {path}{where}") from None
+    if not isinstance(data, dict):
+        raise GeometryError(f"geometry file {path} must hold a mapping of geometry fields")
+    return geometry_from_spec(data, base_dir=path.parent, source=str(path))

@@ -1,0 +1,10 @@
+"""The embedded physics simulator: GFlash showers in any geometry, as spots or digitised hits."""
+
+from __future__ import annotations
+
+from .engine import SimulationSettings, digitise, simulate_chunk
+from .simulator import iter_simulate, simulate
+from .spectrum import SPECTRA, parse_energy_range, sample_incident_energies
+
+__all__ = ["simulate", "iter_simulate", "simulate_chunk", "digitise", "SimulationSettings",
+           "SPECTRA", "parse_energy_range", "sample_incident_energies"]

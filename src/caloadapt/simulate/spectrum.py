@@ -1,0 +1,54 @@
+"""Incident-energy spectra: fixed, uniform, log-uniform, or a list of values."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError
+
+__all__ = ["SPECTRA", "parse_energy_range", "sample_incident_energies"]
+
+SPECTRA = ("fixed", "uniform", "log-uniform", "list")
+
+
+def parse_energy_range(text: str) -> tuple[float, ...]:
+    """Parse ``"50"``, ``"10:90"`` (a range) or ``"10,50,90"`` (a list) of energies in GeV."""
+    sep = ":" if ":" in text else ","
+    try:
+        values = tuple(float(v) for v in text.split(sep))
+    except ValueError:
+        raise InputError(f"cannot read energies {text!r}; use 50, 10:90 or 10,50,90 (GeV)") from None
+    if not values or any(not np.isfinite(v) or v <= 0 for v in values):
+        raise InputError(f"energies must be positive, got {text!r}")
+    if sep == ":" and (len(values) != 2 or values[0] >= values[1]):
+        raise InputError(f"an energy range needs MIN:MAX with MIN < MAX, got {text!r}")
+    return values
+
+
+def sample_incident_energies(n: int, energies_gev: tuple[float, ...], spectrum: str,
+                             rng: np.random.Generator) -> np.ndarray:
+    """``(n,)`` incident energies in MeV.
+
+    Args:
+        n: number of showers.
+        energies_gev: one value (fixed), (min, max) for a uniform or log-uniform range, or the
+            values of a list (each shower draws one of them uniformly).
+        spectrum: one of :data:`SPECTRA`.
+        rng: random generator.
+    """
+    if n < 0:
+        raise InputError(f"number of showers must be >= 0, got {n}")
+    values = np.asarray(energies_gev, dtype=np.float64)
+    if spectrum == "fixed" or len(values) == 1:
+        if len(values) != 1:
+            raise InputError("a fixed spectrum takes one energy, e.g. --energy 50")
+        gev = np.full(n, values[0])
+    elif spectrum == "uniform":
+        gev = rng.uniform(values.min(), values.max(), n)
+    elif spectrum == "log-uniform":
+        gev = np.exp(rng.uniform(np.log(values.min()), np.log(values.max()), n))
+    elif spectrum == "list":
+        gev = rng.choice(values, n)
+    else:
+        raise InputError(f"unknown spectrum {spectrum!r}; expected one of {', '.join(SPECTRA)}")
+    return 1000.0 * gev
