@@ -10,7 +10,7 @@ from caloadapt.errors import InputError
 from caloadapt.geometry import geometry_from_spec, get_geometry
 from caloadapt.simulate import SimulationSettings, gflash, simulate, simulate_chunk
 from caloadapt.simulate import simulator as simulator_module
-from caloadapt.simulate.engine import STEP_X0, digitise, gflash_medium
+from caloadapt.simulate.engine import STEP_X0, gflash_medium
 from caloadapt.simulate.spectrum import parse_energy_range, sample_incident_energies
 from caloadapt.simulate.validate import format_table, validation_table
 
@@ -69,7 +69,7 @@ def test_energy_conserved_and_profile_exact_without_fluctuations(deep_crystal):
 def test_digitised_energy_accounts_for_threshold_and_outside():
     geometry = get_geometry(PAR04)
     spots = simulate(geometry, "electron", np.full(20, 10e3), seed=1, level="spots")
-    hits = digitise(spots, geometry)
+    hits = geometry.digitise(spots)
     assert np.all(hits.points[:, 3] >= geometry.energy.threshold_mev)
     below = spots.energy_sum_mev - hits.energy_sum_mev - hits.meta["outside_energy_mev"]
     assert np.all(below >= -1e-3)  # the rest was below threshold, never created

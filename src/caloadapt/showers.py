@@ -147,7 +147,9 @@ class Showers:
                                {k: v[start:stop] for k, v in self.meta.items()})
             index = np.arange(start, stop, step)
         index = np.asarray(index)
-        if index.dtype == bool:
+        if index.dtype != bool:
+            index = index.astype(np.int64)  # an empty list arrives as float64
+        else:
             if index.shape != (len(self),):
                 raise IndexError(f"boolean mask of shape {index.shape} for {len(self)} showers")
             index = np.flatnonzero(index)

@@ -35,7 +35,7 @@ from ..geometry import Geometry, geometry_from_yaml_text, get_geometry
 from ..showers import ENERGY, Showers
 
 __all__ = ["FORMATS", "detect_format", "read_showers", "iter_showers", "write_showers", "ShowerWriter",
-           "file_info", "ILD_IMPACT_MM"]
+           "file_info", "file_geometry", "count_showers", "ILD_IMPACT_MM"]
 
 FORMATS = ("points", "ild", "calochallenge")
 #: impact point of the CaloClouds ILD photons in the (x, z) plane, mm (CaloClouds-2 cfg.origin)
@@ -96,13 +96,16 @@ class _Reader:
     def __init__(self, path, geometry: Geometry | str | None, smear: bool, seed: int | None):
         self.path = Path(path)
         self.file = _open(path)
-        self.format = _format_of(self.file, path)
         self.smear, self.rng = smear, np.random.default_rng(seed)
         self.particle = "electron"
-        getattr(self, f"_init_{self.format}")(geometry)
-        if self.n == 0:
+        try:
+            self.format = _format_of(self.file, path)
+            getattr(self, f"_init_{self.format}")(geometry)
+            if self.n == 0:
+                raise InputError(f"{path}: file holds no showers")
+        except BaseException:
             self.file.close()
-            raise InputError(f"{path}: file holds no showers")
+            raise
 
     def _init_points(self, geometry) -> None:
         f = self.file
@@ -113,6 +116,8 @@ class _Reader:
         if self.points.shape[1] != 4 or len(self.offsets) != self.n + 1 or self.offsets[-1] != len(self.points):
             raise InputError(f"{self.path}: points {self.points.shape}, offsets {self.offsets.shape} and "
                              f"{self.n} incident energies do not fit together")
+        if self.offsets[0] != 0 or np.any(np.diff(self.offsets) < 0):
+            raise InputError(f"{self.path}: offsets must start at 0 and never decrease")
         self.particle = str(f.attrs.get("particle", "electron"))
         stored = f.attrs.get("geometry_spec")
         self.geometry = get_geometry(geometry) if geometry is not None else (
@@ -148,6 +153,15 @@ class _Reader:
 
     def read(self, start: int, stop: int) -> Showers:
         return getattr(self, f"_read_{self.format}")(start, stop)
+
+    def read_indices(self, indices: np.ndarray) -> Showers:
+        """Showers at sorted, unique ``indices``, read as runs of consecutive rows."""
+        indices = np.asarray(indices, np.int64)
+        if len(indices) == 0 or np.any(np.diff(indices) <= 0) or indices[0] < 0 or indices[-1] >= self.n:
+            raise InputError(f"{self.path}: shower indices must be sorted, unique and in 0..{self.n - 1}")
+        breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+        runs = np.split(indices, breaks)
+        return Showers.concatenate([self.read(int(r[0]), int(r[-1]) + 1) for r in runs])
 
     def _read_points(self, start: int, stop: int) -> Showers:
         p0, p1 = self.offsets[start], self.offsets[stop]
@@ -204,8 +218,15 @@ def iter_showers(path: str | os.PathLike[str], geometry: Geometry | str | None =
         reader.close()
 
 
-def read_showers(path: str | os.PathLike[str], geometry: Geometry | str | None = None, **kwargs) -> Showers:
-    """Read showers (all, or ``start``/``stop``) into one batch; see :func:`iter_showers`."""
+def read_showers(path: str | os.PathLike[str], geometry: Geometry | str | None = None, *,
+                 indices: np.ndarray | None = None, **kwargs) -> Showers:
+    """Read showers (all, ``start``/``stop``, or sorted ``indices``) into one batch; see :func:`iter_showers`."""
+    if indices is not None:
+        reader = _Reader(path, geometry, kwargs.get("smear", False), kwargs.get("seed"))
+        try:
+            return reader.read_indices(indices)
+        finally:
+            reader.close()
     chunks = list(iter_showers(path, geometry, chunk_size=kwargs.pop("chunk_size", 10_000), **kwargs))
     if not chunks:
         raise InputError(f"{path}: no showers in the requested range")
@@ -365,6 +386,20 @@ def write_showers(path: str | os.PathLike[str], showers: Showers, format: str = 
     """Write one batch of showers atomically (see :class:`ShowerWriter`)."""
     with ShowerWriter(path, format, geometry, attrs) as writer:
         writer.append(showers)
+
+
+def file_geometry(path: str | os.PathLike[str], geometry: Geometry | str | None = None) -> Geometry:
+    """The geometry of a shower file: ``geometry`` if given, else what the file records or implies."""
+    reader = _Reader(path, geometry, False, None)
+    reader.close()
+    return reader.geometry
+
+
+def count_showers(path: str | os.PathLike[str]) -> int:
+    """Number of showers in a file of any layout."""
+    with _open(path) as f:
+        key = {"points": "incident_energy_mev", "ild": "energy", "calochallenge": "incident_energies"}[_format_of(f, path)]
+        return len(f[key])
 
 
 def file_info(path: str | os.PathLike[str], geometry: Geometry | str | None = None,

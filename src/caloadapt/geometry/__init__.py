@@ -20,7 +20,7 @@ from .calochallenge_xml import XMLBinning, parse_binning_xml
 from .geometry import EnergyScale, Geometry, ShowerParameters
 from .materials import MATERIALS, Material, Mixture, Slab
 from .readout import CylindricalReadout, PlanarReadout
-from .spec import geometry_from_spec, geometry_from_yaml
+from .spec import LOADED_GEOMETRIES, geometry_from_spec, geometry_from_yaml
 from .stack import MaterialStack
 
 __all__ = [
@@ -52,6 +52,8 @@ def get_geometry(name_or_path: str | Path | Geometry) -> Geometry:
     text = str(name_or_path)
     if text in BUILTIN_GEOMETRIES:
         return _builtin(text)
+    if text in LOADED_GEOMETRIES:  # a user geometry loaded earlier in this process
+        return LOADED_GEOMETRIES[text]
     path = Path(text)
     if path.suffix.lower() in {".yaml", ".yml"}:
         return geometry_from_yaml(path)

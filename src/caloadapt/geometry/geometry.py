@@ -11,7 +11,7 @@ import scipy.sparse
 from ..showers import ENERGY, X, Y, Z, Showers
 from ..errors import GeometryError, InputError
 from .materials import Mixture
-from .readout import CylindricalReadout, PlanarReadout
+from .readout import CylindricalReadout, PlanarReadout, uniform_inside
 from .stack import MaterialStack
 
 __all__ = ["Geometry", "EnergyScale", "ShowerParameters"]
@@ -213,18 +213,47 @@ class Geometry:
         matrix.eliminate_zeros()
         matrix.sort_indices()
         cells = matrix.indices.astype(np.int64)
-        if smear:
-            rng = rng if rng is not None else np.random.default_rng()
-            layer = self.cell_layer[cells]
-            x, y = self.readout.sample(layer, self._cell_local[cells], rng)
-            lo, hi = self.layer_edges_mm[layer], self.layer_edges_mm[layer + 1]
-            z = lo + rng.random(len(cells)) * (hi - lo)
-            xyz = np.stack([x, y, z], axis=1)
-        else:
-            xyz = self.cell_centres_mm[cells]
-        points = np.concatenate([xyz, matrix.data[:, None]], axis=1)
-        return Showers(points, matrix.indptr.astype(np.int64), incident_energy_mev,
-                       particle or self.particle, self.name)
+        points = np.concatenate([self.cell_centres_mm[cells], matrix.data[:, None]], axis=1)
+        hits = Showers(points, matrix.indptr.astype(np.int64), incident_energy_mev, particle or self.particle, self.name)
+        return self.smear_hits(hits, rng if rng is not None else np.random.default_rng()) if smear else hits
+
+    def digitise(self, showers: Showers) -> Showers:
+        """Hits: one point per cell above threshold, at the cell centre, energy in readout MeV.
+
+        ``meta['outside_energy_mev']`` records the energy of points that missed the readout.
+        """
+        cells = self.cell_index(showers.points)
+        inside = cells >= 0
+        shower = showers.shower_index
+        key = shower[inside] * self.n_cells + cells[inside]
+        unique_key, inverse = np.unique(key, return_inverse=True)
+        energy = np.bincount(inverse, weights=showers.points[inside, ENERGY], minlength=len(unique_key))
+        keep = energy >= self.energy.threshold_mev
+        hit_shower, hit_cell = np.divmod(unique_key[keep], self.n_cells)
+        points = np.concatenate([self.cell_centres_mm[hit_cell], energy[keep, None]], axis=1)
+        meta = dict(showers.meta)
+        meta["outside_energy_mev"] = np.bincount(shower[~inside], weights=showers.points[~inside, ENERGY],
+                                                 minlength=len(showers))
+        return Showers.from_counts(points, np.bincount(hit_shower, minlength=len(showers)),
+                                   showers.incident_energy_mev, particle=showers.particle, geometry=self.name,
+                                   meta=meta)
+
+    def smear_hits(self, showers: Showers, rng: np.random.Generator) -> Showers:
+        """Move each hit uniformly inside its cell (area-correct; depth over the layer extent).
+
+        The dequantisation used for training on cell-level data: voxelising the result gives
+        back the same cells.
+        """
+        cells = self.cell_index(showers.points)
+        if np.any(cells < 0):
+            raise InputError(f"{np.sum(cells < 0)} hits lie outside the readout of {self.name!r}")
+        layer = self.cell_layer[cells]
+        x, y = self.readout.sample(layer, self._cell_local[cells], rng)
+        lo, hi = self.layer_edges_mm[layer], self.layer_edges_mm[layer + 1]
+        z = lo + uniform_inside(rng, len(cells)) * (hi - lo)
+        points = np.stack([x, y, z, showers.points[:, ENERGY]], axis=1)
+        return Showers(points, showers.offsets, showers.incident_energy_mev, showers.particle, showers.geometry,
+                       dict(showers.meta))
 
     def check_showers(self, showers: Showers) -> None:
         """Raise a clear error when showers belong to another geometry."""

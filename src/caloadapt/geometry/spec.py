@@ -24,7 +24,10 @@ from .materials import Material, Slab, get_material
 from .readout import CylindricalReadout, PlanarReadout
 from .stack import MaterialStack
 
-__all__ = ["GeometrySpec", "geometry_from_spec", "geometry_from_yaml"]
+__all__ = ["GeometrySpec", "geometry_from_spec", "geometry_from_yaml", "LOADED_GEOMETRIES"]
+
+#: every geometry built in this process, by name, so showers naming a user geometry resolve
+LOADED_GEOMETRIES: dict[str, Geometry] = {}
 
 
 class _Strict(BaseModel):
@@ -204,13 +207,15 @@ def geometry_from_spec(data: dict, base_dir: Path | None = None, source: str = "
     calibration = 1.0 / e.visible_fraction if e.calibration == "inverse_visible_fraction" else float(e.calibration)
     resolved = copy.deepcopy(data)
     resolved["readout"] = readout.to_spec()  # self-contained: no file reference left
-    return Geometry(
+    geometry = Geometry(
         name=spec.name, stack=stack, layer_edges_mm=edges, layer_centres_mm=centres, readout=readout,
         energy=EnergyScale(e_vis=e_vis, calibration=calibration, threshold_mev=e.threshold_mev),
         shower=ShowerParameters(spec.shower.sampling_term, spec.shower.kappa, spec.shower.moyal_sigma,
                                 shape_region, spec.shower.local_moliere),
         particle=spec.particle, description=spec.description, spec=resolved,
     )
+    LOADED_GEOMETRIES[geometry.name] = geometry
+    return geometry
 
 
 def geometry_from_yaml(path: str | Path) -> Geometry:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .engine import SimulationSettings, digitise, simulate_chunk
+from .engine import SimulationSettings, simulate_chunk
 from .simulator import iter_simulate, simulate
 from .spectrum import SPECTRA, parse_energy_range, sample_incident_energies
 
-__all__ = ["simulate", "iter_simulate", "simulate_chunk", "digitise", "SimulationSettings",
+__all__ = ["simulate", "iter_simulate", "simulate_chunk", "SimulationSettings",
            "SPECTRA", "parse_energy_range", "sample_incident_energies"]

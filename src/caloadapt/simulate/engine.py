@@ -18,7 +18,7 @@ from ..errors import InputError
 from ..geometry import Geometry
 from . import gflash
 
-__all__ = ["SimulationSettings", "simulate_chunk", "digitise", "gflash_medium", "STEP_X0"]
+__all__ = ["SimulationSettings", "simulate_chunk", "gflash_medium", "STEP_X0"]
 
 #: longitudinal step in radiation lengths, Geant4 GFlash ``StepInX0`` default (reference §4.3)
 STEP_X0 = 0.1
@@ -188,24 +188,3 @@ def simulate_chunk(geometry: Geometry, particle: str, incident_energy_mev: np.nd
     return Showers.from_counts(points, spots_per_shower, incident_energy_mev, particle=particle,
                                geometry=geometry.name, meta=meta)
 
-
-def digitise(spots: Showers, geometry: Geometry) -> Showers:
-    """Hits: one point per cell above threshold, at the cell centre, energy in readout MeV.
-
-    ``meta['outside_energy_mev']`` records the energy of spots that missed the readout.
-    """
-    cells = geometry.cell_index(spots.points)
-    inside = cells >= 0
-    shower = spots.shower_index
-    key = shower[inside] * geometry.n_cells + cells[inside]
-    unique_key, inverse = np.unique(key, return_inverse=True)
-    energy = np.bincount(inverse, weights=spots.points[inside, 3], minlength=len(unique_key))
-    keep = energy >= geometry.energy.threshold_mev
-    hit_shower, hit_cell = np.divmod(unique_key[keep], geometry.n_cells)
-    points = np.concatenate([geometry.cell_centres_mm[hit_cell], energy[keep, None]], axis=1)
-    meta = dict(spots.meta)
-    meta["outside_energy_mev"] = np.bincount(shower[~inside], weights=spots.points[~inside, 3],
-                                             minlength=len(spots))
-    return Showers.from_counts(points, np.bincount(hit_shower, minlength=len(spots)),
-                               spots.incident_energy_mev, particle=spots.particle,
-                               geometry=geometry.name, meta=meta)

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ..showers import PARTICLES, Showers
 from ..errors import InputError
 from ..geometry import Geometry, get_geometry
-from .engine import SimulationSettings, _StepGrid, digitise, simulate_chunk
+from .engine import SimulationSettings, _StepGrid, simulate_chunk
 
 __all__ = ["simulate", "iter_simulate"]
 
@@ -62,7 +62,7 @@ def iter_simulate(geometry: Geometry | str, particle: str, incident_energy_mev: 
         for stream, start in zip(streams, range(0, len(energy), chunk)):
             rng = np.random.default_rng(stream)
             spots = simulate_chunk(geometry, particle, energy[start:start + chunk], rng, settings, grid)
-            yield spots if level == "spots" else digitise(spots, geometry)
+            yield spots if level == "spots" else geometry.digitise(spots)
             bar.update(len(spots))
 
 

@@ -1,0 +1,46 @@
+"""Models: the per-point diffusion network with EDM preconditioning, its samplers, and ShowerFlow.
+
+- :mod:`~caloadapt.models.pointwise`: CaloClouds II PointWise-Net with named parameter groups;
+- :mod:`~caloadapt.models.edm`: EDM preconditioning, masked loss, Karras schedule, Heun/Euler samplers;
+- :mod:`~caloadapt.models.flow`: conditional neural spline flow over per-shower statistics;
+- :mod:`~caloadapt.models.representation`: point frames, flow statistics on an X0 grid, conditioning;
+- :mod:`~caloadapt.models.shower_model`: flow + diffusion together, training losses and generation.
+"""
+
+from __future__ import annotations
+
+from .edm import (
+    Denoiser,
+    EDMLoss,
+    EDMPrecond,
+    karras_sigmas,
+    random_point_subset,
+    sample_euler,
+    sample_heun,
+)
+from .flow import ShowerFlow
+from .pointwise import PARAMETER_GROUPS, ConcatSquashLinear, FourierFeatures, PointwiseNet, TimeEmbedding
+from .representation import FRAMES, DepthGrid, PointFrame
+from .shower_model import SAMPLERS, ModelConfig, ShowerModel
+
+__all__ = [
+    "PARAMETER_GROUPS",
+    "ConcatSquashLinear",
+    "FourierFeatures",
+    "TimeEmbedding",
+    "PointwiseNet",
+    "Denoiser",
+    "EDMPrecond",
+    "EDMLoss",
+    "random_point_subset",
+    "karras_sigmas",
+    "sample_heun",
+    "sample_euler",
+    "ShowerFlow",
+    "FRAMES",
+    "DepthGrid",
+    "PointFrame",
+    "SAMPLERS",
+    "ModelConfig",
+    "ShowerModel",
+]

@@ -1,0 +1,333 @@
+"""EDM diffusion for point clouds: preconditioning, masked loss and deterministic samplers.
+
+All equations are from T. Karras, M. Aittala, T. Aila, S. Laine, *Elucidating the Design Space of
+Diffusion-Based Generative Models* (EDM), NeurIPS 2022, https://arxiv.org/abs/2206.00364, as
+used by CaloClouds II (method.md §4.2, §4.3).
+
+Shapes: a batch of B showers padded to M points of D features, ``x`` of shape ``(B, M, D)``,
+with a boolean ``mask`` of shape ``(B, M)`` that is True for real points. Noise levels ``sigma``
+are in the units of the (normalised) point features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Denoiser",
+    "EDMPrecond",
+    "EDMLoss",
+    "random_point_subset",
+    "karras_sigmas",
+    "sample_heun",
+    "sample_euler",
+]
+
+#: a denoiser D(x; sigma, context): x (B, M, D), sigma (B,), context (B, C) -> (B, M, D)
+Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _sigma_data_values(sigma_data: float | Sequence[float]) -> tuple[float, ...]:
+    values = (float(sigma_data),) if isinstance(sigma_data, (int, float)) else tuple(map(float, sigma_data))
+    if not values or any(not s > 0 for s in values):
+        raise ValueError(f"sigma_data must be positive (a number or one per feature), got {sigma_data!r}")
+    return values
+
+
+class EDMPrecond(nn.Module):
+    """EDM preconditioning around a raw network F (Karras et al. 2022, Table 1 and eq. 7).
+
+    ``D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma), context)`` with
+
+    - ``c_skip = sigma_data^2 / (sigma^2 + sigma_data^2)``
+    - ``c_out  = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)``
+    - ``c_in   = 1 / sqrt(sigma^2 + sigma_data^2)``
+    - ``c_noise = ln(sigma) / 4``
+
+    Arguments:
+        net: the raw network, called as ``net(x, c_noise, context)`` (e.g.
+            :class:`~caloadapt.models.pointwise.PointwiseNet`).
+        sigma_data: standard deviation of the data, one number or one per feature (0.5 for all
+            four point features in CaloClouds II, method.md §4.2).
+    """
+
+    sigma_data: Tensor
+
+    def __init__(self, net: nn.Module, sigma_data: float | Sequence[float] = 0.5) -> None:
+        super().__init__()
+        self.net = net
+        self.sigma_data_values = _sigma_data_values(sigma_data)
+        self.register_buffer("sigma_data", torch.tensor(self.sigma_data_values), persistent=False)
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return ``(c_skip, c_out, c_in, c_noise)`` for ``sigma`` of shape ``(B,)``.
+
+        The first three have shape ``(B, 1, 1)`` or ``(B, 1, D)`` (per-feature sigma_data), so
+        they broadcast against ``(B, M, D)``; ``c_noise`` has shape ``(B,)``.
+        """
+        s = sigma.reshape(-1, 1, 1)
+        sd = self.sigma_data.to(s.dtype)
+        c_skip = sd**2 / (s**2 + sd**2)
+        c_out = s * sd / (s**2 + sd**2).sqrt()
+        c_in = 1 / (s**2 + sd**2).sqrt()
+        c_noise = sigma.reshape(-1).log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(self, x: Tensor, sigma: Tensor | float, context: Tensor) -> Tensor:
+        """Denoised estimate ``D(x; sigma)`` of shape ``(B, M, D)``; ``sigma`` is ``(B,)`` or a scalar."""
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = self.scalings(sigma)
+        return c_skip * x + c_out * self.net(c_in * x, c_noise, context)
+
+
+def random_point_subset(
+    x: Tensor, mask: Tensor, n_points: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Draw up to ``n_points`` real points per shower uniformly without replacement.
+
+    Valid for training a per-point network because points are generated independently given
+    the shower condition, so a subset is an unbiased sample of the per-point loss. Showers with
+    fewer real points keep all of them, padded (and masked) to ``n_points``.
+
+    Arguments:
+        x: points, ``(B, M, D)``.
+        mask: ``(B, M)`` bool, True for real points.
+        n_points: points kept per shower.
+        generator: torch RNG for the draw.
+
+    Returns:
+        ``(x_subset, mask_subset)`` of shapes ``(B, k, D)`` and ``(B, k)``, ``k = min(n_points, M)``.
+    """
+    if n_points <= 0:
+        raise ValueError(f"n_points must be positive, got {n_points}")
+    batch, m = mask.shape
+    if m <= n_points:
+        return x, mask
+    # random keys in [0, 1) for real points, 2 for padding: sorting puts real points first, shuffled
+    keys = torch.rand(batch, m, generator=generator, device=x.device)
+    keys = torch.where(mask, keys, torch.full_like(keys, 2.0))
+    index = keys.argsort(dim=1)[:, :n_points]
+    x_sub = torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+    return x_sub, torch.gather(mask, 1, index)
+
+
+class EDMLoss:
+    """EDM training loss with log-normal noise levels, masked over padded points.
+
+    ``L = E_{sigma, y, n} [ lambda(sigma) || D(y + n; sigma) - y ||^2 ]`` (Karras et al. 2022,
+    eq. 2 and 8) with ``ln sigma ~ N(P_mean, P_std^2)`` and
+    ``lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2`` (Table 1). This equals the
+    k-diffusion form ``|| F - (y - c_skip (y + n)) / c_out ||^2`` used by the reference.
+
+    The squared error is averaged over the real points (``mask`` True) and the features of the
+    whole batch, so padding never contributes (method.md §10 item 9; the reference averaged over
+    padded zeros too).
+
+    Arguments:
+        P_mean: mean of ln(sigma) (-1.2, method.md §4.2).
+        P_std: standard deviation of ln(sigma) (1.2).
+        sigma_data: data standard deviation, a number or one per feature; must equal that of the
+            :class:`EDMPrecond` the loss is called with.
+        max_points_per_shower: if set, each call trains on a random subset of at most this many
+            real points per shower (see :func:`random_point_subset`).
+    """
+
+    def __init__(
+        self,
+        P_mean: float = -1.2,  # noqa: N803 (paper symbol)
+        P_std: float = 1.2,  # noqa: N803
+        sigma_data: float | Sequence[float] = 0.5,
+        max_points_per_shower: int | None = None,
+    ) -> None:
+        if not P_std > 0:
+            raise ValueError(f"P_std must be positive, got {P_std}")
+        if max_points_per_shower is not None and max_points_per_shower <= 0:
+            raise ValueError(f"max_points_per_shower must be positive or None, got {max_points_per_shower}")
+        self.P_mean = float(P_mean)
+        self.P_std = float(P_std)
+        self.sigma_data_values = _sigma_data_values(sigma_data)
+        self.max_points_per_shower = max_points_per_shower
+
+    def __call__(
+        self,
+        denoiser: EDMPrecond | nn.Module,
+        y: Tensor,
+        context: Tensor,
+        mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Scalar loss for a batch.
+
+        Arguments:
+            denoiser: the preconditioned model D (an :class:`EDMPrecond`, possibly wrapped in
+                DistributedDataParallel).
+            y: clean points ``(B, M, D)``; padded entries may hold any finite or non-finite value.
+            context: per-shower conditioning ``(B, C)``.
+            mask: ``(B, M)`` bool, True for real points; None means all points are real.
+            generator: torch RNG for the subset, sigma and noise draws (reproducible losses).
+        """
+        # a DistributedDataParallel wrapper hides the attribute; look through it
+        inner = getattr(denoiser, "module", denoiser)
+        expected = getattr(inner, "sigma_data_values", self.sigma_data_values)
+        if expected != self.sigma_data_values:
+            raise ValueError(
+                f"EDMLoss sigma_data {self.sigma_data_values} differs from the preconditioning's {expected}"
+            )
+        if mask is None:
+            mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
+        if self.max_points_per_shower is not None:
+            y, mask = random_point_subset(y, mask, self.max_points_per_shower, generator)
+        y = torch.where(mask[..., None], y, y.new_zeros(()))
+
+        rnd_normal = torch.randn(y.shape[0], generator=generator, device=y.device, dtype=y.dtype)
+        sigma = (rnd_normal * self.P_std + self.P_mean).exp()  # ln sigma ~ N(P_mean, P_std^2)
+        s = sigma.reshape(-1, 1, 1)
+        sd = torch.tensor(self.sigma_data_values, dtype=y.dtype, device=y.device)
+        weight = (s**2 + sd**2) / (s * sd) ** 2  # lambda(sigma), Table 1
+        n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) * s
+        D_yn = denoiser(y + n, sigma, context)
+        squared_error = torch.where(mask[..., None], weight * (D_yn - y) ** 2, y.new_zeros(()))
+        n_real = mask.sum() * y.shape[-1]
+        return squared_error.sum() / n_real.clamp_min(1)
+
+
+def karras_sigmas(
+    n_steps: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Noise levels of the EDM time discretisation (Karras et al. 2022, eq. 5), then 0.
+
+    ``sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`` for
+    ``i = 0 .. n-1``, followed by ``sigma_n = 0``. Decreasing from sigma_max to sigma_min.
+
+    Returns:
+        float64 tensor of shape ``(n_steps + 1,)``.
+    """
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be at least 1, got {n_steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    ramp = torch.linspace(0, 1, n_steps, dtype=torch.float64, device=device)
+    if n_steps == 1:
+        ramp = torch.zeros(1, dtype=torch.float64, device=device)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def _initial_noise(
+    context: Tensor,
+    n_points: int | None,
+    point_dim: int,
+    mask: Tensor | None,
+    generator: torch.Generator | None,
+    noise: Tensor | None,
+) -> Tensor:
+    """Standard-normal latent ``(B, M, D)``: ``noise`` if given, else drawn with ``generator``."""
+    dtype = context.dtype if context.is_floating_point() else torch.float32
+    if noise is not None:
+        if noise.ndim != 3 or noise.shape[0] != context.shape[0]:
+            raise ValueError(f"noise must have shape ({context.shape[0]}, M, D), got {tuple(noise.shape)}")
+        return noise.to(device=context.device, dtype=dtype)
+    if n_points is None:
+        if mask is None:
+            raise ValueError("give n_points, mask or noise to set the number of points")
+        n_points = mask.shape[1]
+    return torch.randn(
+        (context.shape[0], n_points, point_dim), generator=generator, device=context.device, dtype=dtype
+    )
+
+
+def _finish(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Zero the padded points."""
+    if mask is None:
+        return x
+    return torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+@torch.no_grad()
+def sample_heun(
+    denoiser: Denoiser,
+    context: Tensor,
+    n_points: int | None = None,
+    *,
+    mask: Tensor | None = None,
+    n_steps: int = 13,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    point_dim: int = 4,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """Deterministic Heun sampler (Karras et al. 2022, Algorithm 1; Algorithm 2 with S_churn = 0).
+
+    Integrates the probability-flow ODE ``dx/dsigma = (x - D(x; sigma)) / sigma`` from
+    ``sigma_max`` to 0 on :func:`karras_sigmas`. The last step (to sigma = 0) is an Euler step,
+    so the number of network evaluations is ``2 n_steps - 1`` (25 for the default 13 steps,
+    CaloClouds II; method.md §4.3). Points are independent, so padded points are simply zeroed
+    in the output. Runs under ``torch.no_grad``.
+
+    Arguments:
+        denoiser: ``D(x, sigma, context)``, e.g. an :class:`EDMPrecond`.
+        context: per-shower conditioning ``(B, C)``.
+        n_points: points per shower M (or take it from ``mask`` or ``noise``).
+        mask: ``(B, M)`` bool, True for the points to generate; the others are returned as 0.
+        n_steps: number of noise levels before the final 0.
+        sigma_min, sigma_max, rho: Karras schedule (0.002, 80, 7).
+        point_dim: features per point D.
+        generator: torch RNG for the initial noise.
+        noise: standard-normal initial noise ``(B, M, D)``; overrides ``generator``.
+
+    Returns:
+        Samples of shape ``(B, M, D)``.
+    """
+    sigmas = karras_sigmas(n_steps, sigma_min, sigma_max, rho).tolist()
+    x = _initial_noise(context, n_points, point_dim, mask, generator, noise) * sigmas[0]
+    batch = x.shape[0]
+    for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
+        # Euler step
+        d_cur = (x - denoiser(x, x.new_full((batch,), t_cur), context)) / t_cur
+        x_next = x + (t_next - t_cur) * d_cur
+        # second-order (trapezoidal) correction, skipped on the last step to sigma = 0
+        if t_next > 0:
+            d_next = (x_next - denoiser(x_next, x.new_full((batch,), t_next), context)) / t_next
+            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
+        x = x_next
+    return _finish(x, mask)
+
+
+@torch.no_grad()
+def sample_euler(
+    denoiser: Denoiser,
+    context: Tensor,
+    n_points: int | None = None,
+    *,
+    mask: Tensor | None = None,
+    n_steps: int = 13,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    point_dim: int = 4,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """Deterministic Euler sampler of the probability-flow ODE on :func:`karras_sigmas`.
+
+    Karras et al. 2022, Algorithm 1 without the second-order correction: ``n_steps`` network
+    evaluations. Runs under ``torch.no_grad``. Arguments as in :func:`sample_heun`.
+    """
+    sigmas = karras_sigmas(n_steps, sigma_min, sigma_max, rho).tolist()
+    x = _initial_noise(context, n_points, point_dim, mask, generator, noise) * sigmas[0]
+    batch = x.shape[0]
+    for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
+        d_cur = (x - denoiser(x, x.new_full((batch,), t_cur), context)) / t_cur
+        x = x + (t_next - t_cur) * d_cur
+    return _finish(x, mask)
+

@@ -1,0 +1,201 @@
+"""How showers of any geometry enter the model: point features, shower statistics, conditioning.
+
+**Point frame.** ``physical`` (default): transverse position in Moliere radii of the layer the
+point is in, depth in radiation lengths from the front face, and ln of the point's
+deposited-energy equivalent (cell energy / (calibration x visible fraction of its layer)) relative
+to the incident energy. Showers of the ILD-like and the CaloChallenge detectors then share one
+physical scale. ``box``: the published normalisation (arXiv:2512.00187): transverse position
+divided by the half-size of the readout, depth as layer position mapped to [-1, 1], ln of the
+visible energy in MeV; kept to measure what the physical frame buys.
+
+**Shower statistics for the flow.** Longitudinal development on a fixed grid in X0 (independent
+of the number of layers of any detector): energy fraction and number of points per grid bin, and
+the transverse centre of gravity in Moliere radii. A layer's value is spread uniformly in X0 over
+the layer's extent; back-mapping integrates the grid over each layer of the target geometry, so
+a flow trained on 30 layers serves 45.
+
+**Conditioning** never changes meaning between pre-training and fine-tuning (a flaw of the
+reference): ``ln(E_inc / 1 GeV) / ln(1000)`` and ``ln(N) / ln(20000)``, fixed constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from ..data.io import depth_to_layer_units
+from ..geometry import Geometry, PlanarReadout
+from ..showers import Showers
+
+__all__ = ["FRAMES", "DepthGrid", "PointFrame", "shower_statistics", "statistics_to_layers",
+           "energy_condition", "points_condition", "n_statistics"]
+
+FRAMES = ("physical", "box")
+#: small offsets that keep empty grid bins away from ln(0); dequantisation noise is added on top
+ENERGY_FLOOR = 1e-5
+COUNT_FLOOR = 1.0
+
+
+def energy_condition(incident_energy_mev: np.ndarray) -> np.ndarray:
+    """Normalised incident energy: 0 at 1 GeV, 1 at 1 TeV (fixed, geometry-independent)."""
+    return np.log(np.asarray(incident_energy_mev, np.float64) / 1000.0) / np.log(1000.0)
+
+
+def points_condition(n_points: np.ndarray) -> np.ndarray:
+    """Normalised number of points: ln(N) / ln(20000)."""
+    return np.log(np.maximum(np.asarray(n_points, np.float64), 1.0)) / np.log(20000.0)
+
+
+@dataclass(frozen=True)
+class DepthGrid:
+    """Fixed longitudinal grid in radiation lengths: ``n_bins`` bins of ``step_x0`` from 0."""
+
+    step_x0: float = 0.5
+    depth_x0: float = 40.0
+
+    @property
+    def n_bins(self) -> int:
+        return int(round(self.depth_x0 / self.step_x0))
+
+    @property
+    def edges_x0(self) -> np.ndarray:
+        return self.step_x0 * np.arange(self.n_bins + 1)
+
+    def overlap(self, geometry: Geometry) -> np.ndarray:
+        """``(n_layers, n_bins)`` length in X0 shared by each readout layer and each grid bin."""
+        return _overlap(self, geometry)
+
+    def layers_to_grid(self, geometry: Geometry, per_layer: np.ndarray) -> np.ndarray:
+        """Spread ``(N, n_layers)`` per-layer amounts uniformly in X0 onto the grid (sums kept)."""
+        overlap = self.overlap(geometry)
+        width = overlap.sum(axis=1, keepdims=True)
+        return per_layer @ np.divide(overlap, width, out=np.zeros_like(overlap), where=width > 0)
+
+    def grid_to_layers(self, geometry: Geometry, per_bin: np.ndarray) -> np.ndarray:
+        """Share each bin's ``(N, n_bins)`` amount among the layers covering it, by overlap.
+
+        Sums are kept, except for bins no layer covers (behind the detector: leakage).
+        """
+        overlap = self.overlap(geometry)
+        covered = overlap.sum(axis=0, keepdims=True)
+        return per_bin @ np.divide(overlap, covered, out=np.zeros_like(overlap), where=covered > 0).T
+
+
+@lru_cache(maxsize=32)
+def _overlap(grid: DepthGrid, geometry: Geometry) -> np.ndarray:
+    layer_x0 = geometry.stack.x0_at(geometry.layer_edges_mm)
+    lo = np.maximum(layer_x0[:-1, None], grid.edges_x0[None, :-1])
+    hi = np.minimum(layer_x0[1:, None], grid.edges_x0[None, 1:])
+    return np.clip(hi - lo, 0.0, None)
+
+
+def n_statistics(grid: DepthGrid) -> int:
+    """Length of the shower-statistics vector: energy and points per bin, centre of gravity."""
+    return 2 * grid.n_bins + 2
+
+
+def _hit_layers(geometry: Geometry, showers: Showers) -> np.ndarray:
+    layer = geometry.layer_index(showers.points[:, 2])
+    if np.any(layer < 0):
+        raise ValueError(f"{np.sum(layer < 0)} points lie outside the readout layers of {geometry.name!r}")
+    return layer
+
+
+def deposited_equivalent_mev(geometry: Geometry, showers: Showers, layer: np.ndarray) -> np.ndarray:
+    """Cell energy turned back into deposited energy: E / (calibration x visible fraction)."""
+    scale = geometry.energy.calibration * geometry.layer_visible_fraction[layer]
+    return showers.points[:, 3].astype(np.float64) / scale
+
+
+def shower_statistics(geometry: Geometry, showers: Showers, rng: np.random.Generator,
+                      grid: DepthGrid) -> np.ndarray:
+    """``(N, 2 K + 2)`` flow inputs: ln energy fraction per bin, ln points per bin, centre of gravity.
+
+    Uniform dequantisation noise keeps empty bins (beyond a short detector) from being exact
+    point masses, which a flow cannot fit.
+    """
+    layer = _hit_layers(geometry, showers)
+    index = showers.shower_index
+    n, n_layers = len(showers), geometry.n_layers
+    flat = index * n_layers + layer
+    energy = np.bincount(flat, deposited_equivalent_mev(geometry, showers, layer), n * n_layers).reshape(n, n_layers)
+    counts = np.bincount(flat, minlength=n * n_layers).reshape(n, n_layers).astype(np.float64)
+    energy_grid = grid.layers_to_grid(geometry, energy / showers.incident_energy_mev[:, None])
+    count_grid = grid.layers_to_grid(geometry, counts)
+    log_energy = np.log(energy_grid + ENERGY_FLOOR * (1 + rng.random(energy_grid.shape)))
+    log_count = np.log(count_grid + COUNT_FLOOR + rng.random(count_grid.shape))
+    weight = showers.points[:, 3].astype(np.float64)
+    total = np.maximum(np.bincount(index, weight, n), 1e-12)
+    rm = geometry.layer_moliere_radius_mm[layer]
+    cog = [np.bincount(index, weight * showers.points[:, k] / rm, n) / total for k in (0, 1)]
+    return np.concatenate([log_energy, log_count, np.stack(cog, axis=1)], axis=1)
+
+
+def statistics_to_layers(geometry: Geometry, statistics: np.ndarray, incident_energy_mev: np.ndarray,
+                         grid: DepthGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Invert :func:`shower_statistics` for a target geometry.
+
+    Returns ``(N, n_layers)`` integer points per layer, ``(N, n_layers)`` cell-energy sum per layer
+    in readout MeV, and ``(N, 2)`` centre of gravity in Moliere radii.
+    """
+    k = grid.n_bins
+    energy_grid = np.clip(np.exp(statistics[:, :k]) - 1.5 * ENERGY_FLOOR, 0.0, None)
+    count_grid = np.clip(np.exp(statistics[:, k:2 * k]) - COUNT_FLOOR - 0.5, 0.0, None)
+    counts = np.rint(grid.grid_to_layers(geometry, count_grid)).astype(np.int64)
+    deposited = grid.grid_to_layers(geometry, energy_grid) * np.asarray(incident_energy_mev)[:, None]
+    energy = deposited * geometry.energy.calibration * geometry.layer_visible_fraction[None, :]
+    return counts, energy, statistics[:, 2 * k:2 * k + 2]
+
+
+@dataclass(frozen=True)
+class PointFrame:
+    """Maps points (x, y, z mm, cell energy MeV) to model features and back for one geometry."""
+
+    geometry: Geometry
+    frame: str = "physical"
+
+    def __post_init__(self) -> None:
+        if self.frame not in FRAMES:
+            raise ValueError(f"unknown frame {self.frame!r}; expected one of {FRAMES}")
+
+    @property
+    def _half_size_mm(self) -> float:
+        readout = self.geometry.readout
+        if isinstance(readout, PlanarReadout):
+            return 0.5 * max(readout.n_x, readout.n_y) * readout.pitch_mm
+        return float(max(e[-1] for e in readout.r_edges_mm if len(e) > 1))
+
+    def to_features(self, showers: Showers) -> np.ndarray:
+        """``(P, 4)`` float32 features of the points of ``showers`` (at their current positions)."""
+        g, p = self.geometry, showers.points.astype(np.float64)
+        layer = _hit_layers(g, showers)
+        if self.frame == "physical":
+            rm = g.layer_moliere_radius_mm[layer]
+            e_inc = np.repeat(showers.incident_energy_mev, showers.n_points)
+            energy = np.log(np.maximum(deposited_equivalent_mev(g, showers, layer), 1e-12) / e_inc)
+            features = [p[:, 0] / rm, p[:, 1] / rm, g.stack.x0_at(p[:, 2]), energy]
+        else:
+            half = self._half_size_mm
+            depth = depth_to_layer_units(g, p[:, 2]) / g.n_layers * 2 - 1
+            energy = np.log(np.maximum(p[:, 3] / g.energy.calibration, 1e-12))
+            features = [p[:, 0] / half, p[:, 1] / half, depth, energy]
+        return np.stack(features, axis=1).astype(np.float32)
+
+    def to_points(self, features: np.ndarray, layer: np.ndarray, incident_energy_mev: np.ndarray) -> np.ndarray:
+        """``(P, 4)`` points (x, y mm; z at the layer centre; cell energy MeV) from features.
+
+        ``layer`` is the readout layer each point was assigned to; ``incident_energy_mev`` is per point.
+        """
+        g = self.geometry
+        f = features.astype(np.float64)
+        if self.frame == "physical":
+            rm = g.layer_moliere_radius_mm[layer]
+            x, y = f[:, 0] * rm, f[:, 1] * rm
+            energy = np.exp(f[:, 3]) * incident_energy_mev * g.energy.calibration * g.layer_visible_fraction[layer]
+        else:
+            half = self._half_size_mm
+            x, y = f[:, 0] * half, f[:, 1] * half
+            energy = np.exp(f[:, 3]) * g.energy.calibration
+        return np.stack([x, y, g.layer_centres_mm[layer], energy], axis=1)

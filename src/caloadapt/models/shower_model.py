@@ -1,0 +1,189 @@
+"""The CaloClouds-II-style shower model: a flow for shower statistics + a point diffusion model.
+
+Generation (arXiv:2309.05704, with the reference's dead post-processing made effective):
+
+1. the flow samples, per shower, the longitudinal development on the fixed X0 grid and the
+   centre of gravity; they are integrated over the target geometry's layers into points per
+   layer and energy per layer;
+2. the point diffusion model samples N = sum of points per layer independent points;
+3. points are sorted by generated depth and assigned to layers by those counts, energies in each
+   layer are calibrated to the flow's layer energy, and the shower is shifted to the flow's
+   centre of gravity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..geometry import Geometry
+from ..showers import Showers
+from .edm import EDMLoss, EDMPrecond, sample_euler, sample_heun
+from .flow import ShowerFlow
+from .pointwise import PointwiseNet
+from .representation import (DepthGrid, PointFrame, energy_condition, n_statistics, points_condition,
+                             statistics_to_layers)
+
+__all__ = ["ModelConfig", "ShowerModel", "SAMPLERS"]
+
+SAMPLERS = {"heun": sample_heun, "euler": sample_euler}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and representation; stored in every checkpoint to rebuild the model.
+
+    Attributes:
+        frame: point frame, ``physical`` or ``box`` (see :mod:`caloadapt.models.representation`).
+        grid_step_x0, grid_depth_x0: the flow's longitudinal grid in radiation lengths.
+        widths: hidden widths of the point network (CaloClouds II: 128, 256, 512, 256, 128).
+        time_dim: size of the noise-level embedding.
+        flow_hidden, flow_transforms, flow_bins: coupling hyper-network widths, number of
+            coupling transforms and spline bins of the flow.
+        sigma_data, P_mean, P_std: EDM data scale and log-normal training noise (Karras et al. 2022).
+    """
+
+    frame: str = "physical"
+    grid_step_x0: float = 0.5
+    grid_depth_x0: float = 40.0
+    widths: tuple[int, ...] = (128, 256, 512, 256, 128)
+    time_dim: int = 64
+    flow_hidden: tuple[int, ...] = (128, 128)
+    flow_transforms: int = 6
+    flow_bins: int = 8
+    sigma_data: float = 0.5
+    P_mean: float = -1.2  # noqa: N815 (paper symbol)
+    P_std: float = 1.2  # noqa: N815
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model settings {sorted(unknown)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+    @property
+    def grid(self) -> DepthGrid:
+        return DepthGrid(self.grid_step_x0, self.grid_depth_x0)
+
+
+class ShowerModel(nn.Module):
+    """Shower flow + EDM point diffusion, with frozen feature normalisation as buffers."""
+
+    def __init__(self, config: ModelConfig = ModelConfig()) -> None:
+        super().__init__()
+        self.config = config
+        n_stats = n_statistics(config.grid)
+        self.flow = ShowerFlow(n_stats, context_dim=1, hidden=config.flow_hidden,
+                               transforms=config.flow_transforms, bins=config.flow_bins)
+        self.denoiser = EDMPrecond(PointwiseNet(point_dim=4, context_dim=2, widths=config.widths,
+                                                time_dim=config.time_dim), sigma_data=config.sigma_data)
+        self.diffusion_loss = EDMLoss(config.P_mean, config.P_std, config.sigma_data)
+        # normalisation of features, fixed from the pre-training data and never changed afterwards
+        self.register_buffer("point_mean", torch.zeros(4))
+        self.register_buffer("point_std", torch.ones(4))
+        self.register_buffer("stats_mean", torch.zeros(n_stats))
+        self.register_buffer("stats_std", torch.ones(n_stats))
+
+    @property
+    def net(self) -> PointwiseNet:
+        """The point network inside the EDM preconditioning (registered once, as ``denoiser.net``)."""
+        return self.denoiser.net
+
+    # -- normalisation -----------------------------------------------------------------------
+    def set_normalisation(self, point_features: np.ndarray, statistics: np.ndarray) -> None:
+        """Fix the feature standardisation from (pre-training) data: mean and std per feature.
+
+        The point scale is set so each feature has standard deviation ``sigma_data``.
+        """
+        point_std = point_features.std(axis=0) / self.config.sigma_data
+        stats_std = statistics.std(axis=0)
+        self.point_mean.copy_(torch.as_tensor(point_features.mean(axis=0)))
+        self.point_std.copy_(torch.as_tensor(np.maximum(point_std, 1e-6)))
+        self.stats_mean.copy_(torch.as_tensor(statistics.mean(axis=0)))
+        self.stats_std.copy_(torch.as_tensor(np.maximum(stats_std, 1e-3)))
+
+    # -- training ----------------------------------------------------------------------------
+    def forward(self, points: Tensor, mask: Tensor, condition: Tensor, statistics: Tensor,
+                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Training losses of one batch.
+
+        Arguments:
+            points: ``(B, M, 4)`` point features (un-normalised), padded.
+            mask: ``(B, M)`` True for real points.
+            condition: ``(B, 2)`` energy and points conditions.
+            statistics: ``(B, S)`` flow inputs (un-normalised).
+            generator: torch RNG for the noise draws.
+
+        Returns:
+            ``diffusion``: masked EDM loss; ``flow``: negative log-likelihood per statistic.
+        """
+        x = (points - self.point_mean) / self.point_std
+        diffusion = self.diffusion_loss(self.denoiser, x, condition, mask, generator)
+        s = (statistics - self.stats_mean) / self.stats_std
+        flow = -self.flow.log_prob(s, condition[:, :1]).mean() / s.shape[1]
+        return {"diffusion": diffusion, "flow": flow}
+
+    # -- generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, geometry: Geometry, incident_energy_mev: np.ndarray, *, n_steps: int = 13,
+                 sampler: str = "heun", generator: torch.Generator | None = None,
+                 particle: str = "electron", max_points: int = 40_000) -> Showers:
+        """Generate one batch of showers in ``geometry`` (points at layer centres, cell energies MeV)."""
+        device = self.point_mean.device
+        energy = np.asarray(incident_energy_mev, np.float64)
+        energy_cond = torch.as_tensor(energy_condition(energy), dtype=torch.float32, device=device)[:, None]
+        stats = self.flow.sample(energy_cond, generator=generator) * self.stats_std + self.stats_mean
+        counts, layer_energy, cog = statistics_to_layers(geometry, stats.double().cpu().numpy(), energy,
+                                                         self.config.grid)
+        counts = np.minimum(counts, max_points // geometry.n_layers + 1)
+        n_points = counts.sum(axis=1)
+        width = int(n_points.max(initial=0))
+        if width == 0:
+            return Showers.from_counts(np.zeros((0, 4)), n_points, energy, particle=particle, geometry=geometry.name)
+        mask = torch.arange(width, device=device)[None, :] < torch.as_tensor(n_points, device=device)[:, None]
+        condition = torch.cat([energy_cond, torch.as_tensor(points_condition(n_points), dtype=torch.float32,
+                                                            device=device)[:, None]], dim=1)
+        x = SAMPLERS[sampler](self.denoiser, condition, width, mask=mask, n_steps=n_steps, generator=generator)
+        features = (x * self.point_std + self.point_mean)
+        # sort real points by generated depth (padding last), then assign layers by the flow's counts
+        depth = torch.where(mask, features[..., 2], torch.full_like(features[..., 2], float("inf")))
+        order = depth.argsort(dim=1)
+        features = torch.gather(features, 1, order[..., None].expand(-1, -1, 4))
+        flat = features[mask].double().cpu().numpy()  # mask is a prefix: the first n_i sorted points
+        layer = np.repeat(np.tile(np.arange(geometry.n_layers), len(energy)), counts.ravel())
+        shower = np.repeat(np.arange(len(energy)), n_points)
+        points = PointFrame(geometry, self.config.frame).to_points(flat, layer, energy[shower])
+        _calibrate_layers(points, shower, layer, layer_energy, geometry.n_layers)
+        _shift_centre_of_gravity(points, shower, layer, cog, geometry)
+        return Showers.from_counts(points, n_points, energy, particle=particle, geometry=geometry.name)
+
+
+def _calibrate_layers(points: np.ndarray, shower: np.ndarray, layer: np.ndarray, layer_energy: np.ndarray,
+                      n_layers: int) -> None:
+    """Scale point energies so each (shower, layer) sums to the flow's layer energy (in place)."""
+    key = shower * n_layers + layer
+    generated = np.bincount(key, points[:, 3], minlength=layer_energy.size)
+    target = layer_energy.ravel()
+    scale = np.divide(target, generated, out=np.ones_like(target), where=generated > 0)
+    points[:, 3] *= scale[key]
+
+
+def _shift_centre_of_gravity(points: np.ndarray, shower: np.ndarray, layer: np.ndarray, cog: np.ndarray,
+                             geometry: Geometry) -> None:
+    """Shift showers transversally so their energy-weighted centre (Moliere units) is the flow's."""
+    n = len(cog)
+    rm = geometry.layer_moliere_radius_mm[layer]
+    weight = points[:, 3]
+    total = np.maximum(np.bincount(shower, weight, n), 1e-12)
+    for k in (0, 1):
+        current = np.bincount(shower, weight * points[:, k] / rm, n) / total
+        points[:, k] += (cog[:, k] - current)[shower] * rm

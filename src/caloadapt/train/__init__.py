@@ -1,0 +1,10 @@
+"""Training: data batches, the training loop (pre-training, from scratch, adaptation), checkpoints."""
+
+from __future__ import annotations
+
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .data import Batch, ShowerSubset, make_batch, split_indices
+from .loop import TrainConfig, resolve_device, train
+
+__all__ = ["TrainConfig", "train", "resolve_device", "Batch", "ShowerSubset", "make_batch", "split_indices",
+           "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]

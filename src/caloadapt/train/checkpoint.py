@@ -1,0 +1,75 @@
+"""Checkpoints: model configuration, weights, EMA weights, optimiser, step, geometry, written atomically."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .._atomic import atomic_path
+from ..errors import CheckpointError
+from ..models.shower_model import ModelConfig, ShowerModel
+
+__all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "caloadapt-checkpoint"
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: ShowerModel, **parts) -> None:
+    """Write a checkpoint atomically.
+
+    ``parts`` may hold ``ema`` (state dict), ``optimizer``, ``scheduler``, ``train_state`` (step,
+    epoch, position, best values, seeds), ``geometry`` (name and YAML description), ``adapter``
+    (adaptation method and its settings) and ``extra``.
+    """
+    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "caloadapt_version": __version__,
+               "model_config": model.config.to_dict(), "model": model.state_dict(), **parts}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict:
+    """Read and check a checkpoint; a clear :class:`CheckpointError` for anything wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError):
+        raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a caloadapt checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    for key in ("model_config", "model"):
+        if key not in payload:
+            raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
+    return payload
+
+
+def model_from_checkpoint(checkpoint: str | os.PathLike[str] | dict, weights: str = "ema",
+                          config: ModelConfig | None = None) -> ShowerModel:
+    """Rebuild the model of a checkpoint and load its ``ema`` (default) or raw ``model`` weights.
+
+    With ``config``, check that the checkpoint fits that architecture and say what does not.
+    """
+    payload = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    source = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
+    try:
+        stored = ModelConfig.from_dict(payload["model_config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: unreadable model configuration: {err}") from None
+    if config is not None and config != stored:
+        differences = [f"{k}: checkpoint {v!r}, requested {getattr(config, k)!r}"
+                       for k, v in stored.to_dict().items() if getattr(config, k) != stored.__getattribute__(k)]
+        raise CheckpointError(f"{source}: checkpoint does not fit the requested model ({'; '.join(differences)})")
+    model = ShowerModel(stored)
+    state = payload.get(weights) if weights == "ema" else payload["model"]
+    state = state if state is not None else payload["model"]
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{source}: weights do not match the model: missing {result.missing_keys[:3]}, "
+                              f"unexpected {result.unexpected_keys[:3]}")
+    return model

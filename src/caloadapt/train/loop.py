@@ -1,0 +1,328 @@
+"""The training loop, shared by pre-training, training from scratch and adaptation.
+
+Read top to bottom: data subset and split, normalisation, optimiser over the trainable
+parameters only, then the loop (batch, losses, backward, clip, step, EMA, validate, checkpoint).
+Distributed training is plain torchrun + DistributedDataParallel; a few ``if ddp`` lines.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..data.io import count_showers, read_showers
+from ..errors import CheckpointError, InputError
+from ..geometry import Geometry
+from ..models.representation import PointFrame, shower_statistics
+from ..models.shower_model import ShowerModel
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import Batch, ShowerSubset, make_batch, split_indices
+
+__all__ = ["TrainConfig", "train", "resolve_device"]
+
+
+@dataclass
+class TrainConfig:
+    """Options of one training run (all recorded in its checkpoints).
+
+    Attributes:
+        steps: optimiser steps.
+        batch_size: showers per step (over all processes).
+        lr, flow_lr: peak learning rates of the point network and of the flow.
+        optimizer: ``adam`` or ``radam``.
+        schedule: ``cosine`` (to 1 % of the peak) or ``constant``, after ``warmup_steps``.
+        ema_decay: decay of the exponential moving average of the weights.
+        grad_clip: maximum gradient norm (10, as CaloClouds II).
+        max_points: points per shower per step.
+        n_samples: showers drawn from the file (None: all), ``data_seed`` picks them.
+        val_fraction: share of those showers held out for validation and checkpoint choice.
+        val_every, checkpoint_every: steps between validations / checkpoints.
+        patience: stop after this many validations without improvement (None: never).
+        seed: seed of the initialisation and of the training noise.
+        data_seed: seed of the data subset, split and order.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+    """
+
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    flow_lr: float = 1e-3
+    optimizer: str = "radam"
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    ema_decay: float = 0.999
+    grad_clip: float = 10.0
+    max_points: int = 1024
+    n_samples: int | None = None
+    val_fraction: float = 0.1
+    val_max_showers: int = 1000
+    val_every: int = 100
+    checkpoint_every: int = 100
+    patience: int | None = None
+    seed: int = 0
+    data_seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in {"adam", "radam"}:
+            raise InputError(f"unknown optimizer {self.optimizer!r}; expected adam or radam")
+        if self.schedule not in {"cosine", "constant"}:
+            raise InputError(f"unknown schedule {self.schedule!r}; expected cosine or constant")
+        if self.steps < 1 or self.batch_size < 1:
+            raise InputError("steps and batch size must be positive")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def _learning_rate_factor(config: TrainConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+class _EMA:
+    """Exponential moving average of the trainable weights, with the usual warm-up of the decay."""
+
+    def __init__(self, model: ShowerModel, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: ShowerModel, step: int, names: list[str]) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        params = dict(model.named_parameters())
+        for name in names:
+            self.state[name].lerp_(params[name].detach(), 1 - decay)
+
+
+def _setup_distributed() -> tuple[bool, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world > 1, int(os.environ.get("RANK", "0")), world
+
+
+def _fit_normalisation(model: ShowerModel, subset: ShowerSubset, geometry: Geometry, seed: int) -> None:
+    """Feature standardisation from up to 2000 training showers (pre-training only)."""
+    rng = np.random.default_rng(seed)
+    showers = subset.block(0)[: min(2000, len(subset.blocks[0]))]
+    features = PointFrame(geometry, model.config.frame).to_features(geometry.smear_hits(showers, rng))
+    model.set_normalisation(features, shower_statistics(geometry, showers, rng, model.config.grid))
+
+
+@torch.no_grad()
+def _validate(model: ShowerModel, val: list[Batch], device: torch.device) -> dict[str, float]:
+    generator = torch.Generator(device).manual_seed(12345)  # same noise at every validation
+    totals = {"diffusion": 0.0, "flow": 0.0}
+    for batch in val:
+        batch = batch.to(device)
+        losses = model(batch.points, batch.mask, batch.condition, batch.statistics, generator)
+        for key in totals:
+            totals[key] += float(losses[key]) * len(batch)
+    n = sum(len(b) for b in val)
+    return {key: value / n for key, value in totals.items()}
+
+
+def train(model: ShowerModel, data_path: str | Path, geometry: Geometry, out_dir: str | Path,
+          config: TrainConfig, *, trainable: list[str] | None = None, resume: bool = False,
+          fit_normalisation: bool = True, checkpoint_parts: dict | None = None,
+          stop_after_steps: int | None = None, progress: bool = True) -> dict:
+    """Train ``model`` on showers of ``data_path``; write ``last.pt``, ``best.pt`` and ``metrics.csv``.
+
+    Arguments:
+        model: the model (fresh, or loaded from a pre-trained checkpoint).
+        data_path: training shower file of ``geometry``.
+        out_dir: run directory.
+        trainable: names of the parameters to train (None: all); the others are frozen and the
+            optimiser never sees them.
+        resume: continue from ``out_dir/last.pt`` to the same result as an uninterrupted run.
+        fit_normalisation: set the feature standardisation from the data (pre-training); False
+            keeps the model's (fine-tuning never changes the meaning of the inputs).
+        checkpoint_parts: extra entries written into every checkpoint (e.g. the adaptation method).
+        stop_after_steps: end this call after that many steps (with a checkpoint), as a time-boxed
+            job would; ``resume`` continues the run later.
+
+    Returns:
+        A summary: steps, best validation losses and their steps, wall time.
+    """
+    ddp, rank, world = _setup_distributed()
+    device = resolve_device(config.device)
+    if ddp and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    # data: one subset per (n_samples, data seed), shared by the flow and the diffusion model
+    train_idx, val_idx = split_indices(count_showers(data_path), config.n_samples, config.val_fraction,
+                                       config.data_seed)
+    subset = ShowerSubset(data_path, geometry, train_idx)
+    val_showers = read_showers(data_path, geometry, indices=val_idx[: config.val_max_showers])
+    val_rng = np.random.default_rng([config.data_seed, 1])
+    val = [make_batch(chunk, geometry, model.config.frame, model.config.grid, val_rng, config.max_points)
+           for chunk in val_showers.chunks(64)]
+
+    # parameters: the optimiser sees only the trainable ones
+    names = [n for n, _ in model.named_parameters()] if trainable is None else list(trainable)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+    params = dict(model.named_parameters())
+    flow_names = [n for n in names if n.startswith("flow.")]
+    groups = [g for g in ({"params": [params[n] for n in names if n not in flow_names], "lr": config.lr},
+                          {"params": [params[n] for n in flow_names], "lr": config.flow_lr}) if g["params"]]
+    optimizer = (torch.optim.RAdam if config.optimizer == "radam" else torch.optim.Adam)(groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate_factor(config))
+    state = {"step": 0, "epoch": 0, "position": 0, "best": {"diffusion": math.inf, "flow": math.inf},
+             "best_step": {"diffusion": 0, "flow": 0}, "stale": 0, "wall_s": 0.0}
+
+    last = out_dir / "last.pt"
+    if resume and last.exists():
+        payload = load_checkpoint(last)
+        if payload.get("train_config") != asdict(config):
+            raise CheckpointError(f"{last}: was written with other training options; resume with the same ones")
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        state = payload["train_state"]
+        best_state = load_checkpoint(out_dir / "best.pt")["ema"] if (out_dir / "best.pt").exists() else None
+    else:
+        if fit_normalisation:
+            _fit_normalisation(model, subset, geometry, config.data_seed)
+        best_state = None
+    model.to(device)
+    ema = _EMA(model, config.ema_decay)
+    if resume and last.exists():
+        ema.state = {k: v.to(device) for k, v in payload["ema"].items()}
+    best_state = best_state or {k: v.clone() for k, v in ema.state.items()}
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+
+    parts = {"train_config": asdict(config), "trainable": names,
+             "geometry": {"name": geometry.name, "spec": geometry.spec}, **(checkpoint_parts or {})}
+    metrics_path = out_dir / "metrics.csv"
+    board = _tensorboard(out_dir) if rank == 0 else None
+    if rank == 0 and not (resume and metrics_path.exists()):
+        with open(metrics_path, "w", newline="") as f:
+            csv.writer(f).writerow(["step", "epoch", "lr", "train_diffusion", "train_flow", "val_diffusion",
+                                    "val_flow", "wall_s"])
+
+    def save(path: Path, weights: dict) -> None:
+        save_checkpoint(path, model, ema=weights, optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), train_state=state, **parts)
+
+    bar = tqdm(total=config.steps, initial=state["step"], disable=not progress or rank != 0, desc="train",
+               unit="step")
+    started = time.perf_counter() - state["wall_s"]
+    running = {"diffusion": 0.0, "flow": 0.0, "n": 0}
+    stop = False
+    while state["step"] < config.steps and not stop:
+        for showers in subset.batches(config.batch_size * world, config.data_seed, state["epoch"],
+                                      skip=state["position"]):
+            step = state["step"]
+            shard = showers[rank::world]
+            batch = make_batch(shard, geometry, model.config.frame, model.config.grid,
+                               np.random.default_rng([config.seed, step, rank]), config.max_points).to(device)
+            generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + step * 101 + rank)
+            model.train()
+            losses = ddp_model(batch.points, batch.mask, batch.condition, batch.statistics, generator)
+            loss = losses["diffusion"] + losses["flow"]
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite training loss at step {step}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([params[n] for n in names], config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            ema.update(model, step, names)
+            state["step"] += 1
+            state["position"] += 1
+            for key in ("diffusion", "flow"):
+                running[key] += float(losses[key].detach())
+            running["n"] += 1
+            bar.update(1)
+            bar.set_postfix(diffusion=f"{running['diffusion'] / running['n']:.3f}",
+                            flow=f"{running['flow'] / running['n']:.3f}")
+
+            step = state["step"]
+            if step % config.val_every == 0 or step == config.steps:
+                if rank == 0:
+                    stop = _validation_round(model, ema, val, device, state, best_state, config, running,
+                                             metrics_path, optimizer, time.perf_counter() - started, board)
+                    save(out_dir / "best.pt", best_state)
+                running = {"diffusion": 0.0, "flow": 0.0, "n": 0}
+            if stop_after_steps is not None and step >= stop_after_steps:
+                stop = True
+            if step % config.checkpoint_every == 0 or step == config.steps or stop:
+                state["wall_s"] = time.perf_counter() - started
+                if rank == 0:
+                    save(last, ema.state)
+                if ddp:
+                    dist.barrier()
+            if step >= config.steps or stop:
+                break
+        else:
+            state["epoch"] += 1
+            state["position"] = 0
+    bar.close()
+    if ddp:
+        dist.barrier()
+    return {"steps": state["step"], "best": state["best"], "best_step": state["best_step"],
+            "wall_s": time.perf_counter() - started}
+
+
+def _tensorboard(out_dir: Path):
+    """A TensorBoard writer when the tensorboard package is installed, else None (CSV only)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _validation_round(model, ema, val, device, state, best_state, config, running, metrics_path, optimizer,
+                      wall_s, board) -> bool:
+    """Validate the EMA weights, keep the best flow and point network separately, log. True = stop."""
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(ema.state)
+    model.eval()
+    scores = _validate(model, val, device)
+    model.load_state_dict(raw)
+    improved = False
+    for key, prefix in (("diffusion", "denoiser."), ("flow", "flow.")):
+        if scores[key] < state["best"][key]:
+            state["best"][key], state["best_step"][key] = scores[key], state["step"]
+            improved = True
+            for name, value in ema.state.items():
+                if name.startswith(prefix):
+                    best_state[name] = value.clone()
+    state["stale"] = 0 if improved else state["stale"] + 1
+    n = max(running["n"], 1)
+    with open(metrics_path, "a", newline="") as f:
+        csv.writer(f).writerow([state["step"], state["epoch"], optimizer.param_groups[0]["lr"],
+                                running["diffusion"] / n, running["flow"] / n, scores["diffusion"], scores["flow"],
+                                round(wall_s, 2)])
+    if board is not None:
+        for key in ("diffusion", "flow"):
+            board.add_scalar(f"val/{key}", scores[key], state["step"])
+            board.add_scalar(f"train/{key}", running[key] / n, state["step"])
+        board.flush()
+    return config.patience is not None and state["stale"] >= config.patience

@@ -1,0 +1,48 @@
+"""Shared fixtures of the data, geometry, I/O and CLI tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from caloadapt.data import Showers
+from caloadapt.geometry import get_geometry
+from caloadapt.simulate import simulate
+
+#: a few low incident energies in MeV: fast to simulate, still hundreds of hits per shower
+LOW_ENERGIES_MEV = np.array([1000.0, 3000.0, 2000.0, 1500.0, 2500.0])
+
+
+@pytest.fixture(scope="session")
+def simulated():
+    """``simulated(geometry_name)``: five low-energy hit-level showers, cached per geometry."""
+    cache: dict[str, Showers] = {}
+
+    def get(name: str) -> Showers:
+        if name not in cache:
+            geometry = get_geometry(name)
+            cache[name] = simulate(geometry, geometry.particle, LOW_ENERGIES_MEV, seed=7)
+        return cache[name]
+
+    return get
+
+
+def make_showers(counts, *, seed: int = 0, geometry: str = "", particle: str = "electron",
+                 meta: bool = True) -> Showers:
+    """Hand-built showers with the given numbers of points and distinct, positive values."""
+    rng = np.random.default_rng(seed)
+    total = int(np.sum(counts))
+    points = np.empty((total, 4), np.float32)
+    points[:, 0] = rng.uniform(-50, 50, total)
+    points[:, 1] = rng.uniform(-50, 50, total)
+    points[:, 2] = rng.uniform(1, 150, total)
+    points[:, 3] = rng.uniform(0.2, 5.0, total)
+    energies = rng.uniform(1e3, 1e5, len(counts))
+    extra = {"deposited_energy_mev": energies * 0.9, "tag": np.arange(len(counts), dtype=np.float64)} if meta else {}
+    return Showers.from_counts(points, counts, energies, particle=particle, geometry=geometry, meta=extra)
+
+
+@pytest.fixture(name="make_showers")
+def make_showers_fixture():
+    """The :func:`make_showers` helper as a fixture."""
+    return make_showers
