@@ -250,7 +250,8 @@ def generate(
     from .geometry import get_geometry
     from .pretrained import default_checkpoint
     from .simulate import parse_energy_range, sample_incident_energies
-    from .train import model_from_checkpoint, resolve_device
+    from .adapt import load_adapted_model
+    from .train import resolve_device
 
     geo = get_geometry(geometry)
     if energies_from is not None:
@@ -258,7 +259,7 @@ def generate(
     else:
         energies = sample_incident_energies(n, parse_energy_range(energy), spectrum.value,
                                             np.random.default_rng(seed))
-    model = model_from_checkpoint(checkpoint if checkpoint is not None else default_checkpoint())
+    model = load_adapted_model(checkpoint if checkpoint is not None else default_checkpoint())
     attrs = {"command": " ".join(sys.argv), "seed": seed, "sampler": sampler, "steps": steps}
     with ShowerWriter(output, format.value, geo, attrs) as writer:
         for chunk in iter_generate(model, geo, energies, particle=particle or geo.particle, n_steps=steps,
@@ -266,6 +267,164 @@ def generate(
                                    device=resolve_device(device), progress=True):
             writer.append(chunk)
     typer.echo(f"wrote {len(energies)} generated showers in {geo.name} to {output} ({format.value})")
+
+
+@app.command()
+@_one_line_errors
+def finetune(
+    data: Annotated[Path, typer.Option("--data", help="target training shower file")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="run directory")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="pre-trained checkpoint (default: shipped model)")] = None,
+    geometry: Annotated[Optional[str], typer.Option("--geometry", "-g",
+                                                    help="geometry of the data (default: from the file)")] = None,
+    n_samples: Annotated[Optional[int], typer.Option(help="target showers used (train + validation)")] = 100,
+    method: Annotated[str, typer.Option(help="scratch, full, bitfit, bitfit-context, top-k, lora, dora, ia3, loha")]
+    = "full",
+    k: Annotated[int, typer.Option(help="top-k: number of last layers trained")] = 3,
+    rank: Annotated[int, typer.Option(help="lora/dora/loha rank")] = 8,
+    alpha: Annotated[float, typer.Option(help="lora/dora/loha alpha")] = 8.0,
+    target: Annotated[str, typer.Option(help="adapted Linear maps: linear, gate, context_bias (comma list)")]
+    = "linear",
+    layers: Annotated[Optional[str], typer.Option(help="adapted layer indices, e.g. 3,4,5 (default all)")] = None,
+    flow: Annotated[str, typer.Option(help="flow adaptation: full, frozen or bitfit")] = "full",
+    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, help="showers per step")] = 32,
+    lr: Annotated[Optional[float], typer.Option(help="peak learning rate (default: per method and data size)")]
+    = None,
+    flow_lr: Annotated[Optional[float], typer.Option(help="flow learning rate (default: the data-size table)")]
+    = None,
+    max_points: Annotated[int, typer.Option(min=1, help="points per shower per step")] = 512,
+    val_fraction: Annotated[float, typer.Option(help="share of the showers held out for validation")] = 0.2,
+    val_every: Annotated[int, typer.Option(min=1, help="steps between validations/checkpoints")] = 100,
+    patience: Annotated[Optional[int], typer.Option(help="early stop after N validations without gain")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the run (initialisation of new weights, noise)")] = 0,
+    data_seed: Annotated[int, typer.Option(help="seed of the target subset and its split")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
+) -> None:
+    """Adapt a pre-trained model to a target detector (or train the scratch baseline)."""
+    from .adapt import AdaptMethod, finetune as run_finetune
+    from .adapt.defaults import default_learning_rate, table_learning_rate
+    from .data.io import count_showers, file_geometry
+    from .pretrained import default_checkpoint
+    from .train import TrainConfig
+
+    geo = file_geometry(data, geometry)
+    adapt_method = AdaptMethod(name=method, k=k, rank=rank, alpha=alpha, target=target, flow=flow,
+                               layers=_csv_ints(layers) if layers else None)
+    size = n_samples if n_samples is not None else count_showers(data)
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr or default_learning_rate(method, size),
+                         flow_lr=flow_lr or table_learning_rate(size), max_points=max_points, n_samples=n_samples,
+                         val_fraction=val_fraction, val_every=val_every, checkpoint_every=val_every,
+                         patience=patience, seed=seed, data_seed=data_seed, device=device)
+    summary = run_finetune(checkpoint or default_checkpoint(), data, geo, output, adapt_method, config, resume=resume,
+                           checkpoint_parts={"command": " ".join(sys.argv)}, log=typer.echo)
+    typer.echo(f"{adapt_method.label()}: {summary['steps']} steps in {summary['wall_s']:.0f} s; best validation "
+               f"diffusion {summary['best']['diffusion']:.4f}, flow {summary['best']['flow']:.4f}; "
+               f"model in {output / 'model.pt'}")
+
+
+@app.command("analyze-updates")
+@_one_line_errors
+def analyze_updates(
+    pretrained: Annotated[Path, typer.Argument(help="pre-trained checkpoint")],
+    finetuned: Annotated[list[Path], typer.Argument(help="one or more fine-tuned checkpoints")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output directory")] = Path("updates"),
+) -> None:
+    """Singular values, effective rank and reconstruction error of the weight updates of adaptation."""
+    from .adapt import analyse_checkpoints
+
+    analyse_checkpoints(pretrained, finetuned if len(finetuned) > 1 else finetuned[0], output)
+    typer.echo(f"wrote {output / 'updates.json'} and plots to {output}")
+
+
+@app.command()
+@_one_line_errors
+def sweep(
+    data: Annotated[Path, typer.Option("--data", help="target training shower file")],
+    reference: Annotated[Path, typer.Option(help="held-out target showers to compare with (never trained on)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="sweep directory")],
+    checkpoint: Annotated[Optional[list[str]], typer.Option(help="pre-trained checkpoint, or LABEL=PATH; repeat to "
+                                                                 "compare pre-trainings (default: shipped model)")]
+    = None,
+    geometry: Annotated[Optional[str], typer.Option("--geometry", "-g", help="target geometry (default: from --data)")]
+    = None,
+    sizes: Annotated[str, typer.Option(help="target data sizes D")] = "100,1000,10000",
+    methods: Annotated[str, typer.Option(help="methods, e.g. scratch,full,bitfit,lora:rank=16")]
+    = "scratch,full,bitfit,lora",
+    seeds: Annotated[int, typer.Option(min=1, help="seeds per (method, size): 0..N-1 (data subset and run)")] = 5,
+    steps: Annotated[int, typer.Option(min=1, help="training steps of every run")] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    max_points: Annotated[int, typer.Option(min=1)] = 512,
+    n_eval: Annotated[int, typer.Option(min=2, help="reference and generated showers compared per run")] = 1000,
+    sampler_steps: Annotated[int, typer.Option(min=1, help="sampler steps at generation")] = 13,
+    compare_normalisation: Annotated[bool, typer.Option(help="require checkpoints in both the physical and the "
+                                                             "published box frame, and compare them")] = False,
+    executor: Annotated[str, typer.Option(help="local (worker processes) or slurm (submitit)")] = "local",
+    workers: Annotated[Optional[int], typer.Option(help="local worker processes (default: cores / threads)")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads per run")] = 1,
+    slurm_partition: Annotated[Optional[str], typer.Option(help="Slurm partition")] = None,
+    slurm_time: Annotated[int, typer.Option(help="Slurm time limit per run, minutes")] = 240,
+) -> None:
+    """Data-efficiency sweep: every method x data size x seed, evaluated; table and plot at the end."""
+    from .data.io import file_geometry
+    from .pretrained import default_checkpoint
+    from .sweep import SweepSpec, run_sweep, summarise
+    from .train import load_checkpoint
+
+    checkpoints: dict[str, str] = {}
+    for item in checkpoint or [f"pretrained={default_checkpoint()}"]:
+        label, sep, path = item.partition("=")
+        label, path = (label, path) if sep else (Path(item).stem, item)
+        checkpoints[label] = str(Path(path).resolve())
+    frames = {label: load_checkpoint(path)["model_config"]["frame"] for label, path in checkpoints.items()}
+    if compare_normalisation and set(frames.values()) != {"physical", "box"}:
+        raise CaloadaptError("--compare-normalisation needs one checkpoint per frame (physical and box); make the "
+                             "box one with 'caloadapt pretrain --frame box' and pass both as --checkpoint LABEL=PATH")
+    geo = file_geometry(data, geometry)
+    spec = SweepSpec(checkpoints=checkpoints, data=str(data.resolve()), reference=str(reference.resolve()),
+                     geometry=geo.name if geometry is None else geometry, sizes=_csv_ints(sizes),
+                     methods=tuple(m.strip() for m in _split_methods(methods)), seeds=tuple(range(seeds)),
+                     steps=steps, batch_size=batch_size, max_points=max_points, n_eval=n_eval,
+                     n_steps_sampler=sampler_steps, threads=threads)
+    slurm = {"timeout_min": slurm_time, **({"slurm_partition": slurm_partition} if slurm_partition else {})}
+    results = run_sweep(spec, output, executor=executor, workers=workers, slurm=slurm, log=typer.echo)
+    rows = summarise(results, output)
+    typer.echo((output / "summary.md").read_text())
+    del rows
+
+
+def _split_methods(text: str) -> list[str]:
+    """Split ``a,b:rank=4,alpha=8,c`` at commas that start a new method (not inside its options)."""
+    from .adapt import METHODS
+
+    methods: list[str] = []
+    for part in text.split(","):
+        if methods and part.split(":")[0].strip() not in METHODS:
+            methods[-1] += "," + part  # an option of the previous method
+        else:
+            methods.append(part)
+    return methods
+
+
+class ExportFormat(str, Enum):
+    checkpoint = "checkpoint"
+
+
+@app.command()
+@_one_line_errors
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="trained checkpoint")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="exported file")],
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="checkpoint: weights-only copy "
+                                                                       "(EMA weights, provenance kept)")]
+    = ExportFormat.checkpoint,
+) -> None:
+    """Export a trained model for distribution."""
+    from .train import inference_checkpoint
+
+    size = inference_checkpoint(checkpoint, output)
+    typer.echo(f"wrote {output} ({size / 2**20:.1f} MiB)")
 
 
 def main() -> None:

@@ -141,7 +141,7 @@ def statistics_to_layers(geometry: Geometry, statistics: np.ndarray, incident_en
     in readout MeV, and ``(N, 2)`` centre of gravity in Moliere radii.
     """
     k = grid.n_bins
-    energy_grid = np.clip(np.exp(statistics[:, :k]) - 1.5 * ENERGY_FLOOR, 0.0, None)
+    energy_grid = np.clip(np.exp(statistics[:, :k]) - 1.5 * ENERGY_FLOOR, 0.0, 1.0)  # fractions of E_inc
     count_grid = np.clip(np.exp(statistics[:, k:2 * k]) - COUNT_FLOOR - 0.5, 0.0, None)
     counts = np.rint(grid.grid_to_layers(geometry, count_grid)).astype(np.int64)
     deposited = grid.grid_to_layers(geometry, energy_grid) * np.asarray(incident_energy_mev)[:, None]
@@ -190,12 +190,14 @@ class PointFrame:
         """
         g = self.geometry
         f = features.astype(np.float64)
+        # a cell never holds more than the incident energy: clip the log energy before exp
         if self.frame == "physical":
             rm = g.layer_moliere_radius_mm[layer]
             x, y = f[:, 0] * rm, f[:, 1] * rm
-            energy = np.exp(f[:, 3]) * incident_energy_mev * g.energy.calibration * g.layer_visible_fraction[layer]
+            fraction = np.exp(np.clip(f[:, 3], -50.0, 0.0))
+            energy = fraction * incident_energy_mev * g.energy.calibration * g.layer_visible_fraction[layer]
         else:
             half = self._half_size_mm
             x, y = f[:, 0] * half, f[:, 1] * half
-            energy = np.exp(f[:, 3]) * g.energy.calibration
+            energy = np.exp(np.minimum(f[:, 3], np.log(incident_energy_mev))) * g.energy.calibration
         return np.stack([x, y, g.layer_centres_mm[layer], energy], axis=1)

@@ -14,7 +14,10 @@ from .._atomic import atomic_path
 from ..errors import CheckpointError
 from ..models.shower_model import ModelConfig, ShowerModel
 
-__all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "inference_checkpoint", "CHECKPOINT_FORMAT"]
+
+#: entries kept by :func:`inference_checkpoint`: enough to generate, adapt and reproduce, no optimiser
+_INFERENCE_KEYS = ("model_config", "geometry", "train_config", "train_state", "trainable", "command", "adapter")
 
 CHECKPOINT_FORMAT = "caloadapt-checkpoint"
 
@@ -73,3 +76,17 @@ def model_from_checkpoint(checkpoint: str | os.PathLike[str] | dict, weights: st
         raise CheckpointError(f"{source}: weights do not match the model: missing {result.missing_keys[:3]}, "
                               f"unexpected {result.unexpected_keys[:3]}")
     return model
+
+
+def inference_checkpoint(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> int:
+    """Write a weights-only copy of ``source`` (its EMA weights as the model, no optimiser state).
+
+    The provenance (configuration, geometry, training state and command) is kept. Returns the
+    size of the written file in bytes.
+    """
+    payload = load_checkpoint(source)
+    weights = payload.get("ema") or payload["model"]
+    model = ShowerModel(ModelConfig.from_dict(payload["model_config"]))
+    model.load_state_dict(weights)
+    save_checkpoint(target, model, **{k: payload[k] for k in _INFERENCE_KEYS if k in payload and k != "model_config"})
+    return Path(target).stat().st_size

@@ -1,0 +1,17 @@
+"""Adaptation: fine-tuning methods (full, BitFit, top-k, peft adapters), runs, and weight-update analysis."""
+
+from __future__ import annotations
+
+from .analysis import (RANK_THRESHOLDS, analyse_checkpoints, analyse_states, analyse_update, analysis_ranks,
+                       effective_rank, weight_updates)
+from .finetune import finetune, load_adapted_model, load_adapted_state
+from .methods import (FLOW_MODES, METHODS, PEFT_METHODS, TARGETS, AdaptMethod, adapter_modules, format_report,
+                      is_adapted, merge, parameter_report, prepare)
+
+__all__ = [
+    "METHODS", "PEFT_METHODS", "TARGETS", "FLOW_MODES", "AdaptMethod", "prepare", "merge", "adapter_modules",
+    "is_adapted", "parameter_report", "format_report",
+    "finetune", "load_adapted_model", "load_adapted_state",
+    "RANK_THRESHOLDS", "analysis_ranks", "effective_rank", "weight_updates", "analyse_update", "analyse_states",
+    "analyse_checkpoints",
+]

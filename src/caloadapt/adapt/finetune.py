@@ -1,0 +1,114 @@
+"""One fine-tuning run: pre-trained checkpoint -> method -> training -> merged, loadable model.
+
+Files of a run directory (besides those of :func:`caloadapt.train.train`):
+
+- ``parameters.json``: the trainable / total parameters per group (:func:`parameter_report`),
+  also stored in every checkpoint of the run as ``parameters``;
+- ``model.pt``: the best EMA weights with any peft adapters merged, a plain checkpoint that
+  :func:`caloadapt.train.model_from_checkpoint` (and so ``caloadapt generate``) loads.
+
+``best.pt`` and ``last.pt`` keep peft adapters separate (they are what ``--resume`` continues);
+:func:`load_adapted_model` loads either kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .._atomic import atomic_path
+from ..errors import CheckpointError
+from ..geometry import Geometry
+from ..models.shower_model import ModelConfig, ShowerModel
+from .methods import AdaptMethod, format_report, merge, parameter_report, prepare
+
+__all__ = ["finetune", "load_adapted_model", "load_adapted_state"]
+
+
+def _adapted_model(payload: dict, weights: str, source: str) -> ShowerModel:
+    from ..train.checkpoint import model_from_checkpoint
+
+    method = payload.get("adapter")
+    state = payload.get("ema") if weights == "ema" else payload["model"]
+    state = state if state is not None else payload["model"]
+    plain = ShowerModel(ModelConfig.from_dict(payload["model_config"]))
+    if method is None or set(state) == set(plain.state_dict()):
+        return model_from_checkpoint(payload, weights=weights)
+    method = AdaptMethod.from_dict(method)
+    model, _ = prepare(plain, method, copy_model=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{source}: weights do not fit the {method.name} adapters: "
+                              f"{str(err).splitlines()[0]}") from None
+    return merge(model, method, copy_model=False)
+
+
+def load_adapted_model(checkpoint: str | os.PathLike[str] | dict, weights: str = "ema") -> ShowerModel:
+    """The plain model of any checkpoint, with peft adapters (if stored separately) merged.
+
+    Arguments:
+        checkpoint: path or loaded payload.
+        weights: ``ema`` (default) or ``model`` (the raw weights).
+    """
+    from ..train.checkpoint import load_checkpoint
+
+    payload = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    source = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
+    return _adapted_model(payload, weights, source)
+
+
+def load_adapted_state(payload: dict, source: str = "checkpoint", weights: str = "ema") -> dict:
+    """The state dict of a loaded checkpoint with peft adapters merged (EMA weights if present)."""
+    return {k: v.detach().clone() for k, v in _adapted_model(payload, weights, source).state_dict().items()}
+
+
+def finetune(pretrained: str | os.PathLike[str], data_path: str | os.PathLike[str], geometry: Geometry,
+             out_dir: str | os.PathLike[str], method: AdaptMethod, config, *, resume: bool = False,
+             checkpoint_parts: dict | None = None, stop_after_steps: int | None = None,
+             progress: bool = True, log=print) -> dict:
+    """Adapt the pre-trained model to the showers of ``data_path`` with ``method``.
+
+    Arguments:
+        pretrained: checkpoint of the pre-trained model (its architecture and feature
+            normalisation are kept; ``scratch`` re-initialises the weights only).
+        data_path, geometry: target training data and its geometry.
+        out_dir: run directory.
+        method: the adaptation method.
+        config: :class:`caloadapt.train.TrainConfig`; its ``seed`` also seeds the initialisation
+            of ``scratch`` and of the adapters.
+        resume, checkpoint_parts, stop_after_steps, progress: as for :func:`caloadapt.train.train`.
+        log: called with the parameter table (None: silent).
+
+    Returns:
+        The training summary with ``parameters`` (the report rows) and ``model`` (path of the
+        merged checkpoint).
+    """
+    from ..train.checkpoint import load_checkpoint, save_checkpoint
+    from ..train.loop import train
+
+    out_dir = Path(out_dir)
+    base = load_adapted_model(pretrained)
+    model, names = prepare(base, method, seed=config.seed)
+    rows = parameter_report(model, names)
+    if log is not None:
+        log(f"adaptation method {method.label()} (flow: {'full' if method.name == 'scratch' else method.flow})\n"
+            + format_report(rows))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "parameters.json") as tmp:
+        tmp.write_text(json.dumps({"method": method.to_dict(), "trainable": names, "groups": rows}, indent=1))
+    parts = {"adapter": method.to_dict(), "parameters": rows, "pretrained": str(pretrained),
+             **(checkpoint_parts or {})}
+    summary = train(model, data_path, geometry, out_dir, config, trainable=names, resume=resume,
+                    fit_normalisation=False, checkpoint_parts=parts, stop_after_steps=stop_after_steps,
+                    progress=progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        payload = load_checkpoint(out_dir / "best.pt")
+        merged = _adapted_model(payload, "ema", str(out_dir / "best.pt"))
+        keep = {k: payload[k] for k in ("train_config", "train_state", "geometry", "trainable") if k in payload}
+        state = {k: v.detach().clone() for k, v in merged.state_dict().items()}
+        save_checkpoint(out_dir / "model.pt", merged.to(torch.device("cpu")), ema=state, **keep, **parts)
+    return {**summary, "parameters": rows, "model": str(out_dir / "model.pt")}

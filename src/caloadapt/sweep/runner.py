@@ -1,0 +1,198 @@
+"""Planning and executing the runs of a sweep (local processes or Slurm via submitit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._atomic import atomic_path
+from ..errors import InputError
+
+__all__ = ["SweepSpec", "RunSpec", "plan_runs", "run_sweep", "run_one", "parse_method"]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """Everything a sweep needs; written to ``sweep.json`` in its directory.
+
+    Attributes:
+        checkpoints: label -> pre-trained checkpoint path (several compare pre-trainings, e.g.
+            the physical frame against the published box normalisation).
+        data: target training file; each run draws ``size`` showers from it with its seed.
+        reference: held-out target showers the generated ones are compared with (never trained on).
+        geometry: target geometry (name or path).
+        sizes, methods, seeds: the grid; methods are ``name`` or ``name:key=value,...``
+            (e.g. ``lora:rank=16,alpha=16``).
+        steps, batch_size, max_points: training budget of every run (the same for all methods).
+        n_eval: generated and reference showers compared per run.
+        n_steps_sampler: sampler steps at generation.
+        threads: torch threads per run.
+    """
+
+    checkpoints: dict[str, str]
+    data: str
+    reference: str
+    geometry: str
+    sizes: tuple[int, ...]
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int = 1000
+    batch_size: int = 32
+    max_points: int = 512
+    val_fraction: float = 0.2
+    val_every: int = 100
+    n_eval: int = 1000
+    n_steps_sampler: int = 13
+    threads: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid."""
+
+    pretrained: str
+    method: str
+    size: int
+    seed: int
+    directory: str
+    sweep: dict = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.pretrained}/{self.method}/n{self.size}/s{self.seed}"
+
+
+def parse_method(text: str):
+    """``name`` or ``name:key=value,...`` -> :class:`~caloadapt.adapt.AdaptMethod`."""
+    from ..adapt import AdaptMethod
+
+    name, _, options = text.partition(":")
+    values: dict = {}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"method option {item!r} in {text!r} is not key=value")
+        values[key] = float(value) if key == "alpha" else int(value) if key in {"k", "rank"} else value
+    try:
+        return AdaptMethod(name=name, **values)
+    except TypeError:
+        raise InputError(f"unknown option in method {text!r}") from None
+
+
+def plan_runs(spec: SweepSpec, out_dir: Path) -> list[RunSpec]:
+    """All runs of the grid, in a fixed order; each with its own directory."""
+    for text in spec.methods:
+        parse_method(text)  # fail early on a bad method, before any run starts
+    runs = []
+    for label in spec.checkpoints:
+        for method in spec.methods:
+            for size in spec.sizes:
+                for seed in spec.seeds:
+                    safe = method.replace(":", "_").replace(",", "_").replace("=", "")
+                    directory = out_dir / "runs" / label / safe / f"n{size}_s{seed}"
+                    runs.append(RunSpec(label, method, size, seed, str(directory), spec.to_dict()))
+    return runs
+
+
+def run_one(run: RunSpec) -> dict:
+    """Fine-tune, generate, evaluate one run; write and return its ``result.json``.
+
+    The data subset depends on the seed only (``data_seed = seed``), so at one (size, seed)
+    every method sees the same target showers.
+    """
+    from ..adapt import finetune, load_adapted_model
+    from ..adapt.defaults import default_learning_rate, table_learning_rate
+    from ..data.io import read_showers
+    from ..generate import iter_generate
+    from ..geometry import get_geometry
+    from ..showers import Showers
+    from ..train import TrainConfig
+    from ..evaluate.scoring import score_showers
+
+    spec = SweepSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in run.sweep.items()})
+    torch.set_num_threads(spec.threads)
+    directory = Path(run.directory)
+    result_path = directory / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    started = time.perf_counter()
+    geometry = get_geometry(spec.geometry)
+    method = parse_method(run.method)
+    config = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, max_points=spec.max_points,
+                         lr=default_learning_rate(method.name, run.size), flow_lr=table_learning_rate(run.size),
+                         n_samples=run.size, val_fraction=spec.val_fraction, val_every=spec.val_every,
+                         checkpoint_every=spec.val_every, seed=run.seed, data_seed=run.seed, device="cpu")
+    summary = finetune(spec.checkpoints[run.pretrained], spec.data, geometry, directory, method, config,
+                       resume=True, progress=False, log=lambda *_: None)
+    train_s = time.perf_counter() - started
+    model = load_adapted_model(directory / "model.pt")
+    reference = read_showers(spec.reference, geometry, stop=spec.n_eval)
+    generated = Showers.concatenate(list(iter_generate(model, geometry, reference.incident_energy_mev,
+                                                       n_steps=spec.n_steps_sampler, seed=run.seed,
+                                                       particle=reference.particle)))
+    table = score_showers(generated, reference, geometry, seed=run.seed)
+    parameters = json.loads((directory / "parameters.json").read_text())["groups"]
+    result = {"pretrained": run.pretrained, "method": run.method, "size": run.size, "seed": run.seed,
+              "geometric_mean": table.geometric_mean, "geometric_mean_std": table.geometric_mean_std,
+              "scores": table.as_dict()["scores"], "parameters": parameters,
+              "best_validation": summary["best"], "train_s": train_s,
+              "total_s": time.perf_counter() - started}
+    with atomic_path(result_path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2, default=_json_default))
+    return result
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: str = "local", workers: int | None = None,
+              slurm: dict | None = None, log=print) -> list[dict]:
+    """Run every unfinished run of the grid; return the results of all runs.
+
+    Arguments:
+        executor: ``local`` (worker processes on this machine) or ``slurm`` (submitit job array).
+        workers: local worker processes (default: cores // threads per run).
+        slurm: submitit parameters for ``slurm`` (e.g. ``{"slurm_partition": "gpu", "timeout_min": 240}``).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "sweep.json") as tmp:
+        tmp.write_text(json.dumps(spec.to_dict(), indent=2))
+    runs = plan_runs(spec, out_dir)
+    todo = [r for r in runs if not (Path(r.directory) / "result.json").exists()]
+    log(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run ({executor})")
+    if executor == "local":
+        workers = workers or max(1, (os.cpu_count() or 1) // spec.threads)
+        if workers == 1:
+            for i, run in enumerate(todo):
+                log(f"[{i + 1}/{len(todo)}] {run.label}")
+                run_one(run)
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for i, (run, _) in enumerate(zip(todo, pool.map(run_one, todo))):
+                    log(f"[{i + 1}/{len(todo)}] {run.label} done")
+    elif executor == "slurm":
+        import submitit
+
+        pool = submitit.AutoExecutor(folder=str(out_dir / "slurm"))
+        pool.update_parameters(cpus_per_task=spec.threads, **(slurm or {}))
+        jobs = pool.map_array(run_one, todo)
+        log(f"submitted {len(jobs)} Slurm jobs; waiting")
+        for job in jobs:
+            job.result()
+    else:
+        raise InputError(f"unknown executor {executor!r}; expected local or slurm")
+    return [json.loads((Path(r.directory) / "result.json").read_text()) for r in runs]
