@@ -407,6 +407,56 @@ def _split_methods(text: str) -> list[str]:
     return methods
 
 
+@app.command()
+@_one_line_errors
+def evaluate(
+    generated: Annotated[Path, typer.Option(help="generated shower file (any layout)")],
+    reference: Annotated[Path, typer.Option(help="reference shower file (e.g. Geant4 or simulated)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="results directory")] = Path("results"),
+    geometry: Annotated[Optional[str], typer.Option("--geometry", "-g", help="readout to compare in "
+                                                                             "(default: the reference's)")] = None,
+    max_showers: Annotated[Optional[int], typer.Option(help="use at most the first N showers of each file")] = None,
+    classifier: Annotated[str, typer.Option(help="cpu (small DNN), official (evaluate.py settings) or none")]
+    = "cpu",
+    n_bootstrap: Annotated[int, typer.Option(min=0, help="bootstrap resamples of the scores")] = 50,
+    fpd_kpd: Annotated[bool, typer.Option(help="FPD and KPD on the CaloChallenge high-level features")] = True,
+    plots: Annotated[bool, typer.Option(help="write plots")] = True,
+    seed: Annotated[int, typer.Option(help="seed of bootstrap and classifier")] = 0,
+) -> None:
+    """Compare generated with reference showers: scores, CaloChallenge metrics, plots and a report."""
+    from .data.io import file_geometry
+    from .evaluate.pipeline import EvaluationOptions, run_evaluation
+
+    geo = file_geometry(reference, geometry)
+    options = EvaluationOptions(max_showers=max_showers, classifier=classifier, n_bootstrap=n_bootstrap,
+                                fpd_kpd=fpd_kpd, plots=plots, seed=seed)
+    metrics = run_evaluation(generated, reference, geo, output, options, command=" ".join(sys.argv))
+    summary = metrics["summary"]
+    typer.echo(f"geometric mean of normalised W1: {summary['geometric_mean']:.4f} "
+               f"+- {summary['geometric_mean_std'] or float('nan'):.4f}; report: {output / 'report.md'}")
+
+
+@app.command()
+@_one_line_errors
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="demo directory")] = Path("caloadapt-demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="reduced version (about 2 minutes)")] = False,
+    target_data: Annotated[Optional[Path], typer.Option(help="real target training file instead of simulated")]
+    = None,
+    reference_data: Annotated[Optional[Path], typer.Option(help="real held-out reference file")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="pre-trained checkpoint (default: shipped)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    seed: Annotated[int, typer.Option(help="seed of data, training and generation")] = 0,
+) -> None:
+    """The main job: adapt the shipped model to a new detector, compare with scratch, write a report."""
+    from .demo import run_demo
+
+    if (target_data is None) != (reference_data is None):
+        raise CaloadaptError("give both --target-data and --reference-data, or neither")
+    run_demo(output, quick=quick, target_data=target_data, reference_data=reference_data, checkpoint=checkpoint,
+             device=device, seed=seed, log=typer.echo)
+
+
 class ExportFormat(str, Enum):
     checkpoint = "checkpoint"
 

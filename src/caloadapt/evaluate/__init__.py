@@ -103,3 +103,17 @@ __all__ = [
     "PhysicsDistance", "normalise_by_reference", "frechet_distance", "frechet_physics_distance",
     "kernel_physics_distance",
 ]
+
+# -- the evaluation pipeline: files in, metrics.json, plots and report out --------------------------
+from .pipeline import (  # noqa: E402
+    EvaluationOptions,
+    SampleSummary,
+    concatenate_high_level_features,
+    concatenate_observables,
+    run_evaluation,
+    stream_sample,
+)
+from .report import write_report  # noqa: E402
+
+__all__ += ["EvaluationOptions", "SampleSummary", "run_evaluation", "stream_sample",
+            "concatenate_observables", "concatenate_high_level_features", "write_report"]

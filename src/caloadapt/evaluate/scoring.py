@@ -8,15 +8,10 @@ import numpy as np
 
 from ..geometry import Geometry
 from ..showers import Showers
-from .observables import CellLayout, ScoreTable, calotransfer_scores, shower_observables
+from .observables import ScoreTable, calotransfer_scores, shower_observables
+from .pipeline import layout_of
 
-__all__ = ["geometry_layout", "VoxelRows", "score_showers", "voxel_chunk_size"]
-
-
-def geometry_layout(geometry: Geometry) -> CellLayout:
-    """The cells of a geometry as the plain arrays the observables need."""
-    return CellLayout(geometry.cell_centres_mm, geometry.cell_layer, geometry.n_layers,
-                      geometry.energy.threshold_mev)
+__all__ = ["VoxelRows", "score_showers", "voxel_chunk_size"]
 
 
 def voxel_chunk_size(geometry: Geometry, budget_values: int = 10_000_000) -> int:
@@ -42,7 +37,7 @@ class VoxelRows:
 def score_showers(generated: Showers, reference: Showers, geometry: Geometry, *, n_bootstrap: int = 20,
                   seed: int = 0) -> ScoreTable:
     """Normalised W1 per observable and their geometric mean, both samples voxelised into ``geometry``."""
-    layout = geometry_layout(geometry)
+    layout = layout_of(geometry)
     chunk = voxel_chunk_size(geometry)
     observables = [shower_observables(VoxelRows(s, geometry), s.incident_energy_mev, layout, chunk_size=chunk)
                    for s in (reference, generated)]

@@ -1,0 +1,962 @@
+"""The evaluation pipeline: two shower files in, ``metrics.json``, plots and a report out.
+
+:func:`run_evaluation` compares a generated shower file with a reference (Geant4) file in a target
+geometry. Both files are streamed chunk by chunk (:func:`~caloadapt.data.io.iter_showers`); each
+chunk is voxelised into the target readout with its threshold (dense float32, one chunk at a time)
+and reduced at once to what the metrics need, so a 100k x 40 500-voxel file never sits in memory
+as one dense array:
+
+- the per-shower observables of :func:`~caloadapt.evaluate.observables.shower_observables`
+  (including the pooled energies of the hit cells, stored as float32, which is lossless since the
+  voxels are float32);
+- for uniform cylindrical readouts (the CaloChallenge datasets 2 and 3, or any binning of that
+  kind) the official high-level features;
+- the low-level classifier input ``[log10 E_inc, voxel / E_inc]`` of the first
+  ``min(N_ref, N_gen)`` showers, only when the classifier is requested and both samples together
+  fit :attr:`EvaluationOptions.max_low_level_floats` (default 2e8 floats, 800 MB); otherwise the
+  low-level classifier is skipped with a note and the high-level one still runs;
+- running sums of the voxels per incident-energy decade (the average showers of ``avg-E``), the
+  energy per radial bin of every shower (radial profile) and a few example showers (event display).
+
+Cross-geometry evaluation: a file is read in its own geometry (recorded in the file, implied by its
+layout, or -- for a CaloChallenge-layout file whose voxel count equals the target's -- the target)
+and its points, which live in the shower frame shared by all geometries, are voxelised into the
+target readout. Both geometries are recorded in ``metrics.json``. A cell-level file of another
+binning is re-binned by its cell centres (all energy of a source cell goes to the target cell that
+contains the centre), which is approximate when the cells do not nest. The fraction of energy
+outside the target readout is recorded and noted when large.
+
+Sample sizes (documented choices):
+
+- ``max_showers`` keeps the first N showers of each file.
+- The classifier needs equal sizes (official ``ttv_split``): both samples are truncated to the
+  first ``min(N_ref, N_gen)`` showers for the classifier only, and the truncation is noted.
+  Everything else uses all showers.
+- FPD and KPD use the official settings (FPD ``min_samples=10000``, ``max_samples=50000``, KPD
+  ``batch_size=10000``) when both samples have at least 50 000 showers. For smaller samples the
+  batch sizes shrink: ``max_samples = min(50000, N_min)``,
+  ``min_samples = min(10000, max(2, max_samples // 5))`` (the official ratio 1/5 where possible),
+  KPD ``batch_size = min(10000, N_min)``; ``metrics.json`` records the settings and whether they
+  are the official ones. Such numbers are not comparable with the published tables.
+
+Energy bins: the decades 1-10, 10-100 and 100-1000 GeV of the official ``avg-E`` mode, with the
+last bin closed (``E_inc <= 1 TeV``, see :mod:`caloadapt.evaluate.energy_bins`); bins with fewer than
+2 showers in either sample are left out of the score tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm.auto import tqdm
+
+from .. import __version__
+from .._atomic import atomic_path
+from ..data.io import count_showers, detect_format, file_geometry, iter_showers
+from ..errors import InputError
+from ..geometry import Geometry, get_geometry
+from ..showers import ENERGY, Showers
+from .calochallenge import (
+    CaloChallengeBinning,
+    HighLevelFeatures,
+    _log_edges,
+    high_level_features,
+    high_level_vector,
+    low_level_vector,
+    separation_power_summary,
+    separation_powers,
+)
+from .classifier import CLASSIFIER_PRESETS, ClassifierResult, ClassifierSettings, classifier_test
+from .energy_bins import ENERGY_DECADES_MEV, energy_bin_label, energy_bin_masks
+from .observables import (
+    PER_SHOWER_OBSERVABLES,
+    SCORE_ROWS,
+    CellLayout,
+    ShowerObservables,
+    calotransfer_scores,
+    calotransfer_scores_by_energy,
+    shower_observables,
+)
+from .physics_distance import frechet_physics_distance, kernel_physics_distance
+
+__all__ = [
+    "EvaluationOptions",
+    "SampleSummary",
+    "run_evaluation",
+    "stream_sample",
+    "concatenate_observables",
+    "concatenate_high_level_features",
+    "layout_of",
+    "calochallenge_binning_of",
+    "fpd_kpd_settings",
+    "write_metrics",
+    "to_jsonable",
+    "METRICS_FORMAT_VERSION",
+]
+
+#: version of the layout of ``metrics.json``
+METRICS_FORMAT_VERSION = 1
+
+#: the official FPD/KPD sizes of the CaloChallenge call (calochallenge.md §2.6)
+_OFFICIAL_FPD = {"min_samples": 10_000, "max_samples": 50_000}
+_OFFICIAL_KPD_BATCH = 10_000
+
+#: a file with more than this fraction of its energy outside the target readout gets a note
+_OUTSIDE_NOTE_FRACTION = 0.05
+
+
+@dataclass
+class EvaluationOptions:
+    """Options of :func:`run_evaluation`.
+
+    Attributes:
+        max_showers: use at most the first N showers of each file (None: all).
+        n_bootstrap: shower-level bootstrap resamples of the score tables (0: none).
+        classifier: ``"cpu"`` (CPU-sized DNN), ``"official"`` (evaluate.py settings), ``"none"``, or a
+            :class:`~caloadapt.evaluate.classifier.ClassifierSettings`.
+        fpd_kpd: compute FPD and KPD on the high-level features (uniform cylindrical readouts only),
+            with sample-size-adapted batch sizes below 50 000 showers (see the module docstring).
+        energy_bins: also evaluate per incident-energy decade.
+        plots: write the plots (and embed them in the report).
+        n_event_display: showers of each sample shown in the 3D event display.
+        seed: seed of the bootstrap and the classifier (FPD/KPD keep the official seed 42).
+        chunk_size: showers read and voxelised at once (memory ~ ``chunk_size * n_cells * 12`` B).
+        progress: show tqdm progress bars (on stderr).
+        max_low_level_floats: memory budget of the low-level classifier inputs of both samples
+            together, in floats (float32); above it the low-level classifier is skipped.
+        max_pooled_cells: at most this many hit cells per sample enter the pooled cell-energy spectrum
+            (score row ``cell_energy`` and the ``Voxel distribution`` separation power): the cells of the
+            first showers up to the budget, whole showers only (None: all). Scoring costs about 85 B
+            and 1 us per pooled cell; 2e7 covers ~10k CaloChallenge DS3 or ~22k DS2 showers.
+        fpd_num_batches, fpd_num_points: FPD batches per batch size and number of batch sizes
+            (official 20 and 10).
+        kpd_num_batches: KPD batches (official 10).
+        device: torch device of the classifier.
+    """
+
+    max_showers: int | None = None
+    n_bootstrap: int = 50
+    classifier: str | ClassifierSettings = "cpu"
+    fpd_kpd: bool = True
+    energy_bins: bool = True
+    plots: bool = True
+    n_event_display: int = 3
+    seed: int = 0
+    chunk_size: int = 500
+    progress: bool = True
+    max_low_level_floats: int = 200_000_000
+    max_pooled_cells: int | None = 20_000_000
+    fpd_num_batches: int = 20
+    fpd_num_points: int = 10
+    kpd_num_batches: int = 10
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` for an impossible option."""
+        if self.max_showers is not None and self.max_showers < 2:
+            raise InputError(f"max_showers must be at least 2, got {self.max_showers}")
+        if self.n_bootstrap < 0:
+            raise InputError(f"n_bootstrap must be >= 0, got {self.n_bootstrap}")
+        if isinstance(self.classifier, str) and self.classifier != "none" \
+                and self.classifier not in CLASSIFIER_PRESETS:
+            raise InputError(f"unknown classifier {self.classifier!r}; expected one of "
+                             f"{', '.join(sorted(CLASSIFIER_PRESETS))} or 'none'")
+        if self.chunk_size < 1:
+            raise InputError(f"chunk_size must be positive, got {self.chunk_size}")
+        if self.n_event_display < 0:
+            raise InputError(f"n_event_display must be >= 0, got {self.n_event_display}")
+        if self.max_pooled_cells is not None and self.max_pooled_cells < 1:
+            raise InputError("max_pooled_cells must be positive or None")
+        if self.max_low_level_floats < 0:
+            raise InputError("max_low_level_floats must be >= 0")
+        if self.fpd_num_batches < 1 or self.fpd_num_points < 2 or self.kpd_num_batches < 1:
+            raise InputError("FPD needs >= 1 batch and >= 2 batch sizes, KPD >= 1 batch")
+
+    @property
+    def classifier_enabled(self) -> bool:
+        return not (isinstance(self.classifier, str) and self.classifier == "none")
+
+
+# -- geometry helpers ------------------------------------------------------------------------------
+def layout_of(geometry: Geometry) -> CellLayout:
+    """The :class:`CellLayout` (cell centres, layers, threshold) of a geometry.
+
+    Raises:
+        InputError: the geometry has no cells.
+    """
+    if geometry.n_cells == 0:
+        raise InputError(f"geometry {geometry.name!r} has no readout cells")
+    return CellLayout(geometry.cell_centres_mm, geometry.cell_layer, geometry.n_layers,
+                      float(geometry.energy.threshold_mev))
+
+
+def calochallenge_binning_of(geometry: Geometry) -> CaloChallengeBinning | None:
+    """The CaloChallenge binning of a uniform cylindrical readout (same mesh in every layer), or None."""
+    readout = geometry.readout
+    if getattr(readout, "kind", "") != "cylindrical" or not readout.is_uniform:
+        return None
+    edges = np.asarray(readout.r_edges_mm[0], dtype=np.float64)
+    if len(edges) < 2:
+        return None
+    binning = CaloChallengeBinning(tuple(edges), int(readout.n_alpha[0]), geometry.n_layers)
+    if binning.n_voxels != geometry.n_cells:
+        return None
+    return binning
+
+
+def _radial_edges(geometry: Geometry, binning: CaloChallengeBinning | None) -> np.ndarray:
+    if binning is not None:
+        return np.asarray(binning.r_edges_mm)
+    radius = np.hypot(geometry.cell_centres_mm[:, 0], geometry.cell_centres_mm[:, 1])
+    top = float(radius.max()) * 1.0001 + 1e-6
+    return np.linspace(0.0, top, 31)
+
+
+def _radial_matrix(geometry: Geometry, edges: np.ndarray) -> np.ndarray:
+    radius = np.hypot(geometry.cell_centres_mm[:, 0], geometry.cell_centres_mm[:, 1])
+    index = np.clip(np.searchsorted(edges, radius, side="right") - 1, 0, len(edges) - 2)
+    matrix = np.zeros((geometry.n_cells, len(edges) - 1))
+    matrix[np.arange(geometry.n_cells), index] = 1.0
+    return matrix
+
+
+def _geometry_record(geometry: Geometry) -> dict:
+    readout = geometry.readout
+    record = {"name": geometry.name, "n_cells": int(geometry.n_cells), "n_layers": int(geometry.n_layers),
+              "readout": getattr(readout, "kind", type(readout).__name__),
+              "threshold_mev": float(geometry.energy.threshold_mev),
+              "layer_edges_mm": np.asarray(geometry.layer_edges_mm).tolist()}
+    try:
+        record["readout_spec"] = readout.to_spec()
+    except Exception:  # pragma: no cover - a readout without a spec
+        pass
+    return record
+
+
+# -- concatenation helpers ---------------------------------------------------------------------------
+def concatenate_observables(parts: Sequence[ShowerObservables]) -> ShowerObservables:
+    """Join the observables of consecutive batches of showers into one (cell indices shifted)."""
+    if not parts:
+        raise InputError("no observables to concatenate")
+    n_layers = {p.n_layers for p in parts}
+    if len(n_layers) != 1:
+        raise InputError(f"cannot concatenate observables with {sorted(n_layers)} layers")
+    starts = np.cumsum([0] + [p.n_showers for p in parts[:-1]])
+    total = int(starts[-1]) + parts[-1].n_showers
+    index_dtype = np.result_type(*(p.cell_shower_index.dtype for p in parts))
+    if total > np.iinfo(index_dtype).max:
+        index_dtype = np.dtype(np.int64)
+    return ShowerObservables(
+        incident_energy_mev=np.concatenate([p.incident_energy_mev for p in parts]),
+        per_shower={k: np.concatenate([p.per_shower[k] for p in parts]) for k in parts[0].per_shower},
+        layer_energy_mev=np.concatenate([p.layer_energy_mev for p in parts]),
+        layer_hits=np.concatenate([p.layer_hits for p in parts]),
+        cell_energy_mev=np.concatenate([p.cell_energy_mev for p in parts]),
+        cell_shower_index=np.concatenate([p.cell_shower_index.astype(index_dtype, copy=False)
+                                          + index_dtype.type(s) for p, s in zip(parts, starts, strict=True)]),
+        n_cells=parts[0].n_cells,
+    )
+
+
+def concatenate_high_level_features(parts: Sequence[HighLevelFeatures]) -> HighLevelFeatures:
+    """Join the high-level features of consecutive batches (``voxel_max_mev``: the largest)."""
+    if not parts:
+        raise InputError("no features to concatenate")
+    arrays = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
+              for f in fields(HighLevelFeatures) if f.name != "voxel_max_mev"}
+    return HighLevelFeatures(**arrays, voxel_max_mev=max(p.voxel_max_mev for p in parts))
+
+
+# -- streaming ------------------------------------------------------------------------------------
+@dataclass
+class SampleSummary:
+    """Everything the metrics and plots need from one file, accumulated chunk by chunk.
+
+    Attributes:
+        path: the file; format: its layout; geometry: its own geometry name; particle.
+        n_in_file: showers in the file; n_used: showers read (``max_showers``).
+        observables: per-shower observables in the target geometry (after the threshold).
+        features: official high-level features (uniform cylindrical targets), else None.
+        low_level: ``(n, 1 + n_cells)`` float32 low-level classifier inputs of the first n showers,
+            or None.
+        energy_edges_mev: incident-energy bin edges of the average showers.
+        voxel_sums_mev: ``(n_bins + 1, n_cells)`` sums of the thresholded voxels per energy bin and,
+            in the last row, over all showers.
+        voxel_counts: ``(n_bins + 1,)`` showers summed in each row.
+        radial_edges_mm: radial bin edges; radial_energy_mev: ``(n, n_r)`` energy per radial bin.
+        examples_mev: ``(k, n_cells)`` first showers (event display); examples_incident_mev: ``(k,)``.
+        energy_total_mev, energy_outside_mev: point energy read, and the part outside the target
+            readout.
+        n_showers_with_cells: the first showers whose hit cells are pooled (``max_cells``).
+    """
+
+    path: Path
+    format: str
+    geometry: str
+    particle: str
+    n_in_file: int
+    n_used: int
+    observables: ShowerObservables
+    features: HighLevelFeatures | None
+    low_level: np.ndarray | None
+    energy_edges_mev: tuple[float, ...]
+    voxel_sums_mev: np.ndarray
+    voxel_counts: np.ndarray
+    radial_edges_mm: np.ndarray
+    radial_energy_mev: np.ndarray
+    examples_mev: np.ndarray
+    examples_incident_mev: np.ndarray
+    energy_total_mev: float
+    energy_outside_mev: float
+    n_showers_with_cells: int = 0
+
+    @property
+    def outside_fraction(self) -> float:
+        return self.energy_outside_mev / self.energy_total_mev if self.energy_total_mev > 0 else 0.0
+
+    def average_shower(self, row: int = -1) -> np.ndarray:
+        """Mean thresholded voxels of an energy bin (``-1``: all showers); NaN when the bin is empty."""
+        count = self.voxel_counts[row]
+        return self.voxel_sums_mev[row] / count if count else np.full(self.voxel_sums_mev.shape[1], np.nan)
+
+    def record(self) -> dict:
+        return {"path": str(self.path), "size_bytes": _file_size(self.path), "format": self.format,
+                "geometry": self.geometry, "particle": self.particle,
+                "n_showers_in_file": self.n_in_file, "n_showers_used": self.n_used,
+                "incident_energy_gev": [float(self.observables.incident_energy_mev.min() / 1e3),
+                                        float(self.observables.incident_energy_mev.max() / 1e3)],
+                "energy_outside_target_fraction": self.outside_fraction,
+                "n_showers_with_pooled_cells": self.n_showers_with_cells,
+                "n_pooled_cells": int(self.observables.cell_energy_mev.size)}
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return int(os.path.getsize(path))
+    except OSError:
+        return None
+
+
+def _source_geometry(path: Path, target: Geometry) -> tuple[str, Geometry]:
+    """Layout and own geometry of a file; clear errors for missing, empty or unfitting files."""
+    fmt = detect_format(path)  # InputError: missing, not HDF5, unknown layout
+    if count_showers(path) == 0:
+        raise InputError(f"{path}: file holds no showers")
+    if fmt != "calochallenge":
+        return fmt, file_geometry(path, None)
+    with h5py.File(path, "r") as f:
+        showers = f.get("showers")
+        n_cells = showers.shape[1] if isinstance(showers, h5py.Dataset) and showers.ndim == 2 else None
+    if n_cells is None or n_cells == target.n_cells:
+        return fmt, file_geometry(path, target)
+    try:
+        return fmt, file_geometry(path, None)
+    except InputError:
+        raise InputError(f"{path}: {n_cells} voxels per shower fit neither the target geometry "
+                         f"{target.name!r} ({target.n_cells} cells) nor a built-in CaloChallenge "
+                         "geometry") from None
+
+
+def stream_sample(path: str | os.PathLike[str], target: Geometry, *, chunk_size: int = 500,
+                  max_showers: int | None = None, n_low_level: int = 0,
+                  binning: CaloChallengeBinning | None = None, n_examples: int = 3,
+                  energy_edges_mev: Sequence[float] = ENERGY_DECADES_MEV, max_cells: int | None = None,
+                  progress: bool = False, label: str = "") -> SampleSummary:
+    """Read a shower file chunk by chunk, voxelise into ``target`` and accumulate a :class:`SampleSummary`.
+
+    Memory: one dense ``(chunk_size, n_cells)`` chunk at a time plus the accumulated per-shower
+    quantities (observables, pooled hit cells, features, and the low-level inputs of the first
+    ``n_low_level`` showers). With ``max_cells`` only the hit cells of the first showers (whole
+    showers, at most ``max_cells`` cells) are pooled; the other showers keep their per-shower
+    observables but contribute no cells (``SampleSummary.n_showers_with_cells``).
+
+    Raises:
+        InputError: missing or empty file, a layout that fits neither the target nor a built-in
+            geometry, non-finite energies (from the reader), a target without cells.
+    """
+    path = Path(path)
+    layout = layout_of(target)
+    threshold = layout.threshold_mev
+    fmt, source = _source_geometry(path, target)
+    n_in_file = count_showers(path)
+    n_used = n_in_file if max_showers is None else min(n_in_file, int(max_showers))
+    radial_edges = _radial_edges(target, binning)
+    radial_matrix = _radial_matrix(target, radial_edges)
+    edges = tuple(float(e) for e in energy_edges_mev)
+    n_bins = len(edges) - 1
+    sums = np.zeros((n_bins + 1, target.n_cells))
+    counts = np.zeros(n_bins + 1, dtype=np.int64)
+    obs_parts, feature_parts, low_parts, radial_parts, example_parts, example_energy = [], [], [], [], [], []
+    n_seen, total_energy, outside_energy, particle = 0, 0.0, 0.0, "electron"
+    n_cells_kept, n_showers_with_cells, cells_full = 0, 0, False
+    with tqdm(total=n_used, unit="shower", desc=f"read {label or path.name}", disable=not progress,
+              leave=False) as bar:
+        for chunk in iter_showers(path, source, chunk_size=chunk_size, stop=n_used):
+            particle = chunk.particle
+            if chunk.geometry != target.name:  # same physical frame: voxelise into the target
+                chunk = Showers(chunk.points, chunk.offsets, chunk.incident_energy_mev, chunk.particle,
+                                target.name)
+            voxels, outside = target.voxelise(chunk, threshold=True, return_outside=True)
+            voxels[voxels < threshold] = 0.0
+            incident = chunk.incident_energy_mev
+            total_energy += float(chunk.points[:, ENERGY].sum(dtype=np.float64))
+            outside_energy += float(outside.sum())
+
+            obs = shower_observables(voxels, incident, layout, chunk_size=max(len(voxels), 1))
+            cell_energy, cell_index = obs.cell_energy_mev, obs.cell_shower_index
+            if cells_full:
+                keep_showers = 0
+            elif max_cells is not None and n_cells_kept + len(cell_energy) > max_cells:
+                per_shower = np.cumsum(np.bincount(cell_index, minlength=len(voxels)))
+                keep_showers = int(np.searchsorted(per_shower, max_cells - n_cells_kept, side="right"))
+                cells_full = True
+            else:
+                keep_showers = len(voxels)
+            if keep_showers < len(voxels):
+                keep = cell_index < keep_showers  # cells are ordered by shower
+                cell_energy, cell_index = cell_energy[keep], cell_index[keep]
+            n_cells_kept += len(cell_energy)
+            n_showers_with_cells += keep_showers
+            obs_parts.append(dataclasses.replace(
+                obs, cell_energy_mev=cell_energy.astype(np.float32),  # lossless: float32 voxels
+                cell_shower_index=cell_index.astype(np.int32 if n_used < 2**31 else np.int64)))
+            if binning is not None:
+                feature_parts.append(high_level_features(voxels, binning, threshold_mev=threshold,
+                                                         chunk_size=max(len(voxels), 1)))
+            n_keep = min(len(voxels), max(0, n_low_level - n_seen))
+            if n_keep:
+                low_parts.append(low_level_vector(voxels[:n_keep], incident[:n_keep], threshold_mev=threshold,
+                                                  dtype=np.float32))
+            masks = energy_bin_masks(incident, edges, closed_last=True)
+            for i, (_, _, mask) in enumerate(masks):
+                if mask.any():
+                    sums[i] += voxels[mask].sum(axis=0, dtype=np.float64)
+                    counts[i] += int(mask.sum())
+            sums[-1] += voxels.sum(axis=0, dtype=np.float64)
+            counts[-1] += len(voxels)
+            radial_parts.append(voxels.astype(np.float64) @ radial_matrix)
+            take = min(len(voxels), max(0, n_examples - n_seen))
+            if take:
+                example_parts.append(voxels[:take].copy())
+                example_energy.append(incident[:take].copy())
+            n_seen += len(voxels)
+            bar.update(len(voxels))
+    if n_seen == 0:
+        raise InputError(f"{path}: no showers read")
+    n_cells = target.n_cells
+    return SampleSummary(
+        path=path, format=fmt, geometry=source.name, particle=particle, n_in_file=n_in_file, n_used=n_seen,
+        observables=concatenate_observables(obs_parts),
+        features=concatenate_high_level_features(feature_parts) if feature_parts else None,
+        low_level=np.concatenate(low_parts) if low_parts else None,
+        energy_edges_mev=edges, voxel_sums_mev=sums, voxel_counts=counts,
+        radial_edges_mm=radial_edges, radial_energy_mev=np.concatenate(radial_parts),
+        examples_mev=np.concatenate(example_parts) if example_parts else np.zeros((0, n_cells), np.float32),
+        examples_incident_mev=np.concatenate(example_energy) if example_energy else np.zeros(0),
+        energy_total_mev=total_energy, energy_outside_mev=outside_energy,
+        n_showers_with_cells=n_showers_with_cells,
+    )
+
+
+# -- metric helpers ---------------------------------------------------------------------------------
+def fpd_kpd_settings(n_reference: int, n_generated: int) -> dict:
+    """FPD/KPD batch sizes: official for >= 50 000 showers per sample, else shrunk (module docstring)."""
+    n_min = min(n_reference, n_generated)
+    if n_min >= _OFFICIAL_FPD["max_samples"]:
+        return {"min_samples": _OFFICIAL_FPD["min_samples"], "max_samples": _OFFICIAL_FPD["max_samples"],
+                "kpd_batch_size": _OFFICIAL_KPD_BATCH, "official": True}
+    max_samples = n_min
+    min_samples = min(_OFFICIAL_FPD["min_samples"], max(2, max_samples // 5))
+    return {"min_samples": int(min_samples), "max_samples": int(max_samples),
+            "kpd_batch_size": int(min(_OFFICIAL_KPD_BATCH, n_min)), "official": False}
+
+
+def _classifier_record(result: ClassifierResult, inputs: str, dimension: int, n_per_class: int) -> dict:
+    return {"auc": result.auc, "jsd": result.jsd, "accuracy": result.accuracy,
+            "auc_uncalibrated": result.auc_uncalibrated, "best_epoch": result.best_epoch,
+            "test_accuracy": result.test_accuracy, "n_train": result.n_train, "n_test": result.n_test,
+            "n_validation": result.n_validation, "n_per_class": n_per_class, "inputs": inputs,
+            "input_dimension": dimension, "settings": dataclasses.asdict(result.settings)}
+
+
+def _run_classifier(reference: np.ndarray, generated: np.ndarray, options: EvaluationOptions, desc: str,
+                    inputs: str, notes: list[str]) -> dict:
+    settings = options.classifier
+    n_epochs = (CLASSIFIER_PRESETS[settings] if isinstance(settings, str) else settings).n_epochs
+    with tqdm(total=n_epochs, unit="epoch", desc=desc, disable=not options.progress, leave=False) as bar:
+        def progress(epoch: int, loss: float, accuracy: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", test_acc=f"{accuracy:.3f}")
+
+        try:
+            with _warnings_to_notes(notes, f"{desc}"):
+                result = classifier_test(reference, generated, settings=settings, seed=options.seed,
+                                         device=options.device, progress=progress)
+        except InputError as err:
+            return {"skipped": str(err)}
+    return _classifier_record(result, inputs, int(reference.shape[1]), len(reference))
+
+
+def _observable_summary(reference: ShowerObservables, generated: ShowerObservables) -> dict:
+    out = {}
+    for name in PER_SHOWER_OBSERVABLES:
+        r, g = reference.per_shower[name], generated.per_shower[name]
+        out[name] = {"reference_mean": float(np.mean(r)), "reference_std": float(np.std(r, ddof=1)),
+                     "generated_mean": float(np.mean(g)), "generated_std": float(np.std(g, ddof=1))}
+    for name, r, g in (("cell_energy_mev", reference.cell_energy_mev, generated.cell_energy_mev),):
+        out[name] = {"reference_mean": float(np.mean(r)) if r.size else math.nan,
+                     "reference_std": float(np.std(r, ddof=1)) if r.size > 1 else math.nan,
+                     "generated_mean": float(np.mean(g)) if g.size else math.nan,
+                     "generated_std": float(np.std(g, ddof=1)) if g.size > 1 else math.nan,
+                     "reference_count": int(r.size), "generated_count": int(g.size)}
+    return out
+
+
+def _mean_and_error(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = len(values)
+    mean = values.mean(axis=0)
+    error = values.std(axis=0, ddof=1) / np.sqrt(n) if n > 1 else np.full(values.shape[1:], np.nan)
+    return mean, error
+
+
+def _separation(reference: SampleSummary, generated: SampleSummary, threshold: float,
+                ref_mask: np.ndarray | None = None, gen_mask: np.ndarray | None = None) -> dict:
+    """Official histograms and separation powers, voxel spectrum from the pooled hit cells.
+
+    The pooled hit cells are exactly the voxels at or above the threshold, i.e. those that fall in the
+    official voxel-energy range, so one pass over the files suffices.
+    """
+    ref_f, gen_f = reference.features, generated.features
+    ref_o, gen_o = reference.observables, generated.observables
+    if ref_mask is not None:
+        ref_f, ref_o = ref_f.select(ref_mask), ref_o.select(ref_mask)
+        gen_f, gen_o = gen_f.select(gen_mask), gen_o.select(gen_mask)
+    ref_cells = ref_o.cell_energy_mev
+    if ref_mask is None:  # the official range: the largest reference voxel (all showers)
+        vmax = ref_f.voxel_max_mev
+    else:
+        vmax = ref_cells.max() if ref_cells.size else None
+    edges = _log_edges(threshold, vmax, 50) if vmax is not None else None
+    counts = None
+    if edges is not None:
+        counts = (np.histogram(ref_cells, edges)[0], np.histogram(gen_o.cell_energy_mev, edges)[0])
+    comparisons = separation_powers(ref_f, ref_o.incident_energy_mev, gen_f, gen_o.incident_energy_mev,
+                                    threshold_mev=threshold, voxel_counts=counts, voxel_edges=edges)
+    if counts is None:
+        from .calochallenge import HistogramComparison
+        comparisons["Voxel distribution"] = HistogramComparison("Voxel distribution", "sep cell", None, None,
+                                                                None, None, float("nan"))
+    return comparisons
+
+
+@contextlib.contextmanager
+def _warnings_to_notes(notes: list[str], stage: str):
+    """Collect the warnings of a stage as notes (deduplicated) instead of printing them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        text = f"{stage}: {warning.category.__name__}: {str(warning.message).splitlines()[0]}"
+        if text not in notes:
+            notes.append(text)
+
+
+def _versions() -> dict:
+    import scipy
+    import torch
+
+    versions = {"caloadapt": __version__, "python": platform.python_version(), "numpy": np.__version__,
+                "scipy": scipy.__version__, "torch": torch.__version__, "h5py": h5py.__version__}
+    for module in ("sklearn", "matplotlib", "mplhep"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:  # pragma: no cover - optional
+            versions[module] = None
+    return versions
+
+
+def to_jsonable(value):
+    """Plain JSON types: numpy scalars/arrays to Python, NaN and infinities to None, paths to str."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
+    return value
+
+
+def write_metrics(metrics: dict, path: str | os.PathLike[str]) -> Path:
+    """Write ``metrics`` as indented JSON atomically (NaN written as null)."""
+    path = Path(path)
+    text = json.dumps(to_jsonable(metrics), indent=2, allow_nan=False)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def _summary(metrics: dict) -> dict:
+    """The headline numbers, collected in one place."""
+    table = metrics["calotransfer"]
+    summary = {"geometric_mean": table["geometric_mean"], "geometric_mean_std": table["geometric_mean_std"],
+               "kl_geometric_mean": table["kl_geometric_mean"]}
+    for key in ("low_level", "high_level"):
+        record = metrics["classifier"].get(key) or {}
+        summary[f"auc_{key}"] = record.get("auc")
+        summary[f"jsd_{key}"] = record.get("jsd")
+    physics = metrics.get("fpd_kpd") or {}
+    for key in ("fpd_x1e3", "fpd_error_x1e3", "kpd_x1e3", "kpd_error_x1e3"):
+        summary[key] = physics.get(key)
+    summary["geometric_mean_by_energy"] = {label: t["geometric_mean"]
+                                           for label, t in (metrics.get("calotransfer_by_energy") or {}).items()}
+    cc = metrics.get("calochallenge") or {}
+    if cc.get("separation_power_summary"):
+        summary["separation_power_summary"] = cc["separation_power_summary"]
+    return summary
+
+
+# -- the pipeline -----------------------------------------------------------------------------------
+def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLike[str],
+                   geometry: Geometry | str, out_dir: str | os.PathLike[str],
+                   options: EvaluationOptions | None = None, command: str = "") -> dict:
+    """Evaluate a generated shower file against a reference file; write metrics, plots and report.
+
+    Args:
+        generated: generated shower file (any layout of :mod:`caloadapt.data.io`).
+        reference: reference (Geant4) shower file.
+        geometry: target geometry (a :class:`Geometry`, built-in name or description path); both
+            samples are voxelised into it with its threshold.
+        out_dir: output directory (created); receives ``metrics.json``, ``report.md``,
+            ``report.html`` and ``plots/*.png``.
+        options: see :class:`EvaluationOptions`.
+        command: the command line that started the evaluation (recorded).
+
+    Returns:
+        the metrics dict written to ``metrics.json`` (NaN as float NaN here, null in the file).
+
+    Raises:
+        InputError: missing or empty files, files that fit the target geometry in no way, a target
+            geometry without cells, bad options. GeometryError: unknown geometry.
+    """
+    options = options or EvaluationOptions()
+    options.validate()
+    start_all = time.perf_counter()
+    timing: dict[str, float] = {}
+    notes: list[str] = []
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a directory")
+    generated, reference = Path(generated), Path(reference)
+
+    target = get_geometry(geometry)
+    layout = layout_of(target)
+    binning = calochallenge_binning_of(target)
+    threshold = layout.threshold_mev
+    if binning is None:
+        notes.append(f"geometry {target.name!r} is not a uniform cylindrical readout: the CaloChallenge "
+                     "high-level features, separation powers, high-level classifier and FPD/KPD are skipped")
+
+    # -- sizes and the memory budget of the low-level classifier ----------------------------------
+    t = time.perf_counter()
+    sizes = {}
+    for role, path in (("reference", reference), ("generated", generated)):
+        _source_geometry(path, target)  # fail early, before any long computation
+        n = count_showers(path)
+        sizes[role] = n if options.max_showers is None else min(n, options.max_showers)
+    n_cls = min(sizes.values())
+    n_low_level = 0
+    if options.classifier_enabled:
+        if sizes["reference"] != sizes["generated"]:
+            notes.append(f"the classifier needs equal sample sizes: it uses the first {n_cls} showers of "
+                         f"each file ({sizes['reference']} reference, {sizes['generated']} generated)")
+        floats = 2 * n_cls * (1 + target.n_cells)
+        if floats <= options.max_low_level_floats:
+            n_low_level = n_cls
+        else:
+            notes.append(f"low-level classifier skipped: its inputs ({floats:.3g} floats) exceed the "
+                         f"memory budget max_low_level_floats={options.max_low_level_floats:.3g}; lower "
+                         "max_showers or raise the budget")
+    timing["inspect"] = time.perf_counter() - t
+
+    # -- streaming ----------------------------------------------------------------------------------
+    samples = {}
+    for role, path in (("reference", reference), ("generated", generated)):
+        t = time.perf_counter()
+        with _warnings_to_notes(notes, f"read {role}"):
+            samples[role] = stream_sample(path, target, chunk_size=options.chunk_size,
+                                          max_showers=options.max_showers, n_low_level=n_low_level,
+                                          binning=binning, n_examples=options.n_event_display,
+                                          max_cells=options.max_pooled_cells, progress=options.progress,
+                                          label=role)
+        timing[f"read_{role}"] = time.perf_counter() - t
+    ref, gen = samples["reference"], samples["generated"]
+    for role, sample in samples.items():
+        if sample.geometry != target.name:
+            notes.append(f"{role} showers of geometry {sample.geometry!r} were voxelised into {target.name!r}")
+        if sample.n_showers_with_cells < sample.n_used:
+            notes.append(f"the pooled cell-energy spectrum of the {role} sample (score row cell_energy, "
+                         f"separation power 'Voxel distribution') uses the cells of its first "
+                         f"{sample.n_showers_with_cells} of {sample.n_used} showers "
+                         f"(max_pooled_cells={options.max_pooled_cells})")
+        if sample.outside_fraction > _OUTSIDE_NOTE_FRACTION:
+            notes.append(f"{sample.outside_fraction:.1%} of the {role} energy lies outside the readout of "
+                         f"{target.name!r}")
+    if ref.particle != gen.particle:
+        notes.append(f"the files hold different particles: reference {ref.particle}, generated {gen.particle}")
+
+    # -- CaloTransfer scores ------------------------------------------------------------------------
+    t = time.perf_counter()
+    with _warnings_to_notes(notes, "scores"):
+        table = calotransfer_scores(ref.observables, gen.observables, n_bootstrap=options.n_bootstrap,
+                                    seed=options.seed)
+    timing["scores"] = time.perf_counter() - t
+    by_energy = {}
+    if options.energy_bins:
+        t = time.perf_counter()
+        with _warnings_to_notes(notes, "scores by energy"):
+            by_energy = {label: tab.as_dict() for label, tab in calotransfer_scores_by_energy(
+                ref.observables, gen.observables, n_bootstrap=options.n_bootstrap, seed=options.seed).items()}
+        timing["scores_by_energy"] = time.perf_counter() - t
+
+    # -- CaloChallenge separation powers ------------------------------------------------------------
+    calochallenge = None
+    if binning is not None:
+        t = time.perf_counter()
+        with _warnings_to_notes(notes, "separation powers"):
+            comparisons = _separation(ref, gen, threshold)
+        calochallenge = {
+            "binning": {"r_edges_mm": list(binning.r_edges_mm), "n_alpha": binning.n_alpha,
+                        "n_layers": binning.n_layers},
+            "separation_power": {label: c.separation_power for label, c in comparisons.items()},
+            "separation_power_summary": separation_power_summary(comparisons),
+            "separation_power_summary_by_energy": {},
+        }
+        if options.energy_bins:
+            ref_bins = energy_bin_masks(ref.observables.incident_energy_mev, ENERGY_DECADES_MEV)
+            gen_bins = energy_bin_masks(gen.observables.incident_energy_mev, ENERGY_DECADES_MEV)
+            for (low, high, ref_mask), (_, _, gen_mask) in zip(ref_bins, gen_bins, strict=True):
+                if ref_mask.any() and gen_mask.any():
+                    with _warnings_to_notes(notes, "separation powers by energy"):
+                        powers = separation_power_summary(_separation(ref, gen, threshold, ref_mask, gen_mask))
+                    calochallenge["separation_power_summary_by_energy"][energy_bin_label(low, high)] = powers
+        timing["separation_powers"] = time.perf_counter() - t
+
+    # -- classifiers ----------------------------------------------------------------------------------
+    classifier: dict = {"settings": options.classifier if isinstance(options.classifier, str)
+                        else dataclasses.asdict(options.classifier)}
+    if options.classifier_enabled:
+        t = time.perf_counter()
+        if ref.low_level is not None and gen.low_level is not None:
+            classifier["low_level"] = _run_classifier(ref.low_level[:n_cls], gen.low_level[:n_cls], options,
+                                                      "classifier low", "cls-low: [log10 E_inc, voxel / E_inc]",
+                                                      notes)
+        else:
+            classifier["low_level"] = {"skipped": "inputs over the memory budget (see notes)"}
+        timing["classifier_low_level"] = time.perf_counter() - t
+        if ref.features is not None:
+            t = time.perf_counter()
+            ref_hl = high_level_vector(ref.features, ref.observables.incident_energy_mev)[:n_cls]
+            gen_hl = high_level_vector(gen.features, gen.observables.incident_energy_mev)[:n_cls]
+            classifier["high_level"] = _run_classifier(ref_hl, gen_hl, options, "classifier high",
+                                                       "cls-high: official high-level vector", notes)
+            timing["classifier_high_level"] = time.perf_counter() - t
+        else:
+            classifier["high_level"] = {"skipped": "needs the CaloChallenge high-level features"}
+    else:
+        classifier["low_level"] = classifier["high_level"] = {"skipped": "classifier='none'"}
+
+    # -- FPD / KPD ------------------------------------------------------------------------------------
+    fpd_kpd = None
+    if options.fpd_kpd and ref.features is not None:
+        t = time.perf_counter()
+        settings = fpd_kpd_settings(ref.n_used, gen.n_used)
+        if not settings["official"]:
+            notes.append(f"FPD/KPD with sample-size-adapted batch sizes (FPD {settings['min_samples']}-"
+                         f"{settings['max_samples']}, KPD {settings['kpd_batch_size']}; official 10000-50000 "
+                         "and 10000 need >= 50000 showers per sample): not comparable with published values")
+        ref_hl = high_level_vector(ref.features, ref.observables.incident_energy_mev)
+        gen_hl = high_level_vector(gen.features, gen.observables.incident_energy_mev)
+        fpd_kpd = {"settings": dict(settings, fpd_num_batches=options.fpd_num_batches,
+                                    fpd_num_points=options.fpd_num_points,
+                                    kpd_num_batches=options.kpd_num_batches, seed=42),
+                   "features": "official high-level vector (362 for DS2/3), normalised by the reference"}
+        try:
+            if settings["min_samples"] >= settings["max_samples"]:
+                raise InputError(f"FPD needs more than {settings['max_samples']} showers per sample")
+            with _warnings_to_notes(notes, "FPD"):
+                fpd = frechet_physics_distance(ref_hl, gen_hl, min_samples=settings["min_samples"],
+                                               max_samples=settings["max_samples"],
+                                               num_batches=options.fpd_num_batches,
+                                               num_points=options.fpd_num_points)
+            fpd_kpd.update(fpd_x1e3=fpd.value * 1e3, fpd_error_x1e3=fpd.error * 1e3)
+        except InputError as err:
+            fpd_kpd["fpd_skipped"] = str(err)
+        try:
+            with _warnings_to_notes(notes, "KPD"):
+                kpd = kernel_physics_distance(ref_hl, gen_hl, num_batches=options.kpd_num_batches,
+                                              batch_size=settings["kpd_batch_size"])
+            fpd_kpd.update(kpd_x1e3=kpd.value * 1e3, kpd_error_x1e3=kpd.error * 1e3)
+        except InputError as err:
+            fpd_kpd["kpd_skipped"] = str(err)
+        timing["fpd_kpd"] = time.perf_counter() - t
+
+    # -- profiles and average showers -----------------------------------------------------------------
+    profiles = {"layer_depth_mm": target.layer_centres_mm, "layer_edges_mm": target.layer_edges_mm,
+                "radial_edges_mm": ref.radial_edges_mm}
+    for role, sample in samples.items():
+        mean, error = _mean_and_error(sample.observables.layer_energy_mev)
+        profiles[f"longitudinal_{role}_mev"] = mean
+        profiles[f"longitudinal_{role}_error_mev"] = error
+        mean, error = _mean_and_error(sample.radial_energy_mev)
+        profiles[f"radial_{role}_mev"] = mean
+        profiles[f"radial_{role}_error_mev"] = error
+    layer_matrix = layout.layer_matrix()
+    average_by_energy = {}
+    if options.energy_bins:
+        for i, (low, high) in enumerate(zip(ENERGY_DECADES_MEV[:-1], ENERGY_DECADES_MEV[1:], strict=True)):
+            entry = {"n_reference": int(ref.voxel_counts[i]), "n_generated": int(gen.voxel_counts[i])}
+            for role, sample in samples.items():
+                mean = sample.average_shower(i)
+                entry[f"layer_energy_{role}_mev"] = mean @ layer_matrix
+                entry[f"total_energy_{role}_mev"] = float(np.sum(mean))
+            average_by_energy[energy_bin_label(low, high)] = entry
+
+    metrics = {
+        "format_version": METRICS_FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command or " ".join(sys.argv),
+        "versions": _versions(),
+        "inputs": {"reference": ref.record(), "generated": gen.record()},
+        "geometry": dict(_geometry_record(target),
+                         reference_file_geometry=ref.geometry, generated_file_geometry=gen.geometry,
+                         cross_geometry=bool(ref.geometry != target.name or gen.geometry != target.name)),
+        "options": dataclasses.asdict(options),
+        "notes": notes,
+        "summary": {},
+        "score_rows": SCORE_ROWS,
+        "calotransfer": table.as_dict(),
+        "calotransfer_by_energy": by_energy,
+        "calochallenge": calochallenge,
+        "classifier": classifier,
+        "fpd_kpd": fpd_kpd,
+        "observables": _observable_summary(ref.observables, gen.observables),
+        "profiles": profiles,
+        "average_shower_by_energy": average_by_energy,
+        "timing_s": timing,
+        "outputs": {"metrics": "metrics.json", "report_md": "report.md", "report_html": "report.html",
+                    "plots": {}},
+    }
+    metrics["summary"] = _summary(metrics)
+    metrics = to_jsonable(metrics)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_metrics(metrics, out_dir / "metrics.json")  # the numbers are safe before plotting
+
+    # -- plots and report -----------------------------------------------------------------------------
+    plot_paths: dict[str, Path] = {}
+    if options.plots:
+        t = time.perf_counter()
+        with _warnings_to_notes(notes, "plots"):
+            plot_paths = _make_plots(ref, gen, target, binning, metrics, out_dir / "plots", options, notes)
+        timing["plots"] = time.perf_counter() - t
+    metrics["outputs"]["plots"] = {name: p.relative_to(out_dir).as_posix() for name, p in plot_paths.items()}
+    metrics["notes"] = list(notes)
+    from .report import write_report
+
+    t = time.perf_counter()
+    timing["total"] = t - start_all  # up to the report; updated below
+    metrics["timing_s"] = to_jsonable(timing)
+    write_report(metrics, plot_paths, out_dir)
+    timing["report"] = time.perf_counter() - t
+    timing["total"] = time.perf_counter() - start_all
+    metrics["timing_s"] = to_jsonable(timing)
+    write_metrics(metrics, out_dir / "metrics.json")
+    return metrics
+
+
+#: histogram name -> score row annotated on it
+_PLOT_SCORE_ROW = {"energy_ratio": "energy_ratio", "visible_energy_mev": "visible_energy", "n_hits": "n_hits",
+                   "depth_cog_mm": "depth_cog", "radius_cog_mm": "radius_cog", "cog_x_mm": "cog_x",
+                   "cog_y_mm": "cog_y", "cell_energy_mev": "cell_energy"}
+
+
+def _make_plots(ref: SampleSummary, gen: SampleSummary, target: Geometry,
+                binning: CaloChallengeBinning | None, metrics: dict, plot_dir: Path,
+                options: EvaluationOptions, notes: list[str]) -> dict[str, Path]:
+    """All plots; a failing plot is noted and skipped so that the metrics are never lost."""
+    from . import plots
+
+    jobs: list[tuple[str, Callable, tuple, dict]] = []
+    labels = ("Reference", "Generated")
+    for name, (xlabel, log_x, log_y) in plots.OBSERVABLE_AXES.items():
+        if name == "cell_energy_mev":
+            r, g = ref.observables.cell_energy_mev, gen.observables.cell_energy_mev
+        else:
+            r, g = ref.observables.per_shower[name], gen.observables.per_shower[name]
+        score = metrics["calotransfer"]["scores"].get(_PLOT_SCORE_ROW.get(name, ""))
+        annotation = None
+        if score is not None and score.get("wasserstein") is not None:
+            std = score.get("wasserstein_std")
+            annotation = (rf"$W_1/\sigma_\mathrm{{ref}}$ = {score['wasserstein']:.3g}"
+                          + (rf" $\pm$ {std:.2g}" if std is not None else ""))
+        jobs.append((f"hist_{name}", plots.histogram_with_ratio, (r, g, plot_dir / f"hist_{name}.png"),
+                     {"xlabel": xlabel, "log_x": log_x, "log_y": log_y, "labels": labels,
+                      "annotation": annotation}))
+    jobs.append(("profile_longitudinal", plots.longitudinal_profile,
+                 (ref.observables.layer_energy_mev, gen.observables.layer_energy_mev, target.layer_edges_mm,
+                  plot_dir / "profile_longitudinal.png"), {"labels": labels}))
+    jobs.append(("profile_radial", plots.radial_profile,
+                 (ref.radial_energy_mev, gen.radial_energy_mev, ref.radial_edges_mm,
+                  plot_dir / "profile_radial.png"), {"labels": labels}))
+    jobs.append(("scores", plots.score_summary,
+                 (metrics["calotransfer"], metrics.get("calotransfer_by_energy") or {}, plot_dir / "scores.png"),
+                 {}))
+    if options.energy_bins:
+        jobs.append(("energy_bins", plots.energy_bin_panels,
+                     (ref.observables, gen.observables, target.layer_centres_mm,
+                      plot_dir / "energy_bins.png"), {"labels": labels}))
+    if binning is not None:
+        jobs.append(("average_shower", plots.average_shower_polar,
+                     (ref.average_shower(), gen.average_shower(), binning, plot_dir / "average_shower.png"),
+                     {"labels": labels, "threshold_mev": float(target.energy.threshold_mev)}))
+        cc = metrics.get("calochallenge") or {}
+        if cc.get("separation_power_summary"):
+            jobs.append(("separation_power", plots.separation_power_bars,
+                         (cc["separation_power_summary"], cc.get("separation_power_summary_by_energy") or {},
+                          plot_dir / "separation_power.png"), {}))
+    if options.n_event_display > 0:
+        jobs.append(("event_display", plots.event_display,
+                     (ref.examples_mev, ref.examples_incident_mev, gen.examples_mev, gen.examples_incident_mev,
+                      target.cell_centres_mm, plot_dir / "event_display.png"), {"labels": labels}))
+    paths = {}
+    iterable: Iterable = tqdm(jobs, desc="plots", unit="plot", disable=not options.progress, leave=False)
+    for name, function, args, kwargs in iterable:
+        try:
+            paths[name] = function(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - a plot must never cost the metrics
+            notes.append(f"plot {name} failed: {type(err).__name__}: {err}")
+    return paths

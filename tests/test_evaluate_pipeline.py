@@ -1,0 +1,245 @@
+"""The evaluation pipeline: shower files in, metrics.json, plots and report out.
+
+Small simulated CaloChallenge Dataset 2 samples (6480 voxels), a CPU-sized classifier and few
+bootstrap resamples keep the whole module well under a minute on one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from caloadapt.data import read_showers, write_showers
+from caloadapt.errors import CaloadaptError, InputError
+from caloadapt.evaluate import EvaluationOptions, run_evaluation, write_report
+from caloadapt.evaluate.observables import PUBLISHED_SCORED, SCORE_ROWS
+from caloadapt.evaluate.pipeline import concatenate_observables, fpd_kpd_settings
+from caloadapt.simulate import simulate
+
+N_SHOWERS = 150
+GEOMETRY = "calochallenge-2"
+
+
+def _energies(seed: int, n: int = N_SHOWERS) -> np.ndarray:
+    """Log-uniform incident energies in 1-100 GeV, in MeV."""
+    return np.exp(np.random.default_rng(seed).uniform(np.log(1e3), np.log(1e5), n))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Two independent samples, a copy of the second with energies x 1.05, and a smaller sample."""
+    d = tmp_path_factory.mktemp("evaluate_pipeline")
+    reference = simulate(GEOMETRY, "electron", _energies(1), seed=11)
+    generated = simulate(GEOMETRY, "electron", _energies(2), seed=12)
+    paths = {name: d / f"{name}.h5" for name in ("reference", "generated", "distorted", "small")}
+    write_showers(paths["reference"], reference, format="calochallenge")
+    write_showers(paths["generated"], generated, format="calochallenge")
+    generated.points[:, 3] *= 1.05
+    write_showers(paths["distorted"], generated, format="calochallenge")
+    write_showers(paths["small"], read_showers(paths["generated"], GEOMETRY, stop=100), format="calochallenge")
+    return paths
+
+
+def _options(**kwargs) -> EvaluationOptions:
+    defaults = {"n_bootstrap": 10, "progress": False, "fpd_num_batches": 4, "fpd_num_points": 3,
+                "kpd_num_batches": 4, "n_event_display": 2}
+    defaults.update(kwargs)
+    return EvaluationOptions(**defaults)
+
+
+@pytest.fixture(scope="module")
+def independent(files, tmp_path_factory) -> tuple[dict, Path]:
+    """The full evaluation (classifier, FPD/KPD, plots, report) of two independent samples."""
+    out = tmp_path_factory.mktemp("independent") / "results"
+    metrics = run_evaluation(files["generated"], files["reference"], GEOMETRY, out, _options(),
+                             command="caloadapt evaluate --generated gen.h5 --reference ref.h5")
+    return metrics, out
+
+
+def test_outputs_of_a_full_evaluation(independent):
+    metrics, out = independent
+    stored = json.loads((out / "metrics.json").read_text())  # valid JSON (NaN written as null)
+    assert stored["command"].startswith("caloadapt evaluate")
+    assert set(stored["versions"]) >= {"caloadapt", "numpy", "torch"}
+    assert stored["geometry"]["name"] == GEOMETRY and stored["geometry"]["cross_geometry"] is False
+    for role in ("reference", "generated"):
+        record = stored["inputs"][role]
+        assert record["n_showers_used"] == N_SHOWERS and record["size_bytes"] > 0
+        assert record["geometry"] == GEOMETRY
+    table = stored["calotransfer"]
+    assert set(table["scores"]) == set(SCORE_ROWS)
+    assert 0 < table["geometric_mean"] < 1 and table["geometric_mean_std"] > 0
+    assert all(table["scores"][row]["wasserstein"] is not None for row in PUBLISHED_SCORED)
+    assert stored["summary"]["geometric_mean"] == pytest.approx(table["geometric_mean"])
+    assert set(stored["calotransfer_by_energy"]) == {"1-10 GeV", "10-100 GeV"}
+    for key in ("low_level", "high_level"):
+        assert 0 <= stored["classifier"][key]["auc"] <= 1
+        assert stored["classifier"][key]["n_per_class"] == N_SHOWERS
+    assert stored["classifier"]["high_level"]["input_dimension"] == 362
+    physics = stored["fpd_kpd"]
+    assert physics["fpd_x1e3"] >= 0 and physics["kpd_x1e3"] is not None
+    assert physics["settings"]["official"] is False
+    assert stored["summary"]["auc_low_level"] == stored["classifier"]["low_level"]["auc"]
+    summary = stored["calochallenge"]["separation_power_summary"]
+    assert {"sep E total", "sep E layer", "sep cell", "sep EC eta", "sep sparsity"} <= set(summary)
+    assert all(0 <= v <= 1 for v in summary.values())
+    assert len(stored["calochallenge"]["separation_power"]) > 45 * 7
+    assert set(stored["timing_s"]) >= {"read_reference", "read_generated", "scores", "plots", "total"}
+    assert stored["timing_s"]["total"] > 0
+    assert stored["summary"]["geometric_mean"] == metrics["summary"]["geometric_mean"]
+
+    plots = stored["outputs"]["plots"]
+    expected = {"hist_energy_ratio", "hist_n_hits", "hist_cell_energy_mev", "hist_depth_cog_mm",
+                "profile_longitudinal", "profile_radial", "energy_bins", "average_shower", "event_display",
+                "scores", "separation_power"}
+    assert expected <= set(plots)
+    report_md = (out / "report.md").read_text()
+    report_html = (out / "report.html").read_text()
+    assert "geometric mean" in report_md and "<table>" in report_html
+    for relative in plots.values():
+        png = out / relative
+        assert png.is_file() and png.stat().st_size > 1000
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({relative})" in report_md and f'src="{relative}"' in report_html
+    assert "<script" not in report_html and "<link" not in report_html  # self-contained
+    assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))
+
+
+def test_distorted_energy_scale_is_detected(files, independent, tmp_path):
+    floor = independent[0]["calotransfer"]["scores"]
+    metrics = run_evaluation(files["distorted"], files["reference"], GEOMETRY, tmp_path / "distorted",
+                             _options(classifier="none", fpd_kpd=False, plots=False, energy_bins=False))
+    scores = metrics["calotransfer"]["scores"]
+    assert scores["energy_ratio"]["wasserstein"] > 3 * floor["energy_ratio"]["wasserstein"]
+    assert scores["energy_ratio"]["wasserstein"] > 0.5
+    # the shape does not move: depth centre of gravity stays at the level of independent samples
+    assert scores["depth_cog"]["wasserstein"] == pytest.approx(floor["depth_cog"]["wasserstein"], abs=0.05)
+    assert metrics["classifier"]["low_level"] == {"skipped": "classifier='none'"}
+    assert metrics["fpd_kpd"] is None and metrics["outputs"]["plots"] == {}
+    assert (tmp_path / "distorted" / "report.md").stat().st_size > 0
+
+
+def test_identical_files_give_zero_distance(files, tmp_path):
+    metrics = run_evaluation(files["reference"], files["reference"], GEOMETRY, tmp_path / "same",
+                             _options(plots=False, fpd_kpd=False, energy_bins=False, max_showers=100))
+    scores = metrics["calotransfer"]["scores"]
+    for row in SCORE_ROWS:
+        assert scores[row]["wasserstein"] <= 1e-9  # 0, or the 1e-10 of a geometric mean over layers
+    assert all(v == 0.0 for v in metrics["calochallenge"]["separation_power_summary"].values())
+    for key in ("low_level", "high_level"):
+        assert 0.25 <= metrics["classifier"][key]["auc"] <= 0.75
+
+
+def test_streaming_matches_one_chunk(files, tmp_path):
+    def run(chunk_size: int, name: str) -> dict:
+        return run_evaluation(files["generated"], files["reference"], GEOMETRY, tmp_path / name,
+                              _options(chunk_size=chunk_size, max_showers=80, plots=False, n_bootstrap=5,
+                                       max_pooled_cells=30_000))
+
+    small, big = run(17, "small_chunks"), run(1000, "one_chunk")
+    for role in ("reference", "generated"):  # the pooled cells are capped at whole showers
+        record = small["inputs"][role]
+        assert 0 < record["n_showers_with_pooled_cells"] < 80 and 0 < record["n_pooled_cells"] <= 30_000
+    assert any("pooled cell-energy spectrum" in note for note in small["notes"])
+    for key in ("created", "timing_s", "options"):
+        small.pop(key), big.pop(key)
+    _assert_close(small, big)
+
+
+def _assert_close(a, b, path: str = "") -> None:
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for key in a:
+            _assert_close(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), path
+    else:
+        assert a == b, path
+
+
+def test_unequal_sizes_and_memory_budget(files, tmp_path):
+    metrics = run_evaluation(files["small"], files["reference"], GEOMETRY, tmp_path / "unequal",
+                             _options(plots=False, fpd_kpd=False, energy_bins=False, max_low_level_floats=10))
+    assert metrics["inputs"]["generated"]["n_showers_used"] == 100
+    assert metrics["calotransfer"]["n_reference"] == N_SHOWERS  # the scores use all showers
+    assert metrics["classifier"]["high_level"]["n_per_class"] == 100
+    assert "skipped" in metrics["classifier"]["low_level"]
+    notes = " ".join(metrics["notes"])
+    assert "first 100 showers" in notes and "memory budget" in notes
+
+
+def test_cross_geometry_points_file(tmp_path, files):
+    showers = simulate("calochallenge-3", "electron", _energies(3, 40), seed=13)
+    write_showers(tmp_path / "ds3.h5", showers)  # point-cloud file of another readout
+    metrics = run_evaluation(tmp_path / "ds3.h5", files["reference"], GEOMETRY, tmp_path / "cross",
+                             _options(classifier="none", fpd_kpd=False, plots=False))
+    geometry = metrics["geometry"]
+    assert geometry["cross_geometry"] is True
+    assert geometry["generated_file_geometry"] == "calochallenge-3"
+    assert geometry["reference_file_geometry"] == GEOMETRY
+    assert metrics["inputs"]["generated"]["format"] == "points"
+    assert metrics["calotransfer"]["geometric_mean"] < 1.0  # same detector physics, another binning
+    assert any("voxelised into" in note for note in metrics["notes"])
+
+
+def test_bad_inputs_give_clear_errors(files, tmp_path):
+    empty = tmp_path / "empty.h5"
+    with h5py.File(empty, "w") as f:
+        f.create_dataset("incident_energies", shape=(0, 1), dtype="f4")
+        f.create_dataset("showers", shape=(0, 6480), dtype="f4")
+    with pytest.raises(InputError, match="no showers"):
+        run_evaluation(empty, files["reference"], GEOMETRY, tmp_path / "out", _options())
+    with pytest.raises(InputError, match="no such file"):
+        run_evaluation(tmp_path / "missing.h5", files["reference"], GEOMETRY, tmp_path / "out", _options())
+    odd = tmp_path / "odd.h5"
+    with h5py.File(odd, "w") as f:
+        f.create_dataset("incident_energies", data=np.full((3, 1), 1e4, "f4"))
+        f.create_dataset("showers", data=np.ones((3, 100), "f4"))
+    with pytest.raises(InputError, match="100 voxels"):
+        run_evaluation(files["generated"], odd, GEOMETRY, tmp_path / "out", _options())
+    with pytest.raises(CaloadaptError, match="unknown geometry"):
+        run_evaluation(files["generated"], files["reference"], "no-such-geometry", tmp_path / "out", _options())
+    with pytest.raises(InputError, match="classifier"):
+        run_evaluation(files["generated"], files["reference"], GEOMETRY, tmp_path / "out",
+                       _options(classifier="huge"))
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs are checked
+
+
+def test_report_from_stored_metrics(independent, tmp_path):
+    metrics = json.loads((independent[1] / "metrics.json").read_text())
+    metrics["calotransfer"]["scores"]["cog_x"]["kl"] = None  # a null (NaN) value
+    plot = {"scores": independent[1] / metrics["outputs"]["plots"]["scores"]}
+    md, html = write_report(metrics, plot, tmp_path)
+    text = md.read_text()
+    assert "n/a" in text and "| geometric mean |" in text
+    assert "![" in text and html.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_helpers():
+    assert fpd_kpd_settings(100_000, 60_000) == {"min_samples": 10_000, "max_samples": 50_000,
+                                                 "kpd_batch_size": 10_000, "official": True}
+    small = fpd_kpd_settings(150, 400)
+    assert small == {"min_samples": 30, "max_samples": 150, "kpd_batch_size": 150, "official": False}
+    from caloadapt.evaluate.observables import CellLayout, shower_observables
+
+    rng = np.random.default_rng(0)
+    layout = CellLayout(rng.normal(size=(12, 3)), np.repeat(np.arange(3), 4), 3, 0.1)
+    voxels = rng.exponential(0.3, (9, 12))
+    energy = rng.uniform(1e3, 1e4, 9)
+    whole = shower_observables(voxels, energy, layout)
+    joined = concatenate_observables([shower_observables(voxels[:4], energy[:4], layout),
+                                      shower_observables(voxels[4:], energy[4:], layout)])
+    np.testing.assert_array_equal(joined.cell_shower_index, whole.cell_shower_index)
+    np.testing.assert_allclose(joined.cell_energy_mev, whole.cell_energy_mev)
+    for key in whole.per_shower:
+        np.testing.assert_allclose(joined.per_shower[key], whole.per_shower[key], rtol=1e-12)
+    assert not math.isnan(joined.per_shower["depth_cog_mm"].sum())
