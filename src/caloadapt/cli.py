@@ -388,10 +388,8 @@ def sweep(
                      steps=steps, batch_size=batch_size, max_points=max_points, n_eval=n_eval,
                      n_steps_sampler=sampler_steps, threads=threads)
     slurm = {"timeout_min": slurm_time, **({"slurm_partition": slurm_partition} if slurm_partition else {})}
-    results = run_sweep(spec, output, executor=executor, workers=workers, slurm=slurm, log=typer.echo)
-    rows = summarise(results, output)
+    summarise(run_sweep(spec, output, executor=executor, workers=workers, slurm=slurm, log=typer.echo), output)
     typer.echo((output / "summary.md").read_text())
-    del rows
 
 
 def _split_methods(text: str) -> list[str]:
