@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
+import torch
 import typer
 
 from .errors import CaloadaptError
@@ -236,22 +237,28 @@ def generate(
     spectrum: Annotated[Spectrum, typer.Option(help="incident-energy spectrum")] = Spectrum.log_uniform,
     energies_from: Annotated[Optional[Path], typer.Option(help="take the incident energies of this shower file "
                                                                 "(e.g. the evaluation reference)")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="sampler steps (13: CaloClouds II)")] = 13,
-    sampler: Annotated[str, typer.Option(help="heun or euler")] = "heun",
+    steps: Annotated[Optional[int], typer.Option(min=1, help="sampler steps [default: 13 (CaloClouds II); "
+                                                             "1 for a distilled model]")] = None,
+    sampler: Annotated[str, typer.Option(help="auto, heun, euler or consistency (auto: consistency for a "
+                                              "distilled checkpoint, else heun)")] = "auto",
+    engine: Annotated[str, typer.Option(help="torch, or onnxruntime (CPU; exports the network on the fly "
+                                             "unless --onnx is given)")] = "torch",
+    onnx: Annotated[Optional[Path], typer.Option(help="ONNX file of the network for --engine onnxruntime")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="showers per batch")] = 64,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="output layout")] = OutputFormat.points,
     digitise: Annotated[bool, typer.Option(help="sum points into cells and apply the threshold")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:
-    """Generate showers with a trained (pre-trained or adapted) model in any geometry."""
+    """Generate showers with a trained (pre-trained, adapted or distilled) model in any geometry."""
     from .data import ShowerWriter, iter_showers
     from .generate import iter_generate
     from .geometry import get_geometry
     from .pretrained import default_checkpoint
     from .simulate import parse_energy_range, sample_incident_energies
     from .adapt import load_adapted_model
-    from .train import resolve_device
+    from .models.consistency import consistency_settings
+    from .train import load_checkpoint, resolve_device
 
     geo = get_geometry(geometry)
     if energies_from is not None:
@@ -259,14 +266,101 @@ def generate(
     else:
         energies = sample_incident_energies(n, parse_energy_range(energy), spectrum.value,
                                             np.random.default_rng(seed))
-    model = load_adapted_model(checkpoint if checkpoint is not None else default_checkpoint())
-    attrs = {"command": " ".join(sys.argv), "seed": seed, "sampler": sampler, "steps": steps}
+    source = checkpoint if checkpoint is not None else default_checkpoint()
+    payload = load_checkpoint(source)
+    model = load_adapted_model(payload)
+    sampler = _choose_sampler(sampler, consistency_settings(payload) is not None)
+    steps = steps or (1 if sampler == "consistency" else 13)
+    run_device = resolve_device(device)
+    if engine == "onnxruntime":
+        model, run_device = _onnx_engine(model, source, onnx), torch.device("cpu")
+    elif engine != "torch":
+        raise CaloadaptError(f"unknown engine {engine!r}; expected torch or onnxruntime")
+    attrs = {"command": " ".join(sys.argv), "seed": seed, "sampler": sampler, "steps": steps, "engine": engine}
     with ShowerWriter(output, format.value, geo, attrs) as writer:
         for chunk in iter_generate(model, geo, energies, particle=particle or geo.particle, n_steps=steps,
                                    sampler=sampler, seed=seed, batch_size=batch_size, digitise=digitise,
-                                   device=resolve_device(device), progress=True):
+                                   device=run_device, progress=True):
             writer.append(chunk)
     typer.echo(f"wrote {len(energies)} generated showers in {geo.name} to {output} ({format.value})")
+
+
+def _choose_sampler(sampler: str, distilled: bool) -> str:
+    """The sampler to use; distilled models take only the consistency sampler and vice versa."""
+    if sampler == "auto":
+        return "consistency" if distilled else "heun"
+    if sampler == "consistency" and not distilled:
+        raise CaloadaptError("one-step (consistency) generation needs a distilled checkpoint (caloadapt distill)")
+    if sampler != "consistency" and distilled:
+        raise CaloadaptError(f"a distilled checkpoint samples with the consistency sampler, not {sampler!r}")
+    return sampler
+
+
+def _onnx_engine(model, checkpoint: Path, onnx_file: Path | None):
+    """The model with its network running in onnxruntime (exported and parity-checked if needed)."""
+    import tempfile
+
+    from .export import PARITY_TOLERANCE, export_checkpoint_onnx, onnx_model, parity_check
+
+    if onnx_file is None:
+        onnx_file = Path(tempfile.mkdtemp(prefix="caloadapt-onnx-")) / "network.onnx"
+        _, exported, _ = export_checkpoint_onnx(checkpoint, onnx_file)
+        difference = parity_check(exported, onnx_file)
+        if difference > PARITY_TOLERANCE:
+            raise CaloadaptError(f"ONNX export differs from PyTorch by {difference:.2e} (> {PARITY_TOLERANCE:g})")
+    return onnx_model(model, onnx_file)
+
+
+@app.command()
+@_one_line_errors
+def distill(
+    checkpoint: Annotated[Path, typer.Option(help="trained (pre-trained or adapted) checkpoint: the teacher")],
+    data: Annotated[Path, typer.Option("--data", help="showers to distil on (the teacher's training data)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="run directory")],
+    geometry: Annotated[Optional[str], typer.Option("--geometry", "-g", help="geometry of the data")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="distillation steps")] = 2000,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    lr: Annotated[float, typer.Option(help="learning rate")] = 1e-4,
+    max_points: Annotated[int, typer.Option(min=1, help="points per shower per step")] = 1024,
+    n_samples: Annotated[Optional[int], typer.Option(help="showers drawn from the file (default all)")] = None,
+    val_every: Annotated[int, typer.Option(min=1)] = 200,
+    seed: Annotated[int, typer.Option()] = 0,
+    data_seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
+) -> None:
+    """Consistency distillation into a one-step (and two-step) sampler (CaloClouds II recipe)."""
+    from .adapt import load_adapted_model
+    from .data.io import file_geometry
+    from .models.consistency import DistillConfig, distill as run_distill
+
+    config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, max_points=max_points, n_samples=n_samples,
+                           val_every=val_every, checkpoint_every=val_every, seed=seed, data_seed=data_seed,
+                           device=device)
+    summary = run_distill(load_adapted_model(checkpoint), data, file_geometry(data, geometry), output, config,
+                          resume=resume, checkpoint_parts={"command": " ".join(sys.argv), "teacher": str(checkpoint)})
+    typer.echo(f"distilled {summary['steps']} steps in {summary['wall_s']:.0f} s; best one-step validation "
+               f"error {summary['best']} (step {summary['best_step']}); model in {summary['checkpoint']}")
+
+
+@app.command()
+@_one_line_errors
+def benchmark(
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSON results (a .txt table is written beside)")]
+    = Path("benchmark.json"),
+    checkpoint: Annotated[Optional[Path], typer.Option(help="model to time (default: shipped)")] = None,
+    distilled: Annotated[Optional[Path], typer.Option(help="distilled checkpoint for the one-step case")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="small batches and energies (seconds)")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    steps: Annotated[int, typer.Option(min=1, help="Heun/Euler steps")] = 13,
+    onnx: Annotated[bool, typer.Option(help="time the onnxruntime path")] = True,
+) -> None:
+    """Milliseconds per shower of the simulator and of every generation path, at several batch sizes."""
+    from .benchmark import format_table, run_benchmark
+
+    report = run_benchmark(checkpoint, output, quick=quick, device=device, distilled=distilled, n_steps=steps,
+                           onnx=onnx, log=typer.echo)
+    typer.echo(format_table(report))
 
 
 @app.command()
@@ -457,6 +551,7 @@ def demo(
 
 class ExportFormat(str, Enum):
     checkpoint = "checkpoint"
+    onnx = "onnx"
 
 
 @app.command()
@@ -465,14 +560,27 @@ def export(
     checkpoint: Annotated[Path, typer.Option(help="trained checkpoint")],
     output: Annotated[Path, typer.Option("--output", "-o", help="exported file")],
     format: Annotated[ExportFormat, typer.Option("--format", "-f", help="checkpoint: weights-only copy "
-                                                                       "(EMA weights, provenance kept)")]
+                                                                       "(EMA weights, provenance kept); onnx: the "
+                                                                       "point network for onnxruntime")]
     = ExportFormat.checkpoint,
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
 ) -> None:
-    """Export a trained model for distribution."""
-    from .train import inference_checkpoint
+    """Export a trained model: a weights-only checkpoint, or the network as ONNX (parity-checked)."""
+    if format == ExportFormat.checkpoint:
+        from .train import inference_checkpoint
 
-    size = inference_checkpoint(checkpoint, output)
-    typer.echo(f"wrote {output} ({size / 2**20:.1f} MiB)")
+        size = inference_checkpoint(checkpoint, output)
+        typer.echo(f"wrote {output} ({size / 2**20:.1f} MiB)")
+        return
+    from .export import PARITY_TOLERANCE, export_checkpoint_onnx, parity_check
+
+    path, model, settings = export_checkpoint_onnx(checkpoint, output, opset=opset)
+    difference = parity_check(model, path)
+    if difference > PARITY_TOLERANCE:
+        path.unlink(missing_ok=True)
+        raise CaloadaptError(f"ONNX export differs from PyTorch by {difference:.2e} (> {PARITY_TOLERANCE:g})")
+    kind = "consistency function" if settings else "diffusion denoiser"
+    typer.echo(f"wrote {output}: {kind}, dynamic batch and points; max |ONNX - PyTorch| = {difference:.1e}")
 
 
 def main() -> None:

@@ -1,0 +1,567 @@
+"""Generation speed: milliseconds per shower and showers per second, model versus simulator.
+
+:func:`run_benchmark` times, for ILD-like photons of one incident energy (50 GeV):
+
+- ``simulator``: the embedded GFlash simulator (:func:`caloadapt.simulate.simulate`, hits);
+- ``heun`` / ``euler``: the diffusion model with N sampler steps (2N-1 and N network evaluations);
+- ``one_step``: the consistency-distilled model (one network evaluation), when a distilled
+  checkpoint is given (otherwise skipped, with a note);
+- ``onnx_one_step`` (or ``onnx_heun`` without a distilled model): the same through onnxruntime;
+
+at several batch sizes (1, 100, 1000), with one thread and with all threads, and on CUDA when
+present. Every model case is end to end: flow sampling, point sampling, post-processing and
+digitisation to cells (the simulator also returns digitised hits). Each measurement has warm-up
+runs and repeats; the JSON holds the median, minimum, maximum and inter-quartile range. A second
+table gives the cost per shower against the incident energy (calochallenge-3 electrons, 1 GeV to
+1 TeV, one thread). Measurements that would exceed the time budget per measurement (estimated
+from the smaller batch) or the free memory are skipped and say so.
+
+The hardware (CPU model, cores, memory, load, GPU), library versions, energies and points per
+shower are recorded. :func:`format_table` renders the results as a short text table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from ._atomic import atomic_path
+
+__all__ = ["run_benchmark", "format_table", "hardware_info", "library_versions", "TARGET_MS", "SCHEMA"]
+
+SCHEMA = "caloadapt-benchmark/1"
+#: target: one-step generation of a 50 GeV ILD-like photon shower on one CPU thread, ms per shower
+TARGET_MS = 10.0
+
+_FULL = {"batch_sizes": (1, 100, 1000), "repeats": 5, "warmup": 1, "budget_s": 120.0,
+         "scan_energies_gev": (1.0, 10.0, 100.0, 1000.0), "scan_batch": 100}
+_QUICK = {"batch_sizes": (1, 8), "repeats": 3, "warmup": 1, "budget_s": 20.0,
+          "scan_energies_gev": (1.0, 10.0), "scan_batch": 8}
+
+
+# -- environment -----------------------------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _meminfo_gib(key: str) -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def _available_bytes() -> float | None:
+    gib = _meminfo_gib("MemAvailable")
+    return None if gib is None else gib * 2**30
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def hardware_info() -> dict:
+    """Platform, CPU model, cores, memory, load average and GPUs of this machine."""
+    physical = None
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+    except ImportError:
+        pass
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            gpus.append({"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1)})
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        load = None
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu_model": _cpu_model(),
+            "logical_cores": os.cpu_count(), "physical_cores": physical, "usable_cores": _usable_cores(),
+            "memory_gib": None if _meminfo_gib("MemTotal") is None else round(_meminfo_gib("MemTotal"), 1),
+            "load_average": load, "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+            "gpus": gpus, "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+
+
+def library_versions() -> dict:
+    """Versions of Python, caloadapt and the libraries on the timed path."""
+    versions = {"python": sys.version.split()[0], "caloadapt": __version__, "torch": torch.__version__}
+    for name in ("numpy", "scipy", "zuko", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+# -- timing ------------------------------------------------------------------------------------------------------
+
+def _stats(values: Sequence[float]) -> dict:
+    a = np.asarray(values, np.float64)
+    q25, q75 = np.percentile(a, [25, 75])
+    return {"median": float(np.median(a)), "min": float(a.min()), "max": float(a.max()),
+            "iqr": float(q75 - q25), "mean": float(a.mean()), "n": int(a.size)}
+
+
+def _measure(run: Callable[[], dict], batch: int, *, repeats: int, warmup: int, budget_s: float,
+             estimate_s: float | None) -> dict:
+    """Time ``run`` (one batch of ``batch`` showers): warm-up, then up to ``repeats`` timed runs.
+
+    Skipped when the estimated time of one run exceeds the budget; fewer repeats (at least one)
+    when the budget runs out.
+    """
+    if estimate_s is not None and estimate_s > budget_s:
+        return {"skipped": f"estimated {estimate_s:.0f} s per batch exceeds the budget of {budget_s:.0f} s"}
+    n_warm = warmup if estimate_s is None or estimate_s * (warmup + 1) <= budget_s else 0
+    for _ in range(n_warm):
+        run()
+    seconds, infos = [], []
+    started = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        infos.append(run())
+        seconds.append(time.perf_counter() - t0)
+        if time.perf_counter() - started + seconds[-1] > budget_s:
+            break
+    ms_per_shower = [1000.0 * s / batch for s in seconds]
+    out = {"ms_per_shower": _stats(ms_per_shower), "showers_per_s": _stats([batch / s for s in seconds]),
+           "seconds_per_batch": _stats(seconds), "repeats": len(seconds), "warmup": n_warm}
+    for key in infos[0]:
+        out[key] = float(np.mean([info[key] for info in infos]))
+    return out
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Limit torch (and BLAS/OpenMP pools, via threadpoolctl when installed) to ``n`` threads."""
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            yield
+        else:
+            with threadpool_limits(limits=n):
+                yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# -- the cases ---------------------------------------------------------------------------------------------------
+
+def _simulator_run(geometry, particle: str, energy_mev: np.ndarray) -> Callable[[], dict]:
+    from .simulate import simulate
+
+    counter = iter(range(10**9))
+
+    def run() -> dict:
+        hits = simulate(geometry, particle, energy_mev, seed=next(counter))
+        return {"mean_hits": float(hits.n_points.mean())}
+    return run
+
+
+def _model_run(model, geometry, particle: str, energy_mev: np.ndarray, *, sampler: str, n_steps: int,
+               device: torch.device, settings: dict | None, denoiser=None) -> Callable[[], dict]:
+    from .models.consistency import generate_one_step
+
+    generator = torch.Generator(device).manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run() -> dict:
+        with torch.inference_mode():
+            if sampler == "consistency":
+                showers = generate_one_step(model, geometry, energy_mev, n_steps=n_steps, settings=settings,
+                                            denoiser=denoiser, generator=generator, particle=particle)
+            else:
+                showers = model.generate(geometry, energy_mev, n_steps=n_steps, sampler=sampler,
+                                         generator=generator, particle=particle)
+            hits = geometry.digitise(showers)
+        sync()
+        return {"mean_points": float(showers.n_points.mean()), "mean_hits": float(hits.n_points.mean())}
+    return run
+
+
+def _nfe(sampler: str, n_steps: int) -> int:
+    return {"heun": 2 * n_steps - 1, "euler": n_steps}.get(sampler, n_steps)
+
+
+def _memory_estimate(model, batch: int, points: float | None) -> float | None:
+    """Rough peak bytes of one batch through the point network (a few float32 activations)."""
+    if points is None:
+        return None
+    width = max(getattr(model.config, "widths", (512,)))
+    return 6.0 * 4 * batch * points * width
+
+
+def _row(case: str, engine: str, device: str, threads: int | None, batch: int, sampler: str | None,
+         n_steps: int | None, energy_gev: float, geometry: str, particle: str) -> dict:
+    return {"case": case, "engine": engine, "device": device, "threads": threads, "batch_size": batch,
+            "sampler": sampler, "n_steps": n_steps, "nfe": None if sampler is None else _nfe(sampler, n_steps),
+            "geometry": geometry, "particle": particle, "energy_gev": energy_gev}
+
+
+def _load_models(checkpoint, distilled):
+    from .adapt.finetune import load_adapted_model
+    from .models.consistency import consistency_settings
+    from .pretrained import default_checkpoint
+    from .train.checkpoint import load_checkpoint
+
+    notes = []
+    checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    payload = load_checkpoint(checkpoint)
+    model = load_adapted_model(payload).eval()
+    settings = consistency_settings(payload)
+    one_step = None
+    if distilled is not None:
+        distilled_payload = load_checkpoint(distilled)
+        distilled_settings = consistency_settings(distilled_payload)
+        if distilled_settings is None:
+            from .errors import CheckpointError
+
+            raise CheckpointError(f"{distilled}: not a distilled (consistency) checkpoint")
+        one_step = (load_adapted_model(distilled_payload).eval(), distilled_settings, str(distilled))
+    elif settings is not None:
+        one_step = (model, settings, str(checkpoint))
+        notes.append("the checkpoint is distilled: heun/euler are timed with the student network (same "
+                     "architecture and flow as the teacher, so the same cost; their showers are not meaningful)")
+    if one_step is None:
+        notes.append("one-step case skipped: give a distilled checkpoint (caloadapt distill) to time it")
+    return model, str(checkpoint), one_step, notes
+
+
+def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
+                  out_path: str | os.PathLike[str] = "benchmark.json", *, quick: bool = False,
+                  device: str = "auto", distilled: str | os.PathLike[str] | None = None,
+                  batch_sizes: Sequence[int] | None = None, threads: Sequence[int] | None = None,
+                  n_steps: int = 13, repeats: int | None = None, warmup: int | None = None,
+                  budget_s: float | None = None, energy_gev: float = 50.0,
+                  scan_energies_gev: Sequence[float] | None = None, scan_batch: int | None = None,
+                  onnx: bool = True, simulator: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """Measure generation speed; write the results as JSON and :func:`format_table`'s text beside it
+    (``out_path`` with suffix ``.txt``), both atomically; return them.
+
+    Arguments:
+        checkpoint: the diffusion model (None: the shipped pre-trained model). A distilled
+            checkpoint is also accepted (then it provides the one-step case).
+        out_path: JSON output.
+        quick: small settings for a smoke test (batch 1 and 8, 3 repeats, energies 1 and 10 GeV).
+        device: ``auto`` (CPU, plus CUDA when present), ``cpu`` or ``cuda``.
+        distilled: a distilled checkpoint for the ``one_step`` case (else skipped with a note).
+        batch_sizes: showers per batch (default 1, 100, 1000; quick 1, 8).
+        threads: CPU thread counts (default 1 and all usable cores).
+        n_steps: Heun/Euler steps N (13: CaloClouds II).
+        repeats, warmup: timed and warm-up runs per measurement (5 and 1; quick 3 and 1).
+        budget_s: time budget per measurement; larger batches estimated to exceed it are skipped
+            (default 120 s; quick 20 s).
+        energy_gev: incident energy of the ILD photons of the main table (50 GeV).
+        scan_energies_gev, scan_batch: the calochallenge-3 electron energy scan (1, 10, 100,
+            1000 GeV at batch 100, one thread; quick 1, 10 GeV at batch 8).
+        onnx: include the onnxruntime case (needs onnx, onnxscript, onnxruntime).
+        simulator: include the embedded simulator.
+        log: progress messages (e.g. ``print``); None is silent.
+
+    Returns:
+        ``{"schema", "created", "quick", "hardware", "versions", "checkpoint", "settings",
+        "results": [rows], "energy_scan": {..., "results": [rows]}, "summary", "notes"}``; every row
+        has ``case, engine, device, threads, batch_size, sampler, n_steps, nfe, geometry,
+        particle, energy_gev`` and either ``ms_per_shower``/``showers_per_s`` statistics
+        (median, min, max, iqr, mean, n), ``mean_points``/``mean_hits`` and ``repeats``, or
+        ``skipped`` with the reason.
+    """
+    from .geometry import get_geometry
+    from .train.loop import resolve_device
+
+    say = log or (lambda message: None)
+    defaults = _QUICK if quick else _FULL
+    batch_sizes = tuple(sorted(int(b) for b in (batch_sizes or defaults["batch_sizes"])))
+    usable = _usable_cores()
+    threads = tuple(dict.fromkeys(int(t) for t in (threads or (1, usable))))
+    repeats = int(repeats or defaults["repeats"])
+    warmup = int(defaults["warmup"] if warmup is None else warmup)
+    budget_s = float(budget_s or defaults["budget_s"])
+    scan_energies = tuple(float(e) for e in (scan_energies_gev or defaults["scan_energies_gev"]))
+    scan_batch = int(scan_batch or defaults["scan_batch"])
+    devices = [torch.device("cpu")]
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    elif device == "cuda":
+        resolve_device("cuda")  # raises the clear "no CUDA device" error
+    elif device not in ("auto", "cpu"):
+        from .errors import InputError
+
+        raise InputError(f"unknown device {device!r}; expected auto, cpu or cuda")
+
+    model, checkpoint_name, one_step, notes = _load_models(checkpoint, distilled)
+    hardware = hardware_info()
+    ild, ds3 = get_geometry("ild-ecal"), get_geometry("calochallenge-3")
+    ild_particle = "photon"
+    results: list[dict] = []
+    previous: dict[tuple, dict] = {}  # (case, device, threads) -> last measurement, for the estimates
+
+    def measure(row: dict, make_run: Callable[[], Callable[[], dict]], net_model) -> dict:
+        key = (row["case"], row["engine"], row["device"], row["threads"], row["geometry"], row["energy_gev"])
+        last = previous.get(key)
+        estimate = None
+        if last is not None and "ms_per_shower" in last:
+            estimate = last["ms_per_shower"]["median"] * row["batch_size"] / 1000.0
+            points = last.get("mean_points")
+            need = _memory_estimate(net_model, row["batch_size"], points) if net_model is not None else None
+            free = _available_bytes()
+            if need is not None and free is not None and need > 0.5 * free:
+                row["skipped"] = f"estimated {need / 2**30:.1f} GiB of activations, {free / 2**30:.1f} GiB free"
+                return row
+        try:
+            row.update(_measure(make_run(), row["batch_size"], repeats=repeats, warmup=warmup, budget_s=budget_s,
+                                estimate_s=estimate))
+        except (MemoryError, torch.OutOfMemoryError) as err:  # record, go on with the other cases
+            row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        if "ms_per_shower" in row:
+            previous[key] = row
+        say(_row_line(row))
+        return row
+
+    onnx_files: dict[str, Path] = {}
+    workdir = tempfile.TemporaryDirectory(prefix="caloadapt-benchmark-")
+    try:
+        if onnx:
+            try:
+                from .export.onnx import export_onnx
+
+                if one_step is not None:
+                    onnx_files["one_step"] = export_onnx(one_step[0], Path(workdir.name) / "one_step.onnx",
+                                                         consistency=one_step[1])
+                else:
+                    onnx_files["heun"] = export_onnx(model, Path(workdir.name) / "heun.onnx")
+            except Exception as err:  # noqa: BLE001 - the other cases still run
+                notes.append(f"ONNX case skipped: {type(err).__name__}: {err}")
+        energy = float(energy_gev)
+
+        def model_cases(dev: torch.device):
+            cases = [("heun", "heun", n_steps, model), ("euler", "euler", n_steps, model)]
+            if one_step is not None:
+                cases.append(("one_step", "consistency", 1, one_step[0]))
+            return [(name, sampler, steps, m.to(dev)) for name, sampler, steps, m in cases]
+
+        # main table: ILD photons at one energy
+        for dev in devices:
+            for n_threads in (threads if dev.type == "cpu" else (None,)):
+                with _threads(n_threads):
+                    say(f"-- {dev.type}, threads {n_threads if n_threads is not None else 'n/a'}")
+                    for batch in batch_sizes:
+                        energies = np.full(batch, energy * 1000.0)
+                        if simulator and dev.type == "cpu":
+                            row = _row("simulator", "numpy", "cpu", n_threads, batch, None, None, energy, ild.name,
+                                       ild_particle)
+                            results.append(measure(row, lambda: _simulator_run(ild, ild_particle, energies), None))
+                        for name, sampler, steps, m in model_cases(dev):
+                            row = _row(name, "torch", dev.type, n_threads, batch, sampler, steps, energy, ild.name,
+                                       ild_particle)
+                            settings = one_step[1] if sampler == "consistency" else None
+                            results.append(measure(row, lambda m=m, sampler=sampler, steps=steps, settings=settings:
+                                                   _model_run(m, ild, ild_particle, energies, sampler=sampler,
+                                                              n_steps=steps, device=dev, settings=settings), m))
+                        if dev.type == "cpu":
+                            for name, path in onnx_files.items():
+                                results.append(measure(*_onnx_case(name, path, model, one_step, n_threads, batch,
+                                                                   n_steps, energy, ild, ild_particle, energies)))
+
+        # energy scan: calochallenge-3 electrons, one thread
+        scan_rows: list[dict] = []
+        with _threads(1):
+            say("-- energy scan: calochallenge-3 electrons, 1 thread")
+            for e in scan_energies:
+                for batch in sorted({1, scan_batch}):
+                    energies = np.full(batch, e * 1000.0)
+                    if simulator:
+                        row = _row("simulator", "numpy", "cpu", 1, batch, None, None, e, ds3.name, "electron")
+                        scan_rows.append(measure(row, lambda: _simulator_run(ds3, "electron", energies), None))
+                    for name, sampler, steps, m in model_cases(torch.device("cpu")):
+                        if name == "euler":
+                            continue
+                        row = _row(name, "torch", "cpu", 1, batch, sampler, steps, e, ds3.name, "electron")
+                        settings = one_step[1] if sampler == "consistency" else None
+                        scan_rows.append(measure(row, lambda m=m, sampler=sampler, steps=steps, settings=settings:
+                                                 _model_run(m, ds3, "electron", energies, sampler=sampler,
+                                                            n_steps=steps, device=torch.device("cpu"),
+                                                            settings=settings), m))
+    finally:
+        workdir.cleanup()
+
+    report = {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "hardware": hardware,
+        "versions": library_versions(),
+        "checkpoint": {"path": checkpoint_name, "model_config": model.config.to_dict(),
+                       "distilled": None if one_step is None else one_step[2],
+                       "consistency": None if one_step is None else one_step[1]},
+        "settings": {"geometry": ild.name, "particle": ild_particle, "energy_gev": energy_gev,
+                     "batch_sizes": list(batch_sizes), "threads": list(threads),
+                     "devices": [d.type for d in devices], "n_steps": n_steps, "repeats": repeats, "warmup": warmup,
+                     "budget_s": budget_s, "scan_energies_gev": list(scan_energies), "scan_batch": scan_batch,
+                     "timed": "one batch end to end: flow sampling, point sampling, post-processing and "
+                              "digitisation to cells (simulator: simulation and digitisation)"},
+        "results": results,
+        "energy_scan": {"geometry": ds3.name, "particle": "electron", "threads": 1, "results": scan_rows},
+        "notes": notes,
+    }
+    report["summary"] = _summary(report)
+    report["hardware"]["load_average_end"] = hardware_info()["load_average"]
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    with atomic_path(out_path.with_suffix(".txt")) as tmp:
+        tmp.write_text(format_table(report) + "\n")
+    return report
+
+
+def _onnx_case(name, path, model, one_step, n_threads, batch, n_steps, energy, geometry, particle, energies):
+    from .export.onnx import onnx_model
+
+    base = one_step[0] if name == "one_step" else model
+    sampler, steps = ("consistency", 1) if name == "one_step" else ("heun", n_steps)
+    row = _row(f"onnx_{name}", "onnxruntime", "cpu", n_threads, batch, sampler, steps, energy, geometry.name, particle)
+
+    def make_run():
+        view = onnx_model(base.cpu(), path, threads=n_threads)
+        return _model_run(view, geometry, particle, energies, sampler=sampler, n_steps=steps,
+                          device=torch.device("cpu"), settings=one_step[1] if one_step else None,
+                          denoiser=view.denoiser)
+    return row, make_run, base
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _find(rows: list[dict], **match) -> list[dict]:
+    return [r for r in rows if "ms_per_shower" in r and all(r.get(k) == v for k, v in match.items())]
+
+
+def _summary(report: dict) -> dict:
+    rows = report["results"]
+    summary: dict = {"target_ms": TARGET_MS}
+    one = _find(rows, case="one_step", device="cpu", threads=1)
+    sim = _find(rows, case="simulator", threads=1)
+    sim_by_batch = {r["batch_size"]: r["ms_per_shower"]["median"] for r in sim}
+    summary["simulator_ms_per_shower_1_thread"] = {str(b): v for b, v in sim_by_batch.items()}
+    if one:
+        best = min(one, key=lambda r: r["ms_per_shower"]["median"])
+        ms = best["ms_per_shower"]["median"]
+        summary["one_step_ms_per_shower_1_thread"] = {str(r["batch_size"]): r["ms_per_shower"]["median"] for r in one}
+        summary["one_step_best"] = {"ms_per_shower": ms, "batch_size": best["batch_size"],
+                                    "meets_target": bool(ms <= TARGET_MS)}
+        if best["batch_size"] in sim_by_batch:
+            summary["one_step_over_simulator"] = ms / sim_by_batch[best["batch_size"]]
+    else:
+        summary["one_step_best"] = None
+    heun = _find(rows, case="heun", device="cpu", threads=1)
+    if heun:
+        best = min(heun, key=lambda r: r["ms_per_shower"]["median"])
+        summary["heun_best"] = {"ms_per_shower": best["ms_per_shower"]["median"], "batch_size": best["batch_size"]}
+        if best["batch_size"] in sim_by_batch:
+            summary["heun_over_simulator"] = best["ms_per_shower"]["median"] / sim_by_batch[best["batch_size"]]
+        if one:
+            summary["heun_over_one_step"] = best["ms_per_shower"]["median"] / summary["one_step_best"]["ms_per_shower"]
+    return summary
+
+
+# -- text table ----------------------------------------------------------------------------------------------
+
+def _fmt_ms(stats: dict) -> str:
+    return f"{stats['median']:.3g} [{stats['min']:.3g}-{stats['max']:.3g}]"
+
+
+def _row_line(row: dict) -> str:
+    head = (f"{row['case']:<14} {row['engine']:<11} {row['device']:<4} "
+            f"{'-' if row['threads'] is None else row['threads']:>3} {row['batch_size']:>5} "
+            f"{'-' if row['nfe'] is None else row['nfe']:>3}")
+    if "skipped" in row:
+        return f"{head}  skipped: {row['skipped']}"
+    points = row.get("mean_points", row.get("mean_hits"))
+    return (f"{head}  {_fmt_ms(row['ms_per_shower']):>24} {row['showers_per_s']['median']:>10.4g} "
+            f"{points:>8.0f} {row.get('mean_hits', math.nan):>7.0f}")
+
+
+def format_table(results: dict) -> str:
+    """A short text rendering of :func:`run_benchmark` results (main table, energy scan, summary)."""
+    hw = results["hardware"]
+    gpus = ", ".join(g["name"] for g in hw.get("gpus") or []) or "none"
+    s = results["settings"]
+    lines = [f"caloadapt benchmark ({'quick' if results.get('quick') else 'full'}): {s['geometry']} {s['particle']}s "
+             f"at {s['energy_gev']:g} GeV; N = {s['n_steps']} sampler steps",
+             f"CPU: {hw['cpu_model']} ({hw['usable_cores']} usable of {hw['logical_cores']} logical cores), "
+             f"GPU: {gpus}; load average {hw.get('load_average')}; torch {results['versions']['torch']}, "
+             f"onnxruntime {results['versions'].get('onnxruntime')}",
+             "",
+             f"{'case':<14} {'engine':<11} {'dev':<4} {'thr':>3} {'batch':>5} {'NFE':>3}  "
+             f"{'ms/shower median [min-max]':>24} {'showers/s':>10} {'points':>8} {'hits':>7}"]
+    lines += [_row_line(r) for r in results["results"]]
+    scan = results.get("energy_scan", {})
+    if scan.get("results"):
+        lines += ["", f"cost per shower vs incident energy: {scan['geometry']} {scan['particle']}s, 1 thread"]
+        lines += [f"{'E/GeV':>6} {'case':<14} {'engine':<11} {'dev':<4} {'thr':>3} {'batch':>5} {'NFE':>3}  "
+                  f"{'ms/shower median [min-max]':>24} {'showers/s':>10} {'points':>8} {'hits':>7}"]
+        lines += [f"{r['energy_gev']:>6g} {_row_line(r)}" for r in scan["results"]]
+    summary = results.get("summary", {})
+    lines.append("")
+    best = summary.get("one_step_best")
+    if best:
+        ratio = summary.get("one_step_over_simulator")
+        ratio_text = ""
+        if ratio is not None:
+            faster = (f"the simulator is {ratio:.3g} x faster" if ratio > 1
+                      else f"{1 / ratio:.3g} x faster than the simulator")
+            ratio_text = f"; {ratio:.3g} x the embedded simulator's cost per shower at that batch size ({faster})"
+        verdict = "met" if best["meets_target"] else "not met"
+        lines.append(f"one-step, 1 CPU thread: {best['ms_per_shower']:.3g} ms/shower at batch {best['batch_size']} "
+                     f"(target <= {summary['target_ms']:g} ms: {verdict}){ratio_text}")
+    else:
+        lines.append("one-step: not measured (no distilled checkpoint)")
+    if summary.get("heun_best"):
+        h = summary["heun_best"]
+        extra = f", {summary['heun_over_simulator']:.3g} x the simulator" if "heun_over_simulator" in summary else ""
+        lines.append(f"heun N={s['n_steps']}, 1 CPU thread: {h['ms_per_shower']:.3g} ms/shower at batch "
+                     f"{h['batch_size']}{extra}")
+    lines += [f"note: {n}" for n in results.get("notes", [])]
+    return "\n".join(lines)

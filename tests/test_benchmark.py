@@ -1,0 +1,104 @@
+"""The speed benchmark in its quick mode: cases, statistics, hardware record, JSON and table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from caloadapt.benchmark import SCHEMA, format_table, run_benchmark
+from caloadapt.data import write_showers
+from caloadapt.geometry import get_geometry
+from caloadapt.models import ModelConfig, ShowerModel
+from caloadapt.models.consistency import DistillConfig, distill
+from caloadapt.simulate import simulate
+from caloadapt.train import TrainConfig, model_from_checkpoint, train
+
+TINY = ModelConfig(widths=(32, 32), time_dim=16, flow_hidden=(32,), flow_transforms=2)
+HAS_ONNX = all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    data = root / "ild.h5"
+    write_showers(data, simulate("ild-ecal", "photon", np.random.default_rng(0).uniform(10e3, 30e3, 16), seed=1))
+    geometry = get_geometry("ild-ecal")
+    torch.manual_seed(0)
+    train(ShowerModel(TINY), data, geometry, root / "run",
+          TrainConfig(steps=6, batch_size=8, max_points=64, val_every=6, checkpoint_every=6, warmup_steps=1,
+                      device="cpu", val_max_showers=4), progress=False)
+    distill(model_from_checkpoint(root / "run" / "best.pt"), data, geometry, root / "cm",
+            DistillConfig(steps=2, batch_size=8, max_points=64, val_every=2, checkpoint_every=2, device="cpu",
+                          val_max_showers=4, val_max_points=32, val_teacher_steps=3), progress=False)
+    return root / "run" / "best.pt", root / "cm" / "best.pt"
+
+
+def _stats_ok(stats: dict) -> bool:
+    return stats["min"] <= stats["median"] <= stats["max"] and stats["iqr"] >= 0 and stats["n"] >= 1
+
+
+def test_quick_benchmark_writes_json_with_all_cases(checkpoints, tmp_path):
+    teacher, distilled = checkpoints
+    out = tmp_path / "bench" / "benchmark.json"
+    lines: list[str] = []
+    report = run_benchmark(teacher, out, quick=True, device="cpu", distilled=distilled, threads=(1,),
+                           n_steps=3, repeats=2, log=lines.append)
+    assert out.is_file() and json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert out.with_suffix(".txt").read_text().strip() == format_table(report)
+    assert report["schema"] == SCHEMA and report["quick"] is True
+    for key in ("platform", "cpu_model", "logical_cores", "usable_cores", "gpus", "load_average"):
+        assert key in report["hardware"]
+    for key in ("python", "torch", "numpy", "caloadapt", "onnxruntime"):
+        assert key in report["versions"]
+    assert report["settings"]["batch_sizes"] == [1, 8] and report["settings"]["energy_gev"] == 50.0
+
+    rows = report["results"]
+    cases = {r["case"] for r in rows}
+    expected = {"simulator", "heun", "euler", "one_step"} | ({"onnx_one_step"} if HAS_ONNX else set())
+    assert expected <= cases
+    for row in rows:
+        assert "skipped" not in row, row
+        assert row["batch_size"] in (1, 8) and row["threads"] == 1 and row["device"] == "cpu"
+        assert _stats_ok(row["ms_per_shower"]) and _stats_ok(row["showers_per_s"])
+        assert row["repeats"] >= 1 and row["mean_hits"] > 0
+        if row["case"] != "simulator":
+            assert row["mean_points"] > 0
+    nfe = {r["case"]: r["nfe"] for r in rows}
+    assert nfe["heun"] == 5 and nfe["euler"] == 3 and nfe["one_step"] == 1
+
+    scan = report["energy_scan"]
+    assert scan["geometry"] == "calochallenge-3" and scan["particle"] == "electron"
+    assert {r["energy_gev"] for r in scan["results"]} == {1.0, 10.0}
+    assert {r["case"] for r in scan["results"]} >= {"simulator", "heun", "one_step"}
+
+    summary = report["summary"]
+    assert summary["target_ms"] == 10.0 and summary["one_step_best"]["ms_per_shower"] > 0
+    assert summary["one_step_over_simulator"] > 0
+    table = format_table(report)
+    assert "one-step, 1 CPU thread" in table and "simulator" in table and "calochallenge-3" in table
+    assert lines  # progress went to the log
+
+
+def test_without_a_distilled_model_the_one_step_case_is_skipped(checkpoints, tmp_path):
+    report = run_benchmark(checkpoints[0], tmp_path / "b.json", quick=True, device="cpu", threads=(1,), n_steps=2,
+                           repeats=1, batch_sizes=(2,), scan_energies_gev=(1.0,), scan_batch=1, simulator=False)
+    cases = {r["case"] for r in report["results"]}
+    assert "one_step" not in cases and {"heun", "euler"} <= cases
+    if HAS_ONNX:
+        assert "onnx_heun" in cases
+    assert any("one-step case skipped" in note for note in report["notes"])
+    assert report["summary"]["one_step_best"] is None
+    assert "not measured" in format_table(report)
+
+
+def test_budget_skips_batches_estimated_too_slow(checkpoints, tmp_path):
+    report = run_benchmark(checkpoints[0], tmp_path / "b.json", quick=True, device="cpu", threads=(1,), n_steps=2,
+                           repeats=1, batch_sizes=(1, 100000), scan_energies_gev=(1.0,), scan_batch=1,
+                           budget_s=0.5, onnx=False)
+    big = [r for r in report["results"] if r["batch_size"] == 100000]
+    assert big and all("skipped" in r for r in big)
+    assert "skipped" in format_table(report)

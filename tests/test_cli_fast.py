@@ -1,0 +1,75 @@
+"""CLI of fast generation: distill, export --format onnx, generate --engine onnxruntime / --steps 1, benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from caloadapt.cli import app
+from caloadapt.data import read_showers, write_showers
+from caloadapt.geometry import get_geometry
+from caloadapt.models import ModelConfig, ShowerModel
+from caloadapt.simulate import simulate
+from caloadapt.train import TrainConfig, train
+
+TINY = ModelConfig(widths=(16, 16), time_dim=8, flow_hidden=(16,), flow_transforms=1)
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fast")
+    data = root / "ild.h5"
+    write_showers(data, simulate("ild-ecal", "photon", np.random.default_rng(0).uniform(10e3, 30e3, 24), seed=1))
+    torch.manual_seed(0)
+    train(ShowerModel(TINY), data, get_geometry("ild-ecal"), root / "run",
+          TrainConfig(steps=4, batch_size=8, max_points=64, val_every=2, checkpoint_every=2, device="cpu",
+                      val_max_showers=8), progress=False)
+    result = runner.invoke(app, ["distill", "--checkpoint", str(root / "run" / "best.pt"), "--data", str(data),
+                                 "-o", str(root / "cm"), "--steps", "3", "--batch-size", "4", "--max-points", "32",
+                                 "--val-every", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    return {"data": data, "model": root / "run" / "best.pt", "distilled": root / "cm" / "best.pt"}
+
+
+def _generate(checkpoint: Path, out: Path, *extra: str):
+    return runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "-g", "ild-ecal", "--n", "3",
+                               "--energy", "10:30", "--device", "cpu", "-o", str(out), *extra])
+
+
+def test_one_step_generation_from_a_distilled_model(trained, tmp_path):
+    result = _generate(trained["distilled"], tmp_path / "one.h5")
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    showers = read_showers(tmp_path / "one.h5")
+    assert len(showers) == 3 and np.all(np.isfinite(showers.points))
+    refused = _generate(trained["model"], tmp_path / "no.h5", "--sampler", "consistency")
+    assert refused.exit_code == 2 and "distilled checkpoint" in refused.stderr
+    assert not (tmp_path / "no.h5").exists()
+
+
+def test_onnx_export_and_onnxruntime_generation(trained, tmp_path):
+    result = runner.invoke(app, ["export", "--checkpoint", str(trained["model"]), "-f", "onnx",
+                                 "-o", str(tmp_path / "net.onnx")])
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    assert "dynamic batch and points" in result.output
+    torch_run = _generate(trained["model"], tmp_path / "torch.h5", "--steps", "2")
+    onnx_run = _generate(trained["model"], tmp_path / "ort.h5", "--steps", "2", "--engine", "onnxruntime",
+                         "--onnx", str(tmp_path / "net.onnx"))
+    assert torch_run.exit_code == 0 and onnx_run.exit_code == 0, onnx_run.output + (onnx_run.stderr or "")
+    a, b = read_showers(tmp_path / "torch.h5"), read_showers(tmp_path / "ort.h5")
+    assert np.array_equal(a.n_points, b.n_points)
+    np.testing.assert_allclose(a.energy_sum_mev, b.energy_sum_mev, rtol=1e-3)
+
+
+def test_benchmark_quick_writes_json(trained, tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["benchmark", "--quick", "--checkpoint", str(trained["model"]), "--distilled",
+                                 str(trained["distilled"]), "--device", "cpu", "-o", str(out), "--no-onnx"])
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    report = json.loads(out.read_text())
+    assert report and "ms" in result.output

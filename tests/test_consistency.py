@@ -1,0 +1,245 @@
+"""Consistency distillation: scalings, training run, checkpoints, one-step sampler and generation."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from caloadapt.adapt import load_adapted_model
+from caloadapt.data import write_showers
+from caloadapt.errors import CheckpointError
+from caloadapt.geometry import get_geometry
+from caloadapt.models import ModelConfig, ShowerModel
+from caloadapt.models.consistency import (ConsistencyPrecond, DistillConfig, consistency_settings, distill,
+                                          generate_one_step, load_consistency_model, multistep_sigmas,
+                                          sample_consistency)
+from caloadapt.models.edm import EDMPrecond
+from caloadapt.models.pointwise import PointwiseNet
+from caloadapt.simulate import simulate
+from caloadapt.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+
+TINY = ModelConfig(widths=(32, 32), time_dim=16, flow_hidden=(32,), flow_transforms=2)
+
+
+def distill_config(**overrides) -> DistillConfig:
+    values = dict(steps=6, batch_size=8, max_points=96, val_every=3, checkpoint_every=3, device="cpu",
+                  val_max_showers=8, val_max_points=64, val_teacher_steps=6)
+    values.update(overrides)
+    return DistillConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def ild_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "ild.h5"
+    energies = np.random.default_rng(0).uniform(10e3, 30e3, 24)
+    write_showers(path, simulate("ild-ecal", "photon", energies, seed=1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_path(ild_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    config = TrainConfig(steps=12, batch_size=8, max_points=96, val_every=12, checkpoint_every=12, lr=3e-3,
+                         flow_lr=3e-3, warmup_steps=2, device="cpu", val_max_showers=8)
+    train(ShowerModel(TINY), ild_file, get_geometry("ild-ecal"), out, config, progress=False)
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def distilled(teacher_path, ild_file, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("cm")
+    summary = distill(model_from_checkpoint(teacher_path), ild_file, get_geometry("ild-ecal"), out,
+                      distill_config(), checkpoint_parts={"teacher": str(teacher_path)}, progress=False)
+    return out, summary
+
+
+def test_boundary_condition_and_scalings():
+    torch.manual_seed(0)
+    net = PointwiseNet(widths=(16,), time_dim=8)
+    f = ConsistencyPrecond(net, sigma_data=0.5, sigma_min=0.002)
+    x, context = torch.randn(3, 7, 4), torch.randn(3, 2)
+    # f(x, sigma_min) = x exactly: c_skip = 1, c_out = 0
+    assert torch.allclose(f(x, 0.002, context), x, atol=1e-7)
+    sigma = torch.tensor([0.01, 1.0, 80.0])
+    c_skip, c_out, c_in, c_noise = f.scalings(sigma)
+    s = sigma[:, None, None]
+    assert torch.allclose(c_skip, 0.25 / ((s - 0.002) ** 2 + 0.25))
+    assert torch.allclose(c_out, (s - 0.002) * 0.5 / (s**2 + 0.25).sqrt())
+    assert torch.allclose(c_in, 1 / (s**2 + 0.25).sqrt())
+    assert torch.allclose(c_noise, sigma.log() / 4)
+    # wrapping an EDM denoiser shares (or copies) its network
+    edm = EDMPrecond(net)
+    assert ConsistencyPrecond.from_edm(edm).net is net
+    assert ConsistencyPrecond.from_edm(edm, copy_net=True).net is not net
+
+
+def test_multistep_levels():
+    assert multistep_sigmas(1) == [80.0]
+    two = multistep_sigmas(2)
+    assert two[0] == pytest.approx(80.0) and 0.002 < two[1] < 80.0
+    with pytest.raises(ValueError):
+        multistep_sigmas(0)
+
+
+def test_distillation_writes_loadable_checkpoints(distilled, teacher_path):
+    out, summary = distilled
+    assert summary["steps"] == 6 and Path(summary["checkpoint"]) == out / "best.pt"
+    for name in ("best.pt", "last.pt", "metrics.csv"):
+        assert (out / name).is_file()
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 3, 6]
+    assert all(np.isfinite(float(r["val_one_step"])) for r in rows)
+
+    payload = load_checkpoint(out / "last.pt")
+    for key in ("model", "ema", "target", "optimizer", "train_state", "train_config", "consistency", "geometry"):
+        assert key in payload
+    settings = consistency_settings(out / "best.pt")
+    assert settings["sigma_min"] == 0.002 and settings["sigma_max"] == 80.0 and settings["steps"] == [1, 2]
+    assert settings["teacher"] == str(teacher_path)
+    assert consistency_settings(teacher_path) is None
+
+    teacher = model_from_checkpoint(teacher_path)
+    student = load_adapted_model(out / "best.pt")  # an ordinary ShowerModel checkpoint
+    assert student.config == teacher.config
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    for key in t_state:
+        if not key.startswith("denoiser.net."):  # the flow and the normalisation are the teacher's
+            assert torch.equal(t_state[key], s_state[key]), key
+    raw = load_adapted_model(out / "last.pt", weights="model")
+    assert any(not torch.equal(t_state[k], v) for k, v in raw.state_dict().items() if k.startswith("denoiser.net."))
+
+
+def test_distillation_reduces_the_one_step_error(teacher_path, ild_file, tmp_path):
+    """With a larger learning rate a few dozen steps already move f towards the teacher's ODE solution."""
+    summary = distill(model_from_checkpoint(teacher_path), ild_file, get_geometry("ild-ecal"), tmp_path,
+                      distill_config(steps=40, lr=2e-3, val_every=20, checkpoint_every=40), progress=False)
+    with open(tmp_path / "metrics.csv") as f:
+        scores = [float(r["val_one_step"]) for r in csv.DictReader(f)]
+    assert scores[-1] < scores[0]
+    assert summary["best_step"] > 0
+
+
+def test_resume_continues_to_the_same_result(teacher_path, ild_file, tmp_path):
+    geometry = get_geometry("ild-ecal")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    distill(model_from_checkpoint(teacher_path), ild_file, geometry, straight, distill_config(), progress=False)
+    distill(model_from_checkpoint(teacher_path), ild_file, geometry, split, distill_config(), stop_after_steps=4,
+            progress=False)
+    assert load_checkpoint(split / "last.pt")["train_state"]["step"] == 4
+    distill(model_from_checkpoint(teacher_path), ild_file, geometry, split, distill_config(), resume=True,
+            progress=False)
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.allclose(a[part][key], b[part][key], atol=1e-6), (part, key)
+
+
+def test_one_step_sampler_is_seeded_finite_and_masked(distilled):
+    model, _ = load_consistency_model(distilled[0] / "best.pt")
+    context = torch.tensor([[0.5, 0.6], [0.2, 0.4], [0.9, 0.8]])
+    mask = torch.arange(50)[None, :] < torch.tensor([50, 20, 35])[:, None]
+
+    def draw(seed: int, n_steps: int = 1) -> torch.Tensor:
+        return sample_consistency(model.denoiser, context, 50, mask=mask, n_steps=n_steps,
+                                  generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = draw(1), draw(1), draw(2)
+    assert a.shape == (3, 50, 4) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.all(a[~mask] == 0)
+    two = draw(1, n_steps=2)
+    assert torch.isfinite(two).all() and not torch.equal(two, a)
+    # explicit ConsistencyPrecond and the EDMPrecond of the distilled model give the same function
+    f = ConsistencyPrecond.from_edm(model.denoiser)
+    assert torch.equal(sample_consistency(f, context, 50, mask=mask, generator=torch.Generator().manual_seed(1)), a)
+
+
+@pytest.mark.parametrize("name", ["ild-ecal", "calochallenge-3"])
+def test_one_step_generation_writes_valid_showers(distilled, name):
+    model, settings = load_consistency_model(distilled[0] / "best.pt")
+    geometry = get_geometry(name)
+    energies = np.array([5e3, 20e3, 50e3])
+
+    def run(seed: int):
+        showers = generate_one_step(model, geometry, energies, settings=settings, particle=geometry.particle,
+                                    generator=torch.Generator().manual_seed(seed))
+        return showers, geometry.digitise(showers)
+
+    (raw, hits), (raw_b, _), (raw_c, _) = run(3), run(3), run(4)
+    assert len(raw) == 3 and raw.geometry == name
+    assert np.all(np.isfinite(raw.points))
+    assert np.array_equal(raw.points, raw_b.points) and not np.array_equal(raw.points, raw_c.points)
+    assert np.all(hits.points[:, 3] >= geometry.energy.threshold_mev)
+    assert np.all(geometry.cell_index(hits.points) >= 0)
+    # the two-step sampler goes through the same path
+    two = generate_one_step(model, geometry, energies, n_steps=2, settings=settings,
+                            generator=torch.Generator().manual_seed(3))
+    assert np.all(np.isfinite(two.points)) and np.array_equal(two.n_points, raw.n_points)
+    assert "_consistency_one_step" not in __import__("caloadapt.models.shower_model",
+                                                     fromlist=["SAMPLERS"]).SAMPLERS  # registration is temporary
+    assert model.denoiser.__class__ is EDMPrecond  # and so is the swap
+
+
+def test_plain_checkpoint_is_not_a_consistency_model(teacher_path):
+    with pytest.raises(CheckpointError, match="not a distilled"):
+        load_consistency_model(teacher_path)
+
+
+@pytest.mark.parametrize("wrapped", ["edm", "consistency"])
+def test_fused_chunked_evaluation_matches_the_network(wrapped):
+    from caloadapt.models.consistency import FusedDenoiser
+
+    torch.manual_seed(0)
+    edm = EDMPrecond(PointwiseNet(widths=(24, 40), time_dim=8))
+    denoiser = edm if wrapped == "edm" else ConsistencyPrecond.from_edm(edm)
+    counts = torch.tensor([30, 0, 7, 50, 1, 19])
+    mask = torch.arange(50)[None, :] < counts[:, None]
+    x, context = torch.randn(6, 50, 4), torch.randn(6, 2)
+    sigma = torch.tensor([80.0, 3.0, 0.5, 0.01, 1.0, 10.0])
+    with torch.no_grad():
+        plain = denoiser(x, sigma, context)
+        masked = FusedDenoiser(denoiser, mask=mask, chunk_points=40)(x, sigma, context)  # several size groups
+        assert torch.allclose(masked[mask], plain[mask], atol=1e-5)
+        assert torch.all(masked[~mask] == 0)
+        chunked = FusedDenoiser(denoiser, chunk_points=120)(x, sigma, context)  # no mask: whole showers
+        assert torch.allclose(chunked, plain, atol=1e-5)
+        scattered = mask.flip(1)  # not a prefix: falls back to whole showers
+        assert torch.allclose(FusedDenoiser(denoiser, mask=scattered, chunk_points=64)(x, sigma, context), plain,
+                              atol=1e-5)
+    # under autograd it is the wrapped module itself
+    out = FusedDenoiser(denoiser, mask=mask)(x, sigma, context)
+    assert out.requires_grad and torch.equal(out, denoiser(x, sigma, context))
+    # the fast one-step sampler equals the plain one up to rounding
+    with torch.no_grad():
+        fast = sample_consistency(denoiser, context, 50, mask=mask, generator=torch.Generator().manual_seed(0))
+        slow = sample_consistency(denoiser, context, 50, mask=mask, generator=torch.Generator().manual_seed(0),
+                                  fast=False)
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_registering_the_sampler_in_shower_model_works(distilled, monkeypatch):
+    """The proposed wiring: SAMPLERS["consistency"] = sample_consistency, the denoiser optionally
+    wrapped in FusedDenoiser by ShowerModel.generate; same showers as generate_one_step."""
+    from caloadapt.models import shower_model
+    from caloadapt.models.consistency import FusedDenoiser
+
+    model, settings = load_consistency_model(distilled[0] / "best.pt")
+    geometry, energies = get_geometry("ild-ecal"), np.array([10e3, 30e3])
+    monkeypatch.setitem(shower_model.SAMPLERS, "consistency", sample_consistency)
+    registered = model.generate(geometry, energies, n_steps=1, sampler="consistency",
+                                generator=torch.Generator().manual_seed(5))
+    ours = generate_one_step(model, geometry, energies, settings=settings, generator=torch.Generator().manual_seed(5))
+    assert np.array_equal(registered.points, ours.points)
+    # a FusedDenoiser around the EDMPrecond (what generate would pass) is re-wrapped correctly
+    context = torch.tensor([[0.5, 0.5]])
+    mask = torch.ones(1, 30, dtype=torch.bool)
+    a = sample_consistency(FusedDenoiser(model.denoiser, mask=mask), context, 30, mask=mask,
+                           generator=torch.Generator().manual_seed(0))
+    b = sample_consistency(model.denoiser, context, 30, mask=mask, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)

@@ -1,0 +1,113 @@
+"""ONNX export of the point network: dynamic shapes, parity with PyTorch, generation through onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from caloadapt.data import write_showers  # noqa: E402
+from caloadapt.export.onnx import (PARITY_TOLERANCE, OnnxDenoiser, export_checkpoint_onnx, export_onnx,  # noqa: E402
+                                   onnx_metadata, onnx_model, parity_check)
+from caloadapt.geometry import get_geometry  # noqa: E402
+from caloadapt.models import ModelConfig, ShowerModel  # noqa: E402
+from caloadapt.models.consistency import DistillConfig, distill, generate_one_step, sample_consistency  # noqa: E402
+from caloadapt.models.edm import sample_heun  # noqa: E402
+from caloadapt.simulate import simulate  # noqa: E402
+from caloadapt.train import TrainConfig, model_from_checkpoint, train  # noqa: E402
+
+TINY = ModelConfig(widths=(32, 32), time_dim=16, flow_hidden=(32,), flow_transforms=2)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny trained model and a (briefly) distilled copy of it."""
+    root = tmp_path_factory.mktemp("onnx")
+    data = root / "ild.h5"
+    write_showers(data, simulate("ild-ecal", "photon", np.random.default_rng(0).uniform(10e3, 30e3, 16), seed=1))
+    geometry = get_geometry("ild-ecal")
+    torch.manual_seed(0)
+    train(ShowerModel(TINY), data, geometry, root / "run",
+          TrainConfig(steps=6, batch_size=8, max_points=64, val_every=6, checkpoint_every=6, warmup_steps=1,
+                      device="cpu", val_max_showers=4), progress=False)
+    distill(model_from_checkpoint(root / "run" / "best.pt"), data, geometry, root / "cm",
+            DistillConfig(steps=2, batch_size=8, max_points=64, val_every=2, checkpoint_every=2, device="cpu",
+                          val_max_showers=4, val_max_points=32, val_teacher_steps=3), progress=False)
+    return root / "run" / "best.pt", root / "cm" / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def edm_export(checkpoints, tmp_path_factory) -> tuple[ShowerModel, Path]:
+    model = model_from_checkpoint(checkpoints[0])
+    return model, export_onnx(model, tmp_path_factory.mktemp("edm") / "sub" / "model.onnx")
+
+
+def test_edm_export_has_dynamic_batch_and_points(edm_export):
+    import onnx
+
+    model, path = edm_export
+    assert path.is_file() and not list(path.parent.glob(".*.tmp"))  # written atomically
+    proto = onnx.load(str(path))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert dims["x"][0] == dims["sigma"][0] == dims["context"][0] and isinstance(dims["x"][0], str)
+    assert isinstance(dims["x"][1], str) and dims["x"][2] == 4 and dims["context"][1] == 2
+    meta = onnx_metadata(path)
+    assert meta["kind"] == "edm" and meta["point_dim"] == "4" and meta["exporter"].startswith("torch.onnx.export")
+
+
+def test_edm_parity_on_several_batch_and_point_counts(edm_export):
+    model, path = edm_export
+    assert parity_check(model, path, n_trials=5) <= PARITY_TOLERANCE
+
+
+def test_distilled_checkpoint_exports_the_consistency_function(checkpoints, tmp_path):
+    path, model, settings = export_checkpoint_onnx(checkpoints[1], tmp_path / "cm.onnx")
+    assert settings is not None and onnx_metadata(path)["kind"] == "consistency"
+    assert parity_check(model, path, n_trials=4) <= PARITY_TOLERANCE
+    # one-step generation through onnxruntime equals the torch path up to float rounding
+    onnx_view = onnx_model(model, path, threads=1)
+    assert onnx_view.denoiser.kind == "consistency" and model.denoiser.__class__.__name__ == "EDMPrecond"
+    geometry, energies = get_geometry("ild-ecal"), np.array([20e3, 50e3])
+    ours = generate_one_step(onnx_view, geometry, energies, settings=settings, denoiser=onnx_view.denoiser,
+                             generator=torch.Generator().manual_seed(2), particle="photon")
+    ref = generate_one_step(model, geometry, energies, settings=settings, generator=torch.Generator().manual_seed(2),
+                            particle="photon")
+    assert np.array_equal(ours.n_points, ref.n_points) and np.all(np.isfinite(ours.points))
+    assert np.isclose(ours.points[:, 3].sum(), ref.points[:, 3].sum(), rtol=1e-4)
+    context = torch.tensor([[0.5, 0.6], [0.1, 0.3]])
+    a = sample_consistency(onnx_view.denoiser, context, 300, generator=torch.Generator().manual_seed(0))
+    b = sample_consistency(model.denoiser, context, 300, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_onnx_denoiser_drives_the_heun_sampler(edm_export):
+    model, path = edm_export
+    denoiser = OnnxDenoiser(path, threads=1)
+    context = torch.tensor([[0.4, 0.5], [0.7, 0.6], [0.2, 0.1]])
+    mask = torch.arange(40)[None, :] < torch.tensor([40, 10, 25])[:, None]
+    noise = torch.randn(3, 40, 4, generator=torch.Generator().manual_seed(0))
+    ours = sample_heun(denoiser, context, mask=mask, n_steps=4, noise=noise)
+    ref = sample_heun(model.denoiser, context, mask=mask, n_steps=4, noise=noise)
+    assert torch.allclose(ours, ref, atol=1e-4)
+    # ... and whole-shower generation with the ONNX network (the flow stays in torch)
+    view = onnx_model(model, path, threads=1)
+    showers = view.generate(get_geometry("calochallenge-3"), np.array([10e3, 40e3]), n_steps=2,
+                            generator=torch.Generator().manual_seed(1))
+    assert len(showers) == 2 and np.all(np.isfinite(showers.points))
+    assert model.denoiser.__class__.__name__ == "EDMPrecond"  # the view did not touch the model
+    # an EDM export is no consistency function
+    with pytest.raises(ValueError, match="not a consistency function"):
+        sample_consistency(denoiser, context, 10)
+
+
+def test_missing_onnx_file_is_a_clear_error(tmp_path):
+    from caloadapt.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no such ONNX file"):
+        OnnxDenoiser(tmp_path / "missing.onnx")
