@@ -1,9 +1,12 @@
-"""Shared fixtures of the data, geometry, I/O and CLI tests."""
+"""Shared fixtures of the tests."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from caloadapt.data import Showers
 from caloadapt.geometry import get_geometry
@@ -46,3 +49,26 @@ def make_showers(counts, *, seed: int = 0, geometry: str = "", particle: str = "
 def make_showers_fixture():
     """The :func:`make_showers` helper as a fixture."""
     return make_showers
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny model trained for a few steps on ILD photons, and a briefly distilled copy of it."""
+    from caloadapt.data import write_showers
+    from caloadapt.models import ModelConfig, ShowerModel
+    from caloadapt.models.consistency import DistillConfig, distill
+    from caloadapt.train import TrainConfig, model_from_checkpoint, train
+
+    root = tmp_path_factory.mktemp("tiny_checkpoints")
+    data = root / "ild.h5"
+    write_showers(data, simulate("ild-ecal", "photon", np.random.default_rng(0).uniform(10e3, 30e3, 16), seed=1))
+    geometry = get_geometry("ild-ecal")
+    torch.manual_seed(0)
+    tiny = ModelConfig(widths=(32, 32), time_dim=16, flow_hidden=(32,), flow_transforms=2)
+    train(ShowerModel(tiny), data, geometry, root / "run",
+          TrainConfig(steps=6, batch_size=8, max_points=64, val_every=6, checkpoint_every=6, warmup_steps=1,
+                      device="cpu", val_max_showers=4), progress=False)
+    distill(model_from_checkpoint(root / "run" / "best.pt"), data, geometry, root / "cm",
+            DistillConfig(steps=2, batch_size=8, max_points=64, val_every=2, checkpoint_every=2, device="cpu",
+                          val_max_showers=4, val_max_points=32, val_teacher_steps=3), progress=False)
+    return root / "run" / "best.pt", root / "cm" / "best.pt"

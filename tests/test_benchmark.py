@@ -5,36 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from caloadapt.benchmark import SCHEMA, format_table, run_benchmark
-from caloadapt.data import write_showers
-from caloadapt.geometry import get_geometry
-from caloadapt.models import ModelConfig, ShowerModel
-from caloadapt.models.consistency import DistillConfig, distill
-from caloadapt.simulate import simulate
-from caloadapt.train import TrainConfig, model_from_checkpoint, train
 
-TINY = ModelConfig(widths=(32, 32), time_dim=16, flow_hidden=(32,), flow_transforms=2)
 HAS_ONNX = all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("bench")
-    data = root / "ild.h5"
-    write_showers(data, simulate("ild-ecal", "photon", np.random.default_rng(0).uniform(10e3, 30e3, 16), seed=1))
-    geometry = get_geometry("ild-ecal")
-    torch.manual_seed(0)
-    train(ShowerModel(TINY), data, geometry, root / "run",
-          TrainConfig(steps=6, batch_size=8, max_points=64, val_every=6, checkpoint_every=6, warmup_steps=1,
-                      device="cpu", val_max_showers=4), progress=False)
-    distill(model_from_checkpoint(root / "run" / "best.pt"), data, geometry, root / "cm",
-            DistillConfig(steps=2, batch_size=8, max_points=64, val_every=2, checkpoint_every=2, device="cpu",
-                          val_max_showers=4, val_max_points=32, val_teacher_steps=3), progress=False)
-    return root / "run" / "best.pt", root / "cm" / "best.pt"
+def checkpoints(tiny_checkpoints) -> tuple[Path, Path]:
+    return tiny_checkpoints
 
 
 def _stats_ok(stats: dict) -> bool:

@@ -12,34 +12,19 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from caloadapt.data import write_showers  # noqa: E402
 from caloadapt.export.onnx import (PARITY_TOLERANCE, OnnxDenoiser, export_checkpoint_onnx, export_onnx,  # noqa: E402
                                    onnx_metadata, onnx_model, parity_check)
 from caloadapt.geometry import get_geometry  # noqa: E402
-from caloadapt.models import ModelConfig, ShowerModel  # noqa: E402
-from caloadapt.models.consistency import DistillConfig, distill, generate_one_step, sample_consistency  # noqa: E402
+from caloadapt.models import ShowerModel  # noqa: E402
+from caloadapt.models.consistency import generate_one_step, sample_consistency  # noqa: E402
 from caloadapt.models.edm import sample_heun  # noqa: E402
-from caloadapt.simulate import simulate  # noqa: E402
-from caloadapt.train import TrainConfig, model_from_checkpoint, train  # noqa: E402
+from caloadapt.train import model_from_checkpoint  # noqa: E402
 
-TINY = ModelConfig(widths=(32, 32), time_dim=16, flow_hidden=(32,), flow_transforms=2)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny trained model and a (briefly) distilled copy of it."""
-    root = tmp_path_factory.mktemp("onnx")
-    data = root / "ild.h5"
-    write_showers(data, simulate("ild-ecal", "photon", np.random.default_rng(0).uniform(10e3, 30e3, 16), seed=1))
-    geometry = get_geometry("ild-ecal")
-    torch.manual_seed(0)
-    train(ShowerModel(TINY), data, geometry, root / "run",
-          TrainConfig(steps=6, batch_size=8, max_points=64, val_every=6, checkpoint_every=6, warmup_steps=1,
-                      device="cpu", val_max_showers=4), progress=False)
-    distill(model_from_checkpoint(root / "run" / "best.pt"), data, geometry, root / "cm",
-            DistillConfig(steps=2, batch_size=8, max_points=64, val_every=2, checkpoint_every=2, device="cpu",
-                          val_max_showers=4, val_max_points=32, val_teacher_steps=3), progress=False)
-    return root / "run" / "best.pt", root / "cm" / "best.pt"
+def checkpoints(tiny_checkpoints) -> tuple[Path, Path]:
+    return tiny_checkpoints
 
 
 @pytest.fixture(scope="module")
