@@ -99,3 +99,11 @@ def test_finetune_and_analyze_updates_cli(files, tmp_path):
     bad = runner.invoke(app, ["finetune", "--checkpoint", str(files["pretrained"]), "--data", str(files["target"]),
                               "--method", "nonsense", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "nonsense" in bad.stderr
+
+
+def test_sweep_through_submitit(files, tmp_path):
+    """The Slurm path goes through submitit; without a Slurm cluster submitit runs the jobs locally."""
+    spec = SweepSpec(**{**_spec(files).to_dict(), "sizes": (10,), "methods": ("bitfit",)})
+    results = run_sweep(spec, tmp_path, executor="slurm", slurm={"timeout_min": 10}, log=lambda *_: None)
+    assert len(results) == 1 and np.isfinite(results[0]["geometric_mean"])
+    assert (tmp_path / "slurm").is_dir()  # submitit's job folder
