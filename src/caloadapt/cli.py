@@ -398,7 +398,7 @@ def finetune(
 ) -> None:
     """Adapt a pre-trained model to a target detector (or train the scratch baseline)."""
     from .adapt import AdaptMethod, finetune as run_finetune
-    from .adapt.defaults import default_learning_rate, table_learning_rate
+    from .adapt.defaults import adaptation_learning_rates
     from .data.io import count_showers, file_geometry
     from .pretrained import default_checkpoint
     from .train import TrainConfig
@@ -407,8 +407,9 @@ def finetune(
     adapt_method = AdaptMethod(name=method, k=k, rank=rank, alpha=alpha, target=target, flow=flow,
                                layers=_csv_ints(layers) if layers else None)
     size = n_samples if n_samples is not None else count_showers(data)
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr or default_learning_rate(method, size),
-                         flow_lr=flow_lr or table_learning_rate(size), max_points=max_points, n_samples=n_samples,
+    default_lr, default_flow_lr = adaptation_learning_rates(method, size)
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr or default_lr,
+                         flow_lr=flow_lr or default_flow_lr, max_points=max_points, n_samples=n_samples,
                          val_fraction=val_fraction, val_every=val_every, checkpoint_every=val_every,
                          patience=patience, seed=seed, data_seed=data_seed, device=device)
     summary = run_finetune(checkpoint or default_checkpoint(), data, geo, output, adapt_method, config, resume=resume,

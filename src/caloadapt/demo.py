@@ -15,20 +15,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ._atomic import atomic_path
 from .adapt import AdaptMethod, finetune, load_adapted_model
-from .adapt.defaults import default_learning_rate, table_learning_rate
+from .adapt.defaults import adaptation_learning_rates
 from .data import ShowerWriter, write_showers
 from .data.io import count_showers, file_geometry, read_showers
+from .errors import InputError
 from .evaluate.pipeline import EvaluationOptions, run_evaluation
 from .evaluate.report import Document
 from .generate import iter_generate
 from .geometry import get_geometry
 from .pretrained import default_checkpoint
 from .simulate import sample_incident_energies, simulate
-from .train import TrainConfig
+from .train import TrainConfig, resolve_device
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -61,7 +61,7 @@ def _target_files(out: Path, settings: DemoSettings, target_data: Path | None, r
     if target_data is not None and reference_data is not None:
         return target_data, reference_data
     if (target_data is None) != (reference_data is None):
-        raise ValueError("give both --target-data and --reference-data, or neither")
+        raise InputError("give both --target-data and --reference-data, or neither")
     geometry = get_geometry("calochallenge-3")
     rng = np.random.default_rng(seed)
     paths = {}
@@ -92,8 +92,9 @@ def run_demo(out: str | Path = "caloadapt-demo", *, quick: bool = False, target_
     for name in METHODS:
         log(f"[{name}] adapting with {n_adapt} target showers, {settings.steps} steps")
         run_dir = out / "runs" / name
+        lr, flow_lr = adaptation_learning_rates(name, n_adapt)
         config = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, max_points=settings.max_points,
-                             lr=default_learning_rate(name, n_adapt), flow_lr=table_learning_rate(n_adapt),
+                             lr=lr, flow_lr=flow_lr,
                              n_samples=n_adapt, val_fraction=0.2, val_every=max(1, settings.steps // 5),
                              checkpoint_every=max(1, settings.steps // 5), seed=seed, data_seed=seed, device=device)
         t0 = time.perf_counter()
@@ -106,8 +107,8 @@ def run_demo(out: str | Path = "caloadapt-demo", *, quick: bool = False, target_
         generated = out / "generated" / f"{name}.h5"
         with ShowerWriter(generated, "calochallenge", geometry) as writer:
             for chunk in iter_generate(model, geometry, reference_showers.incident_energy_mev,
-                                       n_steps=settings.sampler_steps, seed=seed, device=device if device != "auto"
-                                       else ("cuda" if torch.cuda.is_available() else "cpu"), progress=True):
+                                       n_steps=settings.sampler_steps, seed=seed, device=resolve_device(device),
+                                       progress=True):
                 writer.append(chunk)
         generate_s = time.perf_counter() - t0
         log(f"[{name}] evaluating against the held-out reference")

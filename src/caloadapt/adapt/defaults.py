@@ -8,7 +8,7 @@ scratch starts at the pre-training rate (1e-3) instead of the published 2e-4.
 
 from __future__ import annotations
 
-__all__ = ["table_learning_rate", "default_learning_rate"]
+__all__ = ["table_learning_rate", "default_learning_rate", "adaptation_learning_rates"]
 
 # D <= bound -> learning rate (method.md §5.2)
 _TABLE = ((100, 1e-3), (500, 5e-4), (1000, 2e-4), (5000, 1e-4), (10_000, 5e-5), (50_000, 2e-5))
@@ -29,3 +29,8 @@ def default_learning_rate(method: str, n_samples: int) -> float:
     if method == "scratch":
         return 1e-3
     return _FACTOR[method] * table_learning_rate(n_samples)
+
+
+def adaptation_learning_rates(method: str, n_samples: int) -> tuple[float, float]:
+    """Peak learning rates ``(point network, flow)`` of an adaptation run (the flow follows the table)."""
+    return default_learning_rate(method, n_samples), table_learning_rate(n_samples)

@@ -111,7 +111,7 @@ def run_one(run: RunSpec) -> dict:
     every method sees the same target showers.
     """
     from ..adapt import finetune, load_adapted_model
-    from ..adapt.defaults import default_learning_rate, table_learning_rate
+    from ..adapt.defaults import adaptation_learning_rates
     from ..data.io import read_showers
     from ..generate import iter_generate
     from ..geometry import get_geometry
@@ -128,8 +128,8 @@ def run_one(run: RunSpec) -> dict:
     started = time.perf_counter()
     geometry = get_geometry(spec.geometry)
     method = parse_method(run.method)
-    config = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, max_points=spec.max_points,
-                         lr=default_learning_rate(method.name, run.size), flow_lr=table_learning_rate(run.size),
+    lr, flow_lr = adaptation_learning_rates(method.name, run.size)
+    config = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, max_points=spec.max_points, lr=lr, flow_lr=flow_lr,
                          n_samples=run.size, val_fraction=spec.val_fraction, val_every=spec.val_every,
                          checkpoint_every=spec.val_every, seed=run.seed, data_seed=run.seed, device="cpu")
     summary = finetune(spec.checkpoints[run.pretrained], spec.data, geometry, directory, method, config,

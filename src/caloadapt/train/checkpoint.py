@@ -67,7 +67,7 @@ def model_from_checkpoint(checkpoint: str | os.PathLike[str] | dict, weights: st
         raise CheckpointError(f"{source}: unreadable model configuration: {err}") from None
     if config is not None and config != stored:
         differences = [f"{k}: checkpoint {v!r}, requested {getattr(config, k)!r}"
-                       for k, v in stored.to_dict().items() if getattr(config, k) != stored.__getattribute__(k)]
+                       for k, v in stored.to_dict().items() if getattr(config, k) != getattr(stored, k)]
         raise CheckpointError(f"{source}: checkpoint does not fit the requested model ({'; '.join(differences)})")
     model = ShowerModel(stored)
     state = payload.get(weights) if weights == "ema" else payload["model"]
