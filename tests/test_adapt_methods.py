@@ -193,15 +193,17 @@ def test_scratch_reinitialises_but_keeps_the_normalisation(tiny_model):
 
 
 def test_invalid_settings_are_refused(tiny_model):
-    for kwargs in ({"name": "prefix"}, {"name": "lora", "target": "linear,attention"}, {"name": "lora", "rank": 0},
+    for kwargs in ({"name": "prefix"}, {"name": "lora", "target": "linear,bogus"}, {"name": "lora", "rank": 0},
                    {"name": "scratch", "flow": "frozen"}, {"name": "full", "flow": "lora"},
                    {"name": "lora", "target": "linear,linear"}):
         with pytest.raises(InputError):
             AdaptMethod(**kwargs)
-    with pytest.raises(InputError, match="only 3 layers"):
+    with pytest.raises(InputError, match="has 3 layers"):
         prepare(tiny_model, AdaptMethod("top-k", k=4))
     with pytest.raises(InputError, match="do not exist"):
         prepare(tiny_model, AdaptMethod("lora", layers=(5,)))
+    with pytest.raises(InputError, match="attention.*do not exist in the pointwise"):
+        prepare(tiny_model, AdaptMethod("lora", target="attention"))  # a transformer target
     model, _ = prepare(tiny_model, AdaptMethod("lora"))
     with pytest.raises(InputError, match="already holds"):
         prepare(model, AdaptMethod("lora"))

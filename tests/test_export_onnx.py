@@ -96,3 +96,31 @@ def test_missing_onnx_file_is_a_clear_error(tmp_path):
 
     with pytest.raises(CheckpointError, match="no such ONNX file"):
         OnnxDenoiser(tmp_path / "missing.onnx")
+
+
+def test_transformer_export_takes_the_padding_mask(tmp_path):
+    """The transformer attends between points: its export has a mask input, and padding must not
+    change the real points' outputs in onnxruntime either."""
+    from caloadapt.models import ModelConfig
+
+    torch.manual_seed(0)
+    model = ShowerModel(ModelConfig(backbone="transformer", geometry_conditioning=True, transformer_dim=16,
+                                    transformer_depth=2, transformer_heads=2, transformer_inducing=4, time_dim=16,
+                                    flow_hidden=(16,), flow_transforms=1)).eval()
+    for p in model.denoiser.net.parameters():  # off the zero initialisation, so attention matters
+        p.data.normal_(0.0, 0.3)
+    path = export_onnx(model, tmp_path / "transformer.onnx")
+    assert onnx_metadata(path)["mask"] == "1"
+    denoiser = OnnxDenoiser(path, threads=1)
+    assert denoiser.takes_mask
+    assert parity_check(model, path, n_trials=4) <= PARITY_TOLERANCE
+    gen = torch.Generator().manual_seed(2)
+    x, context = torch.randn(1, 30, 4, generator=gen), torch.randn(1, model.net.context_dim, generator=gen)
+    sigma = torch.tensor([1.0])
+    mask = torch.arange(30)[None, :] < 20
+    padded = denoiser(x, sigma, context, mask)[:, :20]
+    alone = denoiser(x[:, :20], sigma, context)
+    assert torch.allclose(padded, alone, atol=1e-5)
+    showers = onnx_model(model, path, threads=1).generate(get_geometry("ild-ecal"), np.array([20e3]), n_steps=2,
+                                                          generator=torch.Generator().manual_seed(1))
+    assert len(showers) == 1 and np.all(np.isfinite(showers.points))

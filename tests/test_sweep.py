@@ -107,3 +107,30 @@ def test_sweep_through_submitit(files, tmp_path):
     results = run_sweep(spec, tmp_path, executor="slurm", slurm={"timeout_min": 10}, log=lambda *_: None)
     assert len(results) == 1 and np.isfinite(results[0]["geometric_mean"])
     assert (tmp_path / "slurm").is_dir()  # submitit's job folder
+
+
+def test_sweep_compares_backbones_and_runs_zero_shot(files, tmp_path):
+    """Several pre-trained checkpoints of different backbones in one sweep, plus zero-shot runs (D = 0)."""
+    torch.manual_seed(0)
+    transformer = ModelConfig(backbone="transformer", geometry_conditioning=True, transformer_dim=8,
+                              transformer_depth=1, transformer_heads=2, transformer_inducing=2, time_dim=8,
+                              flow_hidden=(16,), flow_transforms=1)
+    train(ShowerModel(transformer), files["source"], get_geometry("ild-ecal"), tmp_path / "pre_t",
+          TrainConfig(steps=2, batch_size=8, max_points=32, val_every=2, checkpoint_every=2, device="cpu",
+                      val_max_showers=8), progress=False)
+    spec = SweepSpec(**{**_spec(files).to_dict(), "sizes": (10,), "methods": ("scratch", "full", "zero-shot"),
+                        "checkpoints": {"pointwise": str(files["pretrained"]),
+                                        "transformer": str(tmp_path / "pre_t" / "best.pt")}})
+    runs = plan_runs(spec, tmp_path)
+    assert sorted((r.pretrained, r.method, r.size) for r in runs if r.method == "zero-shot") == [
+        ("pointwise", "zero-shot", 0), ("transformer", "zero-shot", 0)]
+    results = run_sweep(spec, tmp_path, workers=1, log=lambda *_: None)
+    assert len(results) == 6 and all(np.isfinite(r["geometric_mean"]) for r in results)
+    assert {(r["pretrained"], r["backbone"]) for r in results} == {("pointwise", "pointwise"),
+                                                                 ("transformer", "transformer")}
+    zero = [r for r in results if r["method"] == "zero-shot"]
+    assert all(r["train_s"] < r["total_s"] and r["parameters"] == [] for r in zero)
+    assert not any((Path(r.directory) / "model.pt").exists() for r in runs if r.method == "zero-shot")
+    rows = summarise(results, tmp_path)
+    assert {(r["pretrained"], r["method"], r["size"]) for r in rows} >= {("transformer", "zero-shot", 0)}
+    assert (tmp_path / "geometric_mean_vs_size.png").stat().st_size > 0

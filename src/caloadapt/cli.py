@@ -159,25 +159,22 @@ def _csv_ints(text: str) -> tuple[int, ...]:
         raise CaloadaptError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _run_training(data: Path, output: Path, geometry: str | None, steps: int, batch_size: int, lr: float,
-                  flow_lr: float, max_points: int, n_samples: int | None, val_fraction: float, val_every: int,
-                  seed: int, data_seed: int, device: str, resume: bool, frame: str, widths: str,
-                  flow_hidden: str, flow_transforms: int, patience: int | None) -> None:
-    """Pre-training and training from scratch share this: a fresh model trained on one file."""
+def _run_training(data: list[Path], data_weight: list[float] | None, output: Path, geometry: str | None,
+                  config, model_config, resume: bool) -> None:
+    """Pre-training and training from scratch share this: a fresh model trained on one or more files."""
     from .data.io import file_geometry
-    from .models import FRAMES, ModelConfig, ShowerModel
-    from .train import TrainConfig, train
+    from .models import ShowerModel
+    from .train import DataSource, train
 
-    if frame not in FRAMES:
-        raise CaloadaptError(f"unknown frame {frame!r}; expected one of {', '.join(FRAMES)}")
-    geo = file_geometry(data, geometry)
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, flow_lr=flow_lr, max_points=max_points,
-                         n_samples=n_samples, val_fraction=val_fraction, val_every=val_every,
-                         checkpoint_every=val_every, seed=seed, data_seed=data_seed, device=device,
-                         patience=patience)
-    torch_model = ShowerModel(ModelConfig(frame=frame, widths=_csv_ints(widths), flow_hidden=_csv_ints(flow_hidden),
-                                          flow_transforms=flow_transforms))
-    summary = train(torch_model, data, geo, output, config, resume=resume,
+    if geometry is not None and len(data) > 1:
+        raise CaloadaptError("--geometry names the detector of a single file; joint training takes each "
+                             "file's geometry from the file")
+    weights = data_weight or [1.0] * len(data)
+    if len(weights) != len(data):
+        raise CaloadaptError(f"got {len(weights)} --data-weight values for {len(data)} --data files")
+    sources = [DataSource(path, file_geometry(path, geometry), weight) for path, weight in zip(data, weights)]
+    torch_model = ShowerModel(model_config)
+    summary = train(torch_model, sources, None, output, config, resume=resume,
                     checkpoint_parts={"command": " ".join(sys.argv)})
     typer.echo(f"trained {summary['steps']} steps in {summary['wall_s']:.0f} s; best validation: "
                f"diffusion {summary['best']['diffusion']:.4f} (step {summary['best_step']['diffusion']}), "
@@ -189,8 +186,11 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
     @app.command(name, help=help_text)
     @_one_line_errors
     def command(
-        data: Annotated[Path, typer.Option("--data", help="training shower file")],
+        data: Annotated[list[Path], typer.Option("--data", help="training shower file; repeat it to train "
+                                                               "jointly on several detectors")],
         output: Annotated[Path, typer.Option("--output", "-o", help="run directory")],
+        data_weight: Annotated[Optional[list[float]], typer.Option(
+            help="share of the batches from each --data file, in their order [default: equal]")] = None,
         geometry: Annotated[Optional[str], typer.Option("--geometry", "-g",
                                                         help="geometry of the data (default: from the file)")] = None,
         steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = default_steps,
@@ -198,7 +198,7 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
         lr: Annotated[float, typer.Option(help="peak learning rate of the point network")] = 1e-3,
         flow_lr: Annotated[float, typer.Option(help="peak learning rate of the flow")] = 1e-3,
         max_points: Annotated[int, typer.Option(min=1, help="points per shower per step")] = 512,
-        n_samples: Annotated[Optional[int], typer.Option(help="showers drawn from the file (default all)")] = None,
+        n_samples: Annotated[Optional[int], typer.Option(help="showers drawn from each file (default all)")] = None,
         val_fraction: Annotated[float, typer.Option(help="share held out for validation")] = default_val_fraction,
         val_every: Annotated[int, typer.Option(min=1, help="steps between validations/checkpoints")] = 200,
         seed: Annotated[int, typer.Option(help="seed of initialisation and training noise")] = 0,
@@ -206,14 +206,34 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
         device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
         resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
         frame: Annotated[str, typer.Option(help="point frame: physical or box")] = "physical",
-        widths: Annotated[str, typer.Option(help="point-network widths")] = "128,256,512,256,128",
+        backbone: Annotated[str, typer.Option(help="point network: pointwise or transformer")] = "pointwise",
+        geometry_conditioning: Annotated[Optional[bool], typer.Option(
+            "--geometry-conditioning/--no-geometry-conditioning",
+            help="condition on the detector descriptor [default: on when training on several detectors]")] = None,
+        widths: Annotated[str, typer.Option(help="pointwise-network widths")] = "128,256,512,256,128",
+        transformer_dim: Annotated[int, typer.Option(min=8, help="transformer width")] = 64,
+        transformer_depth: Annotated[int, typer.Option(min=1, help="transformer blocks")] = 4,
         flow_hidden: Annotated[str, typer.Option(help="flow hyper-network widths")] = "128,128",
         flow_transforms: Annotated[int, typer.Option(min=1, help="flow coupling transforms")] = 6,
         patience: Annotated[Optional[int], typer.Option(help="early stop after N validations without gain")] = None,
     ) -> None:
-        _run_training(data, output, geometry, steps, batch_size, lr, flow_lr, max_points, n_samples, val_fraction,
-                      val_every, seed, data_seed, device, resume, frame, widths, flow_hidden, flow_transforms,
-                      patience)
+        from .models import BACKBONES, FRAMES, ModelConfig
+        from .train import TrainConfig
+
+        if frame not in FRAMES:
+            raise CaloadaptError(f"unknown frame {frame!r}; expected one of {', '.join(FRAMES)}")
+        if backbone not in BACKBONES:
+            raise CaloadaptError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
+        config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, flow_lr=flow_lr, max_points=max_points,
+                             n_samples=n_samples, val_fraction=val_fraction, val_every=val_every,
+                             checkpoint_every=val_every, seed=seed, data_seed=data_seed, device=device,
+                             patience=patience)
+        conditioned = len(data) > 1 if geometry_conditioning is None else geometry_conditioning
+        model_config = ModelConfig(frame=frame, backbone=backbone, geometry_conditioning=conditioned,
+                                   widths=_csv_ints(widths), transformer_dim=transformer_dim,
+                                   transformer_depth=transformer_depth, flow_hidden=_csv_ints(flow_hidden),
+                                   flow_transforms=flow_transforms)
+        _run_training(data, data_weight, output, geometry, config, model_config, resume)
     return command
 
 
@@ -445,7 +465,8 @@ def sweep(
     geometry: Annotated[Optional[str], typer.Option("--geometry", "-g", help="target geometry (default: from --data)")]
     = None,
     sizes: Annotated[str, typer.Option(help="target data sizes D")] = "100,1000,10000",
-    methods: Annotated[str, typer.Option(help="methods, e.g. scratch,full,bitfit,lora:rank=16")]
+    methods: Annotated[str, typer.Option(help="methods, e.g. scratch,full,bitfit,lora:rank=16; zero-shot adds "
+                                              "generation with each pre-trained model as it is")]
     = "scratch,full,bitfit,lora",
     seeds: Annotated[int, typer.Option(min=1, help="seeds per (method, size): 0..N-1 (data subset and run)")] = 5,
     steps: Annotated[int, typer.Option(min=1, help="training steps of every run")] = 1000,
@@ -463,7 +484,7 @@ def sweep(
 ) -> None:
     """Data-efficiency sweep: every method x data size x seed, evaluated; table and plot at the end."""
     from .data.io import file_geometry
-    from .pretrained import default_checkpoint
+    from .pretrained import default_checkpoint, resolve_checkpoint
     from .sweep import SweepSpec, run_sweep, summarise
     from .train import load_checkpoint
 
@@ -471,7 +492,7 @@ def sweep(
     for item in checkpoint or [f"pretrained={default_checkpoint()}"]:
         label, sep, path = item.partition("=")
         label, path = (label, path) if sep else (Path(item).stem, item)
-        checkpoints[label] = str(Path(path).resolve())
+        checkpoints[label] = str(resolve_checkpoint(path).resolve())
     frames = {label: load_checkpoint(path)["model_config"]["frame"] for label, path in checkpoints.items()}
     if compare_normalisation and set(frames.values()) != {"physical", "box"}:
         raise CaloadaptError("--compare-normalisation needs one checkpoint per frame (physical and box); make the "
@@ -490,10 +511,11 @@ def sweep(
 def _split_methods(text: str) -> list[str]:
     """Split ``a,b:rank=4,alpha=8,c`` at commas that start a new method (not inside its options)."""
     from .adapt import METHODS
+    from .sweep import ZERO_SHOT
 
     methods: list[str] = []
     for part in text.split(","):
-        if methods and part.split(":")[0].strip() not in METHODS:
+        if methods and part.split(":")[0].strip() not in (*METHODS, ZERO_SHOT):
             methods[-1] += "," + part  # an option of the previous method
         else:
             methods.append(part)

@@ -50,7 +50,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..models.pointwise import PARAMETER_GROUPS, PointwiseNet
+from ..models.pointwise import PointwiseNet
+from ..models.transformer import PointTransformer
 from ..models.shower_model import ShowerModel
 
 __all__ = [
@@ -71,8 +72,9 @@ __all__ = [
 METHODS: tuple[str, ...] = ("scratch", "full", "bitfit", "bitfit-context", "top-k", "lora", "dora", "ia3", "loha")
 #: methods whose adapters are injected by peft (and merged back by :func:`merge`)
 PEFT_METHODS: tuple[str, ...] = ("lora", "dora", "ia3", "loha")
-#: the ``nn.Linear`` submodules of a ConcatSquash layer that a peft adapter may target
-TARGETS: tuple[str, ...] = ("linear", "gate", "context_bias")
+#: what a peft adapter may target: ``linear`` (the main weight maps, both backbones), ``gate`` and
+#: ``context_bias`` (pointwise), ``attention``, ``mlp`` and ``modulation`` (transformer)
+TARGETS: tuple[str, ...] = ("linear", "gate", "context_bias", "attention", "mlp", "modulation")
 #: how the flow is adapted
 FLOW_MODES: tuple[str, ...] = ("full", "frozen", "bitfit")
 
@@ -180,21 +182,19 @@ def _flow_parameters(model: ShowerModel, mode: str) -> list[nn.Parameter]:
     return []
 
 
-def _net_parameters(net: PointwiseNet, method: AdaptMethod) -> list[nn.Parameter]:
+def _net_parameters(net: PointwiseNet | PointTransformer, method: AdaptMethod) -> list[nn.Parameter]:
     """The point-network parameters a non-peft method trains (by group and layer structure)."""
-    groups = net.parameter_groups()
     if method.name in ("scratch", "full"):
-        return [p for group in groups.values() for _, p in group]
+        return [p for group in net.parameter_groups().values() for _, p in group]
     if method.name == "bitfit":
         return [p for _, p in net.bias_vectors()]
     if method.name == "bitfit-context":
-        return [p for _, p in net.bias_vectors()] + [p for _, p in groups["context_bias"]]
+        return [p for _, p in net.bias_vectors() + net.conditioning_maps()]
     if method.name == "top-k":
-        n = len(net.layers)
-        if method.k > n:
-            raise InputError(f"top-k with k={method.k}, but the point network has only {n} layers")
-        chosen = [p for layer in list(net.layers)[n - method.k:] for p in layer.parameters()]
-        return chosen + list(net.time_embedding.parameters())
+        try:
+            return [p for _, p in net.top_layers(method.k)]
+        except ValueError as err:
+            raise InputError(str(err)) from None
     raise AssertionError(method.name)
 
 
@@ -239,13 +239,11 @@ def _peft_config(method: AdaptMethod, target_modules: list[str]):
     raise AssertionError(method.name)
 
 
-def _target_modules(net: PointwiseNet, method: AdaptMethod) -> list[str]:
-    n = len(net.layers)
-    layers = range(n) if method.layers is None else method.layers
-    bad = [i for i in layers if i >= n]
-    if bad:
-        raise InputError(f"adapter layers {bad} do not exist; the point network has layers 0..{n - 1}")
-    return [f"layers.{i}.{t}" for i in layers for t in method.targets]
+def _target_modules(net: PointwiseNet | PointTransformer, method: AdaptMethod) -> list[str]:
+    try:
+        return net.adapter_targets(method.targets, method.layers)
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 @contextlib.contextmanager
@@ -341,8 +339,8 @@ def parameter_report(model: ShowerModel, trainable_names: list[str] | set[str]) 
 
     Rows (``group``, ``trainable``, ``total``, ``percent`` = 100 trainable / total):
 
-    - ``net.<group>`` for the point-network groups of :data:`PARAMETER_GROUPS` (pre-trained
-      tensors; for a peft model the frozen base weights);
+    - ``net.<group>`` for the parameter groups of the point network (``groups`` of its class;
+      pre-trained tensors; for a peft model the frozen base weights);
     - ``net.adapter``: the peft adapter parameters (total = their number; 0 without adapters);
     - ``net``: all trainable point-network parameters including adapters, over the size of the
       point network itself (504,920 by default), the denominator of method.md §6;
@@ -363,10 +361,10 @@ def parameter_report(model: ShowerModel, trainable_names: list[str] | set[str]) 
                 "percent": 100.0 * n_train / n_total if n_total else 0.0}
 
     groups = model.net.parameter_groups()
-    rows = [row(f"net.{g}", [p for _, p in groups[g]]) for g in PARAMETER_GROUPS]
+    rows = [row(f"net.{g}", [p for _, p in groups[g]]) for g in groups]
     adapter = _adapter_parameters(model.net)
     rows.append(row("net.adapter", adapter))
-    base = [p for g in PARAMETER_GROUPS for _, p in groups[g]]
+    base = [p for group in groups.values() for _, p in group]
     n_base = sum(p.numel() for p in base)
     rows.append(row("net", base + adapter, n_base))
     flow = list(model.flow.parameters())

@@ -7,7 +7,9 @@ What is exported is the per-point function the samplers call, ``(x, sigma, conte
   ``f(x; sigma, context)`` (used by the one-step sampler).
 
 Inputs ``x`` float32 ``(batch, points, 4)``, ``sigma`` float32 ``(batch,)``, ``context`` float32
-``(batch, 2)``; output ``out`` float32 ``(batch, points, 4)``; ``batch`` and ``points`` are dynamic.
+``(batch, C)`` (C = 2, or 2 + the descriptor size for a geometry-conditioned model), and for the
+transformer backbone ``mask`` bool ``(batch, points)`` (True for real points); output ``out``
+float32 ``(batch, points, 4)``; ``batch`` and ``points`` are dynamic.
 The kind and noise range are stored in the model's metadata (``caloadapt.kind``, ...), so
 :class:`OnnxDenoiser` and :func:`parity_check` know what the file holds. The shower flow and
 the post-processing stay in PyTorch/NumPy (they are cheap next to the point network).
@@ -37,6 +39,7 @@ from .._atomic import atomic_path
 from ..errors import CaloadaptError, CheckpointError
 from ..models.consistency import ConsistencyPrecond, consistency_settings
 from ..models.edm import EDMPrecond
+from ..models.transformer import PointTransformer
 
 if TYPE_CHECKING:
     from ..models.shower_model import ShowerModel
@@ -82,6 +85,7 @@ def _exported_module(model: ShowerModel | nn.Module, consistency: dict | None) -
             "rho": repr(float(consistency.get("rho", 7.0))),
             "sigma_data": ",".join(repr(v) for v in module.sigma_data_values),
             "point_dim": str(module.net.point_dim), "context_dim": str(module.net.context_dim),
+            "mask": str(int(_takes_mask(module))),
             "caloadapt_version": __version__, "torch_version": torch.__version__}
     if consistency.get("sigmas"):
         meta["sigmas"] = ",".join(repr(float(s)) for s in consistency["sigmas"])
@@ -104,35 +108,47 @@ def _quiet() -> None:
             lg.setLevel(level)
 
 
-def _example_inputs(module: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+def _takes_mask(module: nn.Module) -> bool:
+    """True when the network attends between points: its export takes the padding mask as a fourth input."""
+    return isinstance(module.net, PointTransformer)
+
+
+def _example_inputs(module: nn.Module) -> tuple[Tensor, ...]:
     # sizes distinct from each other and from 0/1 so that no dimension is specialised by the trace
     batch, points = 3, 5
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn(batch, points, module.net.point_dim, generator=gen), torch.rand(batch, generator=gen) + 0.5,
-            torch.randn(batch, module.net.context_dim, generator=gen))
+    inputs = (torch.randn(batch, points, module.net.point_dim, generator=gen), torch.rand(batch, generator=gen) + 0.5,
+              torch.randn(batch, module.net.context_dim, generator=gen))
+    if _takes_mask(module):
+        mask = torch.arange(points)[None, :] < torch.tensor([[points], [points - 2], [1]])
+        inputs = (*inputs, mask)
+    return inputs
 
 
 def _to_proto(module: nn.Module, opset: int, dynamo: bool | None):
     """Export ``module`` to an ONNX ModelProto; returns ``(proto, exporter name)``."""
     onnx, _ = _require_onnx()
     args = _example_inputs(module)
+    names = [*INPUT_NAMES, "mask"][:len(args)]
     errors = []
     for use_dynamo in ([True, False] if dynamo is None else [dynamo]):
         try:
             with _quiet():
                 if use_dynamo:
                     batch, points = torch.export.Dim("batch"), torch.export.Dim("points")
+                    shapes = {"x": {0: batch, 1: points}, "sigma": {0: batch}, "context": {0: batch},
+                              "mask": {0: batch, 1: points}}
                     program = torch.onnx.export(
-                        module, args, input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                        module, args, input_names=names, output_names=[OUTPUT_NAME],
                         opset_version=opset, dynamo=True, verbose=False, optimize=True,
-                        dynamic_shapes={"x": {0: batch, 1: points}, "sigma": {0: batch}, "context": {0: batch}})
+                        dynamic_shapes={name: shapes[name] for name in names})
                     return program.model_proto, "torch.onnx.export(dynamo=True)"
                 buffer = io.BytesIO()
                 torch.onnx.export(
-                    module, args, buffer, input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                    module, args, buffer, input_names=names, output_names=[OUTPUT_NAME],
                     opset_version=opset, dynamo=False,
                     dynamic_axes={"x": {0: "batch", 1: "points"}, "sigma": {0: "batch"}, "context": {0: "batch"},
-                                  OUTPUT_NAME: {0: "batch", 1: "points"}})
+                                  "mask": {0: "batch", 1: "points"}, OUTPUT_NAME: {0: "batch", 1: "points"}})
                 return onnx.load_from_string(buffer.getvalue()), "torch.onnx.export(dynamo=False)"
         except Exception as err:  # noqa: BLE001 - try the other exporter, then report both
             errors.append(f"dynamo={use_dynamo}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
@@ -232,13 +248,19 @@ class OnnxDenoiser(nn.Module):
         self.sigma_min = float(self.metadata.get("sigma_min", 0.002))
         self.sigma_max = float(self.metadata.get("sigma_max", 80.0))
         self.sigma_data_values = tuple(float(v) for v in self.metadata.get("sigma_data", "0.5").split(","))
+        self.takes_mask = "mask" in {i.name for i in self.session.get_inputs()}
 
-    def forward(self, x: Tensor, sigma: Tensor | float, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor | float, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` (True for real points) is fed to networks exported with one (attention between
+        points); a per-point network has no use for it."""
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(batch)
         feeds = {"x": x.detach().to("cpu", torch.float32).contiguous().numpy(),
                  "sigma": sigma.detach().cpu().contiguous().numpy(),
                  "context": context.detach().to("cpu", torch.float32).contiguous().numpy()}
+        if self.takes_mask:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool) if mask is None else mask
+            feeds["mask"] = mask.detach().to("cpu", torch.bool).contiguous().numpy()
         out = self.session.run([OUTPUT_NAME], feeds)[0]
         return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)
 
@@ -296,8 +318,11 @@ def parity_check(model: ShowerModel | nn.Module, path: str | os.PathLike[str], n
         scale = (sigma**2 + sigma_data**2).sqrt()[:, None, None]
         x = torch.randn(batch, points, reference.net.point_dim, generator=gen) * scale
         context = torch.randn(batch, reference.net.context_dim, generator=gen)
-        expected = reference(x, sigma, context)
-        got = session(x, sigma, context)
+        # random numbers of real points per shower (a prefix, as in generation); at least one
+        counts = torch.randint(1, points + 1, (batch, 1), generator=gen)
+        mask = torch.arange(points)[None, :] < counts if session.takes_mask else None
+        expected = reference(x, sigma, context, mask)
+        got = session(x, sigma, context, mask)
         if got.shape != expected.shape:
             raise CaloadaptError(f"ONNX output shape {tuple(got.shape)} differs from PyTorch {tuple(expected.shape)}")
         worst = max(worst, float((got - expected).abs().max()))

@@ -2,7 +2,11 @@
 
 Built in: ``ild-ecal`` (planar Si-W, the pre-training source), ``calochallenge-2`` and
 ``calochallenge-3`` (the Par04 cylinder of the CaloChallenge datasets), ``generic-mesh`` (a
-cylindrical scoring mesh in X0 / Moliere-radius units). Any YAML description or CaloChallenge-style
+cylindrical scoring mesh in X0 / Moliere-radius units), and the pre-training family
+:data:`DETECTOR_FAMILY`: ``ild-ecal`` with ``crystal-pbwo4`` (homogeneous PbWO4),
+``pb-scintillator`` (Pb / plastic scintillator), ``w-si-thick`` (4.2 mm W + 0.5 mm Si) and ``pb-lar``
+(Pb / liquid argon, cylindrical mesh). :func:`geometry_descriptor` summarises any geometry in a
+short vector for conditioning a generative model. Any YAML description or CaloChallenge-style
 binning XML file can be given by path instead of a name.
 """
 
@@ -17,6 +21,12 @@ import yaml
 
 from ..errors import GeometryError
 from .calochallenge_xml import XMLBinning, parse_binning_xml
+from .descriptor import (
+    DESCRIPTOR_DIM,
+    DESCRIPTOR_FIELDS,
+    describe_geometry,
+    geometry_descriptor,
+)
 from .geometry import EnergyScale, Geometry, ShowerParameters
 from .materials import MATERIALS, Material, Mixture, Slab
 from .readout import CylindricalReadout, PlanarReadout
@@ -27,9 +37,12 @@ __all__ = [
     "Geometry", "EnergyScale", "ShowerParameters", "MaterialStack", "Material", "Mixture", "Slab", "MATERIALS",
     "PlanarReadout", "CylindricalReadout", "XMLBinning", "parse_binning_xml",
     "BUILTIN_GEOMETRIES", "get_geometry", "geometry_from_spec", "geometry_from_yaml", "geometry_from_yaml_text",
+    "DETECTOR_FAMILY", "DESCRIPTOR_FIELDS", "DESCRIPTOR_DIM", "describe_geometry", "geometry_descriptor",
 ]
 
-BUILTIN_GEOMETRIES = ("ild-ecal", "calochallenge-2", "calochallenge-3", "generic-mesh")
+#: detectors of different materials and sampling structures for pre-training on photons
+DETECTOR_FAMILY = ("ild-ecal", "crystal-pbwo4", "pb-scintillator", "w-si-thick", "pb-lar")
+BUILTIN_GEOMETRIES = ("ild-ecal", "calochallenge-2", "calochallenge-3", "generic-mesh") + DETECTOR_FAMILY[1:]
 
 
 def _data_dir() -> Path:

@@ -1,6 +1,8 @@
 """Models: the per-point diffusion network with EDM preconditioning, its samplers, and ShowerFlow.
 
 - :mod:`~caloadapt.models.pointwise`: CaloClouds II PointWise-Net with named parameter groups;
+- :mod:`~caloadapt.models.transformer`: a point transformer (attention through inducing tokens,
+  adaptive layer norm), the alternative backbone with the same adaptation interface;
 - :mod:`~caloadapt.models.edm`: EDM preconditioning, masked loss, Karras schedule, Heun/Euler samplers;
 - :mod:`~caloadapt.models.flow`: conditional neural spline flow over per-shower statistics;
 - :mod:`~caloadapt.models.representation`: point frames, flow statistics on an X0 grid, conditioning;
@@ -21,7 +23,8 @@ from .edm import (
 from .flow import ShowerFlow
 from .pointwise import PARAMETER_GROUPS, ConcatSquashLinear, FourierFeatures, PointwiseNet, TimeEmbedding
 from .representation import FRAMES, DepthGrid, PointFrame
-from .shower_model import SAMPLERS, ModelConfig, ShowerModel
+from .shower_model import BACKBONES, SAMPLERS, ModelConfig, ShowerModel
+from .transformer import PointTransformer
 
 __all__ = [
     "PARAMETER_GROUPS",
@@ -29,6 +32,8 @@ __all__ = [
     "FourierFeatures",
     "TimeEmbedding",
     "PointwiseNet",
+    "PointTransformer",
+    "BACKBONES",
     "Denoiser",
     "EDMPrecond",
     "EDMLoss",

@@ -83,7 +83,7 @@ class ConsistencyPrecond(nn.Module):
     :class:`~caloadapt.models.edm.EDMPrecond`: ``forward(x (B, M, D), sigma (B,) or scalar, context (B, C))``.
 
     Arguments:
-        net: the raw network, called as ``net(x, c_noise, context)``.
+        net: the raw network, called as ``net(x, c_noise, context, mask)``.
         sigma_data: data standard deviation (one number or one per feature).
         sigma_min: the smallest noise level, where ``f`` is the identity.
     """
@@ -118,11 +118,11 @@ class ConsistencyPrecond(nn.Module):
         c_noise = sigma.reshape(-1).log() / 4
         return c_skip, c_out, c_in, c_noise
 
-    def forward(self, x: Tensor, sigma: Tensor | float, context: Tensor) -> Tensor:
-        """Consistency function ``f(x; sigma)`` of shape ``(B, M, D)``."""
+    def forward(self, x: Tensor, sigma: Tensor | float, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Consistency function ``f(x; sigma)`` of shape ``(B, M, D)`` (``mask`` as for ``EDMPrecond``)."""
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = self.scalings(sigma)
-        return c_skip * x + c_out * self.net(c_in * x, c_noise, context)
+        return c_skip * x + c_out * self.net(c_in * x, c_noise, context, mask)
 
 
 def consistency_function(denoiser: nn.Module, sigma_min: float = 0.002) -> nn.Module:
@@ -208,20 +208,21 @@ class FusedDenoiser(nn.Module):
         self.fusable = hasattr(denoiser, "scalings") and _fusable(getattr(denoiser, "net", None))
         self.kind = getattr(denoiser, "kind", "consistency" if isinstance(denoiser, ConsistencyPrecond) else "edm")
 
-    def _evaluate(self, x: Tensor, sigma: Tensor, context: Tensor) -> Tensor:
+    def _evaluate(self, x: Tensor, sigma: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
         if not self.fusable or x.device.type != "cpu":  # GPUs: the plain network (bandwidth is ample there)
-            return self.inner(x, sigma, context)
+            return self.inner(x, sigma, context, mask)
         c_skip, c_out, c_in, c_noise = self.inner.scalings(sigma)
         return torch.addcmul(c_skip * x, c_out, _fused_pointwise(self.inner.net, c_in * x, c_noise, context))
 
-    def forward(self, x: Tensor, sigma: Tensor | float, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor | float, context: Tensor, mask: Tensor | None = None) -> Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
-        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
-            return self.inner(x, sigma, context)
-        chunk = self.chunk_points or (2**21 if x.device.type == "cuda" else 2048)
         batch, width = x.shape[:2]
-        mask = self.mask
-        if mask is not None and mask.shape == (batch, width):
+        mask = mask if mask is not None else self.mask
+        mask = mask if mask is not None and mask.shape == (batch, width) else None
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            return self.inner(x, sigma, context, mask)
+        chunk = self.chunk_points or (2**21 if x.device.type == "cuda" else 2048)
+        if mask is not None:
             counts = mask.sum(dim=1)
             prefix = torch.arange(width, device=x.device)[None, :] < counts[:, None]
             if not torch.equal(prefix, mask):
@@ -230,9 +231,10 @@ class FusedDenoiser(nn.Module):
             counts = None
         if counts is None:  # no usable mask: equal-width chunks of whole showers
             if batch * width <= chunk:
-                return self._evaluate(x, sigma, context)
+                return self._evaluate(x, sigma, context, mask)
             step = max(1, chunk // max(width, 1))
-            return torch.cat([self._evaluate(x[i:i + step], sigma[i:i + step], context[i:i + step])
+            return torch.cat([self._evaluate(x[i:i + step], sigma[i:i + step], context[i:i + step],
+                                             None if mask is None else mask[i:i + step])
                               for i in range(0, batch, step)])
         order = counts.argsort(descending=True)
         sorted_counts = counts[order]
@@ -246,7 +248,7 @@ class FusedDenoiser(nn.Module):
             if m == 0:
                 continue
             index = order[start:stop]
-            out[index, :m] = self._evaluate(x[index, :m], sigma[index], context[index])
+            out[index, :m] = self._evaluate(x[index, :m], sigma[index], context[index], mask[index, :m])
         return out.masked_fill_(~mask[..., None], 0.0)
 
 
@@ -472,12 +474,13 @@ def _masked_mse(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
     return squared.sum() / (mask.sum() * a.shape[-1]).clamp_min(1)
 
 
-def _teacher_heun_step(teacher: nn.Module, x: Tensor, sigma: Tensor, sigma_next: Tensor, context: Tensor) -> Tensor:
+def _teacher_heun_step(teacher: nn.Module, x: Tensor, sigma: Tensor, sigma_next: Tensor, context: Tensor,
+                       mask: Tensor) -> Tensor:
     """One deterministic Heun step of the probability-flow ODE from ``sigma`` to ``sigma_next`` (both (B,), > 0)."""
     s, s_next = sigma[:, None, None], sigma_next[:, None, None]
-    d = (x - teacher(x, sigma, context)) / s
+    d = (x - teacher(x, sigma, context, mask)) / s
     x_euler = x + (s_next - s) * d
-    d_next = (x_euler - teacher(x_euler, sigma_next, context)) / s_next
+    d_next = (x_euler - teacher(x_euler, sigma_next, context, mask)) / s_next
     return x + (s_next - s) * (0.5 * d + 0.5 * d_next)
 
 
@@ -540,7 +543,9 @@ def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: G
     subset = ShowerSubset(data_path, geometry, train_idx)
     val_showers = read_showers(data_path, geometry, indices=val_idx[: config.val_max_showers])
     val_rng = np.random.default_rng([config.data_seed, 1])
-    val = [make_batch(chunk, geometry, frame, grid, val_rng, config.val_max_points).to(device)
+    conditioned = teacher.config.geometry_conditioning
+    val = [make_batch(chunk, geometry, frame, grid, val_rng, config.val_max_points,
+                      geometry_conditioning=conditioned).to(device)
            for chunk in val_showers.chunks(64)]
 
     # networks: frozen teacher; student, its EMA and the target all start from the teacher's weights
@@ -597,7 +602,8 @@ def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: G
     from .edm import sample_heun
 
     with torch.inference_mode():
-        reference = [sample_heun(edm, b.condition, mask=b.mask, n_steps=config.val_teacher_steps,
+        reference = [sample_heun(FusedDenoiser(edm, mask=b.mask), b.condition, mask=b.mask,
+                                 n_steps=config.val_teacher_steps,
                                  sigma_min=config.sigma_min, sigma_max=config.sigma_max, rho=config.rho, noise=z)
                      for b, z in zip(val, val_noise)]
 
@@ -620,9 +626,9 @@ def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: G
         sigma, sigma_next = grid_sigmas[index], grid_sigmas[index + 1]
         x_cur = x + sigma[:, None, None] * torch.randn(x.shape, generator=gen, device=device)
         with torch.no_grad():
-            x_next = _teacher_heun_step(edm, x_cur, sigma, sigma_next, b.condition)
-            goal = target(x_next, sigma_next, b.condition)
-        return _masked_mse(online(x_cur, sigma, b.condition), goal, b.mask)
+            x_next = _teacher_heun_step(edm, x_cur, sigma, sigma_next, b.condition, b.mask)
+            goal = target(x_next, sigma_next, b.condition, b.mask)
+        return _masked_mse(online(x_cur, sigma, b.condition, b.mask), goal, b.mask)
 
     metrics_path = out_dir / "metrics.csv"
     if not (resume and metrics_path.exists()):
@@ -642,7 +648,7 @@ def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: G
         for showers in subset.batches(config.batch_size, config.data_seed, state["epoch"], skip=state["position"]):
             step = state["step"]
             batch = make_batch(showers, geometry, frame, grid, np.random.default_rng([config.seed, step]),
-                               config.max_points).to(device)
+                               config.max_points, geometry_conditioning=conditioned).to(device)
             gen = torch.Generator(device).manual_seed(config.seed * 1_000_003 + step * 101)
             loss = _step_loss(batch, gen, student)
             if not torch.isfinite(loss):

@@ -48,8 +48,9 @@ class EDMPrecond(nn.Module):
     - ``c_noise = ln(sigma) / 4``
 
     Arguments:
-        net: the raw network, called as ``net(x, c_noise, context)`` (e.g.
-            :class:`~caloadapt.models.pointwise.PointwiseNet`).
+        net: the raw network, called as ``net(x, c_noise, context, mask)`` (e.g.
+            :class:`~caloadapt.models.pointwise.PointwiseNet` or
+            :class:`~caloadapt.models.transformer.PointTransformer`).
         sigma_data: standard deviation of the data, one number or one per feature (0.5 for all
             four point features in CaloClouds II, method.md §4.2).
     """
@@ -76,11 +77,15 @@ class EDMPrecond(nn.Module):
         c_noise = sigma.reshape(-1).log() / 4
         return c_skip, c_out, c_in, c_noise
 
-    def forward(self, x: Tensor, sigma: Tensor | float, context: Tensor) -> Tensor:
-        """Denoised estimate ``D(x; sigma)`` of shape ``(B, M, D)``; ``sigma`` is ``(B,)`` or a scalar."""
+    def forward(self, x: Tensor, sigma: Tensor | float, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Denoised estimate ``D(x; sigma)`` of shape ``(B, M, D)``; ``sigma`` is ``(B,)`` or a scalar.
+
+        ``mask`` ``(B, M)`` (True for real points) is handed to the network: a backbone with
+        attention between points must not attend to padding; the per-point network ignores it.
+        """
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = self.scalings(sigma)
-        return c_skip * x + c_out * self.net(c_in * x, c_noise, context)
+        return c_skip * x + c_out * self.net(c_in * x, c_noise, context, mask)
 
 
 def random_point_subset(
@@ -188,7 +193,7 @@ class EDMLoss:
         sd = torch.tensor(self.sigma_data_values, dtype=y.dtype, device=y.device)
         weight = (s**2 + sd**2) / (s * sd) ** 2  # lambda(sigma), Table 1
         n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) * s
-        D_yn = denoiser(y + n, sigma, context)
+        D_yn = denoiser(y + n, sigma, context, mask)
         squared_error = torch.where(mask[..., None], weight * (D_yn - y) ** 2, y.new_zeros(()))
         n_real = mask.sum() * y.shape[-1]
         return squared_error.sum() / n_real.clamp_min(1)

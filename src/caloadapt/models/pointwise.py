@@ -201,13 +201,19 @@ class PointwiseNet(nn.Module):
             ConcatSquashLinear(n_in, n_out, ctx_dim) for n_in, n_out in zip(sizes[:-1], sizes[1:])
         )
 
-    def forward(self, x: Tensor, c_noise: Tensor, context: Tensor) -> Tensor:
+    #: names of the parameter groups, see :meth:`parameter_groups`
+    groups = PARAMETER_GROUPS
+    #: Linear submodules of a layer that a peft adapter may target (:meth:`adapter_targets`)
+    adapter_target_names: tuple[str, ...] = ("linear", "gate", "context_bias")
+
+    def forward(self, x: Tensor, c_noise: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
         """Evaluate F on every point.
 
         Arguments:
             x: points, shape ``(B, M, point_dim)`` (already scaled by c_in).
             c_noise: noise-level input ``ln(sigma) / 4``, shape ``(B,)`` or a scalar.
             context: per-shower conditioning, shape ``(B, context_dim)``.
+            mask: accepted for the common backbone interface and ignored: points are independent.
 
         Returns:
             Tensor of shape ``(B, M, point_dim)``.
@@ -263,3 +269,36 @@ class PointwiseNet(nn.Module):
             out.append((f"layers.{i}.gate.bias", layer.gate.bias))
         out.append(("time_embedding.linear.bias", self.time_embedding.linear.bias))
         return out
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def conditioning_maps(self) -> list[tuple[str, nn.Parameter]]:
+        """The context-to-bias maps H (with :meth:`bias_vectors`: the published "BitFit, 17 %")."""
+        return [(f"layers.{i}.context_bias.weight", layer.context_bias.weight) for i, layer in enumerate(self.layers)]
+
+    def top_layers(self, k: int) -> list[tuple[str, nn.Parameter]]:
+        """All tensors of the last ``k`` ConcatSquash layers and of the time embedding (top-k)."""
+        if not 1 <= k <= self.n_layers:
+            raise ValueError(f"top-k with k={k}, but the point network has {self.n_layers} layers")
+        chosen = [(f"layers.{i}.{name}", p) for i in range(self.n_layers - k, self.n_layers)
+                  for name, p in self.layers[i].named_parameters()]
+        return chosen + [(f"time_embedding.{name}", p) for name, p in self.time_embedding.named_parameters()]
+
+    def adapter_targets(self, targets: Sequence[str], layers: Sequence[int] | None = None) -> list[str]:
+        """Qualified names of the Linear submodules a peft adapter wraps.
+
+        Arguments:
+            targets: any of ``linear`` (W), ``gate`` (G), ``context_bias`` (H).
+            layers: indices of the ConcatSquash layers (None: all).
+        """
+        unknown = [t for t in targets if t not in self.adapter_target_names]
+        if unknown:
+            raise ValueError(f"adapter targets {unknown} do not exist in the pointwise network; "
+                             f"expected {', '.join(self.adapter_target_names)}")
+        chosen = range(self.n_layers) if layers is None else layers
+        bad = [i for i in chosen if not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"adapter layers {bad} do not exist; the point network has layers 0..{self.n_layers - 1}")
+        return [f"layers.{i}.{t}" for i in chosen for t in targets]

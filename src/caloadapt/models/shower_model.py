@@ -25,10 +25,15 @@ from .consistency import FusedDenoiser, sample_consistency
 from .edm import EDMLoss, EDMPrecond, sample_euler, sample_heun
 from .flow import ShowerFlow
 from .pointwise import PointwiseNet
+from .transformer import PointTransformer
+from ..geometry.descriptor import DESCRIPTOR_DIM, geometry_descriptor
 from .representation import (DepthGrid, PointFrame, energy_condition, n_statistics, points_condition,
                              statistics_to_layers)
 
-__all__ = ["ModelConfig", "ShowerModel", "SAMPLERS"]
+__all__ = ["ModelConfig", "ShowerModel", "SAMPLERS", "BACKBONES", "shower_condition", "flow_condition"]
+
+#: point networks of the diffusion model: per point (CaloClouds II) or attention between points
+BACKBONES = ("pointwise", "transformer")
 
 #: samplers of the point cloud; ``consistency`` needs a distilled checkpoint (``caloadapt distill``)
 SAMPLERS = {"heun": sample_heun, "euler": sample_euler, "consistency": sample_consistency}
@@ -40,19 +45,32 @@ class ModelConfig:
 
     Attributes:
         frame: point frame, ``physical`` or ``box`` (see :mod:`caloadapt.models.representation`).
+        backbone: point network, ``pointwise`` (CaloClouds II PointWise-Net) or ``transformer``
+            (:class:`~caloadapt.models.transformer.PointTransformer`).
+        geometry_conditioning: append the detector descriptor
+            (:func:`~caloadapt.geometry.geometry_descriptor`) to the conditioning of the flow and of
+            the point network; False is the single-detector model (and what older checkpoints hold).
         grid_step_x0, grid_depth_x0: the flow's longitudinal grid in radiation lengths.
-        widths: hidden widths of the point network (CaloClouds II: 128, 256, 512, 256, 128).
+        widths: hidden widths of the pointwise network (CaloClouds II: 128, 256, 512, 256, 128).
         time_dim: size of the noise-level embedding.
+        transformer_dim, transformer_depth, transformer_heads, transformer_inducing: width, blocks,
+            attention heads and inducing tokens of the transformer backbone.
         flow_hidden, flow_transforms, flow_bins: coupling hyper-network widths, number of
             coupling transforms and spline bins of the flow.
         sigma_data, P_mean, P_std: EDM data scale and log-normal training noise (Karras et al. 2022).
     """
 
     frame: str = "physical"
+    backbone: str = "pointwise"
+    geometry_conditioning: bool = False
     grid_step_x0: float = 0.5
     grid_depth_x0: float = 40.0
     widths: tuple[int, ...] = (128, 256, 512, 256, 128)
     time_dim: int = 64
+    transformer_dim: int = 64
+    transformer_depth: int = 4
+    transformer_heads: int = 4
+    transformer_inducing: int = 16
     flow_hidden: tuple[int, ...] = (128, 128)
     flow_transforms: int = 6
     flow_bins: int = 8
@@ -72,9 +90,43 @@ class ModelConfig:
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**values)
 
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {', '.join(BACKBONES)}")
+
+    @property
+    def condition_dim(self) -> int:
+        """Width of the point network's shower condition: energy, points (+ the detector descriptor)."""
+        return 2 + (DESCRIPTOR_DIM if self.geometry_conditioning else 0)
+
     @property
     def grid(self) -> DepthGrid:
         return DepthGrid(self.grid_step_x0, self.grid_depth_x0)
+
+
+def shower_condition(incident_energy_mev: np.ndarray, n_points: np.ndarray, geometry: Geometry,
+                     geometry_conditioning: bool) -> np.ndarray:
+    """``(N, C)`` condition of the point network: energy, points (+ the descriptor of ``geometry``)."""
+    columns = [energy_condition(incident_energy_mev)[:, None], points_condition(n_points)[:, None]]
+    if geometry_conditioning:
+        columns.append(np.broadcast_to(geometry_descriptor(geometry), (len(columns[0]), DESCRIPTOR_DIM)))
+    return np.concatenate(columns, axis=1)
+
+
+def flow_condition(condition: Tensor) -> Tensor:
+    """The flow's condition: the energy (+ descriptor) columns of the point network's condition.
+
+    The flow predicts the number of points, so it must not be told it.
+    """
+    return torch.cat([condition[:, :1], condition[:, 2:]], dim=1)
+
+
+def _backbone(config: ModelConfig) -> nn.Module:
+    if config.backbone == "transformer":
+        return PointTransformer(point_dim=4, context_dim=config.condition_dim, dim=config.transformer_dim,
+                                depth=config.transformer_depth, heads=config.transformer_heads,
+                                n_inducing=config.transformer_inducing, time_dim=config.time_dim)
+    return PointwiseNet(point_dim=4, context_dim=config.condition_dim, widths=config.widths, time_dim=config.time_dim)
 
 
 class ShowerModel(nn.Module):
@@ -84,10 +136,9 @@ class ShowerModel(nn.Module):
         super().__init__()
         self.config = config
         n_stats = n_statistics(config.grid)
-        self.flow = ShowerFlow(n_stats, context_dim=1, hidden=config.flow_hidden,
+        self.flow = ShowerFlow(n_stats, context_dim=config.condition_dim - 1, hidden=config.flow_hidden,
                                transforms=config.flow_transforms, bins=config.flow_bins)
-        self.denoiser = EDMPrecond(PointwiseNet(point_dim=4, context_dim=2, widths=config.widths,
-                                                time_dim=config.time_dim), sigma_data=config.sigma_data)
+        self.denoiser = EDMPrecond(_backbone(config), sigma_data=config.sigma_data)
         self.diffusion_loss = EDMLoss(config.P_mean, config.P_std, config.sigma_data)
         # normalisation of features, fixed from the pre-training data and never changed afterwards
         self.register_buffer("point_mean", torch.zeros(4))
@@ -96,7 +147,7 @@ class ShowerModel(nn.Module):
         self.register_buffer("stats_std", torch.ones(n_stats))
 
     @property
-    def net(self) -> PointwiseNet:
+    def net(self) -> PointwiseNet | PointTransformer:
         """The point network inside the EDM preconditioning (registered once, as ``denoiser.net``)."""
         return self.denoiser.net
 
@@ -121,7 +172,8 @@ class ShowerModel(nn.Module):
         Arguments:
             points: ``(B, M, 4)`` point features (un-normalised), padded.
             mask: ``(B, M)`` True for real points.
-            condition: ``(B, 2)`` energy and points conditions.
+            condition: ``(B, C)`` energy and points conditions (+ detector descriptor), as built by
+                :func:`shower_condition`.
             statistics: ``(B, S)`` flow inputs (un-normalised).
             generator: torch RNG for the noise draws.
 
@@ -131,7 +183,7 @@ class ShowerModel(nn.Module):
         x = (points - self.point_mean) / self.point_std
         diffusion = self.diffusion_loss(self.denoiser, x, condition, mask, generator)
         s = (statistics - self.stats_mean) / self.stats_std
-        flow = -self.flow.log_prob(s, condition[:, :1]).mean() / s.shape[1]
+        flow = -self.flow.log_prob(s, flow_condition(condition)).mean() / s.shape[1]
         return {"diffusion": diffusion, "flow": flow}
 
     # -- generation --------------------------------------------------------------------------
@@ -142,8 +194,11 @@ class ShowerModel(nn.Module):
         """Generate one batch of showers in ``geometry`` (points at layer centres, cell energies MeV)."""
         device = self.point_mean.device
         energy = np.asarray(incident_energy_mev, np.float64)
-        energy_cond = torch.as_tensor(energy_condition(energy), dtype=torch.float32, device=device)[:, None]
-        stats = self.flow.sample(energy_cond, generator=generator) * self.stats_std + self.stats_mean
+        # the points condition is set once the flow has sampled the numbers of points
+        condition = torch.as_tensor(shower_condition(energy, np.ones_like(energy), geometry,
+                                                     self.config.geometry_conditioning),
+                                    dtype=torch.float32, device=device)
+        stats = self.flow.sample(flow_condition(condition), generator=generator) * self.stats_std + self.stats_mean
         counts, layer_energy, cog = statistics_to_layers(geometry, stats.double().cpu().numpy(), energy,
                                                          self.config.grid)
         counts = np.minimum(counts, max_points // geometry.n_layers + 1)
@@ -152,8 +207,7 @@ class ShowerModel(nn.Module):
         if width == 0:
             return Showers.from_counts(np.zeros((0, 4)), n_points, energy, particle=particle, geometry=geometry.name)
         mask = torch.arange(width, device=device)[None, :] < torch.as_tensor(n_points, device=device)[:, None]
-        condition = torch.cat([energy_cond, torch.as_tensor(points_condition(n_points), dtype=torch.float32,
-                                                            device=device)[:, None]], dim=1)
+        condition[:, 1] = torch.as_tensor(points_condition(n_points), dtype=torch.float32, device=device)
         # the fused wrapper computes each shower's gates once and skips padding: same values, faster
         denoiser = FusedDenoiser(self.denoiser, mask=mask)
         x = SAMPLERS[sampler](denoiser, condition, width, mask=mask, n_steps=n_steps, generator=generator)

@@ -1,7 +1,13 @@
-"""The pre-trained model shipped with the package (ILD-like Si-W ECAL photons, 10-90 GeV).
+"""The pre-trained models shipped with the package.
 
-How it was made (command, data, training cost) is recorded in the README and inside the
-checkpoint (``command``, ``train_config``, ``train_state``).
+- ``ild-photons``: single-detector model, ILD-like Si-W ECAL photons 10-90 GeV (the default);
+- ``multi-detector``: geometry-conditioned model pre-trained jointly on five detectors of the
+  built-in family (``caloadapt.geometry.DETECTOR_FAMILY`` without ``pb-scintillator``, which is
+  held out as the adaptation target of the published sweep).
+
+How each was made (command, data, training cost) is recorded in the README and inside the
+checkpoint (``command``, ``train_config``, ``train_state``). Wherever a checkpoint path is
+accepted, the shipped models can be named instead (``--checkpoint multi-detector``).
 """
 
 from __future__ import annotations
@@ -11,15 +17,33 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 
-__all__ = ["PRETRAINED_NAME", "default_checkpoint"]
+__all__ = ["PRETRAINED_NAME", "SHIPPED_CHECKPOINTS", "default_checkpoint", "shipped_checkpoint",
+           "resolve_checkpoint"]
 
-PRETRAINED_NAME = "ild-photons.pt"
+#: shipped models: name -> file in this package
+SHIPPED_CHECKPOINTS = {"ild-photons": "ild-photons.pt", "multi-detector": "multi-detector.pt"}
+PRETRAINED_NAME = SHIPPED_CHECKPOINTS["ild-photons"]
+
+
+def shipped_checkpoint(name: str) -> Path:
+    """Path of a shipped checkpoint by name (see :data:`SHIPPED_CHECKPOINTS`)."""
+    if name not in SHIPPED_CHECKPOINTS:
+        raise CheckpointError(f"no shipped model {name!r}; shipped: {', '.join(SHIPPED_CHECKPOINTS)}")
+    path = Path(str(resources.files("caloadapt.pretrained") / SHIPPED_CHECKPOINTS[name]))
+    if not path.is_file():
+        raise CheckpointError(f"the shipped pre-trained model {path.name} is missing from this installation; "
+                              "give --checkpoint")
+    return path
 
 
 def default_checkpoint() -> Path:
-    """Path of the shipped pre-trained checkpoint."""
-    path = Path(str(resources.files("caloadapt.pretrained") / PRETRAINED_NAME))
-    if not path.is_file():
-        raise CheckpointError(f"the shipped pre-trained model {PRETRAINED_NAME} is missing from this installation; "
-                              "give --checkpoint")
+    """Path of the shipped single-detector pre-trained checkpoint (``ild-photons``)."""
+    return shipped_checkpoint("ild-photons")
+
+
+def resolve_checkpoint(path_or_name: str | Path) -> Path:
+    """A checkpoint path as given, or the shipped checkpoint when a shipped name (and no such file) is given."""
+    path = Path(path_or_name)
+    if not path.exists() and str(path_or_name) in SHIPPED_CHECKPOINTS:
+        return shipped_checkpoint(str(path_or_name))
     return path

@@ -15,7 +15,11 @@ import torch
 from .._atomic import atomic_path
 from ..errors import InputError
 
-__all__ = ["SweepSpec", "RunSpec", "plan_runs", "run_sweep", "run_one", "parse_method"]
+__all__ = ["SweepSpec", "RunSpec", "plan_runs", "run_sweep", "run_one", "parse_method", "ZERO_SHOT"]
+
+#: the pseudo-method that generates with the pre-trained model as it is (no target showers: D = 0);
+#: a geometry-conditioned model is told the target detector by its descriptor alone
+ZERO_SHOT = "zero-shot"
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class SweepSpec:
         reference: held-out target showers the generated ones are compared with (never trained on).
         geometry: target geometry (name or path).
         sizes, methods, seeds: the grid; methods are ``name`` or ``name:key=value,...``
-            (e.g. ``lora:rank=16,alpha=16``).
+            (e.g. ``lora:rank=16,alpha=16``), or ``zero-shot`` (one run per checkpoint and seed, D = 0).
         steps, batch_size, max_points: training budget of every run (the same for all methods).
         n_eval: generated and reference showers compared per run.
         n_steps_sampler: sampler steps at generation.
@@ -92,11 +96,12 @@ def parse_method(text: str):
 def plan_runs(spec: SweepSpec, out_dir: Path) -> list[RunSpec]:
     """All runs of the grid, in a fixed order; each with its own directory."""
     for text in spec.methods:
-        parse_method(text)  # fail early on a bad method, before any run starts
+        if text != ZERO_SHOT:
+            parse_method(text)  # fail early on a bad method, before any run starts
     runs = []
     for label in spec.checkpoints:
         for method in spec.methods:
-            for size in spec.sizes:
+            for size in (0,) if method == ZERO_SHOT else spec.sizes:
                 for seed in spec.seeds:
                     safe = method.replace(":", "_").replace(",", "_").replace("=", "")
                     directory = out_dir / "runs" / label / safe / f"n{size}_s{seed}"
@@ -127,22 +132,29 @@ def run_one(run: RunSpec) -> dict:
         return json.loads(result_path.read_text())
     started = time.perf_counter()
     geometry = get_geometry(spec.geometry)
-    method = parse_method(run.method)
-    lr, flow_lr = adaptation_learning_rates(method.name, run.size)
-    config = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, max_points=spec.max_points, lr=lr, flow_lr=flow_lr,
-                         n_samples=run.size, val_fraction=spec.val_fraction, val_every=spec.val_every,
-                         checkpoint_every=spec.val_every, seed=run.seed, data_seed=run.seed, device="cpu")
-    summary = finetune(spec.checkpoints[run.pretrained], spec.data, geometry, directory, method, config,
-                       resume=True, progress=False, log=lambda *_: None)
+    if run.method == ZERO_SHOT:
+        model = load_adapted_model(spec.checkpoints[run.pretrained])
+        summary, parameters = {"best": None}, []
+    else:
+        method = parse_method(run.method)
+        lr, flow_lr = adaptation_learning_rates(method.name, run.size)
+        config = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, max_points=spec.max_points, lr=lr,
+                             flow_lr=flow_lr, n_samples=run.size, val_fraction=spec.val_fraction,
+                             val_every=spec.val_every, checkpoint_every=spec.val_every, seed=run.seed,
+                             data_seed=run.seed, device="cpu")
+        summary = finetune(spec.checkpoints[run.pretrained], spec.data, geometry, directory, method, config,
+                           resume=True, progress=False, log=lambda *_: None)
+        model = load_adapted_model(directory / "model.pt")
+        parameters = json.loads((directory / "parameters.json").read_text())["groups"]
     train_s = time.perf_counter() - started
-    model = load_adapted_model(directory / "model.pt")
     reference = read_showers(spec.reference, geometry, stop=spec.n_eval)
     generated = Showers.concatenate(list(iter_generate(model, geometry, reference.incident_energy_mev,
                                                        n_steps=spec.n_steps_sampler, seed=run.seed,
                                                        particle=reference.particle)))
     table = score_showers(generated, reference, geometry, seed=run.seed)
-    parameters = json.loads((directory / "parameters.json").read_text())["groups"]
-    result = {"pretrained": run.pretrained, "method": run.method, "size": run.size, "seed": run.seed,
+    result = {"pretrained": run.pretrained, "backbone": model.config.backbone,
+              "geometry_conditioning": model.config.geometry_conditioning,
+              "method": run.method, "size": run.size, "seed": run.seed,
               "geometric_mean": table.geometric_mean, "geometric_mean_std": table.geometric_mean_std,
               "scores": table.as_dict()["scores"], "parameters": parameters,
               "best_validation": summary["best"], "train_s": train_s,

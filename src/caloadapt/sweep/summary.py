@@ -74,6 +74,10 @@ def _plot(rows: list[dict], path: Path) -> None:
         series[(r["pretrained"], r["method"])].append(r)
     multiple = len({r["pretrained"] for r in rows}) > 1
     for (label, method), points in series.items():
+        if all(p["size"] == 0 for p in points):  # zero-shot: no target showers, a level to compare with
+            line = ax.axhline(points[0]["median"], linestyle="--", linewidth=1)
+            line.set_label(f"{label}: {method}" if multiple else method)
+            continue
         points.sort(key=lambda r: r["size"])
         x = [p["size"] for p in points]
         y = np.array([p["median"] for p in points])

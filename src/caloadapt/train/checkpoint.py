@@ -37,8 +37,11 @@ def save_checkpoint(path: str | os.PathLike[str], model: ShowerModel, **parts) -
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict:
-    """Read and check a checkpoint; a clear :class:`CheckpointError` for anything wrong with it."""
-    path = Path(path)
+    """Read and check a checkpoint (a path, or the name of a shipped model); a clear
+    :class:`CheckpointError` for anything wrong with it."""
+    from ..pretrained import resolve_checkpoint
+
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:

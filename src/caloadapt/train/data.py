@@ -17,10 +17,11 @@ import torch
 from ..data.io import read_showers
 from ..errors import InputError
 from ..geometry import Geometry
-from ..models.representation import DepthGrid, PointFrame, energy_condition, points_condition, shower_statistics
+from ..models.representation import DepthGrid, PointFrame, shower_statistics
+from ..models.shower_model import shower_condition
 from ..showers import Showers
 
-__all__ = ["Batch", "make_batch", "ShowerSubset", "split_indices"]
+__all__ = ["Batch", "make_batch", "ShowerSubset", "BatchStream", "DataSource", "split_indices"]
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Batch:
 
     points: torch.Tensor      # (B, M, 4) point features
     mask: torch.Tensor        # (B, M) True for real points
-    condition: torch.Tensor   # (B, 2) energy and points conditions
+    condition: torch.Tensor   # (B, C) energy and points conditions (+ detector descriptor)
     statistics: torch.Tensor  # (B, S) flow inputs
 
     def to(self, device: torch.device | str) -> Batch:
@@ -39,11 +40,26 @@ class Batch:
         return len(self.points)
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """One training file, its detector and its share of the training batches (joint pre-training)."""
+
+    path: Path
+    geometry: Geometry
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise InputError(f"{self.path}: sampling weight must be positive, got {self.weight}")
+
+
 def make_batch(showers: Showers, geometry: Geometry, frame: str, grid: DepthGrid, rng: np.random.Generator,
-               max_points: int, smear: bool = True) -> Batch:
+               max_points: int, smear: bool = True, geometry_conditioning: bool = False) -> Batch:
     """Features of a batch of showers: cell-level hits are smeared inside their cells
-    (dequantisation), and at most ``max_points`` random points per shower are kept (points are
-    independent given the shower condition, so a subset is an unbiased sample of the loss)."""
+    (dequantisation), and at most ``max_points`` random points per shower are kept (an unbiased
+    sample of the per-point loss; the transformer's attention pools by softmax averages, which a
+    uniform subset also estimates). ``geometry_conditioning`` appends the detector descriptor to
+    the condition."""
     statistics = shower_statistics(geometry, showers, rng, grid)
     moved = geometry.smear_hits(showers, rng) if smear else showers
     features = PointFrame(geometry, frame).to_features(moved)
@@ -56,7 +72,7 @@ def make_batch(showers: Showers, geometry: Geometry, frame: str, grid: DepthGrid
         chosen = rng.choice(n, k, replace=False) if n > k else np.arange(n)
         points[i, :k] = features[start + chosen]
         mask[i, :k] = True
-    condition = np.stack([energy_condition(showers.incident_energy_mev), points_condition(counts)], axis=1)
+    condition = shower_condition(showers.incident_energy_mev, counts, geometry, geometry_conditioning)
     return Batch(torch.from_numpy(points), torch.from_numpy(mask),
                  torch.as_tensor(condition, dtype=torch.float32), torch.as_tensor(statistics, dtype=torch.float32))
 
@@ -113,3 +129,30 @@ class ShowerSubset:
                 if position >= skip:
                     yield showers[order[start:start + batch_size]]
                 position += 1
+
+
+class BatchStream:
+    """Endless shuffled batches of a subset, epoch after epoch, with a resumable cursor.
+
+    ``cursor`` (epoch, batches taken in that epoch) is all a checkpoint needs to continue with
+    exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, subset: ShowerSubset, batch_size: int, seed: int, epoch: int = 0, position: int = 0):
+        self.subset, self.batch_size, self.seed = subset, batch_size, seed
+        self.epoch, self.position = epoch, position
+        self._batches: Iterator[Showers] | None = None
+
+    @property
+    def cursor(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def next(self) -> Showers:
+        while True:
+            if self._batches is None:
+                self._batches = self.subset.batches(self.batch_size, self.seed, self.epoch, skip=self.position)
+            showers = next(self._batches, None)
+            if showers is not None:
+                self.position += 1
+                return showers
+            self.epoch, self.position, self._batches = self.epoch + 1, 0, None

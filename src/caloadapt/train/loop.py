@@ -11,6 +11,7 @@ import csv
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from ..geometry import Geometry
 from ..models.representation import PointFrame, shower_statistics
 from ..models.shower_model import ShowerModel
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import Batch, ShowerSubset, make_batch, split_indices
+from .data import Batch, BatchStream, DataSource, ShowerSubset, make_batch, split_indices
 
 __all__ = ["TrainConfig", "train", "resolve_device"]
 
@@ -122,12 +123,17 @@ def _setup_distributed() -> tuple[bool, int, int]:
     return world > 1, int(os.environ.get("RANK", "0")), world
 
 
-def _fit_normalisation(model: ShowerModel, subset: ShowerSubset, geometry: Geometry, seed: int) -> None:
-    """Feature standardisation from up to 2000 training showers (pre-training only)."""
+def _fit_normalisation(model: ShowerModel, sources: list[DataSource], subsets: list[ShowerSubset],
+                       seed: int) -> None:
+    """Feature standardisation from up to 2000 training showers, shared among the detectors."""
     rng = np.random.default_rng(seed)
-    showers = subset.block(0)[: min(2000, len(subset.blocks[0]))]
-    features = PointFrame(geometry, model.config.frame).to_features(geometry.smear_hits(showers, rng))
-    model.set_normalisation(features, shower_statistics(geometry, showers, rng, model.config.grid))
+    features, statistics = [], []
+    for source, subset in zip(sources, subsets):
+        showers = subset.block(0)[: min(2000 // len(sources), len(subset.blocks[0]))]
+        frame = PointFrame(source.geometry, model.config.frame)
+        features.append(frame.to_features(source.geometry.smear_hits(showers, rng)))
+        statistics.append(shower_statistics(source.geometry, showers, rng, model.config.grid))
+    model.set_normalisation(np.concatenate(features), np.concatenate(statistics))
 
 
 @torch.no_grad()
@@ -143,15 +149,33 @@ def _validate(model: ShowerModel, val: list[Batch], device: torch.device) -> dic
     return {key: value / n for key, value in totals.items()}
 
 
-def train(model: ShowerModel, data_path: str | Path, geometry: Geometry, out_dir: str | Path,
-          config: TrainConfig, *, trainable: list[str] | None = None, resume: bool = False,
+def _sources(data: str | Path | Sequence[DataSource], geometry: Geometry | None) -> list[DataSource]:
+    if isinstance(data, (str, Path)):
+        if geometry is None:
+            raise InputError("a single training file needs its geometry")
+        return [DataSource(Path(data), geometry)]
+    sources = list(data)
+    if not sources:
+        raise InputError("no training data given")
+    names = [s.geometry.name for s in sources]
+    if len(set(names)) != len(names):
+        raise InputError(f"each detector may appear once in joint training, got {names}")
+    return sources
+
+
+def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry: Geometry | None,
+          out_dir: str | Path, config: TrainConfig, *, trainable: list[str] | None = None, resume: bool = False,
           fit_normalisation: bool = True, checkpoint_parts: dict | None = None,
           stop_after_steps: int | None = None, progress: bool = True) -> dict:
-    """Train ``model`` on showers of ``data_path``; write ``last.pt``, ``best.pt`` and ``metrics.csv``.
+    """Train ``model`` on showers of one or several detectors; write ``last.pt``, ``best.pt``, ``metrics.csv``.
 
     Arguments:
         model: the model (fresh, or loaded from a pre-trained checkpoint).
-        data_path: training shower file of ``geometry``.
+        data: training shower file of ``geometry``, or several :class:`DataSource` (file, detector,
+            sampling weight; ``geometry`` None) for joint training: each step's batch comes from one
+            detector, drawn with probability proportional to its weight; every detector has its own
+            validation split, the losses are logged per detector and the checkpoint is chosen on
+            their weighted mean.
         out_dir: run directory.
         trainable: names of the parameters to train (None: all); the others are frozen and the
             optimiser never sees them.
@@ -172,15 +196,23 @@ def train(model: ShowerModel, data_path: str | Path, geometry: Geometry, out_dir
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
+    sources = _sources(data, geometry)
+    weights = np.array([s.weight for s in sources]) / sum(s.weight for s in sources)
+    conditioned = model.config.geometry_conditioning
 
-    # data: one subset per (n_samples, data seed), shared by the flow and the diffusion model
-    train_idx, val_idx = split_indices(count_showers(data_path), config.n_samples, config.val_fraction,
-                                       config.data_seed)
-    subset = ShowerSubset(data_path, geometry, train_idx)
-    val_showers = read_showers(data_path, geometry, indices=val_idx[: config.val_max_showers])
-    val_rng = np.random.default_rng([config.data_seed, 1])
-    val = [make_batch(chunk, geometry, model.config.frame, model.config.grid, val_rng, config.max_points)
-           for chunk in val_showers.chunks(64)]
+    def batch_of(showers, source: DataSource, rng, max_points: int) -> Batch:
+        return make_batch(showers, source.geometry, model.config.frame, model.config.grid, rng, max_points,
+                          geometry_conditioning=conditioned)
+
+    # data: per detector one subset per (n_samples, data seed), shared by the flow and the diffusion model
+    subsets, val = [], []
+    for source in sources:
+        train_idx, val_idx = split_indices(count_showers(source.path), config.n_samples, config.val_fraction,
+                                           config.data_seed)
+        subsets.append(ShowerSubset(source.path, source.geometry, train_idx))
+        val_showers = read_showers(source.path, source.geometry, indices=val_idx[: config.val_max_showers])
+        val_rng = np.random.default_rng([config.data_seed, 1])
+        val.append([batch_of(chunk, source, val_rng, config.max_points) for chunk in val_showers.chunks(64)])
 
     # parameters: the optimiser sees only the trainable ones
     names = [n for n, _ in model.named_parameters()] if trainable is None else list(trainable)
@@ -192,14 +224,17 @@ def train(model: ShowerModel, data_path: str | Path, geometry: Geometry, out_dir
                           {"params": [params[n] for n in flow_names], "lr": config.flow_lr}) if g["params"]]
     optimizer = (torch.optim.RAdam if config.optimizer == "radam" else torch.optim.Adam)(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate_factor(config))
-    state = {"step": 0, "epoch": 0, "position": 0, "best": {"diffusion": math.inf, "flow": math.inf},
-             "best_step": {"diffusion": 0, "flow": 0}, "stale": 0, "wall_s": 0.0}
+    state = {"step": 0, "cursors": [{"epoch": 0, "position": 0} for _ in sources],
+             "best": {"diffusion": math.inf, "flow": math.inf}, "best_step": {"diffusion": 0, "flow": 0},
+             "stale": 0, "wall_s": 0.0}
 
     last = out_dir / "last.pt"
     if resume and last.exists():
         payload = load_checkpoint(last)
         if payload.get("train_config") != asdict(config):
             raise CheckpointError(f"{last}: was written with other training options; resume with the same ones")
+        if len(payload["train_state"].get("cursors", ())) != len(sources):
+            raise CheckpointError(f"{last}: was written for other training data; resume with the same files")
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
@@ -207,7 +242,7 @@ def train(model: ShowerModel, data_path: str | Path, geometry: Geometry, out_dir
         best_state = load_checkpoint(out_dir / "best.pt")["ema"] if (out_dir / "best.pt").exists() else None
     else:
         if fit_normalisation:
-            _fit_normalisation(model, subset, geometry, config.data_seed)
+            _fit_normalisation(model, sources, subsets, config.data_seed)
         best_state = None
     model.to(device)
     ema = _EMA(model, config.ema_decay)
@@ -215,15 +250,22 @@ def train(model: ShowerModel, data_path: str | Path, geometry: Geometry, out_dir
         ema.state = {k: v.to(device) for k, v in payload["ema"].items()}
     best_state = best_state or {k: v.clone() for k, v in ema.state.items()}
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    streams = [BatchStream(subset, config.batch_size * world, config.data_seed, **cursor)
+               for subset, cursor in zip(subsets, state["cursors"])]
 
-    parts = {"train_config": asdict(config), "trainable": names,
-             "geometry": {"name": geometry.name, "spec": geometry.spec}, **(checkpoint_parts or {})}
+    described = [{"name": s.geometry.name, "spec": s.geometry.spec} for s in sources]
+    parts = {"train_config": asdict(config), "trainable": names, "geometry": described[0],
+             **({"geometries": [{**d, "weight": float(w)} for d, w in zip(described, weights)]}
+                if len(sources) > 1 else {}),
+             **(checkpoint_parts or {})}
     metrics_path = out_dir / "metrics.csv"
     board = _tensorboard(out_dir) if rank == 0 else None
+    detectors = [s.geometry.name for s in sources] if len(sources) > 1 else []
     if rank == 0 and not (resume and metrics_path.exists()):
         with open(metrics_path, "w", newline="") as f:
             csv.writer(f).writerow(["step", "epoch", "lr", "train_diffusion", "train_flow", "val_diffusion",
-                                    "val_flow", "wall_s"])
+                                    "val_flow", "wall_s"]
+                                   + [f"val_{key}[{name}]" for name in detectors for key in ("diffusion", "flow")])
 
     def save(path: Path, weights: dict) -> None:
         save_checkpoint(path, model, ema=weights, optimizer=optimizer.state_dict(),
@@ -233,55 +275,51 @@ def train(model: ShowerModel, data_path: str | Path, geometry: Geometry, out_dir
                unit="step")
     started = time.perf_counter() - state["wall_s"]
     running = {"diffusion": 0.0, "flow": 0.0, "n": 0}
-    stop = False
-    while state["step"] < config.steps and not stop:
-        for showers in subset.batches(config.batch_size * world, config.data_seed, state["epoch"],
-                                      skip=state["position"]):
-            step = state["step"]
-            shard = showers[rank::world]
-            batch = make_batch(shard, geometry, model.config.frame, model.config.grid,
-                               np.random.default_rng([config.seed, step, rank]), config.max_points).to(device)
-            generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + step * 101 + rank)
-            model.train()
-            losses = ddp_model(batch.points, batch.mask, batch.condition, batch.statistics, generator)
-            loss = losses["diffusion"] + losses["flow"]
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite training loss at step {step}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([params[n] for n in names], config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            ema.update(model, step, names)
-            state["step"] += 1
-            state["position"] += 1
-            for key in ("diffusion", "flow"):
-                running[key] += float(losses[key].detach())
-            running["n"] += 1
-            bar.update(1)
-            bar.set_postfix(diffusion=f"{running['diffusion'] / running['n']:.3f}",
-                            flow=f"{running['flow'] / running['n']:.3f}")
+    while state["step"] < config.steps:
+        step = state["step"]
+        k = 0 if len(sources) == 1 else int(np.random.default_rng([config.data_seed, step, 7]).choice(
+            len(sources), p=weights))
+        shard = streams[k].next()[rank::world]
+        state["cursors"][k] = streams[k].cursor
+        batch = batch_of(shard, sources[k], np.random.default_rng([config.seed, step, rank]),
+                         config.max_points).to(device)
+        generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + step * 101 + rank)
+        model.train()
+        losses = ddp_model(batch.points, batch.mask, batch.condition, batch.statistics, generator)
+        loss = losses["diffusion"] + losses["flow"]
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite training loss at step {step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([params[n] for n in names], config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        ema.update(model, step, names)
+        state["step"] = step = step + 1
+        for key in ("diffusion", "flow"):
+            running[key] += float(losses[key].detach())
+        running["n"] += 1
+        bar.update(1)
+        bar.set_postfix(diffusion=f"{running['diffusion'] / running['n']:.3f}",
+                        flow=f"{running['flow'] / running['n']:.3f}")
 
-            step = state["step"]
-            if step % config.val_every == 0 or step == config.steps:
-                if rank == 0:
-                    stop = _validation_round(model, ema, val, device, state, best_state, config, running,
-                                             metrics_path, optimizer, time.perf_counter() - started, board)
-                    save(out_dir / "best.pt", best_state)
-                running = {"diffusion": 0.0, "flow": 0.0, "n": 0}
-            if stop_after_steps is not None and step >= stop_after_steps:
-                stop = True
-            if step % config.checkpoint_every == 0 or step == config.steps or stop:
-                state["wall_s"] = time.perf_counter() - started
-                if rank == 0:
-                    save(last, ema.state)
-                if ddp:
-                    dist.barrier()
-            if step >= config.steps or stop:
-                break
-        else:
-            state["epoch"] += 1
-            state["position"] = 0
+        stop = False
+        if step % config.val_every == 0 or step == config.steps:
+            if rank == 0:
+                stop = _validation_round(model, ema, val, weights, device, state, best_state, config, running,
+                                         metrics_path, optimizer, time.perf_counter() - started, board)
+                save(out_dir / "best.pt", best_state)
+            running = {"diffusion": 0.0, "flow": 0.0, "n": 0}
+        if stop_after_steps is not None and step >= stop_after_steps:
+            stop = True
+        if step % config.checkpoint_every == 0 or step == config.steps or stop:
+            state["wall_s"] = time.perf_counter() - started
+            if rank == 0:
+                save(last, ema.state)
+            if ddp:
+                dist.barrier()
+        if stop:
+            break
     bar.close()
     if ddp:
         dist.barrier()
@@ -298,14 +336,16 @@ def _tensorboard(out_dir: Path):
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
-def _validation_round(model, ema, val, device, state, best_state, config, running, metrics_path, optimizer,
-                      wall_s, board) -> bool:
-    """Validate the EMA weights, keep the best flow and point network separately, log. True = stop."""
+def _validation_round(model, ema, val, weights, device, state, best_state, config, running, metrics_path,
+                      optimizer, wall_s, board) -> bool:
+    """Validate the EMA weights on every detector, keep the best flow and point network separately
+    (on the weighted mean over detectors), log. True = stop."""
     raw = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(ema.state)
     model.eval()
-    scores = _validate(model, val, device)
+    per_detector = [_validate(model, batches, device) for batches in val]
     model.load_state_dict(raw)
+    scores = {key: float(sum(w * d[key] for w, d in zip(weights, per_detector))) for key in ("diffusion", "flow")}
     improved = False
     for key, prefix in (("diffusion", "denoiser."), ("flow", "flow.")):
         if scores[key] < state["best"][key]:
@@ -316,10 +356,11 @@ def _validation_round(model, ema, val, device, state, best_state, config, runnin
                     best_state[name] = value.clone()
     state["stale"] = 0 if improved else state["stale"] + 1
     n = max(running["n"], 1)
+    detail = [d[key] for d in per_detector for key in ("diffusion", "flow")] if len(val) > 1 else []
     with open(metrics_path, "a", newline="") as f:
-        csv.writer(f).writerow([state["step"], state["epoch"], optimizer.param_groups[0]["lr"],
+        csv.writer(f).writerow([state["step"], state["cursors"][0]["epoch"], optimizer.param_groups[0]["lr"],
                                 running["diffusion"] / n, running["flow"] / n, scores["diffusion"], scores["flow"],
-                                round(wall_s, 2)])
+                                round(wall_s, 2), *detail])
     if board is not None:
         for key in ("diffusion", "flow"):
             board.add_scalar(f"val/{key}", scores[key], state["step"])
