@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from caloadapt.adapt import METHODS, AdaptMethod, merge, prepare
 from caloadapt.cli import app
 from caloadapt.data import write_showers
+from caloadapt.errors import CheckpointError
 from caloadapt.geometry import DESCRIPTOR_DIM, geometry_descriptor, get_geometry
 from caloadapt.models import ModelConfig, PointTransformer, PointwiseNet, ShowerModel
 from caloadapt.pretrained import default_checkpoint
@@ -134,7 +135,7 @@ def test_joint_pretraining_runs_per_detector_and_resumes_exactly(two_detectors, 
     b = load_checkpoint(tmp_path / "split" / "last.pt")
     for key in a["ema"]:
         assert torch.equal(a["ema"][key], b["ema"][key]), key
-    with pytest.raises(Exception, match="other training data"):
+    with pytest.raises(CheckpointError, match="2 training file"):
         train(ShowerModel(config), sources[:1], None, tmp_path / "split", tiny_config(), resume=True,
               progress=False)
 
@@ -242,3 +243,18 @@ def test_transformer_distils_to_one_step_generation(transformer_model, two_detec
     showers = generate_one_step(model, get_geometry(SECOND_DETECTOR), np.array([15e3, 30e3]), settings=settings,
                                 generator=torch.Generator().manual_seed(0))
     assert len(showers) == 2 and np.all(np.isfinite(showers.points)) and np.all(showers.n_points > 0)
+
+
+def test_a_run_from_before_joint_training_resumes(two_detectors, tmp_path):
+    """Checkpoints of version 0.1 kept one (epoch, position) cursor; resuming them still works."""
+    config, sources = ModelConfig(**TINY), _sources(two_detectors[:1])
+    train(ShowerModel(config), sources, None, tmp_path, tiny_config(), progress=False, stop_after_steps=4)
+    payload = load_checkpoint(tmp_path / "last.pt")
+    cursor = payload["train_state"].pop("cursors")[0]
+    payload["train_state"].update(cursor)
+    torch.save(payload, tmp_path / "last.pt")
+    summary = train(ShowerModel(config), sources, None, tmp_path, tiny_config(), resume=True, progress=False)
+    assert summary["steps"] == 8
+    after = load_checkpoint(tmp_path / "last.pt")["train_state"]["cursors"][0]
+    per_epoch = 4  # 29 training showers in batches of 8
+    assert after["epoch"] * per_epoch + after["position"] == cursor["epoch"] * per_epoch + cursor["position"] + 4

@@ -233,12 +233,15 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
         payload = load_checkpoint(last)
         if payload.get("train_config") != asdict(config):
             raise CheckpointError(f"{last}: was written with other training options; resume with the same ones")
-        if len(payload["train_state"].get("cursors", ())) != len(sources):
-            raise CheckpointError(f"{last}: was written for other training data; resume with the same files")
+        state = payload["train_state"]
+        if "cursors" not in state:  # written by caloadapt 0.1 before joint training: one file, one cursor
+            state["cursors"] = [{"epoch": state.pop("epoch"), "position": state.pop("position")}]
+        if len(state["cursors"]) != len(sources):
+            raise CheckpointError(f"{last}: was written for {len(state['cursors'])} training file(s), not "
+                                  f"{len(sources)}; resume with the same files")
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
-        state = payload["train_state"]
         best_state = load_checkpoint(out_dir / "best.pt")["ema"] if (out_dir / "best.pt").exists() else None
     else:
         if fit_normalisation:
