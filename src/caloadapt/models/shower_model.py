@@ -5,10 +5,14 @@ Generation (arXiv:2309.05704, with the reference's dead post-processing made eff
 1. the flow samples, per shower, the longitudinal development on the fixed X0 grid and the
    centre of gravity; they are integrated over the target geometry's layers into points per
    layer and energy per layer;
-2. the point diffusion model samples N = sum of points per layer independent points;
+2. the point diffusion model samples N = sum of points per layer points (independently given the
+   shower condition with the pointwise backbone, jointly with the transformer backbone);
 3. points are sorted by generated depth and assigned to layers by those counts, energies in each
    layer are calibrated to the flow's layer energy, and the shower is shifted to the flow's
    centre of gravity.
+
+With ``geometry_conditioning`` both the flow and the point network are also told which detector
+they simulate, by its descriptor (:func:`caloadapt.geometry.geometry_descriptor`).
 """
 
 from __future__ import annotations
@@ -20,15 +24,15 @@ import torch
 from torch import Tensor, nn
 
 from ..geometry import Geometry
+from ..geometry.descriptor import DESCRIPTOR_DIM, geometry_descriptor
 from ..showers import Showers
 from .consistency import FusedDenoiser, sample_consistency
 from .edm import EDMLoss, EDMPrecond, sample_euler, sample_heun
 from .flow import ShowerFlow
 from .pointwise import PointwiseNet
-from .transformer import PointTransformer
-from ..geometry.descriptor import DESCRIPTOR_DIM, geometry_descriptor
 from .representation import (DepthGrid, PointFrame, energy_condition, n_statistics, points_condition,
                              statistics_to_layers)
+from .transformer import PointTransformer
 
 __all__ = ["ModelConfig", "ShowerModel", "SAMPLERS", "BACKBONES", "shower_condition", "flow_condition"]
 
