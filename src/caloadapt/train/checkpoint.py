@@ -17,8 +17,8 @@ from ..models.shower_model import ModelConfig, ShowerModel
 __all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "inference_checkpoint", "CHECKPOINT_FORMAT"]
 
 #: entries kept by :func:`inference_checkpoint`: enough to generate, adapt and reproduce, no optimiser
-_INFERENCE_KEYS = ("model_config", "geometry", "train_config", "train_state", "trainable", "command", "adapter",
-                   "consistency")
+_INFERENCE_KEYS = ("model_config", "geometry", "geometries", "train_config", "train_state", "trainable", "command",
+                   "adapter", "consistency")
 
 CHECKPOINT_FORMAT = "caloadapt-checkpoint"
 
