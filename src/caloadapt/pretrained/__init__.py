@@ -1,9 +1,9 @@
 """The pre-trained models shipped with the package.
 
 - ``ild-photons``: single-detector model, ILD-like Si-W ECAL photons 10-90 GeV (the default);
-- ``multi-detector``: geometry-conditioned model pre-trained jointly on five detectors of the
-  built-in family (``caloadapt.geometry.DETECTOR_FAMILY`` without ``pb-scintillator``, which is
-  held out as the adaptation target of the published sweep).
+- ``multi-detector``: geometry-conditioned model pre-trained jointly on four detectors of the
+  built-in family (``caloadapt.geometry.DETECTOR_FAMILY`` except ``pb-scintillator``, which is
+  held out as the adaptation target of the sweep in the README).
 
 How each was made (command, data, training cost) is recorded in the README and inside the
 checkpoint (``command``, ``train_config``, ``train_state``). Wherever a checkpoint path is
