@@ -312,3 +312,17 @@ def test_finetune_run_records_counts_and_writes_a_loadable_model(tiny_model, tmp
     again = finetune(pretrained, data, get_geometry("calochallenge-3"), tmp_path / "run", method, config,
                      resume=True, progress=False, log=None)
     assert again["steps"] == 4
+
+
+def test_learning_rate_rules():
+    from caloadapt.adapt.defaults import adaptation_learning_rates
+
+    # the published table by D, with the per-method factors; a scratch flow is fresh: pre-training rate
+    assert adaptation_learning_rates("full", 100) == pytest.approx((5e-4, 1e-3))
+    assert adaptation_learning_rates("full", 10_000) == pytest.approx((2.5e-5, 5e-5))
+    assert adaptation_learning_rates("bitfit", 1000) == pytest.approx((4e-4, 2e-4))
+    assert adaptation_learning_rates("scratch", 10_000) == pytest.approx((1e-3, 1e-3))
+    # rates that do not fall with D (short fixed budgets): the D <= 100 row at every size
+    for method in ("full", "bitfit", "scratch", "lora"):
+        assert adaptation_learning_rates(method, 10_000, by_size=False) == adaptation_learning_rates(method, 100)
+    assert adaptation_learning_rates("full", 50, by_size=False) == adaptation_learning_rates("full", 50)

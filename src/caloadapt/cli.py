@@ -474,6 +474,9 @@ def sweep(
     max_points: Annotated[int, typer.Option(min=1)] = 512,
     n_eval: Annotated[int, typer.Option(min=2, help="reference and generated showers compared per run")] = 1000,
     sampler_steps: Annotated[int, typer.Option(min=1, help="sampler steps at generation")] = 13,
+    lr_by_size: Annotated[bool, typer.Option(help="learning rates from the published table by data size; "
+                                                  "--no-lr-by-size: the D <= 100 rates at every size (short "
+                                                  "budgets)")] = True,
     compare_normalisation: Annotated[bool, typer.Option(help="require checkpoints in both the physical and the "
                                                              "published box frame, and compare them")] = False,
     executor: Annotated[str, typer.Option(help="local (worker processes) or slurm (submitit)")] = "local",
@@ -502,7 +505,7 @@ def sweep(
                      geometry=geo.name if geometry is None else geometry, sizes=_csv_ints(sizes),
                      methods=tuple(m.strip() for m in _split_methods(methods)), seeds=tuple(range(seeds)),
                      steps=steps, batch_size=batch_size, max_points=max_points, n_eval=n_eval,
-                     n_steps_sampler=sampler_steps, threads=threads)
+                     n_steps_sampler=sampler_steps, threads=threads, lr_by_size=lr_by_size)
     slurm = {"timeout_min": slurm_time, **({"slurm_partition": slurm_partition} if slurm_partition else {})}
     summarise(run_sweep(spec, output, executor=executor, workers=workers, slurm=slurm, log=typer.echo), output)
     typer.echo((output / "summary.md").read_text())

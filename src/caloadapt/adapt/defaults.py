@@ -3,12 +3,17 @@
 Starting point: the published "adaptive" table by data size D (method.md §5.2, CaloTransfer
 ``train.py``) and its per-strategy factors (full / top-k: x 1/2, BitFit: x 2, LoRA: x 1). The
 published runs take 1M steps; caloadapt's default budgets are a few thousand steps on a CPU, so
-scratch starts at the pre-training rate (1e-3) instead of the published 2e-4.
+scratch (point network and flow, both freshly initialised) trains at the pre-training rate (1e-3)
+instead of the published 2e-4.
+
+The table lowers the rate as D grows, which suits long runs. At a fixed short budget it makes larger
+data sets *worse* (the steps, not the data, limit the run), so ``by_size=False`` takes the D <= 100
+row for every size: the rates then do not change with D and a size scan measures the data alone.
 """
 
 from __future__ import annotations
 
-__all__ = ["table_learning_rate", "default_learning_rate", "adaptation_learning_rates"]
+__all__ = ["table_learning_rate", "default_learning_rate", "adaptation_learning_rates", "SCRATCH_LEARNING_RATE"]
 
 # D <= bound -> learning rate (method.md §5.2)
 _TABLE = ((100, 1e-3), (500, 5e-4), (1000, 2e-4), (5000, 1e-4), (10_000, 5e-5), (50_000, 2e-5))
@@ -24,13 +29,23 @@ def table_learning_rate(n_samples: int) -> float:
     return 1e-5
 
 
+#: the learning rate of a freshly initialised network (the pre-training rate)
+SCRATCH_LEARNING_RATE = 1e-3
+
+
 def default_learning_rate(method: str, n_samples: int) -> float:
     """Peak learning rate of the point network for ``method`` trained on ``n_samples`` showers."""
     if method == "scratch":
-        return 1e-3
+        return SCRATCH_LEARNING_RATE
     return _FACTOR[method] * table_learning_rate(n_samples)
 
 
-def adaptation_learning_rates(method: str, n_samples: int) -> tuple[float, float]:
-    """Peak learning rates ``(point network, flow)`` of an adaptation run (the flow follows the table)."""
-    return default_learning_rate(method, n_samples), table_learning_rate(n_samples)
+def adaptation_learning_rates(method: str, n_samples: int, by_size: bool = True) -> tuple[float, float]:
+    """Peak learning rates ``(point network, flow)`` of an adaptation run.
+
+    The pre-trained flow follows the table; a scratch flow trains at the pre-training rate.
+    ``by_size=False``: the rates of D <= 100 at every size (see the module docstring).
+    """
+    size = n_samples if by_size else min(n_samples, _TABLE[0][0])
+    flow = SCRATCH_LEARNING_RATE if method == "scratch" else table_learning_rate(size)
+    return default_learning_rate(method, size), flow

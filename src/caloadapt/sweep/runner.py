@@ -35,6 +35,9 @@ class SweepSpec:
         sizes, methods, seeds: the grid; methods are ``name`` or ``name:key=value,...``
             (e.g. ``lora:rank=16,alpha=16``), or ``zero-shot`` (one run per checkpoint and seed, D = 0).
         steps, batch_size, max_points: training budget of every run (the same for all methods).
+        lr_by_size: learning rates from the published table by data size (True), or the D <= 100
+            rates at every size (False: at a short fixed budget the table's lower rates for large D
+            would measure the budget, not the data; :mod:`caloadapt.adapt.defaults`).
         n_eval: generated and reference showers compared per run.
         n_steps_sampler: sampler steps at generation.
         threads: torch threads per run.
@@ -55,6 +58,7 @@ class SweepSpec:
     n_eval: int = 1000
     n_steps_sampler: int = 13
     threads: int = 1
+    lr_by_size: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,7 +141,7 @@ def run_one(run: RunSpec) -> dict:
         summary, parameters = {"best": None}, []
     else:
         method = parse_method(run.method)
-        lr, flow_lr = adaptation_learning_rates(method.name, run.size)
+        lr, flow_lr = adaptation_learning_rates(method.name, run.size, spec.lr_by_size)
         config = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, max_points=spec.max_points, lr=lr,
                              flow_lr=flow_lr, n_samples=run.size, val_fraction=spec.val_fraction,
                              val_every=spec.val_every, checkpoint_every=spec.val_every, seed=run.seed,
