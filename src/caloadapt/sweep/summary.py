@@ -68,25 +68,28 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     series: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
         series[(r["pretrained"], r["method"])].append(r)
     multiple = len({r["pretrained"] for r in rows}) > 1
-    for (label, method), points in series.items():
+    colours = plt.cm.tab10 if len(series) <= 10 else plt.cm.tab20
+    for i, ((label, method), points) in enumerate(series.items()):
+        colour = colours(i % colours.N)
         if all(p["size"] == 0 for p in points):  # zero-shot: no target showers, a level to compare with
-            line = ax.axhline(points[0]["median"], linestyle="--", linewidth=1)
-            line.set_label(f"{label}: {method}" if multiple else method)
+            ax.axhline(points[0]["median"], linestyle="--", linewidth=1, color=colour,
+                       label=f"{label}: {method}" if multiple else method)
             continue
         points.sort(key=lambda r: r["size"])
         x = [p["size"] for p in points]
         y = np.array([p["median"] for p in points])
         err = np.array([[p["median"] - p["q16"] for p in points], [p["q84"] - p["median"] for p in points]])
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{label}: {method}" if multiple else method)
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colour,
+                    label=f"{label}: {method}" if multiple else method)
     ax.set_xscale("log")
     ax.set_xlabel("target training showers D")
     ax.set_ylabel("geometric mean of normalised W1")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
