@@ -65,8 +65,7 @@ def test_conditioning_on_and_off_give_the_documented_shapes(backbone, two_detect
         assert config.condition_dim == width
         assert model.net.context_dim == width
         assert model.flow.context_dim == width - 1  # the flow is not told the number of points
-        batch = make_batch(showers, geometry, config.frame, config.grid, np.random.default_rng(0), 64,
-                           geometry_conditioning=conditioned)
+        batch = make_batch(showers, geometry, config, np.random.default_rng(0), 64)
         assert batch.condition.shape == (2, width)
         if conditioned:
             expected = torch.as_tensor(geometry_descriptor(geometry)).expand(2, -1)

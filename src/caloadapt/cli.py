@@ -206,6 +206,9 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
         device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
         resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
         frame: Annotated[str, typer.Option(help="point frame: physical or box")] = "physical",
+        transverse_scale_rm: Annotated[float, typer.Option(
+            help="r0 of the radial compression r -> r0 asinh(r/r0) of the transverse position, in Moliere "
+                 "radii (physical frame); 0: linear")] = 0.0,
         backbone: Annotated[str, typer.Option(help="point network: pointwise or transformer")] = "pointwise",
         geometry_conditioning: Annotated[Optional[bool], typer.Option(
             "--geometry-conditioning/--no-geometry-conditioning",
@@ -216,6 +219,9 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
         flow_hidden: Annotated[str, typer.Option(help="flow hyper-network widths")] = "128,128",
         flow_transforms: Annotated[int, typer.Option(min=1, help="flow coupling transforms")] = 6,
         patience: Annotated[Optional[int], typer.Option(help="early stop after N validations without gain")] = None,
+        occupancy_showers: Annotated[int, typer.Option(min=0, help="training showers per detector the occupancy "
+                                                                   "calibration is fitted on after training (0: none)")]
+        = 128,
     ) -> None:
         from .models import BACKBONES, FRAMES, ModelConfig
         from .train import TrainConfig
@@ -227,9 +233,10 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
         config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, flow_lr=flow_lr, max_points=max_points,
                              n_samples=n_samples, val_fraction=val_fraction, val_every=val_every,
                              checkpoint_every=val_every, seed=seed, data_seed=data_seed, device=device,
-                             patience=patience)
+                             patience=patience, occupancy_showers=occupancy_showers)
         conditioned = len(data) > 1 if geometry_conditioning is None else geometry_conditioning
-        model_config = ModelConfig(frame=frame, backbone=backbone, geometry_conditioning=conditioned,
+        model_config = ModelConfig(frame=frame, transverse_scale_rm=transverse_scale_rm, backbone=backbone,
+                                   geometry_conditioning=conditioned,
                                    widths=_csv_ints(widths), transformer_dim=transformer_dim,
                                    transformer_depth=transformer_depth, flow_hidden=_csv_ints(flow_hidden),
                                    flow_transforms=flow_transforms)
@@ -414,6 +421,9 @@ def finetune(
     seed: Annotated[int, typer.Option(help="seed of the run (initialisation of new weights, noise)")] = 0,
     data_seed: Annotated[int, typer.Option(help="seed of the target subset and its split")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    occupancy_showers: Annotated[int, typer.Option(min=0, help="training showers per detector the occupancy "
+                                                               "calibration is fitted on after training (0: none)")]
+    = 128,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
 ) -> None:
     """Adapt a pre-trained model to a target detector (or train the scratch baseline)."""
@@ -431,7 +441,8 @@ def finetune(
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr or default_lr,
                          flow_lr=flow_lr or default_flow_lr, max_points=max_points, n_samples=n_samples,
                          val_fraction=val_fraction, val_every=val_every, checkpoint_every=val_every,
-                         patience=patience, seed=seed, data_seed=data_seed, device=device)
+                         patience=patience, seed=seed, data_seed=data_seed, device=device,
+                         occupancy_showers=occupancy_showers)
     summary = run_finetune(checkpoint or default_checkpoint(), data, geo, output, adapt_method, config, resume=resume,
                            checkpoint_parts={"command": " ".join(sys.argv)}, log=typer.echo)
     typer.echo(f"{adapt_method.label()}: {summary['steps']} steps in {summary['wall_s']:.0f} s; best validation "
@@ -607,6 +618,41 @@ def export(
         raise CaloadaptError(f"ONNX export differs from PyTorch by {difference:.2e} (> {PARITY_TOLERANCE:g})")
     kind = "consistency function" if settings else "diffusion denoiser"
     typer.echo(f"wrote {output}: {kind}, dynamic batch and points; max |ONNX - PyTorch| = {difference:.1e}")
+
+
+@app.command()
+@_one_line_errors
+def calibrate(
+    checkpoint: Annotated[Path, typer.Option(help="trained checkpoint (a path or a shipped model's name)")],
+    data: Annotated[list[Path], typer.Option("--data", help="the run's training shower file; repeat it for "
+                                                           "each detector of a joint training")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="calibrated weights-only checkpoint")],
+    geometry: Annotated[Optional[str], typer.Option("--geometry", "-g", help="geometry of a single --data "
+                                                                             "file (default: from the file)")] = None,
+    n_showers: Annotated[int, typer.Option(min=1, help="training showers per detector the fit uses")] = 128,
+    seed: Annotated[int, typer.Option(help="seed of the fit's generation passes")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Fit the occupancy calibration of a trained model on its training showers (found again from the
+    options the checkpoint records) and write a weights-only copy that holds it."""
+    from .adapt import load_adapted_model
+    from .data.io import file_geometry
+    from .train import DataSource, calibrate_occupancy, load_checkpoint, resolve_device, write_inference_checkpoint
+
+    if geometry is not None and len(data) > 1:
+        raise CaloadaptError("--geometry names the detector of a single file")
+    payload = load_checkpoint(checkpoint)
+    model = load_adapted_model(payload).to(resolve_device(device))
+    sources = [DataSource(path, file_geometry(path, geometry)) for path in data]
+    calibrate_occupancy(model, sources, payload.get("train_config"), n_showers=n_showers, seed=seed)
+    size = write_inference_checkpoint(model.cpu(), payload, output)
+    for name, calibration in model.occupancy.items():
+        fit = calibration.fit
+        if name in {s.geometry.name for s in sources} and "generated_hits" in fit:
+            ratio = sum(fit["generated_hits"]) / max(sum(fit["training_hits"]), 1e-12)
+            typer.echo(f"{name}: {sum(fit['training_hits']):.1f} training hits per shower, calibrated generation "
+                       f"{sum(fit['generated_hits']):.1f} ({ratio - 1:+.1%})")
+    typer.echo(f"wrote {output} ({size / 2**20:.1f} MiB)")
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ __all__ = ["finetune", "load_adapted_model", "load_adapted_state"]
 
 
 def _adapted_model(payload: dict, weights: str, source: str) -> ShowerModel:
-    from ..train.checkpoint import model_from_checkpoint
+    from ..train.checkpoint import model_from_checkpoint, restore_occupancy
 
     method = payload.get("adapter")
     state = payload.get("ema") if weights == "ema" else payload["model"]
@@ -44,7 +44,7 @@ def _adapted_model(payload: dict, weights: str, source: str) -> ShowerModel:
     except RuntimeError as err:
         raise CheckpointError(f"{source}: weights do not fit the {method.name} adapters: "
                               f"{str(err).splitlines()[0]}") from None
-    return merge(model, method, copy_model=False)
+    return restore_occupancy(merge(model, method, copy_model=False), payload, source)
 
 
 def load_adapted_model(checkpoint: str | os.PathLike[str] | dict, weights: str = "ema") -> ShowerModel:
@@ -92,6 +92,7 @@ def finetune(pretrained: str | os.PathLike[str], data_path: str | os.PathLike[st
 
     out_dir = Path(out_dir)
     base = load_adapted_model(pretrained)
+    base.occupancy = {}  # calibrations belong to the weights they were fitted with; training fits the target's
     model, names = prepare(base, method, seed=config.seed)
     rows = parameter_report(model, names)
     if log is not None:

@@ -11,7 +11,9 @@ Inputs ``x`` float32 ``(batch, points, 4)``, ``sigma`` float32 ``(batch,)``, ``c
 transformer backbone ``mask`` bool ``(batch, points)`` (True for real points); output ``out``
 float32 ``(batch, points, 4)``; ``batch`` and ``points`` are dynamic.
 The kind and noise range are stored in the model's metadata (``caloadapt.kind``, ...), so
-:class:`OnnxDenoiser` and :func:`parity_check` know what the file holds. The shower flow and
+:class:`OnnxDenoiser` and :func:`parity_check` know what the file holds; the occupancy
+calibrations of the model (``caloadapt.occupancy``, JSON: geometry name -> calibration) travel
+with it. The shower flow and
 the post-processing stay in PyTorch/NumPy (they are cheap next to the point network).
 
 Exporter: ``torch.onnx.export(..., dynamo=True)`` (the torch.export-based exporter, default since
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import os
 import warnings
@@ -89,6 +92,9 @@ def _exported_module(model: ShowerModel | nn.Module, consistency: dict | None) -
             "caloadapt_version": __version__, "torch_version": torch.__version__}
     if consistency.get("sigmas"):
         meta["sigmas"] = ",".join(repr(float(s)) for s in consistency["sigmas"])
+    occupancy = getattr(model, "occupancy", None)
+    if occupancy:  # a user of the file alone (e.g. a Geant4 plug-in) needs the points per hit too
+        meta["occupancy"] = json.dumps({name: c.to_dict() for name, c in occupancy.items()})
     return module, meta
 
 

@@ -374,7 +374,7 @@ def swapped_denoiser(model: ShowerModel, denoiser: nn.Module) -> Iterator[Shower
 def generate_one_step(model: ShowerModel, geometry: Geometry, incident_energy_mev: np.ndarray, *,
                       n_steps: int = 1, settings: dict | None = None, denoiser: nn.Module | None = None,
                       generator: torch.Generator | None = None, particle: str = "electron",
-                      max_points: int = 40_000) -> Showers:
+                      max_points: int = 40_000, occupancy="auto") -> Showers:
     """Generate one batch of showers with a distilled model (``ShowerModel.generate`` with the
     consistency sampler; the flow and the post-processing are unchanged).
 
@@ -384,6 +384,7 @@ def generate_one_step(model: ShowerModel, geometry: Geometry, incident_energy_me
         denoiser: evaluate this consistency function instead of the model's network (e.g. an
             :class:`~caloadapt.export.onnx.OnnxDenoiser`).
         n_steps: 1 (one-step) or more (multistep).
+        occupancy: as for :meth:`ShowerModel.generate` (``auto``: the model's calibration).
     """
     settings = settings or {}
     sigma_min = float(settings.get("sigma_min", 0.002))
@@ -400,7 +401,8 @@ def generate_one_step(model: ShowerModel, geometry: Geometry, incident_energy_me
     f = denoiser if denoiser is not None else ConsistencyPrecond.from_edm(model.denoiser, sigma_min)
     with _sampler_registered("_consistency_one_step", sampler), swapped_denoiser(model, f):
         return model.generate(geometry, incident_energy_mev, n_steps=n_steps, sampler="_consistency_one_step",
-                              generator=generator, particle=particle, max_points=max_points)
+                              generator=generator, particle=particle, max_points=max_points,
+                              occupancy=occupancy)
 
 
 # -- distillation ----------------------------------------------------------------------------------------------
@@ -535,7 +537,6 @@ def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: G
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    frame, grid = teacher.config.frame, teacher.config.grid
 
     # data, as in training: the subset and split depend only on the data seed
     train_idx, val_idx = split_indices(count_showers(data_path), config.n_samples, config.val_fraction,
@@ -543,9 +544,7 @@ def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: G
     subset = ShowerSubset(data_path, geometry, train_idx)
     val_showers = read_showers(data_path, geometry, indices=val_idx[: config.val_max_showers])
     val_rng = np.random.default_rng([config.data_seed, 1])
-    conditioned = teacher.config.geometry_conditioning
-    val = [make_batch(chunk, geometry, frame, grid, val_rng, config.val_max_points,
-                      geometry_conditioning=conditioned).to(device)
+    val = [make_batch(chunk, geometry, teacher.config, val_rng, config.val_max_points).to(device)
            for chunk in val_showers.chunks(64)]
 
     # networks: frozen teacher; student, its EMA and the target all start from the teacher's weights
@@ -647,8 +646,8 @@ def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: G
     while state["step"] < config.steps and not stop:
         for showers in subset.batches(config.batch_size, config.data_seed, state["epoch"], skip=state["position"]):
             step = state["step"]
-            batch = make_batch(showers, geometry, frame, grid, np.random.default_rng([config.seed, step]),
-                               config.max_points, geometry_conditioning=conditioned).to(device)
+            batch = make_batch(showers, geometry, teacher.config, np.random.default_rng([config.seed, step]),
+                               config.max_points).to(device)
             gen = torch.Generator(device).manual_seed(config.seed * 1_000_003 + step * 101)
             loss = _step_loss(batch, gen, student)
             if not torch.isfinite(loss):

@@ -4,7 +4,12 @@
 point is in, depth in radiation lengths from the front face, and ln of the point's
 deposited-energy equivalent (cell energy / (calibration x visible fraction of its layer)) relative
 to the incident energy. Showers of the ILD-like and the CaloChallenge detectors then share one
-physical scale. ``box``: the published normalisation (arXiv:2512.00187): transverse position
+physical scale. With ``transverse_scale_rm`` = r0 > 0 the transverse position is compressed
+radially, r -> r0 asinh(r / r0) along the same direction (linear in the core, logarithmic in the
+halo): the point density of an electromagnetic shower falls by orders of magnitude over a few
+Moliere radii while its energy sits in a core of about 0.1 R_M, so on a linear scale the core
+that holds a third of the energy occupies a few per cent of the feature range
+(``docs/fidelity.md``). ``box``: the published normalisation (arXiv:2512.00187): transverse position
 divided by the half-size of the readout, depth as layer position mapped to [-1, 1], ln of the
 visible energy in MeV; kept to measure what the physical frame buys.
 
@@ -155,10 +160,27 @@ class PointFrame:
 
     geometry: Geometry
     frame: str = "physical"
+    #: r0 of the radial compression r -> r0 asinh(r / r0) in Moliere radii; 0 keeps the linear scale
+    transverse_scale_rm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.frame not in FRAMES:
             raise ValueError(f"unknown frame {self.frame!r}; expected one of {FRAMES}")
+        if not self.transverse_scale_rm >= 0:
+            raise ValueError(f"transverse_scale_rm must be >= 0, got {self.transverse_scale_rm}")
+        if self.transverse_scale_rm > 0 and self.frame != "physical":
+            raise ValueError("the radial compression (transverse_scale_rm > 0) needs the physical frame")
+
+    def _compress(self, x: np.ndarray, y: np.ndarray, inverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Radial compression of (x, y) in Moliere radii (or its inverse), direction kept."""
+        r0 = self.transverse_scale_rm
+        if r0 == 0:
+            return x, y
+        r = np.hypot(x, y)
+        new_r = r0 * np.sinh(np.minimum(r / r0, 50.0)) if inverse else r0 * np.arcsinh(r / r0)
+        # d(new_r)/dr = 1 at r = 0 in both directions, so the ratio tends to 1 at the axis
+        ratio = np.divide(new_r, r, out=np.ones_like(r), where=r > 0)
+        return x * ratio, y * ratio
 
     @property
     def _half_size_mm(self) -> float:
@@ -175,7 +197,8 @@ class PointFrame:
             rm = g.layer_moliere_radius_mm[layer]
             e_inc = np.repeat(showers.incident_energy_mev, showers.n_points)
             energy = np.log(np.maximum(deposited_equivalent_mev(g, showers, layer), 1e-12) / e_inc)
-            features = [p[:, 0] / rm, p[:, 1] / rm, g.stack.x0_at(p[:, 2]), energy]
+            x, y = self._compress(p[:, 0] / rm, p[:, 1] / rm)
+            features = [x, y, g.stack.x0_at(p[:, 2]), energy]
         else:
             half = self._half_size_mm
             depth = depth_to_layer_units(g, p[:, 2]) / g.n_layers * 2 - 1
@@ -193,7 +216,8 @@ class PointFrame:
         # a cell never holds more than the incident energy: clip the log energy before exp
         if self.frame == "physical":
             rm = g.layer_moliere_radius_mm[layer]
-            x, y = f[:, 0] * rm, f[:, 1] * rm
+            x, y = self._compress(f[:, 0], f[:, 1], inverse=True)
+            x, y = x * rm, y * rm
             fraction = np.exp(np.clip(f[:, 3], -50.0, 0.0))
             energy = fraction * incident_energy_mev * g.energy.calibration * g.layer_visible_fraction[layer]
         else:

@@ -8,8 +8,9 @@ Generation (arXiv:2309.05704, with the reference's dead post-processing made eff
 2. the point diffusion model samples N = sum of points per layer points (independently given the
    shower condition with the pointwise backbone, jointly with the transformer backbone);
 3. points are sorted by generated depth and assigned to layers by those counts, energies in each
-   layer are calibrated to the flow's layer energy, and the shower is shifted to the flow's
-   centre of gravity.
+   layer are calibrated to the flow's layer energy, the shower is shifted to the flow's centre
+   of gravity, and the energies are calibrated once more so that the cells above the readout
+   threshold hold the flow's layer energy.
 
 With ``geometry_conditioning`` both the flow and the point network are also told which detector
 they simulate, by its descriptor (:func:`caloadapt.geometry.geometry_descriptor`).
@@ -29,6 +30,7 @@ from ..showers import Showers
 from .consistency import FusedDenoiser, sample_consistency
 from .edm import EDMLoss, EDMPrecond, sample_euler, sample_heun
 from .flow import ShowerFlow
+from .occupancy import OccupancyCalibration
 from .pointwise import PointwiseNet
 from .representation import (DepthGrid, PointFrame, energy_condition, n_statistics, points_condition,
                              statistics_to_layers)
@@ -49,6 +51,9 @@ class ModelConfig:
 
     Attributes:
         frame: point frame, ``physical`` or ``box`` (see :mod:`caloadapt.models.representation`).
+        transverse_scale_rm: r0 of the radial compression of the transverse position in the
+            physical frame, r -> r0 asinh(r / r0), in Moliere radii; 0 keeps the linear scale (what
+            checkpoints written before the option hold).
         backbone: point network, ``pointwise`` (CaloClouds II PointWise-Net) or ``transformer``
             (:class:`~caloadapt.models.transformer.PointTransformer`).
         geometry_conditioning: append the detector descriptor
@@ -65,6 +70,7 @@ class ModelConfig:
     """
 
     frame: str = "physical"
+    transverse_scale_rm: float = 0.0
     backbone: str = "pointwise"
     geometry_conditioning: bool = False
     grid_step_x0: float = 0.5
@@ -106,6 +112,10 @@ class ModelConfig:
     @property
     def grid(self) -> DepthGrid:
         return DepthGrid(self.grid_step_x0, self.grid_depth_x0)
+
+    def point_frame(self, geometry: Geometry) -> PointFrame:
+        """The map between points of ``geometry`` and this model's point features."""
+        return PointFrame(geometry, self.frame, self.transverse_scale_rm)
 
 
 def shower_condition(incident_energy_mev: np.ndarray, n_points: np.ndarray, geometry: Geometry,
@@ -149,6 +159,8 @@ class ShowerModel(nn.Module):
         self.register_buffer("point_std", torch.ones(4))
         self.register_buffer("stats_mean", torch.zeros(n_stats))
         self.register_buffer("stats_std", torch.ones(n_stats))
+        #: occupancy calibration per geometry name, fitted after training (stored in checkpoints)
+        self.occupancy: dict[str, OccupancyCalibration] = {}
 
     @property
     def net(self) -> PointwiseNet | PointTransformer:
@@ -191,27 +203,50 @@ class ShowerModel(nn.Module):
         return {"diffusion": diffusion, "flow": flow}
 
     # -- generation --------------------------------------------------------------------------
+    def _sample_layers(self, geometry: Geometry, energy: np.ndarray, generator: torch.Generator | None
+                       ) -> tuple[Tensor, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The point network's condition (its points column still a placeholder) and the flow's
+        hits per layer, cell energy per layer and centre of gravity (:func:`statistics_to_layers`)."""
+        condition = torch.as_tensor(shower_condition(energy, np.ones_like(energy), geometry,
+                                                     self.config.geometry_conditioning),
+                                    dtype=torch.float32, device=self.point_mean.device)
+        stats = self.flow.sample(flow_condition(condition), generator=generator) * self.stats_std + self.stats_mean
+        return condition, statistics_to_layers(geometry, stats.double().cpu().numpy(), energy, self.config.grid)
+
+    @torch.no_grad()
+    def sample_layer_hits(self, geometry: Geometry, incident_energy_mev: np.ndarray,
+                          generator: torch.Generator | None = None) -> np.ndarray:
+        """``(N, n_layers)`` hits per layer the flow asks for (no point is generated)."""
+        return self._sample_layers(geometry, np.asarray(incident_energy_mev, np.float64), generator)[1][0]
+
     @torch.no_grad()
     def generate(self, geometry: Geometry, incident_energy_mev: np.ndarray, *, n_steps: int = 13,
                  sampler: str = "heun", generator: torch.Generator | None = None,
-                 particle: str = "electron", max_points: int = 40_000) -> Showers:
-        """Generate one batch of showers in ``geometry`` (points at layer centres, cell energies MeV)."""
+                 particle: str = "electron", max_points: int = 40_000,
+                 occupancy: OccupancyCalibration | None | str = "auto") -> Showers:
+        """Generate one batch of showers in ``geometry`` (points at layer centres, cell energies MeV).
+
+        ``occupancy``: ``auto`` applies the model's calibration for ``geometry`` (if it has one),
+        None generates as many points as the flow asks for hits, or give a calibration.
+        """
         device = self.point_mean.device
         energy = np.asarray(incident_energy_mev, np.float64)
-        # the points condition is set once the flow has sampled the numbers of points
-        condition = torch.as_tensor(shower_condition(energy, np.ones_like(energy), geometry,
-                                                     self.config.geometry_conditioning),
-                                    dtype=torch.float32, device=device)
-        stats = self.flow.sample(flow_condition(condition), generator=generator) * self.stats_std + self.stats_mean
-        counts, layer_energy, cog = statistics_to_layers(geometry, stats.double().cpu().numpy(), energy,
-                                                         self.config.grid)
+        condition, (hits, layer_energy, cog) = self._sample_layers(geometry, energy, generator)
+        calibration = self.occupancy.get(geometry.name) if occupancy == "auto" else occupancy
+        if calibration is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device
+                                     if generator is not None else "cpu"))
+            counts = calibration.points_for_hits(hits, np.random.default_rng(seed))
+        else:
+            counts = hits
         counts = np.minimum(counts, max_points // geometry.n_layers + 1)
         n_points = counts.sum(axis=1)
         width = int(n_points.max(initial=0))
         if width == 0:
             return Showers.from_counts(np.zeros((0, 4)), n_points, energy, particle=particle, geometry=geometry.name)
         mask = torch.arange(width, device=device)[None, :] < torch.as_tensor(n_points, device=device)[:, None]
-        condition[:, 1] = torch.as_tensor(points_condition(n_points), dtype=torch.float32, device=device)
+        # the network is told the hits the shower is to have (what N meant in training), not the points
+        condition[:, 1] = torch.as_tensor(points_condition(hits.sum(axis=1)), dtype=torch.float32, device=device)
         # the fused wrapper computes each shower's gates once and skips padding: same values, faster
         denoiser = FusedDenoiser(self.denoiser, mask=mask)
         x = SAMPLERS[sampler](denoiser, condition, width, mask=mask, n_steps=n_steps, generator=generator)
@@ -223,20 +258,35 @@ class ShowerModel(nn.Module):
         flat = features[mask].double().cpu().numpy()  # mask is a prefix: the first n_i sorted points
         layer = np.repeat(np.tile(np.arange(geometry.n_layers), len(energy)), counts.ravel())
         shower = np.repeat(np.arange(len(energy)), n_points)
-        points = PointFrame(geometry, self.config.frame).to_points(flat, layer, energy[shower])
-        _calibrate_layers(points, shower, layer, layer_energy, geometry.n_layers)
+        points = self.config.point_frame(geometry).to_points(flat, layer, energy[shower])
+        _calibrate_layers(points, shower, layer, layer_energy, geometry, visible_only=False)
         _shift_centre_of_gravity(points, shower, layer, cog, geometry)
+        # last, once the points sit where they stay: the cells that will be read out carry the energy
+        _calibrate_layers(points, shower, layer, layer_energy, geometry, visible_only=True)
         return Showers.from_counts(points, n_points, energy, particle=particle, geometry=geometry.name)
 
 
 def _calibrate_layers(points: np.ndarray, shower: np.ndarray, layer: np.ndarray, layer_energy: np.ndarray,
-                      n_layers: int) -> None:
-    """Scale point energies so each (shower, layer) sums to the flow's layer energy (in place)."""
-    key = shower * n_layers + layer
-    generated = np.bincount(key, points[:, 3], minlength=layer_energy.size)
+                      geometry: Geometry, *, visible_only: bool) -> None:
+    """Scale point energies so each (shower, layer) holds the flow's layer energy (in place).
+
+    With ``visible_only`` only the points in cells at or above the readout threshold count and
+    are scaled: the flow's layer energy is what such cells held in the training hits, and the
+    cells below threshold vanish on digitisation (about 1 % of the energy once the occupancy
+    calibration has spread it over more points).
+    """
+    key = shower * geometry.n_layers + layer
+    selected = np.ones(len(points), bool)
+    if visible_only:
+        cell = geometry.cell_index(points[:, :3])
+        inside = np.flatnonzero(cell >= 0)
+        _, inverse = np.unique(shower[inside] * geometry.n_cells + cell[inside], return_inverse=True)
+        selected[:] = False
+        selected[inside] = np.bincount(inverse, points[inside, 3])[inverse] >= geometry.energy.threshold_mev
     target = layer_energy.ravel()
-    scale = np.divide(target, generated, out=np.ones_like(target), where=generated > 0)
-    points[:, 3] *= scale[key]
+    held = np.bincount(key[selected], points[selected, 3], minlength=target.size)
+    scale = np.divide(target, held, out=np.ones_like(target), where=held > 0)
+    points[selected, 3] *= scale[key[selected]]
 
 
 def _shift_centre_of_gravity(points: np.ndarray, shower: np.ndarray, layer: np.ndarray, cog: np.ndarray,

@@ -12,9 +12,11 @@ import torch
 from .. import __version__
 from .._atomic import atomic_path
 from ..errors import CheckpointError
+from ..models.occupancy import OccupancyCalibration
 from ..models.shower_model import ModelConfig, ShowerModel
 
-__all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "inference_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "restore_occupancy", "inference_checkpoint",
+           "write_inference_checkpoint", "CHECKPOINT_FORMAT"]
 
 #: entries kept by :func:`inference_checkpoint`: enough to generate, adapt and reproduce, no optimiser
 _INFERENCE_KEYS = ("model_config", "geometry", "geometries", "train_config", "train_state", "trainable", "command",
@@ -31,7 +33,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: ShowerModel, **parts) -
     (adaptation method and its settings) and ``extra``.
     """
     payload = {"format": CHECKPOINT_FORMAT, "version": 1, "caloadapt_version": __version__,
-               "model_config": model.config.to_dict(), "model": model.state_dict(), **parts}
+               "model_config": model.config.to_dict(), "model": model.state_dict(),
+               "occupancy": {name: c.to_dict() for name, c in model.occupancy.items()}, **parts}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -79,18 +82,35 @@ def model_from_checkpoint(checkpoint: str | os.PathLike[str] | dict, weights: st
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{source}: weights do not match the model: missing {result.missing_keys[:3]}, "
                               f"unexpected {result.unexpected_keys[:3]}")
+    return restore_occupancy(model, payload, source)
+
+
+def restore_occupancy(model: ShowerModel, payload: dict, source: str = "checkpoint") -> ShowerModel:
+    """Give ``model`` the occupancy calibrations stored in a checkpoint (none before caloadapt 0.2)."""
+    stored = payload.get("occupancy") or {}
+    try:
+        model.occupancy = {str(name): OccupancyCalibration.from_dict(c) for name, c in stored.items()}
+    except (AttributeError, ValueError) as err:
+        raise CheckpointError(f"{source}: unreadable occupancy calibration: {err}") from None
     return model
 
 
 def inference_checkpoint(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> int:
     """Write a weights-only copy of ``source`` (its EMA weights as the model, no optimiser state).
 
-    The provenance (configuration, geometry, training state and command) is kept. Returns the
-    size of the written file in bytes.
+    The provenance (configuration, geometry, training state and command) and the occupancy
+    calibrations are kept. Returns the size of the written file in bytes.
     """
     payload = load_checkpoint(source)
     weights = payload.get("ema") or payload["model"]
     model = ShowerModel(ModelConfig.from_dict(payload["model_config"]))
     model.load_state_dict(weights)
-    save_checkpoint(target, model, **{k: payload[k] for k in _INFERENCE_KEYS if k in payload and k != "model_config"})
+    restore_occupancy(model, payload, str(source))
+    return write_inference_checkpoint(model, payload, target)
+
+
+def write_inference_checkpoint(model: ShowerModel, payload: dict, target: str | os.PathLike[str]) -> int:
+    """Write ``model`` (its weights as EMA weights) with the provenance entries of ``payload``; bytes written."""
+    save_checkpoint(target, model, ema=model.state_dict(),
+                    **{k: payload[k] for k in _INFERENCE_KEYS if k in payload and k != "model_config"})
     return Path(target).stat().st_size

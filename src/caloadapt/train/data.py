@@ -17,8 +17,8 @@ import torch
 from ..data.io import read_showers
 from ..errors import InputError
 from ..geometry import Geometry
-from ..models.representation import DepthGrid, PointFrame, shower_statistics
-from ..models.shower_model import shower_condition
+from ..models.representation import shower_statistics
+from ..models.shower_model import ModelConfig, shower_condition
 from ..showers import Showers
 
 __all__ = ["Batch", "make_batch", "ShowerSubset", "BatchStream", "DataSource", "split_indices"]
@@ -53,16 +53,16 @@ class DataSource:
             raise InputError(f"{self.path}: sampling weight must be positive, got {self.weight}")
 
 
-def make_batch(showers: Showers, geometry: Geometry, frame: str, grid: DepthGrid, rng: np.random.Generator,
-               max_points: int, smear: bool = True, geometry_conditioning: bool = False) -> Batch:
+def make_batch(showers: Showers, geometry: Geometry, config: ModelConfig, rng: np.random.Generator,
+               max_points: int, smear: bool = True) -> Batch:
     """Features of a batch of showers: cell-level hits are smeared inside their cells
     (dequantisation), and at most ``max_points`` random points per shower are kept (an unbiased
     sample of the per-point loss; the transformer's attention pools by softmax averages, which a
-    uniform subset also estimates). ``geometry_conditioning`` appends the detector descriptor to
-    the condition."""
-    statistics = shower_statistics(geometry, showers, rng, grid)
+    uniform subset also estimates). The point frame, the flow's grid and whether the detector
+    descriptor is appended to the condition come from the model's ``config``."""
+    statistics = shower_statistics(geometry, showers, rng, config.grid)
     moved = geometry.smear_hits(showers, rng) if smear else showers
-    features = PointFrame(geometry, frame).to_features(moved)
+    features = config.point_frame(geometry).to_features(moved)
     counts = showers.n_points
     keep = np.minimum(counts, max_points)
     width = max(int(keep.max(initial=0)), 1)
@@ -72,7 +72,7 @@ def make_batch(showers: Showers, geometry: Geometry, frame: str, grid: DepthGrid
         chosen = rng.choice(n, k, replace=False) if n > k else np.arange(n)
         points[i, :k] = features[start + chosen]
         mask[i, :k] = True
-    condition = shower_condition(showers.incident_energy_mev, counts, geometry, geometry_conditioning)
+    condition = shower_condition(showers.incident_energy_mev, counts, geometry, config.geometry_conditioning)
     return Batch(torch.from_numpy(points), torch.from_numpy(mask),
                  torch.as_tensor(condition, dtype=torch.float32), torch.as_tensor(statistics, dtype=torch.float32))
 

@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from ..data.io import count_showers, read_showers
 from ..errors import CheckpointError, InputError
 from ..geometry import Geometry
-from ..models.representation import PointFrame, shower_statistics
+from ..models.representation import shower_statistics
 from ..models.shower_model import ShowerModel
+from .calibrate import calibrate_occupancy
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Batch, BatchStream, DataSource, ShowerSubset, make_batch, split_indices
 
@@ -50,6 +51,8 @@ class TrainConfig:
         patience: stop after this many validations without improvement (None: never).
         seed: seed of the initialisation and of the training noise.
         data_seed: seed of the data subset, split and order.
+        occupancy_showers: training showers per detector the occupancy calibration is fitted on
+            once training ends (:func:`caloadapt.models.occupancy.fit_occupancy`); 0: none.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
     """
 
@@ -71,6 +74,7 @@ class TrainConfig:
     patience: int | None = None
     seed: int = 0
     data_seed: int = 0
+    occupancy_showers: int = 128
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -80,6 +84,8 @@ class TrainConfig:
             raise InputError(f"unknown schedule {self.schedule!r}; expected cosine or constant")
         if self.steps < 1 or self.batch_size < 1:
             raise InputError("steps and batch size must be positive")
+        if self.occupancy_showers < 0:
+            raise InputError("occupancy_showers must be >= 0 (0: no occupancy calibration)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,7 +136,7 @@ def _fit_normalisation(model: ShowerModel, sources: list[DataSource], subsets: l
     features, statistics = [], []
     for source, subset in zip(sources, subsets):
         showers = subset.block(0)[: min(2000 // len(sources), len(subset.blocks[0]))]
-        frame = PointFrame(source.geometry, model.config.frame)
+        frame = model.config.point_frame(source.geometry)
         features.append(frame.to_features(source.geometry.smear_hits(showers, rng)))
         statistics.append(shower_statistics(source.geometry, showers, rng, model.config.grid))
     model.set_normalisation(np.concatenate(features), np.concatenate(statistics))
@@ -198,11 +204,9 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
     torch.manual_seed(config.seed)
     sources = _sources(data, geometry)
     weights = np.array([s.weight for s in sources]) / sum(s.weight for s in sources)
-    conditioned = model.config.geometry_conditioning
 
     def batch_of(showers, source: DataSource, rng, max_points: int) -> Batch:
-        return make_batch(showers, source.geometry, model.config.frame, model.config.grid, rng, max_points,
-                          geometry_conditioning=conditioned)
+        return make_batch(showers, source.geometry, model.config, rng, max_points)
 
     # data: per detector one subset per (n_samples, data seed), shared by the flow and the diffusion model
     subsets, val = [], []
@@ -278,6 +282,7 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
                unit="step")
     started = time.perf_counter() - state["wall_s"]
     running = {"diffusion": 0.0, "flow": 0.0, "n": 0}
+    converged = False  # early stop by patience: training is over, as at the last step
     while state["step"] < config.steps:
         step = state["step"]
         k = 0 if len(sources) == 1 else int(np.random.default_rng([config.data_seed, step, 7]).choice(
@@ -309,8 +314,9 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
         stop = False
         if step % config.val_every == 0 or step == config.steps:
             if rank == 0:
-                stop = _validation_round(model, ema, val, weights, device, state, best_state, config, running,
-                                         metrics_path, optimizer, time.perf_counter() - started, board)
+                stop = converged = _validation_round(model, ema, val, weights, device, state, best_state, config,
+                                                     running, metrics_path, optimizer, time.perf_counter() - started,
+                                                     board)
                 save(out_dir / "best.pt", best_state)
             running = {"diffusion": 0.0, "flow": 0.0, "n": 0}
         if stop_after_steps is not None and step >= stop_after_steps:
@@ -324,6 +330,14 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
         if stop:
             break
     bar.close()
+    if rank == 0 and config.occupancy_showers > 0 and (converged or state["step"] >= config.steps):
+        raw = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best_state)  # the weights that best.pt (and every copy of it) holds
+        calibrate_occupancy(model, sources, asdict(config), n_showers=config.occupancy_showers, seed=config.seed,
+                            progress=progress)
+        model.load_state_dict(raw)
+        save(out_dir / "best.pt", best_state)
+        save(last, ema.state)
     if ddp:
         dist.barrier()
     return {"steps": state["step"], "best": state["best"], "best_step": state["best_step"],

@@ -1,0 +1,191 @@
+"""Occupancy calibration: the map, its fit on training showers, checkpoints, every generation path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from caloadapt.data import write_showers
+from caloadapt.geometry import get_geometry
+from caloadapt.models import ModelConfig, ShowerModel
+from caloadapt.models.occupancy import OccupancyCalibration, fit_occupancy, layer_counts, stochastic_round
+from caloadapt.simulate import simulate
+from caloadapt.train import TrainConfig, load_checkpoint, model_from_checkpoint, split_indices, train
+from caloadapt.train.checkpoint import inference_checkpoint
+
+TINY = ModelConfig(widths=(32, 32), time_dim=16, flow_hidden=(32,), flow_transforms=2)
+
+
+def test_stochastic_round_keeps_the_mean():
+    values = np.full(20000, 2.3)
+    rounded = stochastic_round(values, np.random.default_rng(0))
+    assert set(np.unique(rounded)) == {2, 3}
+    assert rounded.mean() == pytest.approx(2.3, abs=0.02)
+
+
+def test_uniform_calibration_multiplies_the_points():
+    calibration = OccupancyCalibration.uniform("g", 3, 2.0)
+    hits = np.array([[0, 10, 101]] * 400)
+    points = calibration.points_for_hits(hits, np.random.default_rng(1))
+    assert np.all(points[:, 0] == 0)  # no hit wanted, no point
+    assert points[:, 1].mean() == pytest.approx(20, rel=0.01)
+    assert points[:, 2].mean() == pytest.approx(202, rel=0.01)
+
+
+def test_power_law_is_recovered_and_inverted():
+    rng = np.random.default_rng(2)
+    points = rng.integers(5, 500, size=(300, 2)).astype(float)
+    a, b = np.array([-0.1, 0.3]), np.array([-0.05, -0.3])
+    hits = np.exp(a) * points ** (1 + b)
+    calibration = OccupancyCalibration.from_pairs("g", points, hits, np.ones(2), {})
+    np.testing.assert_allclose(calibration.log_efficiency, a, atol=1e-9)
+    np.testing.assert_allclose(calibration.exponent, b, atol=1e-9)
+    wanted = np.array([[40.0, 40.0]] * 2000)
+    placed = calibration.points_for_hits(wanted, np.random.default_rng(3)).mean(axis=0)
+    np.testing.assert_allclose(np.exp(a) * placed ** (1 + b), 40.0, rtol=0.01)
+    assert np.all(placed >= 40.0)  # each point makes at most one hit
+
+
+def test_sparse_layers_take_the_pooled_fit_and_slopes_are_bounded():
+    points = np.array([[100.0, 0.0], [200.0, 3.0], [300.0, 0.0]] * 5)
+    hits = points ** 0.1  # far steeper than any collision law: the slope is held at its bound
+    calibration = OccupancyCalibration.from_pairs("g", points, hits, np.ones(2), {})
+    assert calibration.exponent[0] == pytest.approx(-0.7)
+    assert calibration.exponent[1] == calibration.exponent[0]  # 5 pairs only: pooled
+    with pytest.raises(ValueError, match="no generated point"):
+        OccupancyCalibration.from_pairs("g", np.zeros((4, 2)), np.zeros((4, 2)), np.ones(2), {})
+
+
+def test_round_trip_and_bad_values():
+    calibration = OccupancyCalibration("ild-ecal", (0.1, 0.2), (-0.1, -0.2), (1.0, 0.9), {"n_showers": 3})
+    assert OccupancyCalibration.from_dict(calibration.to_dict()) == calibration
+    with pytest.raises(ValueError):
+        OccupancyCalibration("g", (0.1,), (-0.1, 0.0), (1.0,), {})
+    with pytest.raises(ValueError):
+        OccupancyCalibration("g", (float("nan"),), (0.0,), (1.0,), {})
+    with pytest.raises(ValueError, match="unreadable"):
+        OccupancyCalibration.from_dict({"geometry": "g"})
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory):
+    """A tiny ILD model trained for a few steps: training ends with the occupancy fit."""
+    root = tmp_path_factory.mktemp("occupancy")
+    showers = simulate("ild-ecal", "photon", np.random.default_rng(0).uniform(10e3, 40e3, 40), seed=2)
+    write_showers(root / "train.h5", showers)
+    torch.manual_seed(0)
+    config = TrainConfig(steps=8, batch_size=8, max_points=128, val_every=8, checkpoint_every=8, warmup_steps=1,
+                         device="cpu", val_fraction=0.1, occupancy_showers=36)
+    train(ShowerModel(TINY), root / "train.h5", get_geometry("ild-ecal"), root / "run", config, progress=False)
+    return root, showers
+
+
+def test_calibration_is_fitted_on_training_showers_and_matches_their_hits(calibrated_run):
+    root, showers = calibrated_run
+    geometry = get_geometry("ild-ecal")
+    model = model_from_checkpoint(root / "run" / "best.pt")
+    calibration = model.occupancy["ild-ecal"]
+    fit = calibration.fit
+    assert fit["n_showers"] == 36  # training showers only: 40 minus the 4 held out for validation
+    # the hits it was fitted to are those of the training split, not of the validation showers
+    train_idx, val_idx = split_indices(40, None, 0.1, 0)
+    np.testing.assert_allclose(fit["training_hits"], layer_counts(showers[train_idx], geometry).mean(axis=0))
+    assert not np.allclose(fit["training_hits"], layer_counts(showers, geometry).mean(axis=0))
+    energies = np.tile(showers.incident_energy_mev, 4)
+    generator = torch.Generator().manual_seed(11)
+    calibrated = geometry.digitise(model.generate(geometry, energies, generator=generator))
+    plain = geometry.digitise(model.generate(geometry, energies, generator=torch.Generator().manual_seed(11),
+                                             occupancy=None))
+    training = layer_counts(showers, geometry).mean(axis=0)
+    with_calibration = layer_counts(calibrated, geometry).mean(axis=0)
+    without = layer_counts(plain, geometry).mean(axis=0)
+    total_error = abs(with_calibration.sum() / training.sum() - 1)
+    assert total_error < 0.08
+    assert total_error < abs(without.sum() / training.sum() - 1)
+    busy = training >= 0.03 * training.sum()  # layers holding a few per cent of the hits
+    np.testing.assert_allclose(with_calibration[busy], training[busy], rtol=0.2)
+
+
+def test_calibration_survives_inference_copies(calibrated_run, tmp_path):
+    root, _ = calibrated_run
+    inference_checkpoint(root / "run" / "best.pt", tmp_path / "model.pt")
+    original = model_from_checkpoint(root / "run" / "best.pt").occupancy
+    assert model_from_checkpoint(tmp_path / "model.pt").occupancy == original
+    assert load_checkpoint(root / "run" / "last.pt")["occupancy"] == load_checkpoint(tmp_path / "model.pt")["occupancy"]
+
+
+def test_no_calibration_when_disabled_or_interrupted(tmp_path):
+    showers = simulate("ild-ecal", "photon", np.array([10e3, 12e3, 14e3, 16e3]), seed=3)
+    write_showers(tmp_path / "train.h5", showers)
+    geometry = get_geometry("ild-ecal")
+    for name, options in (("off", {"occupancy_showers": 0}), ("cut", {})):
+        config = TrainConfig(steps=4, batch_size=2, max_points=32, val_every=2, checkpoint_every=2, warmup_steps=1,
+                             device="cpu", val_fraction=0.25, **options)
+        train(ShowerModel(TINY), tmp_path / "train.h5", geometry, tmp_path / name, config, progress=False,
+              stop_after_steps=2 if name == "cut" else None)
+        assert load_checkpoint(tmp_path / name / "last.pt")["occupancy"] == {}
+
+
+def test_fit_needs_showers():
+    with pytest.raises(ValueError, match="no training showers"):
+        fit_occupancy(ShowerModel(TINY), get_geometry("ild-ecal"),
+                      simulate("ild-ecal", "photon", np.array([10e3]), seed=1)[np.array([], dtype=int)])
+
+
+def test_calibration_applies_on_every_sampler_and_onnx(calibrated_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from caloadapt.export import export_onnx, onnx_metadata, onnx_model
+
+    root, showers = calibrated_run
+    geometry = get_geometry("ild-ecal")
+    model = model_from_checkpoint(root / "run" / "best.pt")
+    energies = showers.incident_energy_mev[:6]
+    export_onnx(model, tmp_path / "net.onnx")
+    stored = onnx_metadata(tmp_path / "net.onnx")["occupancy"]
+    assert OccupancyCalibration.from_dict(__import__("json").loads(stored)["ild-ecal"]) == model.occupancy["ild-ecal"]
+    runtime = onnx_model(model, tmp_path / "net.onnx")
+    for sampler, network in (("heun", model), ("euler", model), ("heun", runtime)):
+        counts = []
+        for occupancy in ("auto", None):
+            out = network.generate(geometry, energies, n_steps=2, sampler=sampler, occupancy=occupancy,
+                                   generator=torch.Generator().manual_seed(5))
+            counts.append(out.n_points.sum())
+        points_per_hit = counts[0] / counts[1]
+        assert points_per_hit > 1.05, (sampler, network is runtime)  # calibrated: more points than hits
+
+
+def test_distilled_model_keeps_and_applies_the_calibration(tiny_checkpoints):
+    from caloadapt.models.consistency import generate_one_step, load_consistency_model
+
+    teacher_path, distilled_path = tiny_checkpoints
+    model, settings = load_consistency_model(distilled_path)
+    assert model.occupancy == model_from_checkpoint(teacher_path).occupancy != {}
+    geometry = get_geometry("ild-ecal")
+    energies = np.array([15e3, 20e3, 25e3])
+    counts = [generate_one_step(model, geometry, energies, settings=settings, occupancy=occupancy,
+                                generator=torch.Generator().manual_seed(4)).n_points.sum()
+              for occupancy in ("auto", None)]
+    assert counts[0] > 1.05 * counts[1]
+
+
+def test_calibrate_command_refits_on_the_training_split(calibrated_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from caloadapt.cli import app
+
+    root, _ = calibrated_run
+    plain = model_from_checkpoint(root / "run" / "best.pt")
+    plain.occupancy = {}
+    payload = load_checkpoint(root / "run" / "best.pt")
+    from caloadapt.train import write_inference_checkpoint
+    write_inference_checkpoint(plain, payload, tmp_path / "uncalibrated.pt")
+    assert model_from_checkpoint(tmp_path / "uncalibrated.pt").occupancy == {}
+    result = CliRunner().invoke(app, ["calibrate", "--checkpoint", str(tmp_path / "uncalibrated.pt"), "--data",
+                                      str(root / "train.h5"), "-o", str(tmp_path / "calibrated.pt"),
+                                      "--n-showers", "36", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "ild-ecal:" in result.stdout
+    refitted = model_from_checkpoint(tmp_path / "calibrated.pt").occupancy["ild-ecal"]
+    # the same training showers and seed as the fit at the end of training: the same calibration
+    assert refitted == model_from_checkpoint(root / "run" / "best.pt").occupancy["ild-ecal"]
