@@ -1,12 +1,17 @@
 """SIGTERM and SIGHUP (Slurm, ``timeout``, a closed terminal) handled like Ctrl-C.
 
-The command line installs :func:`termination_handlers`: the signal raises :class:`Terminated`
-where the program is, so every ``with`` block unwinds (temporary outputs are removed) and the
-CLI prints one line and exits with ``128 + signal`` (143 for SIGTERM, 129 for SIGHUP).
+The command line installs :func:`termination_handlers`: SIGTERM / SIGHUP raise :class:`Terminated`
+(SIGINT ``KeyboardInterrupt``) where the program is, so every ``with`` block unwinds (temporary
+outputs are removed) and the CLI prints one line and exits with ``128 + signal`` (143 for
+SIGTERM, 129 for SIGHUP, 130 for SIGINT).
 
-A training loop wraps its steps in :func:`deferred_termination`: there the signal is only
-recorded; the loop finishes its step, writes a resumable checkpoint and then raises
-:class:`Terminated` itself (Slurm pre-emption sends SIGTERM some time before SIGKILL).
+Two kinds of code must not be interrupted in the middle, and wrap themselves in
+:func:`deferred_termination`, where a signal is only recorded:
+
+- a training loop: it finishes its step, writes a resumable checkpoint and raises
+  :class:`Terminated` itself (Slurm pre-emption sends SIGTERM some time before SIGKILL);
+- calls into the HDF5 library that write through Python code: an exception raised inside
+  them would break the library's state (and crash the interpreter later).
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import signal
 import threading
 from collections.abc import Iterator
 
-__all__ = ["Terminated", "TERMINATION_SIGNALS", "termination_handlers", "deferred_termination", "pending_termination"]
+__all__ = ["Terminated", "TERMINATION_SIGNALS", "termination_handlers", "deferred_termination",
+           "pending_termination"]
 
 TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_HANDLED = (signal.SIGINT, *TERMINATION_SIGNALS)
 
 #: lists of pending signals of the active deferrals (innermost last)
 _deferrals: list[list[int]] = []
@@ -43,20 +50,31 @@ class Terminated(BaseException):
         return 128 + self.signum
 
 
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(signum)
+
+
 def _handler(signum, frame) -> None:
     if _deferrals:
         _deferrals[-1].append(signum)
         return
-    raise Terminated(signum)
+    _raise_for(signum)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 @contextlib.contextmanager
 def termination_handlers() -> Iterator[None]:
-    """Within the block SIGTERM and SIGHUP raise :class:`Terminated`; the old handlers come back after."""
-    if threading.current_thread() is not threading.main_thread():
+    """Within the block SIGTERM / SIGHUP raise :class:`Terminated` and SIGINT ``KeyboardInterrupt``
+    (unless deferred); the old handlers come back after."""
+    if not _in_main_thread():
         yield
         return
-    old = {signum: signal.signal(signum, _handler) for signum in TERMINATION_SIGNALS}
+    old = {signum: signal.signal(signum, _handler) for signum in _HANDLED}
     try:
         yield
     finally:
@@ -66,22 +84,33 @@ def termination_handlers() -> Iterator[None]:
 
 @contextlib.contextmanager
 def deferred_termination() -> Iterator[list[int]]:
-    """Within the block termination signals are recorded in the yielded list instead of raised.
+    """Within the block SIGINT, SIGTERM and SIGHUP are recorded in the yielded list instead of raised.
 
-    The caller checks the list at safe points and raises :class:`Terminated` itself; a signal still
-    pending when the block ends is raised then. Without :func:`termination_handlers` installed
-    the signals keep their usual effect.
+    The caller may check :func:`pending_termination` at safe points and raise itself; a signal
+    still pending when the block ends is raised then (``KeyboardInterrupt`` for SIGINT, else
+    :class:`Terminated`). Where no handler of this module is installed (library use in the main
+    thread), they are installed for the duration of the block.
     """
+    installed = {}
+    if _in_main_thread():
+        for signum in _HANDLED:
+            if signal.getsignal(signum) is not _handler:
+                installed[signum] = signal.signal(signum, _handler)
     pending: list[int] = []
     _deferrals.append(pending)
     try:
         yield pending
     finally:
         del _deferrals[next(i for i, p in enumerate(_deferrals) if p is pending)]
+        for signum, handler in installed.items():
+            signal.signal(signum, handler)
     if pending:
-        raise Terminated(pending[0])
+        if _deferrals:  # an outer deferral decides what to do with it
+            _deferrals[-1].extend(pending)
+        else:
+            _raise_for(pending[0])
 
 
 def pending_termination() -> int | None:
-    """The first termination signal recorded by the innermost :func:`deferred_termination`, or None."""
+    """The first signal recorded by the innermost :func:`deferred_termination`, or None."""
     return _deferrals[-1][0] if _deferrals and _deferrals[-1] else None

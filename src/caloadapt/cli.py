@@ -269,7 +269,10 @@ def _run_training(data: list[Path], data_weight: list[float] | None, output: Pat
     sources = [DataSource(path, file_geometry(path, geometry), weight) for path, weight in zip(data, weights)]
     _claim_run(output, resume, overwrite)
     torch.manual_seed(config.seed)  # the initial weights are a function of --seed
-    torch_model = ShowerModel(model_config)
+    try:
+        torch_model = ShowerModel(model_config)
+    except ValueError as err:  # e.g. non-positive widths
+        raise CaloadaptError(f"cannot build the model: {err}") from None
     summary = train(torch_model, sources, None, output, config, resume=resume,
                     checkpoint_parts={"command": " ".join(sys.argv)})
     typer.echo(f"trained {summary['steps']} steps in {summary['wall_s']:.0f} s; best validation: "
@@ -385,7 +388,7 @@ def generate(
                                             np.random.default_rng(seed))
     source = checkpoint if checkpoint is not None else default_checkpoint()
     payload = load_checkpoint(source)
-    model = load_adapted_model(payload)
+    model = load_adapted_model(payload, source=str(source))
     sampler = _choose_sampler(sampler, consistency_settings(payload) is not None)
     steps = steps or (1 if sampler == "consistency" else 13)
     run_device = resolve_device(device)
@@ -655,9 +658,15 @@ def evaluate(
 ) -> None:
     """Compare generated with reference showers: scores, CaloChallenge metrics, plots and a report."""
     from .data.io import file_geometry
-    from .evaluate.pipeline import EvaluationOptions, run_evaluation
+    from .evaluate.pipeline import EvaluationOptions, _source_geometry, run_evaluation
 
     geo = file_geometry(reference, geometry)
+    if geometry is None:
+        _, generated_geometry = _source_geometry(generated, geo)
+        if generated_geometry.name != geo.name:
+            raise CaloadaptError(f"{generated} holds showers of detector {generated_geometry.name!r}, {reference} of "
+                                 f"{geo.name!r}; compare showers of one detector, or give --geometry to voxelise "
+                                 "both into one readout")
     options = EvaluationOptions(max_showers=max_showers, classifier=classifier, n_bootstrap=n_bootstrap,
                                 fpd_kpd=fpd_kpd, plots=plots, seed=seed)
     metrics = run_evaluation(generated, reference, geo, output, options, command=" ".join(sys.argv))

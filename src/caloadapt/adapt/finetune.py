@@ -36,7 +36,7 @@ def _adapted_model(payload: dict, weights: str, source: str) -> ShowerModel:
     state = state if state is not None else payload["model"]
     plain = build_model(payload, source)
     if method is None or set(state) == set(plain.state_dict()):
-        return model_from_checkpoint(payload, weights=weights)
+        return model_from_checkpoint(payload, weights=weights, source=source)
     try:
         method = AdaptMethod.from_dict(method)
     except (TypeError, ValueError, KeyError, AttributeError) as err:
@@ -46,17 +46,19 @@ def _adapted_model(payload: dict, weights: str, source: str) -> ShowerModel:
     return merge(model, method, copy_model=False)
 
 
-def load_adapted_model(checkpoint: str | os.PathLike[str] | dict, weights: str = "ema") -> ShowerModel:
+def load_adapted_model(checkpoint: str | os.PathLike[str] | dict, weights: str = "ema",
+                       source: str | None = None) -> ShowerModel:
     """The plain model of any checkpoint, with peft adapters (if stored separately) merged.
 
     Arguments:
         checkpoint: path or loaded payload.
         weights: ``ema`` (default) or ``model`` (the raw weights).
+        source: what to call a loaded payload in error messages (default: "checkpoint").
     """
     from ..train.checkpoint import load_checkpoint
 
     payload = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    source = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
+    source = source or ("checkpoint" if isinstance(checkpoint, dict) else str(checkpoint))
     return _adapted_model(payload, weights, source)
 
 

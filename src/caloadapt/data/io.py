@@ -19,6 +19,7 @@ it when complete, so an interrupted run never leaves a partial file under the ta
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -31,6 +32,7 @@ import yaml
 
 from .. import __version__
 from .._atomic import atomic_path
+from .._signals import deferred_termination
 from ..errors import CaloadaptError, InputError, OutputError
 from ..geometry import Geometry, geometry_from_yaml_text, get_geometry
 from ..showers import ENERGY, Showers
@@ -384,25 +386,33 @@ class ShowerWriter:
         tmp = self._atomic.__enter__()
         try:
             self._output = _OutputFile(tmp)
-            self.file = h5py.File(self._output, "w")
+            with deferred_termination():  # HDF5 writes through Python code: never interrupt it inside
+                self.file = h5py.File(self._output, "w")
         except (OSError, RuntimeError, ValueError) as err:
             error = OutputError(f"{self.path}: cannot write: {_first_line(err)}")
-            self._close()
+            with contextlib.suppress(OutputError):
+                self._close()
             self._atomic.__exit__(OutputError, error, None)
             raise error from None
+        except BaseException as err:  # a signal raised when the file was just created
+            with contextlib.suppress(OutputError):
+                self._close()
+            self._atomic.__exit__(type(err), err, None)
+            raise
         return self
 
     def _close(self) -> None:
         """Close the HDF5 file and its output file; a write error that happened becomes :class:`OutputError`."""
         failure = None
-        try:
-            if hasattr(self, "file"):
-                self.file.close()
-        except (OSError, RuntimeError, ValueError) as err:
-            failure = err
-        if hasattr(self, "_output"):
-            self._output.close()
-            failure = self._output.error or failure
+        with deferred_termination():
+            try:
+                if hasattr(self, "file"):
+                    self.file.close()
+            except (OSError, RuntimeError, ValueError) as err:
+                failure = err
+            if hasattr(self, "_output"):
+                self._output.close()
+                failure = self._output.error or failure
         if failure is not None:
             raise self._write_error(failure)
 
@@ -421,6 +431,9 @@ class ShowerWriter:
             self._close()
         except OutputError as error:
             failure = error
+        except BaseException as error:  # a signal that arrived while closing
+            self._atomic.__exit__(type(error), error, None)
+            raise
         if exc_type is None and failure is None and self.n == 0:
             failure = InputError(f"{self.path}: nothing to write (no showers)")
         if failure is not None and (exc_type is None or (issubclass(exc_type, Exception)
@@ -436,10 +449,11 @@ class ShowerWriter:
         self.geometry.check_showers(showers)
         if len(showers):
             try:
-                if self.n == 0:
-                    getattr(self, f"_create_{self.format}")(showers)
-                getattr(self, f"_append_{self.format}")(showers)
-                self.file.flush()
+                with deferred_termination():  # a signal is raised after the HDF5 calls, not inside them
+                    if self.n == 0:
+                        getattr(self, f"_create_{self.format}")(showers)
+                    getattr(self, f"_append_{self.format}")(showers)
+                    self.file.flush()
             except (OSError, RuntimeError) as err:  # the HDF5 library reports its write errors so
                 raise self._write_error(self._output.error or err) from None
             if self._output.error is not None:  # stop at the first failed write, not at the end

@@ -140,13 +140,14 @@ def load_weights(model: torch.nn.Module, state, source: str = "checkpoint", stri
 
 
 def model_from_checkpoint(checkpoint: str | os.PathLike[str] | dict, weights: str = "ema",
-                          config: ModelConfig | None = None) -> ShowerModel:
+                          config: ModelConfig | None = None, source: str | None = None) -> ShowerModel:
     """Rebuild the model of a checkpoint and load its ``ema`` (default) or raw ``model`` weights.
 
     With ``config``, check that the checkpoint fits that architecture and say what does not.
+    ``source`` names a loaded payload in error messages (default: its path, or "checkpoint").
     """
     payload = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    source = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
+    source = source or ("checkpoint" if isinstance(checkpoint, dict) else str(checkpoint))
     stored = stored_config(payload, source)
     if config is not None and config != stored:
         differences = [f"{k}: checkpoint {v!r}, requested {getattr(config, k)!r}"
