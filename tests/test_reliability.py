@@ -525,3 +525,19 @@ def test_negative_slab_thickness_is_reported_as_such(run, tmp_path):
     (tmp_path / "negative.yaml").write_text(re.sub(r"thickness_mm: 1\.5", "thickness_mm: -1.5", text))
     line = assert_one_line_error(run("simulate", "-g", "negative.yaml", "-o", "out.h5", "--n", "2"), "thickness_mm")
     assert "material" not in line
+
+
+def test_full_disk_writing_a_checkpoint_is_an_output_error(tiny_run, tmp_path, monkeypatch):
+    from caloadapt.train.checkpoint import model_from_checkpoint, save_checkpoint
+
+    model = model_from_checkpoint(tiny_run / "best.pt")
+
+    def full(*args, **kwargs):  # what torch's writer raises when the disk is full
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OutputError, match="out.pt: cannot write the checkpoint"):
+        save_checkpoint(tmp_path / "out.pt", model)
+    assert not (tmp_path / "out.pt").exists()
+    assert_no_temporary_files(tmp_path)

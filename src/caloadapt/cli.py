@@ -83,9 +83,13 @@ def _report(err: BaseException) -> int:
         return 1  # the reader of our output went away (e.g. '| head'): nothing to say
     if isinstance(err, OSError) and err.strerror:
         where = f"{err.filename}: " if err.filename else ""
+        if isinstance(err, FileExistsError):
+            return _error(f"{where}exists already and is not what is needed here (a folder?)")
         return _error(f"{where}{err.strerror}")
-    if isinstance(err, MemoryError):
-        return _error("out of memory; ask for fewer or smaller showers (--n, --energy, --batch-size)")
+    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and any(
+            text in str(err) for text in ("can't allocate memory", "out of memory", "CUDA out of memory"))):
+        return _error("out of memory; ask for fewer or smaller showers or batches (--n, --energy, --batch-size, "
+                      "--steps)")
     hint = "" if _debug else "; rerun as 'caloadapt --debug ...' to see the traceback"
     return _error(f"unexpected {type(err).__name__}: {_one_line(err) or 'no message'} (a bug of caloadapt?){hint}")
 
@@ -157,7 +161,7 @@ def simulate(
     level: Annotated[Level, typer.Option(help="hits (digitised cells) or spots (energy depositions)")] = Level.hits,
     mode: Annotated[str, typer.Option(help="simulator mode: B (granular Si readout) or A (GFlash spots)")] = "B",
     validate: Annotated[bool, typer.Option("--validate", help="run the physics validation table instead")] = False,
-    validate_n: Annotated[int, typer.Option(help="showers per point of the validation table")] = 400,
+    validate_n: Annotated[int, typer.Option(min=1, help="showers per point of the validation table")] = 400,
 ) -> None:
     """Simulate showers with the embedded GFlash simulator and write them to a file."""
     from .data import ShowerWriter
@@ -357,7 +361,7 @@ def generate(
     spectrum: Annotated[Spectrum, typer.Option(help="incident-energy spectrum")] = Spectrum.log_uniform,
     energies_from: Annotated[Optional[Path], typer.Option(help="take the incident energies of this shower file "
                                                                 "(e.g. the evaluation reference)")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="sampler steps [default: 13 (CaloClouds II); "
+    steps: Annotated[Optional[int], typer.Option(min=1, max=10_000, help="sampler steps [default: 13 (CaloClouds II); "
                                                              "1 for a distilled model]")] = None,
     sampler: Annotated[str, typer.Option(help="auto, heun, euler or consistency (auto: consistency for a "
                                               "distilled checkpoint, else heun)")] = "auto",
@@ -595,7 +599,8 @@ def sweep(
     compare_normalisation: Annotated[bool, typer.Option(help="require checkpoints in both the physical and the "
                                                              "published box frame, and compare them")] = False,
     executor: Annotated[str, typer.Option(help="local (worker processes) or slurm (submitit)")] = "local",
-    workers: Annotated[Optional[int], typer.Option(help="local worker processes (default: cores / threads)")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="local worker processes (default: cores / "
+                                                               "threads)")] = None,
     threads: Annotated[int, typer.Option(min=1, help="torch threads per run")] = 1,
     slurm_partition: Annotated[Optional[str], typer.Option(help="Slurm partition")] = None,
     slurm_time: Annotated[int, typer.Option(help="Slurm time limit per run, minutes")] = 240,

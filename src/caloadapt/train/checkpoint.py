@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -45,15 +46,17 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def _refused_objects(err: BaseException) -> str | None:
-    """What a weights-only load refused (``os.system``...), or None if it failed for another reason."""
+def _weights_only_failure(err: BaseException) -> tuple[bool, str] | None:
+    """Why a weights-only load failed: (True, the global it refused) for a pickle that would run
+    code or build foreign objects, (False, the reason) for one that is broken; None if unrelated."""
     text = str(err)
-    if "Weights only load failed" not in text and "Unsupported global" not in text:
+    if "Weights only load failed" not in text:
         return None
-    for line in text.splitlines():
-        if "Unsupported global" in line or "Unsupported operand" in line:
-            return line.split(":", 1)[-1].strip().removeprefix("GLOBAL ").strip()
-    return "objects other than tensors and plain data"
+    refused = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if refused:
+        return True, refused.group(1)
+    reason = re.search(r"Unsupported operand \d+|WeightsUnpickler error: \S.*", text)
+    return False, reason.group(0) if reason else "not a weights-only pickle"
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict:
@@ -69,17 +72,17 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 
     path = resolve_checkpoint(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: {'is a directory, not a' if path.is_dir() else 'no such'} checkpoint file")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError, TypeError,
             AttributeError, KeyError, IndexError, ImportError, MemoryError) as err:
-        refused = _refused_objects(err)
-        if refused is not None:
-            raise CheckpointError(f"{path}: refused: the checkpoint holds {refused}, which only code can "
-                                  "rebuild (loading it could run that code); a caloadapt checkpoint holds "
-                                  "tensors and plain data only") from None
-        raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({_first_line(err)})") from None
+        failure = _weights_only_failure(err)
+        if failure is not None and failure[0]:
+            raise CheckpointError(f"{path}: refused: loading it would call {failure[1]} (code, not data); a caloadapt "
+                                  "checkpoint holds tensors and plain data only") from None
+        reason = failure[1] if failure is not None else _first_line(err)
+        raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a caloadapt checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     for key in ("model_config", "model"):
