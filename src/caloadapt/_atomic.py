@@ -98,7 +98,6 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.replace(tmp, target)
         except OSError as err:
             raise _write_error(given, err) from None
-        _fsync_folder(target.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -126,12 +125,3 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

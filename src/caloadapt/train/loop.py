@@ -85,7 +85,7 @@ class TrainConfig:
             raise InputError("steps and batch size must be positive")
         for name in ("lr", "flow_lr", "grad_clip"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value) and value > 0):
                 raise InputError(f"{name.replace('_', '-')} must be a positive number, got {value!r}")
         if not 0 <= self.val_fraction < 1:
             raise InputError(f"val-fraction must be in [0, 1) (the share held out), got {self.val_fraction!r}")
