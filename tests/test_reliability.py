@@ -293,7 +293,7 @@ def test_same_seed_gives_identical_checkpoints(run, ild_file, command):
 
 
 # -- 5. SIGTERM and SIGHUP end cleanly ----------------------------------------------------------------------
-@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)])
 def test_signal_during_simulation_removes_the_output(run, tmp_path, monkeypatch, signum, status):
     import caloadapt.simulate as simulate_module
 
@@ -308,7 +308,8 @@ def test_signal_during_simulation_removes_the_output(run, tmp_path, monkeypatch,
     monkeypatch.setattr(simulate_module, "iter_simulate", signalled)
     monkeypatch.setattr("caloadapt.simulate.simulator.SPOTS_PER_CHUNK", 20_000)  # several chunks
     result = run("simulate", "-o", "out.h5", "--n", "30", "--energy", "10:20")
-    assert_one_line_error(result, signal.Signals(signum).name, status=status)
+    assert_one_line_error(result, "interrupted" if signum == signal.SIGINT else signal.Signals(signum).name,
+                          status=status)
     assert not (tmp_path / "out.h5").exists()
     assert_no_temporary_files(tmp_path)
     assert signal.getsignal(signum) is signal.SIG_DFL or callable(signal.getsignal(signum))

@@ -124,17 +124,13 @@ class Level(str, Enum):
 
 
 def _one_line_errors(command):
-    """Turn user-input errors into one line on stderr and exit status 2."""
+    """Turn user-input errors into one line on stderr and exit status 2 (the command group handles the rest)."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except CaloadaptError as err:
-            typer.echo(f"caloadapt: error: {err}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("caloadapt: interrupted; no partial output was kept", err=True)
-            raise typer.Exit(130) from None
+        except (CaloadaptError, KeyboardInterrupt) as err:  # typer would turn Ctrl-C into a silent exit
+            raise typer.Exit(_report(err)) from None
     return wrapper
 
 
