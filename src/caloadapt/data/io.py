@@ -35,7 +35,7 @@ from .._atomic import atomic_path
 from .._signals import deferred_termination
 from ..errors import CaloadaptError, InputError, OutputError
 from ..geometry import Geometry, geometry_from_yaml_text, get_geometry
-from ..showers import ENERGY, Showers
+from ..showers import ENERGY, PARTICLES, Showers
 
 __all__ = ["FORMATS", "detect_format", "read_showers", "iter_showers", "write_showers", "ShowerWriter",
            "file_info", "file_geometry", "count_showers", "ILD_IMPACT_MM"]
@@ -156,6 +156,9 @@ class _Reader:
         if self.offsets[0] != 0 or np.any(np.diff(self.offsets) < 0):
             raise InputError(f"{self.path}: offsets must start at 0 and never decrease")
         self.particle = str(f.attrs.get("particle", "electron"))
+        if self.particle not in PARTICLES:
+            raise InputError(f"{self.path}: unknown particle {self.particle!r} in the file; expected one of "
+                             f"{', '.join(sorted(PARTICLES))}")
         stored = f.attrs.get("geometry_spec")
         self.geometry = get_geometry(geometry) if geometry is not None else (
             geometry_from_yaml_text(stored, str(self.path)) if stored is not None
