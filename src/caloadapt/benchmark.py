@@ -244,7 +244,7 @@ def _load_models(checkpoint, distilled):
     notes = []
     checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
     payload = load_checkpoint(checkpoint)
-    model = load_adapted_model(payload).eval()
+    model = load_adapted_model(payload, source=str(checkpoint)).eval()
     settings = consistency_settings(payload)
     one_step = None
     if distilled is not None:
@@ -254,7 +254,7 @@ def _load_models(checkpoint, distilled):
             from .errors import CheckpointError
 
             raise CheckpointError(f"{distilled}: not a distilled (consistency) checkpoint")
-        one_step = (load_adapted_model(distilled_payload).eval(), distilled_settings, str(distilled))
+        one_step = (load_adapted_model(distilled_payload, source=str(distilled)).eval(), distilled_settings, str(distilled))
     elif settings is not None:
         one_step = (model, settings, str(checkpoint))
         notes.append("the checkpoint is distilled: heun/euler are timed with the student network (same "

@@ -6,9 +6,12 @@ Errors caused by the input are printed as one line (``caloadapt: error: ...``), 
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 import sys
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,11 +19,90 @@ from typing import Annotated, Optional
 import numpy as np
 import torch
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import Abort as UsageAbort
+from typer.exceptions import TyperException as UsageException
 
+from ._signals import Terminated, termination_handlers
 from .errors import CaloadaptError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+#: ``caloadapt --debug COMMAND`` (or CALOADAPT_DEBUG=1): show the traceback of an error
+_debug = False
+
+
+class _OneLineErrorGroup(TyperGroup):
+    """The command group; whatever goes wrong ends as one line on stderr.
+
+    User errors (:class:`CaloadaptError`, bad option values, write errors) exit with status 2;
+    SIGINT / SIGTERM / SIGHUP with 130 / 143 / 129 after the outputs in progress are removed; an
+    unexpected exception is one line too (status 2) that points to ``--debug`` for the traceback.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        global _debug
+        _debug = os.environ.get("CALOADAPT_DEBUG", "") not in ("", "0")
+        try:
+            with termination_handlers():
+                status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            status = status if isinstance(status, int) else 0
+        except BaseException as err:  # noqa: BLE001: the last-resort handler of the command line
+            status = _report(err)
+        if not standalone_mode:
+            return status
+        sys.exit(status)
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _error(message: str, status: int = 2) -> int:
+    typer.echo(f"caloadapt: error: {_one_line(message)}", err=True)
+    return status
+
+
+def _report(err: BaseException) -> int:
+    """Print ``err`` as one line (and its traceback with --debug); the exit status."""
+    if isinstance(err, SystemExit):
+        return err.code if isinstance(err.code, int) else (0 if err.code is None else _error(str(err.code)))
+    if isinstance(err, typer.Exit):
+        return err.exit_code
+    if _debug and not isinstance(err, (UsageException, UsageAbort)):
+        traceback.print_exception(err)
+    if isinstance(err, UsageException):  # a bad option value, a missing argument, an unknown command
+        ctx = getattr(err, "ctx", None)
+        command = ctx.command_path if ctx is not None else "caloadapt"
+        return _error(f"{err.format_message()} (see '{command} --help')")
+    if isinstance(err, CaloadaptError):
+        return _error(str(err))
+    if isinstance(err, Terminated):
+        return _error(f"{err}; {err.note or 'no partial output was kept'}", err.exit_status)
+    if isinstance(err, (KeyboardInterrupt, UsageAbort)):
+        return _error("interrupted; no partial output was kept", 130)
+    if isinstance(err, OSError) and err.errno == errno.EPIPE:
+        return 1  # the reader of our output went away (e.g. '| head'): nothing to say
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        if isinstance(err, FileExistsError):
+            return _error(f"{where}exists already and is not what is needed here (a folder?)")
+        return _error(f"{where}{err.strerror}")
+    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and any(
+            text in str(err) for text in ("can't allocate memory", "out of memory", "CUDA out of memory"))):
+        return _error("out of memory; ask for fewer or smaller showers or batches (--n, --energy, --batch-size, "
+                      "--steps)")
+    hint = "" if _debug else "; rerun as 'caloadapt --debug ...' to see the traceback"
+    return _error(f"unexpected {type(err).__name__}: {_one_line(err) or 'no message'} (a bug of caloadapt?){hint}")
+
+
+app = typer.Typer(cls=_OneLineErrorGroup, add_completion=False, no_args_is_help=True,
                   help="Fast calorimeter shower simulation with cross-geometry transfer learning.")
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="show the traceback of an error (also "
+                                                                  "CALOADAPT_DEBUG=1)")] = False) -> None:
+    global _debug
+    _debug = _debug or debug
 
 
 class OutputFormat(str, Enum):
@@ -42,19 +124,18 @@ class Level(str, Enum):
 
 
 def _one_line_errors(command):
-    """Turn user-input errors into one line on stderr and exit status 2."""
+    """Turn user-input errors into one line on stderr and exit status 2 (the command group handles the rest)."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except CaloadaptError as err:
-            typer.echo(f"caloadapt: error: {err}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("caloadapt: interrupted; no partial output was kept", err=True)
-            raise typer.Exit(130) from None
+        except (CaloadaptError, KeyboardInterrupt) as err:  # typer would turn Ctrl-C into a silent exit
+            raise typer.Exit(_report(err)) from None
     return wrapper
 
+
+#: seeds are 32-bit unsigned integers (NumPy and torch take them all)
+MAX_SEED = 2**32 - 1
 
 GeometryOption = Annotated[str, typer.Option("--geometry", "-g",
                                              help="built-in name (ild-ecal, calochallenge-2, calochallenge-3, "
@@ -71,12 +152,12 @@ def simulate(
     energy: Annotated[str, typer.Option(help="GeV: 50, a range 10:90 or a list 10,50,90")] = "10:90",
     spectrum: Annotated[Spectrum, typer.Option(help="incident-energy spectrum")] = Spectrum.uniform,
     n: Annotated[int, typer.Option("--n", "-n", min=1, help="number of showers")] = 1000,
-    seed: Annotated[int, typer.Option(help="random seed (energies and showers)")] = 1,
+    seed: Annotated[int, typer.Option(help="random seed (energies and showers)", min=0, max=MAX_SEED)] = 1,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="output file layout")] = OutputFormat.points,
     level: Annotated[Level, typer.Option(help="hits (digitised cells) or spots (energy depositions)")] = Level.hits,
     mode: Annotated[str, typer.Option(help="simulator mode: B (granular Si readout) or A (GFlash spots)")] = "B",
     validate: Annotated[bool, typer.Option("--validate", help="run the physics validation table instead")] = False,
-    validate_n: Annotated[int, typer.Option(help="showers per point of the validation table")] = 400,
+    validate_n: Annotated[int, typer.Option(min=1, help="showers per point of the validation table")] = 400,
 ) -> None:
     """Simulate showers with the embedded GFlash simulator and write them to a file."""
     from .data import ShowerWriter
@@ -115,7 +196,7 @@ def convert(
     geometry: Annotated[Optional[str], typer.Option("--geometry", "-g",
                                                     help="geometry of the input (default: from the file)")] = None,
     smear: Annotated[bool, typer.Option(help="place points from voxels uniformly inside their cells")] = False,
-    seed: Annotated[int, typer.Option(help="seed of the smearing")] = 1,
+    seed: Annotated[int, typer.Option(help="seed of the smearing", min=0, max=MAX_SEED)] = 1,
     chunk_size: Annotated[int, typer.Option(min=1, help="showers held in memory at once")] = 1000,
 ) -> None:
     """Convert a shower file between the points, ILD and CaloChallenge layouts."""
@@ -159,8 +240,21 @@ def _csv_ints(text: str) -> tuple[int, ...]:
         raise CaloadaptError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _claim_run(output: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a run folder that holds a run (unless --resume / --overwrite); say what will happen."""
+    from .train.rundir import claim_run_directory
+
+    found = claim_run_directory(output, resume=resume, overwrite=overwrite)
+    if resume or overwrite:
+        typer.echo(found)
+
+
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="replace the run already in the output folder "
+                                                                   "(its checkpoints and metrics are removed)")]
+
+
 def _run_training(data: list[Path], data_weight: list[float] | None, output: Path, geometry: str | None,
-                  config, model_config, resume: bool) -> None:
+                  config, model_config, resume: bool, overwrite: bool = False) -> None:
     """Pre-training and training from scratch share this: a fresh model trained on one or more files."""
     from .data.io import file_geometry
     from .models import ShowerModel
@@ -173,7 +267,12 @@ def _run_training(data: list[Path], data_weight: list[float] | None, output: Pat
     if len(weights) != len(data):
         raise CaloadaptError(f"got {len(weights)} --data-weight values for {len(data)} --data files")
     sources = [DataSource(path, file_geometry(path, geometry), weight) for path, weight in zip(data, weights)]
-    torch_model = ShowerModel(model_config)
+    _claim_run(output, resume, overwrite)
+    torch.manual_seed(config.seed)  # the initial weights are a function of --seed
+    try:
+        torch_model = ShowerModel(model_config)
+    except ValueError as err:  # e.g. non-positive widths
+        raise CaloadaptError(f"cannot build the model: {err}") from None
     summary = train(torch_model, sources, None, output, config, resume=resume,
                     checkpoint_parts={"command": " ".join(sys.argv)})
     typer.echo(f"trained {summary['steps']} steps in {summary['wall_s']:.0f} s; best validation: "
@@ -201,10 +300,11 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
         n_samples: Annotated[Optional[int], typer.Option(help="showers drawn from each file (default all)")] = None,
         val_fraction: Annotated[float, typer.Option(help="share held out for validation")] = default_val_fraction,
         val_every: Annotated[int, typer.Option(min=1, help="steps between validations/checkpoints")] = 200,
-        seed: Annotated[int, typer.Option(help="seed of initialisation and training noise")] = 0,
-        data_seed: Annotated[int, typer.Option(help="seed of the data subset and split")] = 0,
+        seed: Annotated[int, typer.Option(help="seed of initialisation and training noise", min=0, max=MAX_SEED)] = 0,
+        data_seed: Annotated[int, typer.Option(help="seed of the data subset and split", min=0, max=MAX_SEED)] = 0,
         device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
         resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
+        overwrite: OverwriteOption = False,
         frame: Annotated[str, typer.Option(help="point frame: physical or box")] = "physical",
         transverse_scale_rm: Annotated[float, typer.Option(
             help="r0 of the radial compression r -> r0 asinh(r/r0) of the transverse position, in Moliere "
@@ -240,7 +340,7 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
                                    widths=_csv_ints(widths), transformer_dim=transformer_dim,
                                    transformer_depth=transformer_depth, flow_hidden=_csv_ints(flow_hidden),
                                    flow_transforms=flow_transforms)
-        _run_training(data, data_weight, output, geometry, config, model_config, resume)
+        _run_training(data, data_weight, output, geometry, config, model_config, resume, overwrite)
     return command
 
 
@@ -264,14 +364,14 @@ def generate(
     spectrum: Annotated[Spectrum, typer.Option(help="incident-energy spectrum")] = Spectrum.log_uniform,
     energies_from: Annotated[Optional[Path], typer.Option(help="take the incident energies of this shower file "
                                                                 "(e.g. the evaluation reference)")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="sampler steps [default: 13 (CaloClouds II); "
+    steps: Annotated[Optional[int], typer.Option(min=1, max=10_000, help="sampler steps [default: 13 (CaloClouds II); "
                                                              "1 for a distilled model]")] = None,
     sampler: Annotated[str, typer.Option(help="auto, heun, euler or consistency (auto: consistency for a "
                                               "distilled checkpoint, else heun)")] = "auto",
     engine: Annotated[str, typer.Option(help="torch, or onnxruntime (CPU; exports the network on the fly "
                                              "unless --onnx is given)")] = "torch",
     onnx: Annotated[Optional[Path], typer.Option(help="ONNX file of the network for --engine onnxruntime")] = None,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    seed: Annotated[int, typer.Option(help="random seed", min=0, max=MAX_SEED)] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="showers per batch")] = 64,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="output layout")] = OutputFormat.points,
     digitise: Annotated[bool, typer.Option(help="sum points into cells and apply the threshold")] = True,
@@ -295,7 +395,7 @@ def generate(
                                             np.random.default_rng(seed))
     source = checkpoint if checkpoint is not None else default_checkpoint()
     payload = load_checkpoint(source)
-    model = load_adapted_model(payload)
+    model = load_adapted_model(payload, source=str(source))
     sampler = _choose_sampler(sampler, consistency_settings(payload) is not None)
     steps = steps or (1 if sampler == "consistency" else 13)
     run_device = resolve_device(device)
@@ -351,21 +451,31 @@ def distill(
     max_points: Annotated[int, typer.Option(min=1, help="points per shower per step")] = 1024,
     n_samples: Annotated[Optional[int], typer.Option(help="showers drawn from the file (default all)")] = None,
     val_every: Annotated[int, typer.Option(min=1)] = 200,
-    seed: Annotated[int, typer.Option()] = 0,
-    data_seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
+    data_seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Consistency distillation into a one-step (and two-step) sampler (CaloClouds II recipe)."""
     from .adapt import load_adapted_model
     from .data.io import file_geometry
     from .models.consistency import DistillConfig, distill as run_distill
 
+    from .train import resolve_device
+    from .train.rundir import run_lock
+
+    if not (np.isfinite(lr) and lr > 0):
+        raise CaloadaptError(f"--lr must be a positive number, got {lr}")
+    resolve_device(device)
     config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, max_points=max_points, n_samples=n_samples,
                            val_every=val_every, checkpoint_every=val_every, seed=seed, data_seed=data_seed,
                            device=device)
-    summary = run_distill(load_adapted_model(checkpoint), data, file_geometry(data, geometry), output, config,
-                          resume=resume, checkpoint_parts={"command": " ".join(sys.argv), "teacher": str(checkpoint)})
+    teacher, geo = load_adapted_model(checkpoint), file_geometry(data, geometry)
+    _claim_run(output, resume, overwrite)
+    with run_lock(output):
+        summary = run_distill(teacher, data, geo, output, config, resume=resume,
+                              checkpoint_parts={"command": " ".join(sys.argv), "teacher": str(checkpoint)})
     typer.echo(f"distilled {summary['steps']} steps in {summary['wall_s']:.0f} s; best one-step validation "
                f"error {summary['best']} (step {summary['best_step']}); model in {summary['checkpoint']}")
 
@@ -418,13 +528,15 @@ def finetune(
     val_fraction: Annotated[float, typer.Option(help="share of the showers held out for validation")] = 0.2,
     val_every: Annotated[int, typer.Option(min=1, help="steps between validations/checkpoints")] = 100,
     patience: Annotated[Optional[int], typer.Option(help="early stop after N validations without gain")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the run (initialisation of new weights, noise)")] = 0,
-    data_seed: Annotated[int, typer.Option(help="seed of the target subset and its split")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the run (initialisation of new weights, noise)", min=0,
+                                      max=MAX_SEED)] = 0,
+    data_seed: Annotated[int, typer.Option(help="seed of the target subset and its split", min=0, max=MAX_SEED)] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     occupancy_showers: Annotated[int, typer.Option(min=0, help="training showers per detector the occupancy "
                                                                "calibration is fitted on after training (0: none)")]
     = 128,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Adapt a pre-trained model to a target detector (or train the scratch baseline)."""
     from .adapt import AdaptMethod, finetune as run_finetune
@@ -432,19 +544,22 @@ def finetune(
     from .data.io import count_showers, file_geometry
     from .pretrained import default_checkpoint
     from .train import TrainConfig
+    from .train.rundir import run_lock
 
     geo = file_geometry(data, geometry)
     adapt_method = AdaptMethod(name=method, k=k, rank=rank, alpha=alpha, target=target, flow=flow,
                                layers=_csv_ints(layers) if layers else None)
     size = n_samples if n_samples is not None else count_showers(data)
     default_lr, default_flow_lr = adaptation_learning_rates(method, size)
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr or default_lr,
-                         flow_lr=flow_lr or default_flow_lr, max_points=max_points, n_samples=n_samples,
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=default_lr if lr is None else lr,
+                         flow_lr=default_flow_lr if flow_lr is None else flow_lr, max_points=max_points, n_samples=n_samples,
                          val_fraction=val_fraction, val_every=val_every, checkpoint_every=val_every,
                          patience=patience, seed=seed, data_seed=data_seed, device=device,
                          occupancy_showers=occupancy_showers)
-    summary = run_finetune(checkpoint or default_checkpoint(), data, geo, output, adapt_method, config, resume=resume,
-                           checkpoint_parts={"command": " ".join(sys.argv)}, log=typer.echo)
+    _claim_run(output, resume, overwrite)
+    with run_lock(output):
+        summary = run_finetune(checkpoint or default_checkpoint(), data, geo, output, adapt_method, config,
+                               resume=resume, checkpoint_parts={"command": " ".join(sys.argv)}, log=typer.echo)
     typer.echo(f"{adapt_method.label()}: {summary['steps']} steps in {summary['wall_s']:.0f} s; best validation "
                f"diffusion {summary['best']['diffusion']:.4f}, flow {summary['best']['flow']:.4f}; "
                f"model in {output / 'model.pt'}")
@@ -491,7 +606,8 @@ def sweep(
     compare_normalisation: Annotated[bool, typer.Option(help="require checkpoints in both the physical and the "
                                                              "published box frame, and compare them")] = False,
     executor: Annotated[str, typer.Option(help="local (worker processes) or slurm (submitit)")] = "local",
-    workers: Annotated[Optional[int], typer.Option(help="local worker processes (default: cores / threads)")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="local worker processes (default: cores / "
+                                                               "threads)")] = None,
     threads: Annotated[int, typer.Option(min=1, help="torch threads per run")] = 1,
     slurm_partition: Annotated[Optional[str], typer.Option(help="Slurm partition")] = None,
     slurm_time: Annotated[int, typer.Option(help="Slurm time limit per run, minutes")] = 240,
@@ -550,13 +666,19 @@ def evaluate(
     n_bootstrap: Annotated[int, typer.Option(min=0, help="bootstrap resamples of the scores")] = 50,
     fpd_kpd: Annotated[bool, typer.Option(help="FPD and KPD on the CaloChallenge high-level features")] = True,
     plots: Annotated[bool, typer.Option(help="write plots")] = True,
-    seed: Annotated[int, typer.Option(help="seed of bootstrap and classifier")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of bootstrap and classifier", min=0, max=MAX_SEED)] = 0,
 ) -> None:
     """Compare generated with reference showers: scores, CaloChallenge metrics, plots and a report."""
     from .data.io import file_geometry
-    from .evaluate.pipeline import EvaluationOptions, run_evaluation
+    from .evaluate.pipeline import EvaluationOptions, _source_geometry, run_evaluation
 
     geo = file_geometry(reference, geometry)
+    if geometry is None:
+        _, generated_geometry = _source_geometry(generated, geo)
+        if generated_geometry.name != geo.name:
+            raise CaloadaptError(f"{generated} holds showers of detector {generated_geometry.name!r}, {reference} of "
+                                 f"{geo.name!r}; compare showers of one detector, or give --geometry to voxelise "
+                                 "both into one readout")
     options = EvaluationOptions(max_showers=max_showers, classifier=classifier, n_bootstrap=n_bootstrap,
                                 fpd_kpd=fpd_kpd, plots=plots, seed=seed)
     metrics = run_evaluation(generated, reference, geo, output, options, command=" ".join(sys.argv))
@@ -575,7 +697,7 @@ def demo(
     reference_data: Annotated[Optional[Path], typer.Option(help="real held-out reference file")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="pre-trained checkpoint (default: shipped)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    seed: Annotated[int, typer.Option(help="seed of data, training and generation")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of data, training and generation", min=0, max=MAX_SEED)] = 0,
 ) -> None:
     """The main job: adapt the shipped model to a new detector, compare with scratch, write a report."""
     from .demo import run_demo

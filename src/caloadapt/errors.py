@@ -6,7 +6,7 @@ Every problem caused by the user's input (a file, a name, an option) raises a su
 
 from __future__ import annotations
 
-__all__ = ["CaloadaptError", "InputError", "GeometryError", "CheckpointError"]
+__all__ = ["CaloadaptError", "InputError", "GeometryError", "CheckpointError", "OutputError", "TrainingError"]
 
 
 class CaloadaptError(Exception):
@@ -23,3 +23,11 @@ class GeometryError(CaloadaptError):
 
 class CheckpointError(CaloadaptError):
     """A checkpoint is missing, corrupt, or does not fit the requested model or method."""
+
+
+class OutputError(CaloadaptError):
+    """An output cannot be written: not a regular file at its path, no space, no permission."""
+
+
+class TrainingError(CaloadaptError):
+    """A run cannot start or continue: its folder is in use or holds another run, or training diverged."""

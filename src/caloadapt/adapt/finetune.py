@@ -22,42 +22,43 @@ import torch
 from .._atomic import atomic_path
 from ..errors import CheckpointError
 from ..geometry import Geometry
-from ..models.shower_model import ModelConfig, ShowerModel
+from ..models.shower_model import ShowerModel
 from .methods import AdaptMethod, format_report, merge, parameter_report, prepare
 
 __all__ = ["finetune", "load_adapted_model", "load_adapted_state"]
 
 
 def _adapted_model(payload: dict, weights: str, source: str) -> ShowerModel:
-    from ..train.checkpoint import model_from_checkpoint, restore_occupancy
+    from ..train.checkpoint import build_model, load_weights, model_from_checkpoint, restore_occupancy
 
     method = payload.get("adapter")
     state = payload.get("ema") if weights == "ema" else payload["model"]
     state = state if state is not None else payload["model"]
-    plain = ShowerModel(ModelConfig.from_dict(payload["model_config"]))
+    plain = build_model(payload, source)
     if method is None or set(state) == set(plain.state_dict()):
-        return model_from_checkpoint(payload, weights=weights)
-    method = AdaptMethod.from_dict(method)
-    model, _ = prepare(plain, method, copy_model=False)
+        return model_from_checkpoint(payload, weights=weights, source=source)
     try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{source}: weights do not fit the {method.name} adapters: "
-                              f"{str(err).splitlines()[0]}") from None
+        method = AdaptMethod.from_dict(method)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{source}: unreadable adaptation method: {str(err).splitlines()[0]}") from None
+    model, _ = prepare(plain, method, copy_model=False)
+    load_weights(model, state, f"{source} ({method.name} adapters)")
     return restore_occupancy(merge(model, method, copy_model=False), payload, source)
 
 
-def load_adapted_model(checkpoint: str | os.PathLike[str] | dict, weights: str = "ema") -> ShowerModel:
+def load_adapted_model(checkpoint: str | os.PathLike[str] | dict, weights: str = "ema",
+                       source: str | None = None) -> ShowerModel:
     """The plain model of any checkpoint, with peft adapters (if stored separately) merged.
 
     Arguments:
         checkpoint: path or loaded payload.
         weights: ``ema`` (default) or ``model`` (the raw weights).
+        source: what to call a loaded payload in error messages (default: "checkpoint").
     """
     from ..train.checkpoint import load_checkpoint
 
     payload = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    source = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
+    source = source or ("checkpoint" if isinstance(checkpoint, dict) else str(checkpoint))
     return _adapted_model(payload, weights, source)
 
 

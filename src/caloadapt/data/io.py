@@ -19,6 +19,8 @@ it when complete, so an interrupted run never leaves a partial file under the ta
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -30,9 +32,10 @@ import yaml
 
 from .. import __version__
 from .._atomic import atomic_path
-from ..errors import InputError
+from .._signals import deferred_termination
+from ..errors import CaloadaptError, InputError, OutputError
 from ..geometry import Geometry, geometry_from_yaml_text, get_geometry
-from ..showers import ENERGY, Showers
+from ..showers import ENERGY, PARTICLES, Showers
 
 __all__ = ["FORMATS", "detect_format", "read_showers", "iter_showers", "write_showers", "ShowerWriter",
            "file_info", "file_geometry", "count_showers", "ILD_IMPACT_MM"]
@@ -82,11 +85,36 @@ def _dataset(f: h5py.File, key: str, ndim: int, path) -> h5py.Dataset:
     return f[key]
 
 
+def _check_dtype(dataset: h5py.Dataset, what: str, path, integer: bool = False) -> None:
+    """Numbers only (integers for offsets): strings, compounds or complex values are refused."""
+    kinds = "iu" if integer else "iuf"
+    if dataset.dtype.kind not in kinds:
+        expected = "integers" if integer else "real numbers"
+        raise InputError(f"{path}: dataset {what!r} holds {dataset.dtype} values, expected {expected}")
+
+
 def _check_values(values: np.ndarray, what: str, path, positive: bool = False) -> None:
     if not np.all(np.isfinite(values)):
         raise InputError(f"{path}: {what} contain NaN or infinite values")
     if np.any(values < 0) or (positive and np.any(values <= 0)):
         raise InputError(f"{path}: {what} must be {'positive' if positive else 'non-negative'}")
+
+
+def _check_finite(values: np.ndarray, what: str, path) -> None:
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{path}: {what} contain NaN or infinite values")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _read_dataset(dataset: h5py.Dataset, index, path, what: str) -> np.ndarray:
+    try:
+        return dataset[index]
+    except (OSError, RuntimeError, ValueError) as err:
+        raise InputError(f"{path}: cannot read {what}: corrupt or truncated data ({_first_line(err)})") from None
 
 
 # -- per-format readers (rows [start, stop)) --------------------------------------------------
@@ -110,8 +138,17 @@ class _Reader:
     def _init_points(self, geometry) -> None:
         f = self.file
         self.points = _dataset(f, "points", 2, self.path)
-        self.offsets = _dataset(f, "offsets", 1, self.path)[:]
+        offsets = _dataset(f, "offsets", 1, self.path)
         self.energy = _dataset(f, "incident_energy_mev", 1, self.path)
+        _check_dtype(self.points, "points", self.path)
+        _check_dtype(offsets, "offsets", self.path, integer=True)
+        _check_dtype(self.energy, "incident_energy_mev", self.path)
+        self.offsets = _read_dataset(offsets, slice(None), self.path, "offsets").astype(np.int64)
+        if "meta" in f:
+            for key, value in f["meta"].items():
+                if not isinstance(value, h5py.Dataset) or value.ndim != 1:
+                    raise InputError(f"{self.path}: meta/{key} must be a 1-D dataset")
+                _check_dtype(value, f"meta/{key}", self.path)
         self.n = len(self.energy)
         if self.points.shape[1] != 4 or len(self.offsets) != self.n + 1 or self.offsets[-1] != len(self.points):
             raise InputError(f"{self.path}: points {self.points.shape}, offsets {self.offsets.shape} and "
@@ -119,6 +156,9 @@ class _Reader:
         if self.offsets[0] != 0 or np.any(np.diff(self.offsets) < 0):
             raise InputError(f"{self.path}: offsets must start at 0 and never decrease")
         self.particle = str(f.attrs.get("particle", "electron"))
+        if self.particle not in PARTICLES:
+            raise InputError(f"{self.path}: unknown particle {self.particle!r} in the file; expected one of "
+                             f"{', '.join(sorted(PARTICLES))}")
         stored = f.attrs.get("geometry_spec")
         self.geometry = get_geometry(geometry) if geometry is not None else (
             geometry_from_yaml_text(stored, str(self.path)) if stored is not None
@@ -127,6 +167,8 @@ class _Reader:
     def _init_ild(self, geometry) -> None:
         self.events = _dataset(self.file, "events", 3, self.path)
         self.energy = _dataset(self.file, "energy", 2, self.path)
+        _check_dtype(self.events, "events", self.path)
+        _check_dtype(self.energy, "energy", self.path)
         self.n = len(self.events)
         if self.events.shape[1] != 4 or self.energy.shape != (self.n, 1):
             raise InputError(f"{self.path}: ILD layout needs events (N, 4, M) and energy (N, 1), got "
@@ -137,6 +179,8 @@ class _Reader:
     def _init_calochallenge(self, geometry) -> None:
         self.showers = _dataset(self.file, "showers", 2, self.path)
         self.energy = _dataset(self.file, "incident_energies", 2, self.path)
+        _check_dtype(self.showers, "showers", self.path)
+        _check_dtype(self.energy, "incident_energies", self.path)
         self.n = len(self.showers)
         n_cells = self.showers.shape[1]
         if self.energy.shape != (self.n, 1):
@@ -152,7 +196,11 @@ class _Reader:
                              f"{self.geometry.name!r} has {self.geometry.n_cells}")
 
     def read(self, start: int, stop: int) -> Showers:
-        return getattr(self, f"_read_{self.format}")(start, stop)
+        try:
+            return getattr(self, f"_read_{self.format}")(start, stop)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:  # h5py: corrupt chunks, filters
+            raise InputError(f"{self.path}: cannot read showers {start}..{stop - 1}: corrupt or truncated data "
+                             f"({_first_line(err)})") from None
 
     def read_indices(self, indices: np.ndarray) -> Showers:
         """Showers at sorted, unique ``indices``, read as runs of consecutive rows."""
@@ -168,6 +216,7 @@ class _Reader:
         points = self.points[p0:p1]
         energy = self.energy[start:stop]
         _check_values(points[:, ENERGY], "point energies", self.path)
+        _check_finite(points[:, :ENERGY], "point coordinates", self.path)
         _check_values(energy, "incident energies", self.path, positive=True)
         meta = {k: v[start:stop] for k, v in self.file["meta"].items()} if "meta" in self.file else {}
         return Showers(points, self.offsets[start:stop + 1] - p0, energy, self.particle, self.geometry.name, meta)
@@ -178,6 +227,7 @@ class _Reader:
         _check_values(events[:, 3], "hit energies", self.path)
         _check_values(energy_gev, "incident energies", self.path, positive=True)
         mask = events[:, 3] > 0
+        _check_finite(events[:, :3].transpose(0, 2, 1)[mask], "hit coordinates", self.path)
         x, layer_u, z, e = (events[:, k][mask] for k in range(4))
         points = np.stack([x - ILD_IMPACT_MM[0], z - ILD_IMPACT_MM[1],
                            layer_units_to_depth(self.geometry, layer_u), 1000.0 * e], axis=1)
@@ -253,6 +303,68 @@ def depth_to_layer_units(geometry: Geometry, depth_mm: np.ndarray) -> np.ndarray
 
 
 # -- writing ---------------------------------------------------------------------------------
+class _OutputFile(io.RawIOBase):
+    """The file HDF5 writes through (h5py's ``fileobj`` driver), keeping the first write error.
+
+    HDF5 cannot recover from a failed write: its library state is broken and closing the file
+    can crash the interpreter. So after the first failure (a full disk, a quota, an I/O error)
+    this file only pretends to write, HDF5 finishes and closes cleanly, and the writer reports
+    :attr:`error` and discards the temporary file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        super().__init__()
+        self.raw = open(path, "r+b", buffering=0)  # noqa: SIM115 (closed in close())
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def readinto(self, buffer) -> int:
+        return self.raw.readinto(buffer)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += self.raw.write(view[done:])
+                return len(view)
+            except OSError as err:
+                self.error = err
+        self.raw.seek(len(view), os.SEEK_CUR)  # after a failure: pretend, so that HDF5 stays consistent
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self.raw.truncate(size)
+            except OSError as err:
+                self.error = err
+        return self.tell() if size is None else size
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()
+        super().close()
+
+
 class ShowerWriter:
     """Append showers chunk by chunk to a new file; it appears under its name only on success.
 
@@ -276,21 +388,62 @@ class ShowerWriter:
         self._atomic = atomic_path(self.path)
         tmp = self._atomic.__enter__()
         try:
-            self.file = h5py.File(tmp, "w")
-        except OSError as err:
+            self._output = _OutputFile(tmp)
+            with deferred_termination():  # HDF5 writes through Python code: never interrupt it inside
+                self.file = h5py.File(self._output, "w")
+        except (OSError, RuntimeError, ValueError) as err:
+            error = OutputError(f"{self.path}: cannot write: {_first_line(err)}")
+            with contextlib.suppress(OutputError):
+                self._close()
+            self._atomic.__exit__(OutputError, error, None)
+            raise error from None
+        except BaseException as err:  # a signal raised when the file was just created
+            with contextlib.suppress(OutputError):
+                self._close()
             self._atomic.__exit__(type(err), err, None)
-            raise InputError(f"{self.path}: cannot write: {err}") from None
+            raise
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def _close(self) -> None:
+        """Close the HDF5 file and its output file; a write error that happened becomes :class:`OutputError`."""
+        failure = None
+        with deferred_termination():
+            try:
+                if hasattr(self, "file"):
+                    self.file.close()
+            except (OSError, RuntimeError, ValueError) as err:
+                failure = err
+            if hasattr(self, "_output"):
+                self._output.close()
+                failure = self._output.error or failure
+        if failure is not None:
+            raise self._write_error(failure)
+
+    def _write_error(self, err: BaseException) -> OutputError:
+        text = err.strerror if isinstance(err, OSError) and err.strerror else _first_line(err)
         try:
-            self.file.close()
-        finally:
-            if exc_type is None and self.n == 0:
-                exc = InputError(f"{self.path}: nothing to write (no showers)")
-                self._atomic.__exit__(InputError, exc, None)
-                raise exc
-            self._atomic.__exit__(exc_type, exc, tb)
+            free = os.statvfs(self.path.parent if self.path.parent.exists() else ".")
+            text += f" ({free.f_bavail * free.f_frsize / 2**20:.1f} MiB free)"
+        except OSError:
+            pass
+        return OutputError(f"{self.path}: cannot write: {text}; nothing was kept")
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        failure = None
+        try:
+            self._close()
+        except OutputError as error:
+            failure = error
+        except BaseException as error:  # a signal that arrived while closing
+            self._atomic.__exit__(type(error), error, None)
+            raise
+        if exc_type is None and failure is None and self.n == 0:
+            failure = InputError(f"{self.path}: nothing to write (no showers)")
+        if failure is not None and (exc_type is None or (issubclass(exc_type, Exception)
+                                                         and not issubclass(exc_type, CaloadaptError))):
+            self._atomic.__exit__(type(failure), failure, None)  # removes the temporary file
+            raise failure
+        self._atomic.__exit__(exc_type, exc, tb)  # renames it into place, or removes it after an error
         return False
 
     def append(self, showers: Showers) -> None:
@@ -298,9 +451,16 @@ class ShowerWriter:
             self.geometry = get_geometry(showers.geometry)
         self.geometry.check_showers(showers)
         if len(showers):
-            if self.n == 0:
-                getattr(self, f"_create_{self.format}")(showers)
-            getattr(self, f"_append_{self.format}")(showers)
+            try:
+                with deferred_termination():  # a signal is raised after the HDF5 calls, not inside them
+                    if self.n == 0:
+                        getattr(self, f"_create_{self.format}")(showers)
+                    getattr(self, f"_append_{self.format}")(showers)
+                    self.file.flush()
+            except (OSError, RuntimeError) as err:  # the HDF5 library reports its write errors so
+                raise self._write_error(self._output.error or err) from None
+            if self._output.error is not None:  # stop at the first failed write, not at the end
+                raise self._write_error(self._output.error)
             self.n += len(showers)
 
     # points

@@ -716,6 +716,9 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
         timing[f"read_{role}"] = time.perf_counter() - t
     ref, gen = samples["reference"], samples["generated"]
     for role, sample in samples.items():
+        if not sample.energy_total_mev > 0:
+            raise InputError(f"{sample.path}: every {role} shower read ({sample.n_used}) has zero hits; there is "
+                             "nothing to compare")
         if sample.geometry != target.name:
             notes.append(f"{role} showers of geometry {sample.geometry!r} were voxelised into {target.name!r}")
         if sample.n_showers_with_cells < sample.n_used:

@@ -205,7 +205,7 @@ def export_checkpoint_onnx(checkpoint: str | os.PathLike[str], path: str | os.Pa
     from ..train.checkpoint import load_checkpoint
 
     payload = load_checkpoint(checkpoint)
-    model = load_adapted_model(payload).eval()
+    model = load_adapted_model(payload, source=str(checkpoint)).eval()
     settings = consistency_settings(payload)
     return export_onnx(model, path, opset=opset, consistency=settings), model, settings
 

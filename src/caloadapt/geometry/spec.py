@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from ..errors import GeometryError
 from .calochallenge_xml import parse_binning_xml
@@ -48,9 +48,21 @@ class SlabSpec(_Strict):
     active: bool = False
 
 
+def _stack_item_kind(item) -> str:
+    """A stack item with a ``repeat`` key is a repeat block, anything else a slab (so that an error
+    inside one is reported for what it is, not as the other kind lacking its fields)."""
+    keys = item if isinstance(item, dict) else vars(item) if isinstance(item, BaseModel) else {}
+    return "repeat" if "repeat" in keys else "slab"
+
+
+#: one entry of a stack: a slab or a repeat block
+StackItem = Annotated[Union[Annotated[SlabSpec, Tag("slab")], Annotated["RepeatSpec", Tag("repeat")]],
+                      Discriminator(_stack_item_kind)]
+
+
 class RepeatSpec(_Strict):
     repeat: int = Field(ge=1)
-    slabs: list[Union[SlabSpec, "RepeatSpec"]]
+    slabs: list[StackItem]
 
 
 class LayerSpec(_Strict):
@@ -108,7 +120,7 @@ class GeometrySpec(_Strict):
     description: str = ""
     particle: Literal["electron", "photon", "positron"] = "electron"
     materials: dict[str, MaterialSpec] = {}
-    stack: list[Union[SlabSpec, RepeatSpec]]
+    stack: list[StackItem]
     layers: LayerSpec
     readout: ReadoutSpec
     energy: EnergySpec
@@ -185,7 +197,9 @@ def geometry_from_spec(data: dict, base_dir: Path | None = None, source: str = "
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise GeometryError(f"invalid geometry description {source}: {where}: {first['msg']}") from None
+        value = first.get("input")
+        got = f" (got {value!r})" if isinstance(value, (int, float, str, bool)) and first["type"] != "missing" else ""
+        raise GeometryError(f"invalid geometry description {source}: {where}: {first['msg']}{got}") from None
     materials = {name: Material(name, m.z, m.a, m.density_g_cm3, m.x0_g_cm2, m.dedx_min_mev_cm2_g)
                  for name, m in spec.materials.items()}
     stack = MaterialStack.of(_expand(spec.stack, materials))

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._memory import check_memory
 from ..showers import PARTICLES, Showers
 from ..errors import InputError
 from ..geometry import Geometry, get_geometry
@@ -16,6 +17,8 @@ __all__ = ["simulate", "iter_simulate"]
 
 #: spots per chunk: bounds memory (about 100 B per spot in flight) while keeping NumPy calls large
 SPOTS_PER_CHUNK = 1_000_000
+#: memory of one spot in flight, bytes (upper estimate)
+BYTES_PER_SPOT = 100
 
 
 def _expected_spots(geometry: Geometry, energy_mev: float, settings: SimulationSettings) -> float:
@@ -55,7 +58,10 @@ def iter_simulate(geometry: Geometry | str, particle: str, incident_energy_mev: 
     energy = _check_request(particle, incident_energy_mev)
     if level not in {"hits", "spots"}:
         raise InputError(f"unknown output level {level!r}; expected 'hits' or 'spots'")
-    chunk = int(max(1, SPOTS_PER_CHUNK // _expected_spots(geometry, float(energy.max(initial=1.0)), settings)))
+    spots = _expected_spots(geometry, float(energy.max(initial=1.0)), settings)
+    check_memory(BYTES_PER_SPOT * spots, f"one shower of {energy.max(initial=1.0) / 1000:.4g} GeV "
+                                         f"({spots:.3g} energy spots)")
+    chunk = int(max(1, SPOTS_PER_CHUNK // spots))
     grid = _StepGrid.of(geometry)
     streams = np.random.SeedSequence(seed).spawn(max(1, -(-len(energy) // chunk)))
     with tqdm(total=len(energy), unit="shower", disable=not progress, desc=f"simulate {geometry.name}") as bar:

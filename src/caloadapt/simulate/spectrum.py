@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._memory import check_memory
 from ..errors import InputError
 
 __all__ = ["SPECTRA", "parse_energy_range", "sample_incident_energies"]
@@ -38,6 +39,7 @@ def sample_incident_energies(n: int, energies_gev: tuple[float, ...], spectrum: 
     """
     if n < 0:
         raise InputError(f"number of showers must be >= 0, got {n}")
+    check_memory(8.0 * n, f"{n} incident energies")
     values = np.asarray(energies_gev, dtype=np.float64)
     if spectrum == "fixed" or len(values) == 1:
         if len(values) != 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -11,12 +12,12 @@ import torch
 
 from .. import __version__
 from .._atomic import atomic_path
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutputError
 from ..models.occupancy import OccupancyCalibration
 from ..models.shower_model import ModelConfig, ShowerModel
 
 __all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "restore_occupancy", "inference_checkpoint",
-           "write_inference_checkpoint", "CHECKPOINT_FORMAT"]
+           "write_inference_checkpoint", "CHECKPOINT_FORMAT", "stored_config", "build_model", "load_weights"]
 
 #: entries kept by :func:`inference_checkpoint`: enough to generate, adapt and reproduce, no optimiser
 _INFERENCE_KEYS = ("model_config", "geometry", "geometries", "train_config", "train_state", "trainable", "command",
@@ -36,49 +37,131 @@ def save_checkpoint(path: str | os.PathLike[str], model: ShowerModel, **parts) -
                "model_config": model.config.to_dict(), "model": model.state_dict(),
                "occupancy": {name: c.to_dict() for name, c in model.occupancy.items()}, **parts}
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as err:  # torch's writer reports a full disk as a RuntimeError
+            raise OutputError(f"{path}: cannot write the checkpoint: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _weights_only_failure(err: BaseException) -> tuple[bool, str] | None:
+    """Why a weights-only load failed: (True, the global it refused) for a pickle that would run
+    code or build foreign objects, (False, the reason) for one that is broken; None if unrelated."""
+    text = str(err)
+    if "Weights only load failed" not in text:
+        return None
+    refused = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if refused:
+        return True, refused.group(1)
+    reason = re.search(r"Unsupported operand \d+|WeightsUnpickler error: \S.*", text)
+    return False, reason.group(0) if reason else "not a weights-only pickle"
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict:
     """Read and check a checkpoint (a path, or the name of a shipped model); a clear
-    :class:`CheckpointError` for anything wrong with it."""
+    :class:`CheckpointError` for anything wrong with it.
+
+    A checkpoint is data, never code: it is read with ``torch.load(weights_only=True)``, which
+    allows tensors and plain containers and numbers only, so a planted pickle payload is refused
+    before it can run. The model configuration and the weights are checked too (a configuration
+    caloadapt can build, tensors of finite values).
+    """
     from ..pretrained import resolve_checkpoint
 
     path = resolve_checkpoint(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: {'is a directory, not a' if path.is_dir() else 'no such'} checkpoint file")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError):
-        raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint") from None
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError, TypeError,
+            AttributeError, KeyError, IndexError, ImportError, MemoryError) as err:
+        failure = _weights_only_failure(err)
+        if failure is not None and failure[0]:
+            raise CheckpointError(f"{path}: refused: loading it would call {failure[1]} (code, not data); a caloadapt "
+                                  "checkpoint holds tensors and plain data only") from None
+        reason = failure[1] if failure is not None else _first_line(err)
+        raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a caloadapt checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     for key in ("model_config", "model"):
         if key not in payload:
             raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
+    stored_config(payload, str(path))
+    for key in ("model", "ema"):
+        if key in payload and payload[key] is not None:
+            _check_weights(payload[key], f"{path}: {key!r}")
     return payload
 
 
+def stored_config(payload: dict, source: str = "checkpoint") -> ModelConfig:
+    """The :class:`ModelConfig` a checkpoint was written with; a :class:`CheckpointError` if unusable."""
+    data = payload.get("model_config")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{source}: unreadable model configuration: expected a mapping, got "
+                              f"{type(data).__name__}")
+    try:
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{source}: unreadable model configuration: {_first_line(err)}") from None
+
+
+def _check_weights(state, source: str) -> None:
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{source}: weights must map parameter names to tensors")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{source}: weight {name!r} holds NaN or infinite values")
+
+
+def build_model(payload: dict, source: str = "checkpoint") -> ShowerModel:
+    """A fresh :class:`ShowerModel` of a checkpoint's configuration (weights not loaded)."""
+    config = stored_config(payload, source)
+    try:
+        return ShowerModel(config)
+    except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError) as err:
+        raise CheckpointError(f"{source}: model configuration cannot be built: {_first_line(err)}") from None
+
+
+def load_weights(model: torch.nn.Module, state, source: str = "checkpoint", strict: bool = True):
+    """``model.load_state_dict(state)`` with a :class:`CheckpointError` naming what does not fit."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: weights must map parameter names to tensors")
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} instead of {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(f"{source}: weights do not fit the model: {len(wrong)} tensor(s) of another shape, "
+                              f"e.g. {wrong[0]}")
+    try:
+        result = model.load_state_dict(state, strict=strict)
+    except (RuntimeError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{source}: weights do not fit the model: {_first_line(err)}") from None
+    return result
+
+
 def model_from_checkpoint(checkpoint: str | os.PathLike[str] | dict, weights: str = "ema",
-                          config: ModelConfig | None = None) -> ShowerModel:
+                          config: ModelConfig | None = None, source: str | None = None) -> ShowerModel:
     """Rebuild the model of a checkpoint and load its ``ema`` (default) or raw ``model`` weights.
 
     With ``config``, check that the checkpoint fits that architecture and say what does not.
+    ``source`` names a loaded payload in error messages (default: its path, or "checkpoint").
     """
     payload = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    source = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
-    try:
-        stored = ModelConfig.from_dict(payload["model_config"])
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{source}: unreadable model configuration: {err}") from None
+    source = source or ("checkpoint" if isinstance(checkpoint, dict) else str(checkpoint))
+    stored = stored_config(payload, source)
     if config is not None and config != stored:
         differences = [f"{k}: checkpoint {v!r}, requested {getattr(config, k)!r}"
                        for k, v in stored.to_dict().items() if getattr(config, k) != getattr(stored, k)]
         raise CheckpointError(f"{source}: checkpoint does not fit the requested model ({'; '.join(differences)})")
-    model = ShowerModel(stored)
+    model = build_model(payload, source)
     state = payload.get(weights) if weights == "ema" else payload["model"]
     state = state if state is not None else payload["model"]
-    result = model.load_state_dict(state, strict=False)
+    result = load_weights(model, state, source, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{source}: weights do not match the model: missing {result.missing_keys[:3]}, "
                               f"unexpected {result.unexpected_keys[:3]}")
@@ -103,8 +186,8 @@ def inference_checkpoint(source: str | os.PathLike[str], target: str | os.PathLi
     """
     payload = load_checkpoint(source)
     weights = payload.get("ema") or payload["model"]
-    model = ShowerModel(ModelConfig.from_dict(payload["model_config"]))
-    model.load_state_dict(weights)
+    model = build_model(payload, str(source))
+    load_weights(model, weights, str(source))
     restore_occupancy(model, payload, str(source))
     return write_inference_checkpoint(model, payload, target)
 

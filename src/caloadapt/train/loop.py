@@ -7,6 +7,7 @@ Distributed training is plain torchrun + DistributedDataParallel; a few ``if ddp
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -20,14 +21,16 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .._signals import Terminated, deferred_termination, pending_termination
 from ..data.io import count_showers, read_showers
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, TrainingError
 from ..geometry import Geometry
 from ..models.representation import shower_statistics
 from ..models.shower_model import ShowerModel
 from .calibrate import calibrate_occupancy
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_weights, save_checkpoint, stored_config
 from .data import Batch, BatchStream, DataSource, ShowerSubset, make_batch, split_indices
+from .rundir import run_lock
 
 __all__ = ["TrainConfig", "train", "resolve_device"]
 
@@ -86,14 +89,53 @@ class TrainConfig:
             raise InputError("steps and batch size must be positive")
         if self.occupancy_showers < 0:
             raise InputError("occupancy_showers must be >= 0 (0: no occupancy calibration)")
+        for name in ("lr", "flow_lr", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value) and value > 0):
+                raise InputError(f"{name.replace('_', '-')} must be a positive number, got {value!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise InputError(f"val-fraction must be in [0, 1) (the share held out), got {self.val_fraction!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise InputError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        for name in ("max_points", "val_max_showers", "val_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise InputError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.n_samples is not None and self.n_samples < 2:
+            raise InputError(f"n-samples must be at least 2 (training and validation), got {self.n_samples}")
+        if self.patience is not None and self.patience < 1:
+            raise InputError(f"patience must be at least 1 validation, got {self.patience}")
+        for name in ("seed", "data_seed"):
+            if not 0 <= getattr(self, name) < 2**32:
+                raise InputError(f"{name.replace('_', '-')} must be in 0..{2**32 - 1}, got {getattr(self, name)}")
+        check_device_name(self.device)
+
+
+def check_device_name(name: str) -> None:
+    """A one-line error unless ``name`` is auto, cpu, cuda or cuda:N (available or not)."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; a one-line error for anything else."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
+    check_device_name(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name} asked for, but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _learning_rate_factor(config: TrainConfig):
@@ -136,10 +178,17 @@ def _fit_normalisation(model: ShowerModel, sources: list[DataSource], subsets: l
     features, statistics = [], []
     for source, subset in zip(sources, subsets):
         showers = subset.block(0)[: min(2000 // len(sources), len(subset.blocks[0]))]
+        if showers.n_points.sum() == 0:
+            raise InputError(f"{source.path}: the training showers hold no hits (every shower drawn is empty); "
+                             "there is nothing to learn from")
         frame = model.config.point_frame(source.geometry)
         features.append(frame.to_features(source.geometry.smear_hits(showers, rng)))
         statistics.append(shower_statistics(source.geometry, showers, rng, model.config.grid))
     model.set_normalisation(np.concatenate(features), np.concatenate(statistics))
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all()):
+            raise InputError(f"{', '.join(str(s.path) for s in sources)}: the feature normalisation ({name}) is "
+                             "not finite; the training showers have too few distinct hits")
 
 
 @torch.no_grad()
@@ -194,7 +243,21 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
 
     Returns:
         A summary: steps, best validation losses and their steps, wall time.
+
+    The run folder is locked for the run (see :func:`caloadapt.train.rundir.run_lock`). Under the
+    command line, SIGTERM / SIGHUP end the run after the current step with ``last.pt`` written
+    (:class:`caloadapt._signals.Terminated` is raised then; ``resume`` continues).
     """
+    lock = run_lock(out_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with lock, deferred_termination():
+        return _train(model, data, geometry, out_dir, config, trainable=trainable, resume=resume,
+                      fit_normalisation=fit_normalisation, checkpoint_parts=checkpoint_parts,
+                      stop_after_steps=stop_after_steps, progress=progress)
+
+
+def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | Path, config: TrainConfig, *,
+           trainable: list[str] | None, resume: bool, fit_normalisation: bool, checkpoint_parts: dict | None,
+           stop_after_steps: int | None, progress: bool) -> dict:
     ddp, rank, world = _setup_distributed()
     device = resolve_device(config.device)
     if ddp and device.type == "cuda":
@@ -237,15 +300,25 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
         payload = load_checkpoint(last)
         if payload.get("train_config") != asdict(config):
             raise CheckpointError(f"{last}: was written with other training options; resume with the same ones")
+        stored = stored_config(payload, str(last))
+        if stored != model.config:
+            differences = [f"{k}: run {v!r}, now {getattr(model.config, k)!r}" for k, v in stored.to_dict().items()
+                           if getattr(model.config, k) != getattr(stored, k)]
+            raise CheckpointError(f"{last}: was written for another model ({'; '.join(differences)}); resume with "
+                                  "the same model options")
         state = payload["train_state"]
         if "cursors" not in state:  # written by caloadapt 0.1 before joint training: one file, one cursor
             state["cursors"] = [{"epoch": state.pop("epoch"), "position": state.pop("position")}]
         if len(state["cursors"]) != len(sources):
             raise CheckpointError(f"{last}: was written for {len(state['cursors'])} training file(s), not "
                                   f"{len(sources)}; resume with the same files")
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
+        load_weights(model, payload["model"], str(last))
+        try:
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as err:
+            raise CheckpointError(f"{last}: optimiser state does not fit this run ({str(err).splitlines()[0]}); "
+                                  "resume with the same options and method") from None
         best_state = load_checkpoint(out_dir / "best.pt")["ema"] if (out_dir / "best.pt").exists() else None
     else:
         if fit_normalisation:
@@ -296,7 +369,7 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
         losses = ddp_model(batch.points, batch.mask, batch.condition, batch.statistics, generator)
         loss = losses["diffusion"] + losses["flow"]
         if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite training loss at step {step}; lower the learning rate")
+            raise TrainingError(f"non-finite training loss at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([params[n] for n in names], config.grad_clip)
@@ -321,12 +394,17 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
             running = {"diffusion": 0.0, "flow": 0.0, "n": 0}
         if stop_after_steps is not None and step >= stop_after_steps:
             stop = True
+        terminated = pending_termination()
+        stop = stop or terminated is not None
         if step % config.checkpoint_every == 0 or step == config.steps or stop:
             state["wall_s"] = time.perf_counter() - started
             if rank == 0:
                 save(last, ema.state)
             if ddp:
                 dist.barrier()
+        if terminated is not None:
+            bar.close()
+            raise Terminated(terminated, f"{last} holds step {step} of {config.steps}; continue with --resume")
         if stop:
             break
     bar.close()

@@ -1,0 +1,125 @@
+"""Run directories: one run at a time in a folder, never a finished run overwritten by accident.
+
+:func:`run_lock` holds an exclusive ``fcntl.flock`` on ``.caloadapt.lock`` in the run folder while a
+run writes there, so a second training into the same folder is refused instead of interleaving
+``metrics.csv`` and checkpoints. :func:`claim_run_directory` is what the command line does before a
+training starts: refuse a folder that already holds a run unless ``--resume`` (continue it) or
+``--overwrite`` (start afresh, removing the old run's files), and say what ``--resume`` found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import TrainingError
+
+__all__ = ["LOCK_NAME", "RUN_FILES", "run_lock", "claim_run_directory", "prepare_run_directory"]
+
+LOCK_NAME = ".caloadapt.lock"
+#: files a training run writes into its folder (the sign that a folder holds a run)
+RUN_FILES = ("last.pt", "best.pt", "model.pt", "metrics.csv", "parameters.json")
+
+#: folders locked by this process: resolved path -> (file descriptor, depth); nested use is allowed
+_held: dict[str, list[int]] = {}
+
+
+def prepare_run_directory(out_dir: str | os.PathLike[str]) -> Path:
+    """Create the run folder (and its parents); a one-line error if that is impossible."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingError(f"{out_dir}: exists and is not a directory (a run needs a folder)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrainingError(f"{out_dir}: cannot create the run folder: {err.strerror or err}") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise TrainingError(f"{out_dir}: the run folder is not writable")
+    return out_dir
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold the run folder for this process; a :class:`TrainingError` if another process holds it."""
+    out_dir = prepare_run_directory(out_dir)
+    key = str(out_dir.resolve())
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield out_dir
+        finally:
+            _held[key][1] -= 1
+        return
+    path = out_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        raise TrainingError(f"{out_dir}: cannot create the lock file {LOCK_NAME}: {err.strerror or err}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = _read_holder(fd)
+        os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise TrainingError(f"{out_dir}: another caloadapt run is using this folder{holder}; wait for it or "
+                                "choose another -o") from None
+        raise TrainingError(f"{out_dir}: cannot lock the run folder: {err.strerror or err}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[key] = [fd, 1]
+    try:
+        yield out_dir
+    finally:
+        del _held[key]
+        os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting run)
+
+
+def _read_holder(fd: int) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(os.pread(fd, 32, 0).decode().strip())
+        return f" (process {pid})"
+    return ""
+
+
+def claim_run_directory(out_dir: str | os.PathLike[str], *, resume: bool, overwrite: bool = False) -> str:
+    """Check a run folder before a training starts; returns a sentence on what will happen.
+
+    - ``resume``: the folder must hold ``last.pt``; the sentence says which step it continues from;
+    - otherwise a folder holding a run (any of :data:`RUN_FILES`) is refused unless ``overwrite``,
+      which removes those files (and nothing else) first.
+    """
+    from .checkpoint import load_checkpoint
+
+    out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise TrainingError("--resume continues a run and --overwrite replaces it; give one of them")
+    last = out_dir / "last.pt"
+    if resume:
+        if not last.is_file():
+            found = [name for name in RUN_FILES if (out_dir / name).exists()]
+            what = f"it holds {', '.join(found)} but no last.pt" if found else (
+                "it holds no run" if out_dir.is_dir() else "it does not exist")
+            raise TrainingError(f"{out_dir}: nothing to resume ({what}); drop --resume to start a new run")
+        payload = load_checkpoint(last)
+        step = (payload.get("train_state") or {}).get("step", "?")
+        total = (payload.get("train_config") or {}).get("steps", "?")
+        return f"resuming {out_dir} from step {step} of {total} (last.pt)"
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if found and not overwrite:
+        raise TrainingError(f"{out_dir}: holds a run already ({', '.join(found)}); continue it with --resume, "
+                            "replace it with --overwrite, or choose another -o")
+    if found:
+        with run_lock(out_dir):
+            for name in found:
+                path = out_dir / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        return f"overwriting the run in {out_dir} (removed {', '.join(found)})"
+    return f"new run in {out_dir}"

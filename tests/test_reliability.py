@@ -1,0 +1,544 @@
+"""Promises to a careless or hostile user (docs/promises.md): safe checkpoints, outputs that never
+destroy anything, one-line errors, resumable runs, reproducible seeds, clean ends on signals."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import signal
+import stat
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import caloadapt
+from caloadapt._atomic import atomic_path
+from caloadapt.cli import app
+from caloadapt.data import read_showers, write_showers
+from caloadapt.errors import CheckpointError, OutputError
+from caloadapt.simulate import simulate
+from caloadapt.train import load_checkpoint
+
+#: a tiny model and run: two steps, one validation
+TINY_MODEL = ["--widths", "16,16", "--flow-hidden", "16", "--flow-transforms", "1"]
+TINY_RUN = ["--steps", "2", "--batch-size", "4", "--max-points", "32", "--val-every", "2", "--device", "cpu",
+            *TINY_MODEL]
+
+
+@pytest.fixture
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Invoke the app in ``tmp_path``; stdout and stderr are kept apart."""
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+def _error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("caloadapt: error: ")]
+
+
+def assert_one_line_error(result, *words: str, status: int = 2) -> str:
+    """Exit ``status``, exactly one ``caloadapt: error:`` line (the last line of stderr), no traceback."""
+    assert result.exit_code == status, (result.exit_code, result.stdout, result.stderr, result.exception)
+    lines = _error_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == lines[0], result.stderr  # nothing after it
+    assert "Traceback" not in result.stderr + result.stdout
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def assert_no_temporary_files(folder: Path) -> None:
+    left = [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
+    assert not left, left
+
+
+@pytest.fixture(scope="module")
+def ild_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "ild.h5"
+    write_showers(path, simulate("ild-ecal", "photon", np.random.default_rng(0).uniform(10e3, 20e3, 12), seed=1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ild_file, tmp_path_factory) -> Path:
+    """A finished two-step training run made by the command line."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    result = CliRunner().invoke(app, ["train", "--data", str(ild_file), "-o", str(out), *TINY_RUN])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def _copy_points_file(source: Path, target: Path, **replace) -> Path:
+    """A copy of a points file with some datasets replaced."""
+    with h5py.File(source) as src, h5py.File(target, "w") as dst:
+        dst.attrs.update(dict(src.attrs))
+        for key in ("points", "offsets", "incident_energy_mev"):
+            dst[key] = replace.get(key, src[key][:])
+    return target
+
+
+# -- 1. a checkpoint is data, never code ------------------------------------------------------------------
+class _Payload:
+    """Pickles as a call of os.mkdir: what a hostile checkpoint carries."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def _planted_checkpoint(good: Path, target: Path, marker: Path) -> Path:
+    payload = torch.load(good, weights_only=True)
+    torch.save({**payload, "extra": _Payload(marker)}, target)
+    return target
+
+
+def test_planted_payload_is_refused_without_running(tiny_run, tmp_path):
+    marker = tmp_path / "payload-ran"
+    evil = _planted_checkpoint(tiny_run / "best.pt", tmp_path / "evil.pt", marker)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "export", "finetune", "analyze-updates", "resume"])
+def test_planted_payload_is_refused_by_every_command(run, tiny_run, ild_file, tmp_path, command):
+    marker = tmp_path / "payload-ran"
+    evil = _planted_checkpoint(tiny_run / "best.pt", tmp_path / "evil.pt", marker)
+    args = {"generate": ["generate", "--checkpoint", evil, "-o", "g.h5", "--n", "2", "-g", "ild-ecal"],
+            "export": ["export", "--checkpoint", evil, "-o", "e.pt"],
+            "finetune": ["finetune", "--checkpoint", evil, "--data", ild_file, "-o", "ft", "--steps", "1"],
+            "analyze-updates": ["analyze-updates", tiny_run / "best.pt", evil, "-o", "updates"]}
+    if command == "resume":
+        (tmp_path / "run").mkdir()
+        _planted_checkpoint(tiny_run / "last.pt", tmp_path / "run" / "last.pt", marker)
+        args["resume"] = ["train", "--data", ild_file, "-o", "run", "--resume", *TINY_RUN]
+    assert_one_line_error(run(*args[command]), "refused")
+    assert not marker.exists()
+
+
+def test_package_loads_checkpoints_weights_only():
+    package = Path(caloadapt.__file__).parent
+    calls = [(p.name, line) for p in package.rglob("*.py") for line in p.read_text().splitlines()
+             if "torch.load(" in line]
+    assert calls, "the checkpoint loader calls torch.load"
+    assert all("weights_only=True" in line for _, line in calls), calls
+
+
+@pytest.mark.parametrize("name", ["ild-photons", "multi-detector"])
+def test_shipped_checkpoints_load_weights_only(name):
+    payload = load_checkpoint(name)
+    assert payload["format"] == "caloadapt-checkpoint" and payload["model"]
+
+
+def test_plain_extra_entries_stay_loadable(tiny_run, tmp_path):
+    payload = torch.load(tiny_run / "best.pt", weights_only=True)
+    extra = {"fidelity": {"weights": [0.5, 1.0], "scale": 2.5, "table": torch.arange(3.0), "name": "x"}}
+    torch.save({**payload, **extra}, tmp_path / "plain.pt")
+    loaded = load_checkpoint(tmp_path / "plain.pt")
+    assert loaded["fidelity"]["weights"] == [0.5, 1.0]
+    assert torch.equal(loaded["fidelity"]["table"], torch.arange(3.0))
+
+
+# -- 2. outputs never replace what is not a regular file ---------------------------------------------------
+def test_output_onto_a_character_device_is_refused(run, tmp_path):
+    device = tmp_path / "null"
+    try:
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("mknod needs CAP_MKNOD")
+    assert_one_line_error(run("simulate", "-o", device, "--n", "2"), "character device")
+    assert stat.S_ISCHR(os.lstat(device).st_mode)
+    assert_no_temporary_files(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_output_onto_a_directory_or_fifo_is_refused(run, tmp_path, kind):
+    target = tmp_path / "target"
+    target.mkdir() if kind == "directory" else os.mkfifo(target)
+    assert_one_line_error(run("simulate", "-o", target, "--n", "2"), "target", "not a regular file")
+    assert target.is_dir() if kind == "directory" else stat.S_ISFIFO(os.lstat(target).st_mode)
+    assert_no_temporary_files(tmp_path)
+
+
+def test_output_through_a_symlink_replaces_the_linked_file_and_keeps_the_link(tmp_path):
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    with atomic_path(link) as tmp:
+        tmp.write_text("new")
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_text() == "new"
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "nowhere" / "file.json")
+    with pytest.raises(OutputError, match="dangling"):
+        with atomic_path(dangling) as tmp:
+            tmp.write_text("x")
+    assert not (tmp_path / "nowhere").exists()
+    assert_no_temporary_files(tmp_path)
+
+
+def test_replaced_output_keeps_its_mode(tmp_path):
+    target = tmp_path / "private.json"
+    target.write_text("old")
+    target.chmod(0o600)
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_output_in_an_unwritable_place_is_one_line(run, tmp_path, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    original = tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # as root, chmod would not stop us
+    assert_one_line_error(run("simulate", "-o", "out.h5", "--n", "2"), "out.h5", "Permission denied")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(tempfile, "mkstemp", original)
+    assert_one_line_error(run("simulate", "-o", "file/out.h5", "--n", "2"), "file/out.h5")
+
+
+# -- 3. a full disk is one line and leaves nothing ---------------------------------------------------------
+class _FullDisk:
+    """Stands in for the raw output file: accepts ``capacity`` bytes, then fails with ENOSPC."""
+
+    def __init__(self, raw, capacity: int):
+        self.raw, self.capacity = raw, capacity
+
+    def write(self, data) -> int:
+        if self.raw.tell() + len(data) > self.capacity:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.raw.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
+@pytest.mark.parametrize("fmt", ["points", "calochallenge"])
+def test_full_disk_during_simulation_is_one_line_and_leaves_nothing(run, tmp_path, monkeypatch, fmt):
+    from caloadapt.data import io as shower_io
+
+    original = shower_io._OutputFile.__init__
+
+    def small_disk(self, path):
+        original(self, path)
+        self.raw = _FullDisk(self.raw, 64 * 1024)
+
+    monkeypatch.setattr(shower_io._OutputFile, "__init__", small_disk)
+    geometry = ["-g", "calochallenge-2"] if fmt == "calochallenge" else []
+    result = run("simulate", "-o", "out.h5", "--n", "40", "-f", fmt, *geometry, "--energy", "5:20")
+    assert_one_line_error(result, "out.h5", "No space left on device")
+    assert not (tmp_path / "out.h5").exists()
+    assert_no_temporary_files(tmp_path)
+
+
+def test_full_disk_keeps_the_previous_output(run, tmp_path, monkeypatch):
+    from caloadapt.data import io as shower_io
+
+    assert run("simulate", "-o", "out.h5", "--n", "2").exit_code == 0
+    before = (tmp_path / "out.h5").read_bytes()
+    original = shower_io._OutputFile.__init__
+
+    def no_space(self, path):
+        original(self, path)
+        self.raw = _FullDisk(self.raw, 0)
+
+    monkeypatch.setattr(shower_io._OutputFile, "__init__", no_space)
+    assert_one_line_error(run("simulate", "-o", "out.h5", "--n", "5"), "No space left on device")
+    assert (tmp_path / "out.h5").read_bytes() == before
+    assert_no_temporary_files(tmp_path)
+
+
+def test_full_disk_writing_text_outputs_is_an_output_error(tmp_path):
+    target = tmp_path / "report.json"
+    with pytest.raises(OutputError, match="report.json: cannot write: No space left on device"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+    assert not target.exists()
+    assert_no_temporary_files(tmp_path)
+
+
+# -- 4. the same seed gives the same checkpoint -----------------------------------------------------------
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_same_seed_gives_identical_checkpoints(run, ild_file, command):
+    for k, out in enumerate(("a", "b")):
+        torch.manual_seed(1000 + k)  # whatever state the global generator is in, as in a new process
+        assert run(command, "--data", ild_file, "-o", out, "--seed", "3", *TINY_RUN).exit_code == 0
+    a, b = load_checkpoint("a/last.pt"), load_checkpoint("b/last.pt")
+    for key in ("model", "ema"):
+        different = [name for name in a[key] if not torch.equal(a[key][name], b[key][name])]
+        assert not different, different
+    assert run(command, "--data", ild_file, "-o", "c", "--seed", "4", *TINY_RUN).exit_code == 0
+    c = load_checkpoint("c/last.pt")
+    assert any(not torch.equal(a["model"][name], c["model"][name]) for name in a["model"])
+
+
+# -- 5. SIGTERM and SIGHUP end cleanly ----------------------------------------------------------------------
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)])
+def test_signal_during_simulation_removes_the_output(run, tmp_path, monkeypatch, signum, status):
+    import caloadapt.simulate as simulate_module
+
+    original = simulate_module.iter_simulate
+
+    def signalled(*args, **kwargs):
+        for k, chunk in enumerate(original(*args, **kwargs)):
+            yield chunk
+            if k == 0:
+                os.kill(os.getpid(), signum)  # as Slurm / timeout / a closed terminal would
+
+    monkeypatch.setattr(simulate_module, "iter_simulate", signalled)
+    monkeypatch.setattr("caloadapt.simulate.simulator.SPOTS_PER_CHUNK", 20_000)  # several chunks
+    result = run("simulate", "-o", "out.h5", "--n", "30", "--energy", "10:20")
+    assert_one_line_error(result, "interrupted" if signum == signal.SIGINT else signal.Signals(signum).name,
+                          status=status)
+    assert not (tmp_path / "out.h5").exists()
+    assert_no_temporary_files(tmp_path)
+    assert signal.getsignal(signum) is signal.SIG_DFL or callable(signal.getsignal(signum))
+
+
+def test_sigterm_during_training_leaves_a_resumable_checkpoint(run, ild_file, monkeypatch):
+    from caloadapt.train import loop
+
+    args = ["--data", ild_file, "--steps", "4", "--batch-size", "4", "--max-points", "32", "--val-every", "2",
+            "--device", "cpu", *TINY_MODEL]
+    assert run("train", "-o", "whole", *args).exit_code == 0
+    original = loop._EMA.update
+
+    def preempted(self, model, step, names):
+        original(self, model, step, names)
+        if step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop._EMA, "update", preempted)
+        result = run("train", "-o", "cut", *args)
+    assert_one_line_error(result, "SIGTERM", "--resume", status=143)
+    assert load_checkpoint("cut/last.pt")["train_state"]["step"] == 1
+    resumed = run("train", "-o", "cut", "--resume", *args)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "from step 1 of 4" in resumed.stdout
+    whole, cut = load_checkpoint("whole/last.pt"), load_checkpoint("cut/last.pt")
+    for name, value in whole["model"].items():
+        assert torch.equal(value, cut["model"][name]), name
+
+
+# -- 6. bad input is one line, never a traceback ------------------------------------------------------------
+def _corrupt_chunk(source: Path, target: Path) -> Path:
+    target.write_bytes(source.read_bytes())
+    with h5py.File(target) as f:
+        offset = f["points"].id.get_chunk_info(0).byte_offset
+    data = bytearray(target.read_bytes())
+    for i in range(offset + 64, offset + 512):
+        data[i] ^= 0x5A
+    target.write_bytes(bytes(data))
+    return target
+
+
+@pytest.mark.parametrize("case", ["corrupt-chunk", "float-offsets", "string-offsets", "string-energies"])
+def test_malformed_files_are_one_line(run, ild_file, tmp_path, case):
+    with h5py.File(ild_file) as f:
+        offsets, energies = f["offsets"][:], f["incident_energy_mev"][:]
+    path = tmp_path / f"{case}.h5"
+    if case == "corrupt-chunk":
+        _corrupt_chunk(ild_file, path)
+    elif case == "float-offsets":
+        _copy_points_file(ild_file, path, offsets=offsets.astype(np.float64))
+    elif case == "string-offsets":
+        _copy_points_file(ild_file, path, offsets=offsets.astype("S8"))
+    else:
+        _copy_points_file(ild_file, path, incident_energy_mev=energies.astype("S12"))
+    assert_one_line_error(run("info", path), path.name)
+    assert_one_line_error(run("convert", path, "out.h5"), path.name)
+    assert not (tmp_path / "out.h5").exists()
+    assert_no_temporary_files(tmp_path)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["simulate", "--seed", "-1"], ["--seed"]),
+    (["simulate", "--seed", str(2**64)], ["--seed"]),
+    (["simulate", "--n", "0"], ["--n"]),
+    (["simulate", "--n", "1e12"], ["--n"]),
+    (["simulate", "--n", str(10**12)], ["memory"]),
+    (["simulate", "--energy", "1e9"], ["memory", "GeV"]),
+    (["simulate", "--format", "xml"], ["--format"]),
+    (["generate", "-g", "ild-ecal", "--device", "tpu"], ["tpu"]),
+])
+def test_bad_numbers_and_names_are_one_line(run, tmp_path, args, words):
+    assert_one_line_error(run(*args, "-o", "out.h5"), *words)
+    assert not (tmp_path / "out.h5").exists()
+    assert_no_temporary_files(tmp_path)
+
+
+@pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--lr", "-1"), ("--flow-lr", "inf"),
+                                           ("--val-fraction", "1"), ("--device", "tpu"), ("--seed", "-1"),
+                                           ("--widths", "0,-3")])
+def test_bad_training_options_are_one_line(run, ild_file, tmp_path, option, value):
+    args = [*TINY_RUN]
+    if option in args:
+        i = args.index(option)
+        del args[i:i + 2]
+    assert_one_line_error(run("train", "--data", ild_file, "-o", "run", *args, option, value), option.lstrip("-")[:5])
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def _broken_checkpoint(good: Path, target: Path, case: str) -> Path:
+    payload = torch.load(good, weights_only=True)
+    if case == "model-config-type":
+        payload["model_config"] = {**payload["model_config"], "widths": "wide"}
+    elif case == "model-config-key":
+        payload["model_config"] = {**payload["model_config"], "colour": "red"}
+    elif case == "shapes":
+        payload["model"] = payload["ema"] = {k: torch.zeros(3) for k in payload["model"]}
+    elif case == "nan-weights":
+        payload["ema"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                          for k, v in payload["ema"].items()}
+    torch.save(payload, target)
+    return target
+
+
+@pytest.mark.parametrize("case, words", [("model-config-type", ["model configuration"]),
+                                         ("model-config-key", ["colour"]),
+                                         ("shapes", ["shape"]),
+                                         ("nan-weights", ["NaN"])])
+@pytest.mark.parametrize("command", ["generate", "export"])
+def test_broken_checkpoints_are_one_line(run, tiny_run, tmp_path, case, words, command):
+    broken = _broken_checkpoint(tiny_run / "best.pt", tmp_path / "broken.pt", case)
+    args = (["generate", "-g", "ild-ecal", "--n", "2", "--device", "cpu", "--steps", "1"] if command == "generate"
+            else ["export"])
+    assert_one_line_error(run(*args, "--checkpoint", broken, "-o", "out.h5"), "broken.pt", *words)
+    assert not (tmp_path / "out.h5").exists()
+    assert_no_temporary_files(tmp_path)
+
+
+def test_resuming_a_run_as_another_backbone_is_one_line(run, ild_file):
+    assert run("train", "--data", ild_file, "-o", "run", *TINY_RUN).exit_code == 0
+    result = run("train", "--data", ild_file, "-o", "run", "--resume", *TINY_RUN, "--backbone", "transformer")
+    assert_one_line_error(result, "last.pt", "backbone")
+
+
+def test_evaluate_of_showers_without_hits_is_one_line(run, ild_file, tmp_path):
+    empty = _copy_points_file(ild_file, tmp_path / "empty.h5", points=np.zeros((0, 4), np.float32),
+                              offsets=np.zeros(13, np.int64))
+    result = run("evaluate", "--generated", empty, "--reference", ild_file, "-o", "results", "--classifier", "none",
+                 "--no-plots", "--n-bootstrap", "0", "--no-fpd-kpd")
+    assert_one_line_error(result, "empty.h5", "zero hits")
+
+
+def test_unexpected_errors_are_one_line_pointing_to_debug(run, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero somewhere deep")
+
+    monkeypatch.setattr("caloadapt.geometry.get_geometry", broken)
+    line = assert_one_line_error(run("simulate", "-o", "out.h5", "--n", "2"), "ZeroDivisionError", "--debug")
+    assert "somewhere deep" in line
+    debug = run("--debug", "simulate", "-o", "out.h5", "--n", "2")
+    assert debug.exit_code == 2 and "Traceback" in debug.stderr and "ZeroDivisionError" in debug.stderr
+
+
+def test_help_still_works(run):
+    result = run("--help")
+    assert result.exit_code == 0 and "simulate" in result.stdout
+    assert run("simulate", "--help").exit_code == 0
+
+
+# -- 7. garbage is refused, not accepted ----------------------------------------------------------------------
+def test_nan_coordinates_are_refused(run, ild_file, tmp_path):
+    with h5py.File(ild_file) as f:
+        points = f["points"][:]
+    points[5, 1] = np.nan
+    bad = _copy_points_file(ild_file, tmp_path / "nan.h5", points=points)
+    assert_one_line_error(run("info", bad), "nan.h5", "coordinates")
+    with pytest.raises(caloadapt.errors.InputError, match="coordinates"):
+        read_showers(bad)
+
+
+def test_training_on_showers_without_hits_is_refused(run, ild_file, tmp_path):
+    empty = _copy_points_file(ild_file, tmp_path / "empty.h5", points=np.zeros((0, 4), np.float32),
+                              offsets=np.zeros(13, np.int64))
+    assert_one_line_error(run("train", "--data", empty, "-o", "run", *TINY_RUN), "empty.h5", "no hits")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_evaluate_refuses_files_of_two_detectors(run, ild_file, tmp_path):
+    assert run("simulate", "-o", "ds2.h5", "-g", "calochallenge-2", "-f", "calochallenge", "--n", "3",
+               "--energy", "1:3").exit_code == 0
+    result = run("evaluate", "--generated", "ds2.h5", "--reference", ild_file, "-o", "results",
+                 "--classifier", "none", "--no-plots", "--n-bootstrap", "0")
+    assert_one_line_error(result, "calochallenge-2", "ild-ecal", "--geometry")
+    assert not (tmp_path / "results").exists()
+
+
+# -- 8. run folders ---------------------------------------------------------------------------------------------
+def test_training_into_a_finished_run_needs_resume_or_overwrite(run, ild_file, tmp_path):
+    assert run("train", "--data", ild_file, "-o", "run", *TINY_RUN).exit_code == 0
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    assert_one_line_error(run("train", "--data", ild_file, "-o", "run", *TINY_RUN), "--resume", "--overwrite")
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    again = run("train", "--data", ild_file, "-o", "run", "--overwrite", *TINY_RUN, "--seed", "5")
+    assert again.exit_code == 0, again.stderr
+    assert (tmp_path / "run" / "last.pt").read_bytes() != before
+
+
+def test_resume_without_a_checkpoint_is_refused(run, ild_file, tmp_path):
+    (tmp_path / "run").mkdir()
+    assert_one_line_error(run("train", "--data", ild_file, "-o", "run", "--resume", *TINY_RUN), "nothing to resume")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_run_folder_in_use_is_refused(run, ild_file, tmp_path):
+    from caloadapt.train.rundir import LOCK_NAME
+
+    (tmp_path / "run").mkdir()
+    fd = os.open(tmp_path / "run" / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another training process would
+        assert_one_line_error(run("train", "--data", ild_file, "-o", "run", *TINY_RUN), "another caloadapt run")
+        assert not (tmp_path / "run" / "metrics.csv").exists()
+    finally:
+        os.close(fd)
+    assert run("train", "--data", ild_file, "-o", "run", *TINY_RUN).exit_code == 0
+
+
+# -- 9. messages say what is wrong ----------------------------------------------------------------------------
+def test_negative_slab_thickness_is_reported_as_such(run, tmp_path):
+    from caloadapt.geometry.spec import __file__ as spec_file
+
+    text = (Path(spec_file).parent / "data" / "pb-lar.yaml").read_text()
+    (tmp_path / "negative.yaml").write_text(re.sub(r"thickness_mm: 1\.5", "thickness_mm: -1.5", text))
+    line = assert_one_line_error(run("simulate", "-g", "negative.yaml", "-o", "out.h5", "--n", "2"), "thickness_mm")
+    assert "material" not in line
+
+
+def test_full_disk_writing_a_checkpoint_is_an_output_error(tiny_run, tmp_path, monkeypatch):
+    from caloadapt.train.checkpoint import model_from_checkpoint, save_checkpoint
+
+    model = model_from_checkpoint(tiny_run / "best.pt")
+
+    def full(*args, **kwargs):  # what torch's writer raises when the disk is full
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OutputError, match="out.pt: cannot write the checkpoint"):
+        save_checkpoint(tmp_path / "out.pt", model)
+    assert not (tmp_path / "out.pt").exists()
+    assert_no_temporary_files(tmp_path)
