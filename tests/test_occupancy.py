@@ -37,8 +37,8 @@ def test_power_law_is_recovered_and_inverted():
     rng = np.random.default_rng(2)
     points = rng.integers(5, 500, size=(300, 2)).astype(float)
     a, b = np.array([-0.1, 0.3]), np.array([-0.05, -0.3])
-    hits = np.exp(a) * points ** (1 + b)
-    calibration = OccupancyCalibration.from_pairs("g", points, hits, np.ones(2), {})
+    passes = [(k * points, np.exp(a) * (k * points) ** (1 + b)) for k in (1.0, 2.0)]
+    calibration = OccupancyCalibration.from_passes("g", passes, np.ones(2), {})
     np.testing.assert_allclose(calibration.log_efficiency, a, atol=1e-9)
     np.testing.assert_allclose(calibration.exponent, b, atol=1e-9)
     wanted = np.array([[40.0, 40.0]] * 2000)
@@ -47,14 +47,24 @@ def test_power_law_is_recovered_and_inverted():
     assert np.all(placed >= 40.0)  # each point makes at most one hit
 
 
+def test_slope_comes_from_pairs_not_from_across_showers():
+    # across showers hits grow as points^0.5 (big showers are denser), but each shower given twice
+    # the points gains 2^0.9 in hits: the calibration must follow the latter
+    points = np.geomspace(10, 1000, 50)[:, None]
+    level = points ** -0.4  # shower-to-shower density
+    passes = [(k * points, level * points * k ** 0.9) for k in (1.0, 2.0)]
+    calibration = OccupancyCalibration.from_passes("g", passes, np.ones(1), {})
+    assert calibration.exponent[0] == pytest.approx(-0.1)
+
+
 def test_sparse_layers_take_the_pooled_fit_and_slopes_are_bounded():
     points = np.array([[100.0, 0.0], [200.0, 3.0], [300.0, 0.0]] * 5)
-    hits = points ** 0.1  # far steeper than any collision law: the slope is held at its bound
-    calibration = OccupancyCalibration.from_pairs("g", points, hits, np.ones(2), {})
+    passes = [(k * points, (k * points) ** 0.1) for k in (1.0, 2.0)]  # far steeper than any collision law
+    calibration = OccupancyCalibration.from_passes("g", passes, np.ones(2), {})
     assert calibration.exponent[0] == pytest.approx(-0.7)
     assert calibration.exponent[1] == calibration.exponent[0]  # 5 pairs only: pooled
     with pytest.raises(ValueError, match="no generated point"):
-        OccupancyCalibration.from_pairs("g", np.zeros((4, 2)), np.zeros((4, 2)), np.ones(2), {})
+        OccupancyCalibration.from_passes("g", [(np.zeros((4, 2)), np.zeros((4, 2)))] * 2, np.ones(2), {})
 
 
 def test_round_trip_and_bad_values():

@@ -118,36 +118,37 @@ class OccupancyCalibration:
             raise ValueError(f"unreadable occupancy calibration: {err}") from None
 
     @classmethod
-    def from_pairs(cls, geometry: str, points: np.ndarray, hits: np.ndarray, hit_scale: np.ndarray,
-                   fit: dict) -> OccupancyCalibration:
-        """Fit the collision map of every layer on ``(M, n_layers)`` generated points and their hits.
+    def from_passes(cls, geometry: str, passes: list[tuple[np.ndarray, np.ndarray]], hit_scale: np.ndarray,
+                    fit: dict) -> OccupancyCalibration:
+        """Fit each layer's collision map on two generation passes of the same showers.
 
-        Least squares of ln(hits / points) = a + b ln(points) over the (shower, layer) pairs
-        with at least one point and one hit, weighted by the points (dense layers decide the
-        hit count); layers with fewer than a handful of pairs take the fit of all layers pooled.
+        ``passes`` holds ``(points, hits)``, each ``(M, n_layers)``, from passes that differ only
+        in the number of points per hit asked for. The exponent comes from the pairs: how much
+        one (shower, layer) gains in hits when it is given more points,
+        ``1 + b = sum w ln(h2 / h1) / sum w ln(n2 / n1)`` with the points as weights (a fit across
+        showers would mix in that energetic showers are both larger and denser). The level
+        ``a`` is the weighted mean of ``ln h - (1 + b) ln n`` over both passes. Layers with fewer
+        than a handful of pairs take the values of all layers pooled.
         """
-        points, hits = np.asarray(points, np.float64), np.asarray(hits, np.float64)
-        pooled = _fit_power_law(points.ravel(), hits.ravel())
+        (n1, h1), (n2, h2) = [(np.asarray(p, np.float64), np.asarray(h, np.float64)) for p, h in passes[:2]]
+        pooled = _fit_pairs(n1.ravel(), h1.ravel(), n2.ravel(), h2.ravel())
         if pooled is None:
             raise ValueError("no generated point produced a hit: cannot fit the occupancy calibration")
-        fits = [_fit_power_law(points[:, l], hits[:, l]) or pooled for l in range(points.shape[1])]
+        fits = [_fit_pairs(n1[:, l], h1[:, l], n2[:, l], h2[:, l]) or pooled for l in range(n1.shape[1])]
         return cls(geometry, tuple(a for a, _ in fits), tuple(b for _, b in fits),
                    tuple(map(float, hit_scale)), fit)
 
 
-def _fit_power_law(points: np.ndarray, hits: np.ndarray) -> tuple[float, float] | None:
-    use = (points >= 1) & (hits >= 1)
+def _fit_pairs(n1: np.ndarray, h1: np.ndarray, n2: np.ndarray, h2: np.ndarray) -> tuple[float, float] | None:
+    use = (n1 >= 1) & (h1 >= 1) & (h2 >= 1) & (n2 > n1)
     if use.sum() < _MIN_PAIRS:
         return None
-    x, y, w = np.log(points[use]), np.log(hits[use] / points[use]), points[use]
-    design = np.stack([np.ones_like(x), x], axis=1) * np.sqrt(w)[:, None]
-    if np.ptp(x) < 1e-9:  # one point count only: no slope to measure
-        return float(np.average(y, weights=w)), 0.0
-    (a, b), *_ = np.linalg.lstsq(design, y * np.sqrt(w), rcond=None)
-    b_clipped = float(np.clip(b, *_EXPONENT_RANGE))
-    if b_clipped != b:  # refit the level with the slope held at its bound
-        a = np.average(y - b_clipped * x, weights=w)
-    return float(a), b_clipped
+    w = n1[use]
+    slope = np.sum(w * np.log(h2[use] / h1[use])) / np.sum(w * np.log(n2[use] / n1[use]))
+    b = float(np.clip(slope - 1.0, *_EXPONENT_RANGE))
+    n, h = np.concatenate([n1[use], n2[use]]), np.concatenate([h1[use], h2[use]])
+    a = float(np.average(np.log(h) - (1.0 + b) * np.log(n), weights=n))
+    return a, b
 
 
 #: points per hit of the fit's generation passes: the flow's own counts, then about twice as many
@@ -164,8 +165,8 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str =
        about 4000 samples); the training showers' mean hits per layer over the flow's is the
        first factor of the hit scale.
     2. Collisions: the model generates showers at the training energies with the flow's hits
-       and with about twice as many points; digitised hits against points placed give each
-       layer's power law. All generation passes share one seed (the same flow samples and
+       and with about twice as many points; how the digitised hits of each (shower, layer) grow
+       with the points placed gives each layer's power law. All generation passes share one seed (the same flow samples and
        noise), so they differ only by the calibration under test.
     3. A third pass generates with that calibration; each layer's hit scale is divided by the
        ratio of its hits to the hits asked for (the power law is an average over energies, so
@@ -211,8 +212,7 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str =
                   for k in FIT_POINTS_PER_HIT]
         fit = {"sampler": sampler, "n_steps": int(n_steps), "n_showers": int(len(energy)),
                "points_per_hit": list(FIT_POINTS_PER_HIT), "training_hits": training_hits.mean(axis=0).tolist()}
-        first = OccupancyCalibration.from_pairs(geometry.name, np.concatenate([p for p, _ in passes]),
-                                                np.concatenate([h for _, h in passes]), flow_scale, fit)
+        first = OccupancyCalibration.from_passes(geometry.name, passes, flow_scale, fit)
         _, hits = generate_counts(first, seed + 1)
         asked = passes[0][0] * flow_scale  # same seed: the flow's hits of this pass, scaled as asked
         hit_scale = np.clip(flow_scale / ratio_of_means(hits, asked), 0.1, 10.0)
