@@ -23,7 +23,7 @@ Everything is fitted on a run's training showers only, never on an evaluation re
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -153,6 +153,8 @@ def _fit_pairs(n1: np.ndarray, h1: np.ndarray, n2: np.ndarray, h2: np.ndarray) -
 
 #: points per hit of the fit's generation passes: the flow's own counts, then about twice as many
 FIT_POINTS_PER_HIT = (1.0, 2.0)
+#: generation passes that set the level of each layer's map (secant steps)
+FIT_LEVEL_PASSES = 2
 #: flow samples (the flow alone is cheap) that measure its mean hits per layer
 FIT_FLOW_SAMPLES = 4096
 
@@ -168,10 +170,10 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str =
        and with about twice as many points; how the digitised hits of each (shower, layer) grow
        with the points placed gives each layer's power law. All generation passes share one seed (the same flow samples and
        noise), so they differ only by the calibration under test.
-    3. A third pass generates with that calibration; each layer's hit scale is divided by the
-       ratio of its hits to the hits asked for (the power law is an average over energies, so
-       its level alone leaves layer biases of 10-20 %).
-    4. With ``check``, a fourth pass with another seed records the mean hits per layer of
+    3. Two more passes with the same seed set each layer's level: secant steps on the hit scale
+       until the calibrated hits match the hits asked for (the power law's own level leaves
+       biases of 10-20 %, and a layer whose cells saturate gains less than asked for).
+    4. With ``check``, a last pass with another seed records the mean hits per layer of
        calibrated generation beside the training showers' (``fit['generated_hits']``,
        ``fit['training_hits']``).
 
@@ -188,9 +190,11 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str =
     device = model.point_mean.device
 
     def generate_counts(calibration: OccupancyCalibration, pass_seed: int) -> tuple[np.ndarray, np.ndarray]:
-        generator = torch.Generator(device).manual_seed(pass_seed)
         points, hits = [], []
         for start in range(0, len(energy), batch_size):
+            # one generator per batch: passes with one seed draw the same flow samples in every batch,
+            # whatever number of points an earlier batch consumed noise for
+            generator = torch.Generator(device).manual_seed(pass_seed * 1_000_003 + start)
             raw = model.generate(geometry, energy[start:start + batch_size], n_steps=n_steps, sampler=sampler,
                                  generator=generator, occupancy=calibration)
             points.append(layer_counts(raw, geometry))
@@ -213,11 +217,20 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str =
         fit = {"sampler": sampler, "n_steps": int(n_steps), "n_showers": int(len(energy)),
                "points_per_hit": list(FIT_POINTS_PER_HIT), "training_hits": training_hits.mean(axis=0).tolist()}
         first = OccupancyCalibration.from_passes(geometry.name, passes, flow_scale, fit)
-        _, hits = generate_counts(first, seed + 1)
-        asked = passes[0][0] * flow_scale  # same seed: the flow's hits of this pass, scaled as asked
-        hit_scale = np.clip(flow_scale / ratio_of_means(hits, asked), 0.1, 10.0)
-        calibration = OccupancyCalibration(geometry.name, first.log_efficiency, first.exponent,
-                                           tuple(hit_scale.tolist()), fit)
+        asked = passes[0][0] * flow_scale  # same seed: the flow's hits of these passes, scaled as asked
+        log_scale = [np.log(flow_scale)]
+        log_ratio = []
+        for _ in range(FIT_LEVEL_PASSES):  # secant steps on each layer's ln(hit scale) towards ratio 1
+            trial = replace(first, hit_scale=tuple(np.exp(log_scale[-1]).tolist()))
+            log_ratio.append(np.log(ratio_of_means(generate_counts(trial, seed + 1)[1], asked)))
+            if len(log_ratio) == 1:
+                step = -log_ratio[-1]  # as if hits were proportional to the hits asked for
+            else:
+                slope = (log_ratio[-1] - log_ratio[-2]) / (log_scale[-1] - log_scale[-2] + 1e-12)
+                step = -log_ratio[-1] / np.clip(slope, 0.2, 5.0)
+            log_scale.append(log_scale[-1] + np.clip(step, -np.log(2.0), np.log(2.0)))
+        hit_scale = np.exp(np.clip(log_scale[-1], np.log(0.1), np.log(10.0)))
+        calibration = replace(first, hit_scale=tuple(hit_scale.tolist()))
         if check:
             _, hits = generate_counts(calibration, seed + 2)
             fit["generated_hits"] = hits.mean(axis=0).tolist()
