@@ -33,38 +33,26 @@ def test_uniform_calibration_multiplies_the_points():
     assert points[:, 2].mean() == pytest.approx(202, rel=0.01)
 
 
-def test_power_law_is_recovered_and_inverted():
-    rng = np.random.default_rng(2)
-    points = rng.integers(5, 500, size=(300, 2)).astype(float)
-    a, b = np.array([-0.1, 0.3]), np.array([-0.05, -0.3])
-    passes = [(k * points, np.exp(a) * (k * points) ** (1 + b)) for k in (1.0, 2.0)]
-    calibration = OccupancyCalibration.from_passes("g", passes, np.ones(2), {})
-    np.testing.assert_allclose(calibration.log_efficiency, a, atol=1e-9)
-    np.testing.assert_allclose(calibration.exponent, b, atol=1e-9)
-    wanted = np.array([[40.0, 40.0]] * 2000)
-    placed = calibration.points_for_hits(wanted, np.random.default_rng(3)).mean(axis=0)
-    np.testing.assert_allclose(np.exp(a) * placed ** (1 + b), 40.0, rtol=0.01)
-    assert np.all(placed >= 40.0)  # each point makes at most one hit
+def test_points_per_hit_are_interpolated_between_the_passes():
+    # layer 0: hits grow as (points per hit)^0.5 from 50 at k = 1: 60 hits need k = 1.44;
+    # layer 1: already at its target with one point per hit
+    mean_hits = (np.array([50.0, 20.0]), np.array([50.0 * 2 ** 0.5, 30.0]))
+    calibration = OccupancyCalibration.from_mean_hits("g", (1.0, 2.0), mean_hits, np.array([60.0, 20.0]), {})
+    k = np.exp(-np.asarray(calibration.log_efficiency))
+    assert k[0] == pytest.approx((60.0 / 50.0) ** 2, rel=1e-3)
+    assert k[1] == pytest.approx(1.0, rel=1e-3)
+    placed = calibration.points_for_hits(np.array([[100.0, 100.0]] * 4000), np.random.default_rng(3)).mean(axis=0)
+    np.testing.assert_allclose(placed, 100.0 * k, rtol=0.01)
 
 
-def test_slope_comes_from_pairs_not_from_across_showers():
-    # across showers hits grow as points^0.5 (big showers are denser), but each shower given twice
-    # the points gains 2^0.9 in hits: the calibration must follow the latter
-    points = np.geomspace(10, 1000, 50)[:, None]
-    level = points ** -0.4  # shower-to-shower density
-    passes = [(k * points, level * points * k ** 0.9) for k in (1.0, 2.0)]
-    calibration = OccupancyCalibration.from_passes("g", passes, np.ones(1), {})
-    assert calibration.exponent[0] == pytest.approx(-0.1)
-
-
-def test_sparse_layers_take_the_pooled_fit_and_slopes_are_bounded():
-    points = np.array([[100.0, 0.0], [200.0, 3.0], [300.0, 0.0]] * 5)
-    passes = [(k * points, (k * points) ** 0.1) for k in (1.0, 2.0)]  # far steeper than any collision law
-    calibration = OccupancyCalibration.from_passes("g", passes, np.ones(2), {})
-    assert calibration.exponent[0] == pytest.approx(-0.7)
-    assert calibration.exponent[1] == calibration.exponent[0]  # 5 pairs only: pooled
-    with pytest.raises(ValueError, match="no generated point"):
-        OccupancyCalibration.from_passes("g", [(np.zeros((4, 2)), np.zeros((4, 2)))] * 2, np.ones(2), {})
+def test_saturated_layers_are_not_extrapolated():
+    # a layer that loses hits with more points (cells pushed below threshold) keeps two points per
+    # hit; one that gains slowly is extrapolated at most to 1.5 times the second pass
+    mean_hits = (np.array([50.0, 50.0, 80.0]), np.array([49.0, 55.0, 40.0]))
+    target = np.array([70.0, 70.0, 40.0])
+    calibration = OccupancyCalibration.from_mean_hits("g", (1.0, 2.0), mean_hits, target, {})
+    k = np.exp(-np.asarray(calibration.log_efficiency))
+    np.testing.assert_allclose(k, [2.0, 3.0, 0.5], rtol=1e-3)  # layer 2: fewer points, proportionally
 
 
 def test_round_trip_and_bad_values():

@@ -10,20 +10,17 @@ of points with two fitted maps (arXiv:2309.05704, Sec. 4.4; FLC-QU-hep/CaloCloud
 collision rate differs by an order of magnitude between the shower maximum and the tails
 (``docs/fidelity.md``).
 
-Per layer ``l`` the calibration holds
-
-- a collision map fitted on the model's own digitised generation, ``hits = exp(a_l) points^(1 + b_l)``
-  (``b_l <= 0``: the share of surviving points falls as the layer fills), inverted to give the
-  points for a wanted number of hits;
-- a residual hit scale ``s_l``: training hits / flow hits in layer ``l`` on the training showers,
-  which removes what remains of the flow's bias (its decoding of small counts, for instance).
+Per layer ``l`` the calibration holds a map ``points = exp(-a_l) (s_l hits)^(1 / (1 + b_l))``; the
+fit (:func:`fit_occupancy`) sets the points per hit of each layer, ``exp(-a_l)``, with
+``b_l = 0`` and ``s_l = 1``: one factor per layer, matched on the mean hits. The exponent and the
+hit scale stay in the format for maps that depend on the number of hits.
 
 Everything is fitted on a run's training showers only, never on an evaluation reference.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -32,13 +29,6 @@ from ..geometry import Geometry
 from ..showers import Showers
 
 __all__ = ["OccupancyCalibration", "fit_occupancy", "layer_counts", "stochastic_round"]
-
-#: bounds of the fitted exponent b_l: points never collide less than independently (b <= 0), and
-#: a steeper fall than hits ~ points^0.3 means the fit is extrapolating, not measuring
-_EXPONENT_RANGE = (-0.7, 0.0)
-#: (shower, layer) pairs a layer needs for a fit of its own; sparser layers use the pooled fit
-_MIN_PAIRS = 8
-
 
 def stochastic_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Round non-negative reals to integers up or down with the probabilities that keep the mean."""
@@ -118,62 +108,43 @@ class OccupancyCalibration:
             raise ValueError(f"unreadable occupancy calibration: {err}") from None
 
     @classmethod
-    def from_passes(cls, geometry: str, passes: list[tuple[np.ndarray, np.ndarray]], hit_scale: np.ndarray,
-                    fit: dict) -> OccupancyCalibration:
-        """Fit each layer's collision map on two generation passes of the same showers.
+    def from_mean_hits(cls, geometry: str, points_per_hit: tuple[float, float],
+                       mean_hits: tuple[np.ndarray, np.ndarray], target_hits: np.ndarray,
+                       fit: dict) -> OccupancyCalibration:
+        """Each layer's points per hit from two generation passes of the same showers.
 
-        ``passes`` holds ``(points, hits)``, each ``(M, n_layers)``, from passes that differ only
-        in the number of points per hit asked for. The exponent comes from the pairs: how much
-        one (shower, layer) gains in hits when it is given more points,
-        ``1 + b = sum w ln(h2 / h1) / sum w ln(n2 / n1)`` with the points as weights (a fit across
-        showers would mix in that energetic showers are both larger and denser). The level
-        ``a`` is the weighted mean of ``ln h - (1 + b) ln n`` over both passes. Layers with fewer
-        than a handful of pairs take the values of all layers pooled.
+        ``mean_hits`` are the mean digitised hits per layer of passes that placed ``k1`` and
+        ``k2`` points per hit the flow asked for; the points per hit that give ``target_hits``
+        (the training showers' mean) are interpolated in log-log between them. Beyond the second
+        pass it extrapolates at most to 1.5 k2, and a layer that gains (almost) nothing from more
+        points keeps k2: giving the same layer energy to more points pushes cells below the
+        readout threshold, so hits saturate and can even fall.
         """
-        (n1, h1), (n2, h2) = [(np.asarray(p, np.float64), np.asarray(h, np.float64)) for p, h in passes[:2]]
-        pooled = _fit_pairs(n1.ravel(), h1.ravel(), n2.ravel(), h2.ravel())
-        if pooled is None:
-            raise ValueError("no generated point produced a hit: cannot fit the occupancy calibration")
-        fits = [_fit_pairs(n1[:, l], h1[:, l], n2[:, l], h2[:, l]) or pooled for l in range(n1.shape[1])]
-        return cls(geometry, tuple(a for a, _ in fits), tuple(b for _, b in fits),
-                   tuple(map(float, hit_scale)), fit)
-
-
-def _fit_pairs(n1: np.ndarray, h1: np.ndarray, n2: np.ndarray, h2: np.ndarray) -> tuple[float, float] | None:
-    use = (n1 >= 1) & (h1 >= 1) & (h2 >= 1) & (n2 > n1)
-    if use.sum() < _MIN_PAIRS:
-        return None
-    w = n1[use]
-    slope = np.sum(w * np.log(h2[use] / h1[use])) / np.sum(w * np.log(n2[use] / n1[use]))
-    b = float(np.clip(slope - 1.0, *_EXPONENT_RANGE))
-    n, h = np.concatenate([n1[use], n2[use]]), np.concatenate([h1[use], h2[use]])
-    a = float(np.average(np.log(h) - (1.0 + b) * np.log(n), weights=n))
-    return a, b
+        (k1, k2), (h1, h2) = points_per_hit, (np.asarray(m, np.float64) + 0.01 for m in mean_hits)
+        target = np.asarray(target_hits, np.float64) + 0.01
+        gain = np.log(h2 / h1) / np.log(k2 / k1)  # d ln(hits) / d ln(points per hit)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            k = k1 * np.exp(np.log(target / h1) / gain)
+        k = np.where(gain > 0.05, k, np.where(target > h1, k2, k1 * target / h1))
+        k = np.clip(k, 0.1 * k1, 1.5 * k2)
+        return cls(geometry, tuple((-np.log(k)).tolist()), (0.0,) * len(k), (1.0,) * len(k), fit)
 
 
 #: points per hit of the fit's generation passes: the flow's own counts, then about twice as many
 FIT_POINTS_PER_HIT = (1.0, 2.0)
-#: generation passes that set the level of each layer's map (secant steps)
-FIT_LEVEL_PASSES = 2
-#: flow samples (the flow alone is cheap) that measure its mean hits per layer
-FIT_FLOW_SAMPLES = 4096
 
 
 def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str = "heun", n_steps: int = 13,
                   seed: int = 0, batch_size: int = 64, check: bool = True) -> OccupancyCalibration:
     """Fit the occupancy calibration of ``model`` in ``geometry`` on its training ``showers``.
 
-    1. Flow bias: the flow alone samples hits per layer at the training energies (repeated to
-       about 4000 samples); the training showers' mean hits per layer over the flow's is the
-       first factor of the hit scale.
-    2. Collisions: the model generates showers at the training energies with the flow's hits
-       and with about twice as many points; how the digitised hits of each (shower, layer) grow
-       with the points placed gives each layer's power law. All generation passes share one seed (the same flow samples and
-       noise), so they differ only by the calibration under test.
-    3. Two more passes with the same seed set each layer's level: secant steps on the hit scale
-       until the calibrated hits match the hits asked for (the power law's own level leaves
-       biases of 10-20 %, and a layer whose cells saturate gains less than asked for).
-    4. With ``check``, a last pass with another seed records the mean hits per layer of
+    1. The model generates showers at the training energies twice, with one and with two
+       points per hit the flow asks for; both passes share one seed per batch (the same flow
+       samples), so they differ only by the points placed.
+    2. Per layer, the points per hit that give the training showers' mean hits are interpolated
+       between the two passes (:meth:`OccupancyCalibration.from_mean_hits`); this also absorbs
+       the flow's own bias per layer (it over-predicts the first layer, decoding small counts).
+    3. With ``check``, a third pass with another seed records the mean hits per layer of
        calibrated generation beside the training showers' (``fit['generated_hits']``,
        ``fit['training_hits']``).
 
@@ -208,29 +179,13 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str =
     was_training = model.training
     model.eval()
     try:
-        repeats = -(-FIT_FLOW_SAMPLES // len(energy))
-        generator = torch.Generator(device).manual_seed(seed)
-        flow_hits = np.concatenate([model.sample_layer_hits(geometry, energy, generator) for _ in range(repeats)])
-        flow_scale = ratio_of_means(training_hits, flow_hits)
-        passes = [generate_counts(OccupancyCalibration.uniform(geometry.name, n_layers, k), seed + 1)
-                  for k in FIT_POINTS_PER_HIT]
+        hits = [generate_counts(OccupancyCalibration.uniform(geometry.name, n_layers, k), seed + 1)[1]
+                for k in FIT_POINTS_PER_HIT]
         fit = {"sampler": sampler, "n_steps": int(n_steps), "n_showers": int(len(energy)),
                "points_per_hit": list(FIT_POINTS_PER_HIT), "training_hits": training_hits.mean(axis=0).tolist()}
-        first = OccupancyCalibration.from_passes(geometry.name, passes, flow_scale, fit)
-        asked = passes[0][0] * flow_scale  # same seed: the flow's hits of these passes, scaled as asked
-        log_scale = [np.log(flow_scale)]
-        log_ratio = []
-        for _ in range(FIT_LEVEL_PASSES):  # secant steps on each layer's ln(hit scale) towards ratio 1
-            trial = replace(first, hit_scale=tuple(np.exp(log_scale[-1]).tolist()))
-            log_ratio.append(np.log(ratio_of_means(generate_counts(trial, seed + 1)[1], asked)))
-            if len(log_ratio) == 1:
-                step = -log_ratio[-1]  # as if hits were proportional to the hits asked for
-            else:
-                slope = (log_ratio[-1] - log_ratio[-2]) / (log_scale[-1] - log_scale[-2] + 1e-12)
-                step = -log_ratio[-1] / np.clip(slope, 0.2, 5.0)
-            log_scale.append(log_scale[-1] + np.clip(step, -np.log(2.0), np.log(2.0)))
-        hit_scale = np.exp(np.clip(log_scale[-1], np.log(0.1), np.log(10.0)))
-        calibration = replace(first, hit_scale=tuple(hit_scale.tolist()))
+        calibration = OccupancyCalibration.from_mean_hits(geometry.name, FIT_POINTS_PER_HIT,
+                                                          tuple(h.mean(axis=0) for h in hits),
+                                                          training_hits.mean(axis=0), fit)
         if check:
             _, hits = generate_counts(calibration, seed + 2)
             fit["generated_hits"] = hits.mean(axis=0).tolist()
