@@ -18,7 +18,8 @@ from caloadapt.data import read_showers, write_showers
 from caloadapt.errors import CaloadaptError, InputError
 from caloadapt.evaluate import EvaluationOptions, run_evaluation, write_report
 from caloadapt.evaluate.observables import PUBLISHED_SCORED, SCORE_ROWS
-from caloadapt.evaluate.pipeline import concatenate_observables, fpd_kpd_settings
+from caloadapt.evaluate.pipeline import (FPD_KPD_MIN_SHOWERS, concatenate_observables, fpd_kpd_decision,
+                                        fpd_kpd_settings)
 from caloadapt.simulate import simulate
 
 N_SHOWERS = 150
@@ -56,7 +57,7 @@ def _options(**kwargs) -> EvaluationOptions:
 def independent(files, tmp_path_factory) -> tuple[dict, Path]:
     """The full evaluation (classifier, FPD/KPD, plots, report) of two independent samples."""
     out = tmp_path_factory.mktemp("independent") / "results"
-    metrics = run_evaluation(files["generated"], files["reference"], GEOMETRY, out, _options(),
+    metrics = run_evaluation(files["generated"], files["reference"], GEOMETRY, out, _options(fpd_kpd=True),
                              command="caloadapt evaluate --generated gen.h5 --reference ref.h5")
     return metrics, out
 
@@ -122,6 +123,77 @@ def test_distorted_energy_scale_is_detected(files, independent, tmp_path):
     assert metrics["classifier"]["low_level"] == {"skipped": "classifier='none'"}
     assert metrics["fpd_kpd"] is None and metrics["outputs"]["plots"] == {}
     assert (tmp_path / "distorted" / "report.md").stat().st_size > 0
+
+
+def test_floor_is_reported_beside_every_score(files, independent, tmp_path):
+    """A clearly wrong sample (energies x 1.05) with an independent sample of the source as the floor."""
+    out = tmp_path / "with_floor"
+    metrics = run_evaluation(files["distorted"], files["reference"], GEOMETRY, out,
+                             _options(plots=False, fpd_kpd=False), floor=files["generated"])
+    floor = metrics["floor"]
+    assert floor["input"]["path"] == str(files["generated"]) and metrics["inputs"]["floor"]["n_showers_used"] == 150
+    # the floor is the same evaluation with the floor file in place of the generated one
+    alone = independent[0]["calotransfer"]
+    assert floor["calotransfer"]["geometric_mean"] == pytest.approx(alone["geometric_mean"], rel=1e-12)
+    for row, score in alone["scores"].items():
+        assert floor["calotransfer"]["scores"][row]["wasserstein"] == pytest.approx(score["wasserstein"], rel=1e-12)
+    g, g_floor = metrics["calotransfer"]["geometric_mean"], floor["calotransfer"]["geometric_mean"]
+    assert g > g_floor  # the wrong sample is farther from the reference than a fresh sample of its source
+    summary = metrics["summary"]
+    assert summary["geometric_mean_floor"] == g_floor
+    assert summary["ratio_to_floor"] == pytest.approx(g / g_floor) == metrics["ratio_to_floor"]["geometric_mean"]
+    ratios = metrics["ratio_to_floor"]["wasserstein"]
+    assert ratios["energy_ratio"] == pytest.approx(metrics["calotransfer"]["scores"]["energy_ratio"]["wasserstein"]
+                                                   / floor["calotransfer"]["scores"]["energy_ratio"]["wasserstein"])
+    assert ratios["energy_ratio"] > 3
+    assert set(metrics["ratio_to_floor"]["geometric_mean_by_energy"]) == {"1-10 GeV", "10-100 GeV"}
+    assert set(metrics["ratio_to_floor"]["separation_power_summary"]) == \
+        set(metrics["calochallenge"]["separation_power_summary"])
+    for level in ("low_level", "high_level"):  # same classifier, same size, for both
+        assert 0 <= floor["classifier"][level]["auc"] <= 1
+        assert floor["classifier"][level]["n_per_class"] == metrics["classifier"][level]["n_per_class"] == 150
+        assert floor["classifier"][level]["optimiser_steps_per_epoch"] == 1  # 2 * 90 showers, batch 1000
+    assert any("barely trained" in note for note in metrics["notes"])
+    stored = json.loads((out / "metrics.json").read_text())
+    assert stored["floor"]["summary"]["geometric_mean"] == pytest.approx(g_floor)
+    report = (out / "report.md").read_text()
+    assert "## Floor" in report and "| metric | model | floor | model / floor |" in report
+    assert "low-level (floor)" in report and f"{g / g_floor:.3g}" in report
+
+
+def test_fpd_kpd_skip_rule(files, tmp_path):
+    assert fpd_kpd_decision(None, FPD_KPD_MIN_SHOWERS) == (True, None)
+    assert fpd_kpd_decision(None, FPD_KPD_MIN_SHOWERS - 1)[0] is False
+    assert fpd_kpd_decision(True, 20) == (True, None) and fpd_kpd_decision(False, 10**6)[0] is False
+    metrics = run_evaluation(files["generated"], files["reference"], GEOMETRY, tmp_path / "auto",
+                             _options(classifier="none", plots=False, energy_bins=False), floor=files["small"])
+    assert metrics["options"]["fpd_kpd"] is None
+    for section in (metrics, metrics["floor"]):
+        assert "below 10000 showers per sample (here" in section["fpd_kpd"]["skipped"]
+        assert "fpd_x1e3" not in section["fpd_kpd"]
+    assert "timing_s" in metrics and "fpd_kpd" not in metrics["timing_s"]
+    assert any(note.startswith("FPD/KPD skipped by default") for note in metrics["notes"])
+    assert any("the floor holds 100 showers" in note for note in metrics["notes"])
+    assert "FPD/KPD skipped by default" in (tmp_path / "auto" / "report.md").read_text()
+
+
+def test_evaluate_cli_with_floor(files, tmp_path):
+    from typer.testing import CliRunner
+
+    from caloadapt.cli import app
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["evaluate", "--generated", str(files["distorted"]), "--reference",
+                                      str(files["reference"]), "--floor", str(files["generated"]), "-o", str(out),
+                                      "--classifier", "none", "--no-plots", "--n-bootstrap", "2", "--fpd-kpd"])
+    assert result.exit_code == 0, result.output
+    stored = json.loads((out / "metrics.json").read_text())
+    assert f"G / G_floor = {stored['summary']['ratio_to_floor']:.3f}" in result.output
+    assert stored["options"]["fpd_kpd"] is True and stored["floor"]["fpd_kpd"]["fpd_x1e3"] is not None
+    missing = CliRunner().invoke(app, ["evaluate", "--generated", str(files["distorted"]), "--reference",
+                                       str(files["reference"]), "--floor", str(tmp_path / "none.h5"), "-o",
+                                       str(tmp_path / "bad")])
+    assert missing.exit_code == 2 and "caloadapt: error:" in missing.output and not (tmp_path / "bad").exists()
 
 
 def test_identical_files_give_zero_distance(files, tmp_path):

@@ -537,7 +537,12 @@ def evaluate(
     classifier: Annotated[str, typer.Option(help="cpu (small DNN), official (evaluate.py settings) or none")]
     = "cpu",
     n_bootstrap: Annotated[int, typer.Option(min=0, help="bootstrap resamples of the scores")] = 50,
-    fpd_kpd: Annotated[bool, typer.Option(help="FPD and KPD on the CaloChallenge high-level features")] = True,
+    floor: Annotated[Optional[Path], typer.Option(help="a second sample of the reference source, independent of "
+                                                       "the reference: every score is also computed for it (the "
+                                                       "floor) and the model / floor ratios reported")] = None,
+    fpd_kpd: Annotated[Optional[bool], typer.Option(help="FPD and KPD on the CaloChallenge high-level features "
+                                                         "(default: only with >= 10000 showers per sample)")]
+    = None,
     plots: Annotated[bool, typer.Option(help="write plots")] = True,
     seed: Annotated[int, typer.Option(help="seed of bootstrap and classifier")] = 0,
 ) -> None:
@@ -548,10 +553,16 @@ def evaluate(
     geo = file_geometry(reference, geometry)
     options = EvaluationOptions(max_showers=max_showers, classifier=classifier, n_bootstrap=n_bootstrap,
                                 fpd_kpd=fpd_kpd, plots=plots, seed=seed)
-    metrics = run_evaluation(generated, reference, geo, output, options, command=" ".join(sys.argv))
+    metrics = run_evaluation(generated, reference, geo, output, options, command=" ".join(sys.argv), floor=floor)
     summary = metrics["summary"]
-    typer.echo(f"geometric mean of normalised W1: {summary['geometric_mean']:.4f} "
-               f"+- {summary['geometric_mean_std'] or float('nan'):.4f}; report: {output / 'report.md'}")
+    text = (f"geometric mean of normalised W1: G = {summary['geometric_mean']:.4f} "
+            f"+- {summary['geometric_mean_std'] or float('nan'):.4f}")
+    if floor is not None:
+        ratio = summary.get("ratio_to_floor")
+        text += (f"; floor G_floor = {summary['geometric_mean_floor']:.4f} "
+                 f"+- {summary['geometric_mean_floor_std'] or float('nan'):.4f}; G / G_floor = "
+                 + ("n/a" if ratio is None else f"{ratio:.3f}"))
+    typer.echo(f"{text}; report: {output / 'report.md'}")
 
 
 @app.command()
