@@ -196,6 +196,27 @@ def test_evaluate_cli_with_floor(files, tmp_path):
     assert missing.exit_code == 2 and "caloadapt: error:" in missing.output and not (tmp_path / "bad").exists()
 
 
+def test_floor_at_the_reference_energies(files, tmp_path):
+    """``simulate --energies-from`` makes a floor at the reference's energies; a floor with its own energies
+    beside a sample generated at the reference energies is noted."""
+    from typer.testing import CliRunner
+
+    from caloadapt.cli import app
+
+    same = tmp_path / "same_energies.h5"
+    result = CliRunner().invoke(app, ["simulate", "-g", GEOMETRY, "--energies-from", str(files["reference"]),
+                                      "--n", "150", "--seed", "99", "-f", "calochallenge", "-o", str(same)])
+    assert result.exit_code == 0, result.output
+    reference, floor = read_showers(files["reference"]), read_showers(same)
+    np.testing.assert_array_equal(floor.incident_energy_mev, reference.incident_energy_mev)
+    assert not np.array_equal(floor.points[:100], reference.points[:100])  # new showers, same energies
+    quick = _options(classifier="none", plots=False, energy_bins=False, n_bootstrap=0)
+    noted = run_evaluation(same, files["reference"], GEOMETRY, tmp_path / "a", quick, floor=files["generated"])
+    assert any("the floor has its own" in note for note in noted["notes"])
+    clean = run_evaluation(files["generated"], files["reference"], GEOMETRY, tmp_path / "b", quick, floor=same)
+    assert not any("the floor has its own" in note for note in clean["notes"])
+
+
 def test_identical_files_give_zero_distance(files, tmp_path):
     metrics = run_evaluation(files["reference"], files["reference"], GEOMETRY, tmp_path / "same",
                              _options(plots=False, fpd_kpd=False, energy_bins=False, max_showers=100))

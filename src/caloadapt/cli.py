@@ -75,6 +75,10 @@ def simulate(
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="output file layout")] = OutputFormat.points,
     level: Annotated[Level, typer.Option(help="hits (digitised cells) or spots (energy depositions)")] = Level.hits,
     mode: Annotated[str, typer.Option(help="simulator mode: B (granular Si readout) or A (GFlash spots)")] = "B",
+    energies_from: Annotated[Optional[Path], typer.Option(help="take the incident energies of the first --n showers "
+                                                               "of this file instead of drawing them (e.g. a floor "
+                                                               "sample at the reference energies; use another "
+                                                               "--seed than the file's)")] = None,
     validate: Annotated[bool, typer.Option("--validate", help="run the physics validation table instead")] = False,
     validate_n: Annotated[int, typer.Option(help="showers per point of the validation table")] = 400,
 ) -> None:
@@ -96,9 +100,19 @@ def simulate(
         raise CaloadaptError("missing --output / -o: where to write the showers")
     geo = get_geometry(geometry)
     particle = particle or geo.particle
-    energies = sample_incident_energies(n, parse_energy_range(energy), spectrum.value, np.random.default_rng(seed))
+    if energies_from is not None:
+        from .data.io import iter_showers
+
+        energies = np.concatenate([c.incident_energy_mev for c in iter_showers(energies_from, stop=n)])
+        if len(energies) < n:
+            raise CaloadaptError(f"{energies_from}: holds {len(energies)} showers, fewer than --n {n}")
+    else:
+        energies = sample_incident_energies(n, parse_energy_range(energy), spectrum.value,
+                                            np.random.default_rng(seed))
     settings = SimulationSettings(mode=mode)
-    attrs = {"command": " ".join(sys.argv), "seed": seed, "spectrum": spectrum.value, "simulator_mode": mode}
+    attrs = {"command": " ".join(sys.argv), "seed": seed, "simulator_mode": mode,
+             **({"energies_from": str(energies_from)} if energies_from is not None
+                else {"spectrum": spectrum.value})}
     with ShowerWriter(output, format.value if level == Level.hits else "points", geo, attrs) as writer:
         for chunk in iter_simulate(geo, particle, energies, seed=seed, level=level.value, settings=settings,
                                    progress=True):

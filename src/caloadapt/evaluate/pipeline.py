@@ -840,6 +840,12 @@ def ratios_to_floor(model: dict, floor: dict) -> dict:
     return out
 
 
+def _same_energies(a: SampleSummary, b: SampleSummary) -> bool:
+    """True when two samples hold the same incident energies (as sets, float32 precision)."""
+    x, y = a.observables.incident_energy_mev, b.observables.incident_energy_mev
+    return len(x) == len(y) and bool(np.allclose(np.sort(x), np.sort(y), rtol=1e-6, atol=0.0))
+
+
 def _floor_notes(model: dict, floor: dict, n_floor: int) -> list[str]:
     """What the floor says about the metrics that need large samples (classifier, FPD/KPD)."""
     notes = []
@@ -977,6 +983,11 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
     model = compare(ref, gen, "generated")
     floor_section = None
     if floor is not None:
+        if _same_energies(ref, gen) and not _same_energies(ref, samples["floor"]):
+            notes.append("the generated showers have the incident energies of the reference, the floor has its "
+                         "own: the floor then includes the fluctuations of the energy sampling, which the model "
+                         "does not have, and is higher than the floor of a perfect simulator at the reference "
+                         "energies (simulate the floor at them: caloadapt simulate --energies-from REFERENCE)")
         floor_section = compare(ref, samples["floor"], "floor")
         floor_section = {"input": samples["floor"].record(), **floor_section,
                          "summary": _summary(floor_section)}
