@@ -479,8 +479,10 @@ def sweep(
     geometry: Annotated[Optional[str], typer.Option("--geometry", "-g", help="target geometry (default: from --data)")]
     = None,
     sizes: Annotated[str, typer.Option(help="target data sizes D")] = "100,1000,10000",
-    methods: Annotated[str, typer.Option(help="methods, e.g. scratch,full,bitfit,lora:rank=16; zero-shot adds "
-                                              "generation with each pre-trained model as it is")]
+    methods: Annotated[str, typer.Option(help="methods, e.g. scratch,full,bitfit,lora:rank=16 or bitfit:flow=frozen "
+                                              "(flow: full, bitfit, frozen); zero-shot adds generation with each "
+                                              "pre-trained model as it is; scratch-converged trains the scratch "
+                                              "baseline with early stopping (--patience, --max-steps)")]
     = "scratch,full,bitfit,lora",
     seeds: Annotated[int, typer.Option(min=1, help="seeds per (method, size): 0..N-1 (data subset and run)")] = 5,
     steps: Annotated[int, typer.Option(min=1, help="training steps of every run")] = 1000,
@@ -488,6 +490,13 @@ def sweep(
     max_points: Annotated[int, typer.Option(min=1)] = 512,
     n_eval: Annotated[int, typer.Option(min=2, help="reference and generated showers compared per run")] = 1000,
     sampler_steps: Annotated[int, typer.Option(min=1, help="sampler steps at generation")] = 13,
+    floor: Annotated[Optional[Path], typer.Option(help="a second sample of the reference source (ideally at its "
+                                                       "energies: simulate --energies-from): G_floor and G / G_floor "
+                                                       "in every result and the summary")] = None,
+    patience: Annotated[int, typer.Option(min=1, help="scratch-converged: stop after N validations without "
+                                                      "improvement")] = 5,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="scratch-converged: step cap (default 10 x "
+                                                                 "--steps)")] = None,
     lr_by_size: Annotated[bool, typer.Option(help="learning rates from the published table by data size; "
                                                   "--no-lr-by-size: the D <= 100 rates at every size (short "
                                                   "budgets)")] = True,
@@ -519,7 +528,13 @@ def sweep(
                      geometry=geo.name if geometry is None else geometry, sizes=_csv_ints(sizes),
                      methods=tuple(m.strip() for m in _split_methods(methods)), seeds=tuple(range(seeds)),
                      steps=steps, batch_size=batch_size, max_points=max_points, n_eval=n_eval,
-                     n_steps_sampler=sampler_steps, threads=threads, lr_by_size=lr_by_size)
+                     n_steps_sampler=sampler_steps, threads=threads, lr_by_size=lr_by_size,
+                     floor=str(floor.resolve()) if floor is not None else None, patience=patience,
+                     max_steps=max_steps)
+    if floor is not None:
+        from .data.io import detect_format
+
+        detect_format(floor)  # a missing or unreadable floor fails before any run starts
     slurm = {"timeout_min": slurm_time, **({"slurm_partition": slurm_partition} if slurm_partition else {})}
     summarise(run_sweep(spec, output, executor=executor, workers=workers, slurm=slurm, log=typer.echo), output)
     typer.echo((output / "summary.md").read_text())
@@ -528,11 +543,11 @@ def sweep(
 def _split_methods(text: str) -> list[str]:
     """Split ``a,b:rank=4,alpha=8,c`` at commas that start a new method (not inside its options)."""
     from .adapt import METHODS
-    from .sweep import ZERO_SHOT
+    from .sweep.runner import PSEUDO_METHODS
 
     methods: list[str] = []
     for part in text.split(","):
-        if methods and part.split(":")[0].strip() not in (*METHODS, ZERO_SHOT):
+        if methods and part.split(":")[0].strip() not in (*METHODS, *PSEUDO_METHODS):
             methods[-1] += "," + part  # an option of the previous method
         else:
             methods.append(part)
