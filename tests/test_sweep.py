@@ -87,12 +87,18 @@ def test_finetune_and_analyze_updates_cli(files, tmp_path):
     runner = CliRunner()
     out = tmp_path / "ft"
     result = runner.invoke(app, ["finetune", "--checkpoint", str(files["pretrained"]), "--data", str(files["target"]),
-                                 "--n-samples", "12", "--method", "bitfit-context", "--steps", "2", "--val-every", "2",
-                                 "--batch-size", "4", "--max-points", "32", "--device", "cpu", "-o", str(out)])
+                                 "--n-samples", "12", "--method", "bitfit-context", "--flow", "frozen", "--steps", "2",
+                                 "--val-every", "2", "--batch-size", "4", "--max-points", "32", "--device", "cpu",
+                                 "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "net.context_bias" in result.output and (out / "model.pt").exists()
     report = json.loads((out / "parameters.json").read_text())
-    assert report  # trainable / total per group recorded with the run
+    groups = {r["group"]: r for r in report["groups"]}  # trainable / total per group recorded with the run
+    whole = report["whole_model"]  # the point network and the flow together
+    assert whole["trainable"] == groups["all"]["trainable"] == groups["net"]["trainable"] == whole["trainable_net"]
+    assert whole["trainable_flow"] == 0 and whole["total"] == groups["net"]["total"] + groups["flow"]["total"]
+    assert (f"trains {whole['trainable']:,} of {whole['total']:,} parameters of the whole model "
+            f"({whole['percent']:.2f} %") in result.output
     result = runner.invoke(app, ["analyze-updates", str(files["pretrained"]), str(out / "model.pt"),
                                  "-o", str(tmp_path / "updates")])
     assert result.exit_code == 0, result.output

@@ -448,6 +448,10 @@ def finetune(
                          patience=patience, seed=seed, data_seed=data_seed, device=device)
     summary = run_finetune(checkpoint or default_checkpoint(), data, geo, output, adapt_method, config, resume=resume,
                            checkpoint_parts={"command": " ".join(sys.argv)}, log=typer.echo)
+    whole = summary["whole_model"]
+    typer.echo(f"{adapt_method.label()} (flow: {'full' if method == 'scratch' else flow}): trains "
+               f"{whole['trainable']:,} of {whole['total']:,} parameters of the whole model ({whole['percent']:.2f} %; "
+               f"point network {whole['trainable_net']:,}, flow {whole['trainable_flow']:,})")
     typer.echo(f"{adapt_method.label()}: {summary['steps']} steps in {summary['wall_s']:.0f} s; best validation "
                f"diffusion {summary['best']['diffusion']:.4f}, flow {summary['best']['flow']:.4f}; "
                f"model in {output / 'model.pt'}")
@@ -602,17 +606,30 @@ def demo(
     target_data: Annotated[Optional[Path], typer.Option(help="real target training file instead of simulated")]
     = None,
     reference_data: Annotated[Optional[Path], typer.Option(help="real held-out reference file")] = None,
+    floor_data: Annotated[Optional[Path], typer.Option(help="with real data: a second sample of the reference "
+                                                            "source, the floor (the simulated demo makes its own)")]
+    = None,
+    methods: Annotated[Optional[str], typer.Option(help="methods as for sweep, e.g. scratch,full,bitfit,"
+                                                        "bitfit:flow=frozen,scratch-converged (flow: full, bitfit, "
+                                                        "frozen) [default: scratch,full,bitfit,bitfit:flow=bitfit]")]
+    = None,
+    patience: Annotated[Optional[int], typer.Option(min=1, help="scratch-converged: stop after N validations "
+                                                                "without improvement [default: 5]")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="scratch-converged: step cap [default: 10 x the "
+                                                                 "budget]")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="pre-trained checkpoint (default: shipped)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     seed: Annotated[int, typer.Option(help="seed of data, training and generation")] = 0,
 ) -> None:
-    """The main job: adapt the shipped model to a new detector, compare with scratch, write a report."""
+    """The main job: adapt the shipped model to a new detector, compare with scratch and the floor, write a report."""
     from .demo import run_demo
 
     if (target_data is None) != (reference_data is None):
         raise CaloadaptError("give both --target-data and --reference-data, or neither")
-    run_demo(output, quick=quick, target_data=target_data, reference_data=reference_data, checkpoint=checkpoint,
-             device=device, seed=seed, log=typer.echo)
+    run_demo(output, quick=quick, target_data=target_data, reference_data=reference_data, floor_data=floor_data,
+             checkpoint=checkpoint, device=device, seed=seed,
+             methods=[m.strip() for m in _split_methods(methods)] if methods else None, patience=patience,
+             max_steps=max_steps, log=typer.echo)
 
 
 class ExportFormat(str, Enum):
