@@ -82,6 +82,8 @@ def test_outputs_of_a_full_evaluation(independent):
         assert 0 <= stored["classifier"][key]["auc"] <= 1
         assert stored["classifier"][key]["n_per_class"] == N_SHOWERS
     assert stored["classifier"]["high_level"]["input_dimension"] == 362
+    assert stored["classifier"]["high_level"]["optimiser_steps_per_epoch"] == 1  # 2 x 90 training showers
+    assert any("barely trained" in note and "--floor" in note for note in stored["notes"])
     physics = stored["fpd_kpd"]
     assert physics["fpd_x1e3"] >= 0 and physics["kpd_x1e3"] is not None
     assert physics["settings"]["official"] is False

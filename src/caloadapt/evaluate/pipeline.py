@@ -40,8 +40,8 @@ Sample sizes (documented choices):
   are the official ones. Such numbers are not comparable with the published tables.
 - FPD and KPD run by default only when both samples hold at least ``FPD_KPD_MIN_SHOWERS`` (10 000,
   the official smallest FPD batch) showers: below it the FPD is dominated by its finite-sample bias
-  (two samples of one distribution give FPD x 1e3 = 371 at 2000 showers) and it is the slowest
-  metric. ``EvaluationOptions(fpd_kpd=True)`` (``--fpd-kpd``) computes them anyway; the reason of
+  (reported: FPD x 1e3 = 371 for two samples of one distribution at 2000 showers) and it is the
+  slowest metric. ``EvaluationOptions(fpd_kpd=True)`` (``--fpd-kpd``) computes them anyway; the reason of
   a skip is recorded in ``metrics.json`` and the report.
 
 The floor (``floor=FILE``, ``--floor``): a second sample of the reference source, independent of the
@@ -846,6 +846,20 @@ def _same_energies(a: SampleSummary, b: SampleSummary) -> bool:
     return len(x) == len(y) and bool(np.allclose(np.sort(x), np.sort(y), rtol=1e-6, atol=0.0))
 
 
+def _classifier_notes(section: dict, with_floor: bool) -> list[str]:
+    """A classifier with fewer than ``CLASSIFIER_MIN_STEPS_PER_EPOCH`` optimiser steps per epoch is noted."""
+    notes = []
+    for level in ("low_level", "high_level"):
+        record = section["classifier"].get(level) or {}
+        steps = record.get("optimiser_steps_per_epoch")
+        if "auc" in record and steps is not None and steps < CLASSIFIER_MIN_STEPS_PER_EPOCH:
+            notes.append(f"classifier ({level.replace('_', '-')}): {record.get('n_per_class')} showers per class "
+                         f"give {steps} optimiser step(s) per epoch (fewer than {CLASSIFIER_MIN_STEPS_PER_EPOCH}): "
+                         "the classifier is barely trained, so an AUC near 0.5 may mean an untrained classifier, "
+                         "not a good model" + ("" if with_floor else "; compare with a floor (--floor)"))
+    return notes
+
+
 def _floor_notes(model: dict, floor: dict, n_floor: int) -> list[str]:
     """What the floor says about the metrics that need large samples (classifier, FPD/KPD)."""
     notes = []
@@ -854,11 +868,6 @@ def _floor_notes(model: dict, floor: dict, n_floor: int) -> list[str]:
         if "auc" not in record or "auc" not in floor_record:
             continue
         name = f"classifier ({level.replace('_', '-')})"
-        steps = floor_record.get("optimiser_steps_per_epoch")
-        if steps is not None and steps < CLASSIFIER_MIN_STEPS_PER_EPOCH:
-            notes.append(f"{name}: {floor_record.get('n_per_class')} showers per class give {steps} optimiser "
-                         f"step(s) per epoch (fewer than {CLASSIFIER_MIN_STEPS_PER_EPOCH}): the classifier is "
-                         "barely trained, so an AUC near 0.5 may mean an untrained classifier, not a good model")
         if abs(record["auc"] - 0.5) <= 2 * abs(floor_record["auc"] - 0.5):
             notes.append(f"{name}: AUC {record['auc']:.3f} is within twice the floor's distance from 0.5 "
                          f"(floor AUC {floor_record['auc']:.3f}): at this sample size the classifier does not "
@@ -981,6 +990,7 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
     compare = functools.partial(_compare, options=options, binning=binning, threshold=threshold, n_cls=n_cls,
                                 notes=notes, timing=timing)
     model = compare(ref, gen, "generated")
+    notes.extend(n for n in _classifier_notes(model, with_floor=floor is not None) if n not in notes)
     floor_section = None
     if floor is not None:
         if _same_energies(ref, gen) and not _same_energies(ref, samples["floor"]):
