@@ -131,7 +131,7 @@ def test_floor_is_reported_beside_every_score(files, independent, tmp_path):
     """A clearly wrong sample (energies x 1.05) with an independent sample of the source as the floor."""
     out = tmp_path / "with_floor"
     metrics = run_evaluation(files["distorted"], files["reference"], GEOMETRY, out,
-                             _options(plots=False, fpd_kpd=False), floor=files["generated"])
+                             _options(plots=False, fpd_kpd=True), floor=files["generated"])
     floor = metrics["floor"]
     assert floor["input"]["path"] == str(files["generated"]) and metrics["inputs"]["floor"]["n_showers_used"] == 150
     # the floor is the same evaluation with the floor file in place of the generated one
@@ -156,6 +156,10 @@ def test_floor_is_reported_beside_every_score(files, independent, tmp_path):
         assert floor["classifier"][level]["n_per_class"] == metrics["classifier"][level]["n_per_class"] == 150
         assert floor["classifier"][level]["optimiser_steps_per_epoch"] == 1  # 2 * 90 showers, batch 1000
     assert any("barely trained" in note for note in metrics["notes"])
+    # forced FPD/KPD (few batches here): computed for both, the ratio and a note on the floor's level
+    fpd, fpd_floor = metrics["fpd_kpd"]["fpd_x1e3"], floor["fpd_kpd"]["fpd_x1e3"]
+    assert fpd_floor > 0 and metrics["ratio_to_floor"]["fpd_x1e3"] == pytest.approx(fpd / fpd_floor)
+    assert any(note.startswith("FPD x 1e3: model") for note in metrics["notes"])
     stored = json.loads((out / "metrics.json").read_text())
     assert stored["floor"]["summary"]["geometric_mean"] == pytest.approx(g_floor)
     report = (out / "report.md").read_text()
@@ -187,11 +191,12 @@ def test_evaluate_cli_with_floor(files, tmp_path):
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["evaluate", "--generated", str(files["distorted"]), "--reference",
                                       str(files["reference"]), "--floor", str(files["generated"]), "-o", str(out),
-                                      "--classifier", "none", "--no-plots", "--n-bootstrap", "2", "--fpd-kpd"])
+                                      "--classifier", "none", "--no-plots", "--n-bootstrap", "2", "--no-fpd-kpd"])
     assert result.exit_code == 0, result.output
     stored = json.loads((out / "metrics.json").read_text())
     assert f"G / G_floor = {stored['summary']['ratio_to_floor']:.3f}" in result.output
-    assert stored["options"]["fpd_kpd"] is True and stored["floor"]["fpd_kpd"]["fpd_x1e3"] is not None
+    # --no-fpd-kpd is passed through (the official FPD batches would take minutes on a CPU)
+    assert stored["options"]["fpd_kpd"] is False and stored["fpd_kpd"] is None and stored["floor"]["fpd_kpd"] is None
     missing = CliRunner().invoke(app, ["evaluate", "--generated", str(files["distorted"]), "--reference",
                                        str(files["reference"]), "--floor", str(tmp_path / "none.h5"), "-o",
                                        str(tmp_path / "bad")])
