@@ -131,7 +131,8 @@ def test_floor_is_reported_beside_every_score(files, independent, tmp_path):
     """A clearly wrong sample (energies x 1.05) with an independent sample of the source as the floor."""
     out = tmp_path / "with_floor"
     metrics = run_evaluation(files["distorted"], files["reference"], GEOMETRY, out,
-                             _options(plots=False, fpd_kpd=True), floor=files["generated"])
+                             _options(plots=False, fpd_kpd=True, fpd_num_batches=2, fpd_num_points=2,
+                                      kpd_num_batches=2), floor=files["generated"])
     floor = metrics["floor"]
     assert floor["input"]["path"] == str(files["generated"]) and metrics["inputs"]["floor"]["n_showers_used"] == 150
     # the floor is the same evaluation with the floor file in place of the generated one
