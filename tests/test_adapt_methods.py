@@ -111,6 +111,27 @@ def test_counts_of_every_method_on_the_default_network(default_model, key):
     assert "net.context_bias" in format_report(parameter_report(model, names))
 
 
+def test_whole_model_counts_include_the_flow(default_model):
+    """On the real default configuration BitFit of the point network is 0.5 % of the network, but with the
+    flow adapted in full it trains most of the model; only with the flow's biases or a frozen flow is the
+    method parameter-efficient as a whole (< 5 % of all parameters)."""
+    from caloadapt.adapt.finetune import whole_model
+
+    n_flow = sum(p.numel() for p in default_model.flow.parameters())
+    n_all = sum(p.numel() for p in default_model.parameters())
+    flow_biases = sum(m.bias.numel() for m in default_model.flow.modules()
+                      if isinstance(m, nn.Linear) and m.bias is not None)
+    expected = {"full": 2_632 + n_flow, "bitfit": 2_632 + flow_biases, "frozen": 2_632}
+    for flow, trainable in expected.items():
+        model, names = prepare(default_model, AdaptMethod("bitfit", flow=flow))
+        whole = whole_model(parameter_report(model, names))
+        assert whole["trainable"] == trainable and whole["total"] == n_all
+        assert whole["trainable_net"] == 2_632 and whole["trainable_flow"] == trainable - 2_632
+        assert whole["percent"] == pytest.approx(100 * trainable / n_all)
+    assert n_flow > 3_000_000 and 100 * expected["full"] / n_all > 80  # the flow dominates the model
+    assert 100 * expected["bitfit"] / n_all < 5 and 100 * expected["frozen"] / n_all < 5
+
+
 def test_bitfit_group_split_is_honest(default_model):
     model, names = prepare(default_model, AdaptMethod("bitfit"))
     rows = {r["group"]: r for r in parameter_report(model, names)}

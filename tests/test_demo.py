@@ -19,17 +19,34 @@ def test_demo_quick_writes_report_and_metrics(tmp_path):
     assert result.exit_code == 0, result.output + (result.stderr or "")
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {row["method"]: row for row in metrics["methods"]}
-    assert set(rows) == {"scratch", "full", "bitfit"}
+    assert set(rows) == {"scratch", "full", "bitfit", "bitfit:flow=bitfit"}
     assert rows["bitfit"]["trainable_net"] == 2632 and rows["full"]["trainable_net"] == 504920
+    # whole-model counts: BitFit with the flow in full trains most of the model, with the flow's biases < 5 %
+    assert rows["bitfit"]["percent_all"] > 80 and rows["full"]["trainable_all"] == rows["full"]["total_all"]
+    assert rows["bitfit:flow=bitfit"]["trainable_net"] == 2632 and rows["bitfit:flow=bitfit"]["percent_all"] < 5
+    floors = {row["geometric_mean_floor"] for row in rows.values()}  # one floor, beside every method
+    assert len(floors) == 1 and floors.pop() > 0
     for row in rows.values():
-        assert row["geometric_mean"] > 0 and row["train_s"] > 0
+        assert row["geometric_mean"] > 0 and row["train_s"] > 0 and row["steps"] == 12
+        assert row["ratio_to_floor"] == pytest.approx(row["geometric_mean"] / row["geometric_mean_floor"])
     assert rows["scratch"]["improvement_over_scratch"] is None
     assert rows["full"]["improvement_over_scratch"] == pytest.approx(
         1 - rows["full"]["geometric_mean"] / rows["scratch"]["geometric_mean"])
     report = (out / "report.md").read_text()
-    assert "| bitfit |" in report and "geometric mean" in report
+    assert "| bitfit |" in report and "geometric mean" in report and "G_floor" in report
+    assert metrics["floor_data"].endswith("floor.h5")
     assert (out / "report.html").stat().st_size > 0
-    for method in rows:
-        assert (out / "evaluation" / method / "report.md").stat().st_size > 0
-        assert json.loads((out / "evaluation" / method / "metrics.json").read_text())["summary"]
-    assert "method" in result.output and "vs scratch" in result.output
+    for row in rows.values():
+        evaluation = json.loads((out / "evaluation" / row["directory"] / "metrics.json").read_text())
+        assert evaluation["summary"]["ratio_to_floor"] == pytest.approx(row["ratio_to_floor"])
+        assert evaluation["floor"]["input"]["path"] == metrics["floor_data"]
+    assert "method" in result.output and "vs scratch" in result.output and "G_floor" in result.output
+
+
+def test_demo_refuses_bad_methods_before_any_work(tmp_path):
+    for methods, words in (("full,bitfit", "scratch"), ("scratch,nonsense", "nonsense"),
+                           ("scratch,scratch-converged:k=2", "scratch-converged"), ("scratch,zero-shot", "sweep")):
+        result = CliRunner().invoke(app, ["demo", "--quick", "-o", str(tmp_path / "d"), "--methods", methods])
+        assert result.exit_code == 2, (methods, result.output)
+        assert "caloadapt: error:" in result.output and words in result.output
+    assert not (tmp_path / "d").exists()

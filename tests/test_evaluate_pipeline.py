@@ -18,7 +18,8 @@ from caloadapt.data import read_showers, write_showers
 from caloadapt.errors import CaloadaptError, InputError
 from caloadapt.evaluate import EvaluationOptions, run_evaluation, write_report
 from caloadapt.evaluate.observables import PUBLISHED_SCORED, SCORE_ROWS
-from caloadapt.evaluate.pipeline import concatenate_observables, fpd_kpd_settings
+from caloadapt.evaluate.pipeline import (FPD_KPD_MIN_SHOWERS, concatenate_observables, fpd_kpd_decision,
+                                        fpd_kpd_settings)
 from caloadapt.simulate import simulate
 
 N_SHOWERS = 150
@@ -56,7 +57,7 @@ def _options(**kwargs) -> EvaluationOptions:
 def independent(files, tmp_path_factory) -> tuple[dict, Path]:
     """The full evaluation (classifier, FPD/KPD, plots, report) of two independent samples."""
     out = tmp_path_factory.mktemp("independent") / "results"
-    metrics = run_evaluation(files["generated"], files["reference"], GEOMETRY, out, _options(),
+    metrics = run_evaluation(files["generated"], files["reference"], GEOMETRY, out, _options(fpd_kpd=True),
                              command="caloadapt evaluate --generated gen.h5 --reference ref.h5")
     return metrics, out
 
@@ -81,6 +82,8 @@ def test_outputs_of_a_full_evaluation(independent):
         assert 0 <= stored["classifier"][key]["auc"] <= 1
         assert stored["classifier"][key]["n_per_class"] == N_SHOWERS
     assert stored["classifier"]["high_level"]["input_dimension"] == 362
+    assert stored["classifier"]["high_level"]["optimiser_steps_per_epoch"] == 1  # 2 x 90 training showers
+    assert any("barely trained" in note and "--floor" in note for note in stored["notes"])
     physics = stored["fpd_kpd"]
     assert physics["fpd_x1e3"] >= 0 and physics["kpd_x1e3"] is not None
     assert physics["settings"]["official"] is False
@@ -122,6 +125,104 @@ def test_distorted_energy_scale_is_detected(files, independent, tmp_path):
     assert metrics["classifier"]["low_level"] == {"skipped": "classifier='none'"}
     assert metrics["fpd_kpd"] is None and metrics["outputs"]["plots"] == {}
     assert (tmp_path / "distorted" / "report.md").stat().st_size > 0
+
+
+def test_floor_is_reported_beside_every_score(files, independent, tmp_path):
+    """A clearly wrong sample (energies x 1.05) with an independent sample of the source as the floor."""
+    out = tmp_path / "with_floor"
+    metrics = run_evaluation(files["distorted"], files["reference"], GEOMETRY, out,
+                             _options(plots=False, fpd_kpd=True, fpd_num_batches=2, fpd_num_points=2,
+                                      kpd_num_batches=2), floor=files["generated"])
+    floor = metrics["floor"]
+    assert floor["input"]["path"] == str(files["generated"]) and metrics["inputs"]["floor"]["n_showers_used"] == 150
+    # the floor is the same evaluation with the floor file in place of the generated one
+    alone = independent[0]["calotransfer"]
+    assert floor["calotransfer"]["geometric_mean"] == pytest.approx(alone["geometric_mean"], rel=1e-12)
+    for row, score in alone["scores"].items():
+        assert floor["calotransfer"]["scores"][row]["wasserstein"] == pytest.approx(score["wasserstein"], rel=1e-12)
+    g, g_floor = metrics["calotransfer"]["geometric_mean"], floor["calotransfer"]["geometric_mean"]
+    assert g > g_floor  # the wrong sample is farther from the reference than a fresh sample of its source
+    summary = metrics["summary"]
+    assert summary["geometric_mean_floor"] == g_floor
+    assert summary["ratio_to_floor"] == pytest.approx(g / g_floor) == metrics["ratio_to_floor"]["geometric_mean"]
+    ratios = metrics["ratio_to_floor"]["wasserstein"]
+    assert ratios["energy_ratio"] == pytest.approx(metrics["calotransfer"]["scores"]["energy_ratio"]["wasserstein"]
+                                                   / floor["calotransfer"]["scores"]["energy_ratio"]["wasserstein"])
+    assert ratios["energy_ratio"] > 3
+    assert set(metrics["ratio_to_floor"]["geometric_mean_by_energy"]) == {"1-10 GeV", "10-100 GeV"}
+    assert set(metrics["ratio_to_floor"]["separation_power_summary"]) == \
+        set(metrics["calochallenge"]["separation_power_summary"])
+    for level in ("low_level", "high_level"):  # same classifier, same size, for both
+        assert 0 <= floor["classifier"][level]["auc"] <= 1
+        assert floor["classifier"][level]["n_per_class"] == metrics["classifier"][level]["n_per_class"] == 150
+        assert floor["classifier"][level]["optimiser_steps_per_epoch"] == 1  # 2 * 90 showers, batch 1000
+    assert any("barely trained" in note for note in metrics["notes"])
+    # forced FPD/KPD (few batches here): computed for both, the ratio and a note on the floor's level
+    fpd, fpd_floor = metrics["fpd_kpd"]["fpd_x1e3"], floor["fpd_kpd"]["fpd_x1e3"]
+    assert fpd_floor > 0 and metrics["ratio_to_floor"]["fpd_x1e3"] == pytest.approx(fpd / fpd_floor)
+    assert any(note.startswith("FPD x 1e3: model") for note in metrics["notes"])
+    stored = json.loads((out / "metrics.json").read_text())
+    assert stored["floor"]["summary"]["geometric_mean"] == pytest.approx(g_floor)
+    report = (out / "report.md").read_text()
+    assert "## Floor" in report and "| metric | model | floor | model / floor |" in report
+    assert "low-level (floor)" in report and f"{g / g_floor:.3g}" in report
+
+
+def test_fpd_kpd_skip_rule(files, tmp_path):
+    assert fpd_kpd_decision(None, FPD_KPD_MIN_SHOWERS) == (True, None)
+    assert fpd_kpd_decision(None, FPD_KPD_MIN_SHOWERS - 1)[0] is False
+    assert fpd_kpd_decision(True, 20) == (True, None) and fpd_kpd_decision(False, 10**6)[0] is False
+    metrics = run_evaluation(files["generated"], files["reference"], GEOMETRY, tmp_path / "auto",
+                             _options(classifier="none", plots=False, energy_bins=False), floor=files["small"])
+    assert metrics["options"]["fpd_kpd"] is None
+    for section in (metrics, metrics["floor"]):
+        assert "below 10000 showers per sample (here" in section["fpd_kpd"]["skipped"]
+        assert "fpd_x1e3" not in section["fpd_kpd"]
+    assert "timing_s" in metrics and "fpd_kpd" not in metrics["timing_s"]
+    assert any(note.startswith("FPD/KPD skipped by default") for note in metrics["notes"])
+    assert any("the floor holds 100 showers" in note for note in metrics["notes"])
+    assert "FPD/KPD skipped by default" in (tmp_path / "auto" / "report.md").read_text()
+
+
+def test_evaluate_cli_with_floor(files, tmp_path):
+    from typer.testing import CliRunner
+
+    from caloadapt.cli import app
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["evaluate", "--generated", str(files["distorted"]), "--reference",
+                                      str(files["reference"]), "--floor", str(files["generated"]), "-o", str(out),
+                                      "--classifier", "none", "--no-plots", "--n-bootstrap", "2", "--no-fpd-kpd"])
+    assert result.exit_code == 0, result.output
+    stored = json.loads((out / "metrics.json").read_text())
+    assert f"G / G_floor = {stored['summary']['ratio_to_floor']:.3f}" in result.output
+    # --no-fpd-kpd is passed through (the official FPD batches would take minutes on a CPU)
+    assert stored["options"]["fpd_kpd"] is False and stored["fpd_kpd"] is None and stored["floor"]["fpd_kpd"] is None
+    missing = CliRunner().invoke(app, ["evaluate", "--generated", str(files["distorted"]), "--reference",
+                                       str(files["reference"]), "--floor", str(tmp_path / "none.h5"), "-o",
+                                       str(tmp_path / "bad")])
+    assert missing.exit_code == 2 and "caloadapt: error:" in missing.output and not (tmp_path / "bad").exists()
+
+
+def test_floor_at_the_reference_energies(files, tmp_path):
+    """``simulate --energies-from`` makes a floor at the reference's energies; a floor with its own energies
+    beside a sample generated at the reference energies is noted."""
+    from typer.testing import CliRunner
+
+    from caloadapt.cli import app
+
+    same = tmp_path / "same_energies.h5"
+    result = CliRunner().invoke(app, ["simulate", "-g", GEOMETRY, "--energies-from", str(files["reference"]),
+                                      "--n", "150", "--seed", "99", "-f", "calochallenge", "-o", str(same)])
+    assert result.exit_code == 0, result.output
+    reference, floor = read_showers(files["reference"]), read_showers(same)
+    np.testing.assert_array_equal(floor.incident_energy_mev, reference.incident_energy_mev)
+    assert not np.array_equal(floor.points[:100], reference.points[:100])  # new showers, same energies
+    quick = _options(classifier="none", plots=False, energy_bins=False, n_bootstrap=0)
+    noted = run_evaluation(same, files["reference"], GEOMETRY, tmp_path / "a", quick, floor=files["generated"])
+    assert any("the floor has its own" in note for note in noted["notes"])
+    clean = run_evaluation(files["generated"], files["reference"], GEOMETRY, tmp_path / "b", quick, floor=same)
+    assert not any("the floor has its own" in note for note in clean["notes"])
 
 
 def test_identical_files_give_zero_distance(files, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -86,12 +87,18 @@ def test_finetune_and_analyze_updates_cli(files, tmp_path):
     runner = CliRunner()
     out = tmp_path / "ft"
     result = runner.invoke(app, ["finetune", "--checkpoint", str(files["pretrained"]), "--data", str(files["target"]),
-                                 "--n-samples", "12", "--method", "bitfit-context", "--steps", "2", "--val-every", "2",
-                                 "--batch-size", "4", "--max-points", "32", "--device", "cpu", "-o", str(out)])
+                                 "--n-samples", "12", "--method", "bitfit-context", "--flow", "frozen", "--steps", "2",
+                                 "--val-every", "2", "--batch-size", "4", "--max-points", "32", "--device", "cpu",
+                                 "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "net.context_bias" in result.output and (out / "model.pt").exists()
     report = json.loads((out / "parameters.json").read_text())
-    assert report  # trainable / total per group recorded with the run
+    groups = {r["group"]: r for r in report["groups"]}  # trainable / total per group recorded with the run
+    whole = report["whole_model"]  # the point network and the flow together
+    assert whole["trainable"] == groups["all"]["trainable"] == groups["net"]["trainable"] == whole["trainable_net"]
+    assert whole["trainable_flow"] == 0 and whole["total"] == groups["net"]["total"] + groups["flow"]["total"]
+    assert (f"trains {whole['trainable']:,} of {whole['total']:,} parameters of the whole model "
+            f"({whole['percent']:.2f} %") in result.output
     result = runner.invoke(app, ["analyze-updates", str(files["pretrained"]), str(out / "model.pt"),
                                  "-o", str(tmp_path / "updates")])
     assert result.exit_code == 0, result.output
@@ -134,3 +141,54 @@ def test_sweep_compares_backbones_and_runs_zero_shot(files, tmp_path):
     rows = summarise(results, tmp_path)
     assert {(r["pretrained"], r["method"], r["size"]) for r in rows} >= {("transformer", "zero-shot", 0)}
     assert (tmp_path / "geometric_mean_vs_size.png").stat().st_size > 0
+
+
+def test_sweep_floor_converged_scratch_and_whole_model_counts(files, tmp_path):
+    """The floor in every result and the summary; scratch-converged stops early; trainable counts include the flow."""
+    from caloadapt.data import read_showers
+
+    reference = read_showers(files["reference"])
+    floor = tmp_path / "floor.h5"
+    write_showers(floor, simulate("calochallenge-2", "electron", reference.incident_energy_mev, seed=4),
+                  format="calochallenge")
+    # the tiny scratch model plateaus after a few hundred steps (validating every 20); the cap is far beyond
+    base = {**_spec(files).to_dict(), "sizes": (10,), "methods": ("scratch", "scratch-converged", "bitfit:flow=frozen"),
+            "val_every": 20, "patience": 1, "max_steps": 4000}
+    first = run_sweep(SweepSpec(**base), tmp_path, workers=1, log=lambda *_: None)
+    assert all("geometric_mean_floor" not in r for r in first)
+    results = run_sweep(SweepSpec(**{**base, "floor": str(floor)}), tmp_path, workers=1, log=lambda *_: None)
+    by_method = {r["method"]: r for r in results}
+    # finished runs are kept (same G), the floor is added to each
+    assert [r["geometric_mean"] for r in results] == [r["geometric_mean"] for r in first]
+    floors = {r["geometric_mean_floor"] for r in results}
+    assert len(floors) == 1 and 0 < floors.pop() < max(r["geometric_mean"] for r in results)
+    for r in results:
+        assert r["ratio_to_floor"] == pytest.approx(r["geometric_mean"] / r["geometric_mean_floor"])
+        assert r["n_floor"] == base["n_eval"] == 8 and set(r["scores_floor"]) == set(r["scores"])
+
+    converged = by_method["scratch-converged"]
+    assert by_method["scratch"]["steps"] == 3
+    assert converged["stopped_early"] and 3 < converged["steps"] < 4000
+    with open(Path(plan_runs(SweepSpec(**base), tmp_path)[1].directory) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert int(rows[-1]["step"]) == converged["steps"]
+    patience = base["patience"]
+    for key in ("val_diffusion", "val_flow"):  # the last `patience` validations improved on neither loss
+        best_before = min(float(row[key]) for row in rows[:-patience])
+        assert all(float(row[key]) >= best_before for row in rows[-patience:])
+        assert min(float(row[key]) for row in rows[1:-patience]) < float(rows[0][key])  # it did train
+
+    frozen = by_method["bitfit:flow=frozen"]
+    biases = sum(p.numel() for _, p in ShowerModel(TINY).net.bias_vectors())
+    assert frozen["trainable_net"] == frozen["trainable_all"] == biases and frozen["trainable_flow"] == 0
+    assert frozen["total_all"] == sum(p.numel() for p in ShowerModel(TINY).parameters())
+    scratch = by_method["scratch"]
+    assert scratch["trainable_all"] == scratch["total_all"] and scratch["percent_all"] == 100.0
+
+    rows = {r["method"]: r for r in summarise(results, tmp_path)}
+    assert rows["bitfit:flow=frozen"]["ratio_to_floor"] == pytest.approx(frozen["ratio_to_floor"])
+    assert rows["bitfit:flow=frozen"]["improvement_over_scratch_converged"] == pytest.approx(
+        1 - frozen["geometric_mean"] / converged["geometric_mean"])
+    assert rows["scratch-converged"]["steps"] == converged["steps"]
+    table = (tmp_path / "summary.md").read_text()
+    assert "G_floor" in table and "vs scratch-converged" in table and f"{frozen['percent_all']:.2f} %" in table

@@ -156,6 +156,10 @@ def simulate(
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="output file layout")] = OutputFormat.points,
     level: Annotated[Level, typer.Option(help="hits (digitised cells) or spots (energy depositions)")] = Level.hits,
     mode: Annotated[str, typer.Option(help="simulator mode: B (granular Si readout) or A (GFlash spots)")] = "B",
+    energies_from: Annotated[Optional[Path], typer.Option(help="take the incident energies of the first --n showers "
+                                                               "of this file instead of drawing them (e.g. a floor "
+                                                               "sample at the reference energies; use another "
+                                                               "--seed than the file's)")] = None,
     validate: Annotated[bool, typer.Option("--validate", help="run the physics validation table instead")] = False,
     validate_n: Annotated[int, typer.Option(min=1, help="showers per point of the validation table")] = 400,
 ) -> None:
@@ -177,9 +181,19 @@ def simulate(
         raise CaloadaptError("missing --output / -o: where to write the showers")
     geo = get_geometry(geometry)
     particle = particle or geo.particle
-    energies = sample_incident_energies(n, parse_energy_range(energy), spectrum.value, np.random.default_rng(seed))
+    if energies_from is not None:
+        from .data.io import iter_showers
+
+        energies = np.concatenate([c.incident_energy_mev for c in iter_showers(energies_from, stop=n)])
+        if len(energies) < n:
+            raise CaloadaptError(f"{energies_from}: holds {len(energies)} showers, fewer than --n {n}")
+    else:
+        energies = sample_incident_energies(n, parse_energy_range(energy), spectrum.value,
+                                            np.random.default_rng(seed))
     settings = SimulationSettings(mode=mode)
-    attrs = {"command": " ".join(sys.argv), "seed": seed, "spectrum": spectrum.value, "simulator_mode": mode}
+    attrs = {"command": " ".join(sys.argv), "seed": seed, "simulator_mode": mode,
+             **({"energies_from": str(energies_from)} if energies_from is not None
+                else {"spectrum": spectrum.value})}
     with ShowerWriter(output, format.value if level == Level.hits else "points", geo, attrs) as writer:
         for chunk in iter_simulate(geo, particle, energies, seed=seed, level=level.value, settings=settings,
                                    progress=True):
@@ -560,6 +574,10 @@ def finetune(
     with run_lock(output):
         summary = run_finetune(checkpoint or default_checkpoint(), data, geo, output, adapt_method, config,
                                resume=resume, checkpoint_parts={"command": " ".join(sys.argv)}, log=typer.echo)
+    whole = summary["whole_model"]
+    typer.echo(f"{adapt_method.label()} (flow: {'full' if method == 'scratch' else flow}): trains "
+               f"{whole['trainable']:,} of {whole['total']:,} parameters of the whole model ({whole['percent']:.2f} %; "
+               f"point network {whole['trainable_net']:,}, flow {whole['trainable_flow']:,})")
     typer.echo(f"{adapt_method.label()}: {summary['steps']} steps in {summary['wall_s']:.0f} s; best validation "
                f"diffusion {summary['best']['diffusion']:.4f}, flow {summary['best']['flow']:.4f}; "
                f"model in {output / 'model.pt'}")
@@ -591,8 +609,10 @@ def sweep(
     geometry: Annotated[Optional[str], typer.Option("--geometry", "-g", help="target geometry (default: from --data)")]
     = None,
     sizes: Annotated[str, typer.Option(help="target data sizes D")] = "100,1000,10000",
-    methods: Annotated[str, typer.Option(help="methods, e.g. scratch,full,bitfit,lora:rank=16; zero-shot adds "
-                                              "generation with each pre-trained model as it is")]
+    methods: Annotated[str, typer.Option(help="methods, e.g. scratch,full,bitfit,lora:rank=16 or bitfit:flow=frozen "
+                                              "(flow: full, bitfit, frozen); zero-shot adds generation with each "
+                                              "pre-trained model as it is; scratch-converged trains the scratch "
+                                              "baseline with early stopping (--patience, --max-steps)")]
     = "scratch,full,bitfit,lora",
     seeds: Annotated[int, typer.Option(min=1, help="seeds per (method, size): 0..N-1 (data subset and run)")] = 5,
     steps: Annotated[int, typer.Option(min=1, help="training steps of every run")] = 1000,
@@ -600,6 +620,13 @@ def sweep(
     max_points: Annotated[int, typer.Option(min=1)] = 512,
     n_eval: Annotated[int, typer.Option(min=2, help="reference and generated showers compared per run")] = 1000,
     sampler_steps: Annotated[int, typer.Option(min=1, help="sampler steps at generation")] = 13,
+    floor: Annotated[Optional[Path], typer.Option(help="a second sample of the reference source (ideally at its "
+                                                       "energies: simulate --energies-from): G_floor and G / G_floor "
+                                                       "in every result and the summary")] = None,
+    patience: Annotated[int, typer.Option(min=1, help="scratch-converged: stop after N validations without "
+                                                      "improvement")] = 5,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="scratch-converged: step cap (default 10 x "
+                                                                 "--steps)")] = None,
     lr_by_size: Annotated[bool, typer.Option(help="learning rates from the published table by data size; "
                                                   "--no-lr-by-size: the D <= 100 rates at every size (short "
                                                   "budgets)")] = True,
@@ -632,7 +659,13 @@ def sweep(
                      geometry=geo.name if geometry is None else geometry, sizes=_csv_ints(sizes),
                      methods=tuple(m.strip() for m in _split_methods(methods)), seeds=tuple(range(seeds)),
                      steps=steps, batch_size=batch_size, max_points=max_points, n_eval=n_eval,
-                     n_steps_sampler=sampler_steps, threads=threads, lr_by_size=lr_by_size)
+                     n_steps_sampler=sampler_steps, threads=threads, lr_by_size=lr_by_size,
+                     floor=str(floor.resolve()) if floor is not None else None, patience=patience,
+                     max_steps=max_steps)
+    if floor is not None:
+        from .data.io import detect_format
+
+        detect_format(floor)  # a missing or unreadable floor fails before any run starts
     slurm = {"timeout_min": slurm_time, **({"slurm_partition": slurm_partition} if slurm_partition else {})}
     summarise(run_sweep(spec, output, executor=executor, workers=workers, slurm=slurm, log=typer.echo), output)
     typer.echo((output / "summary.md").read_text())
@@ -641,11 +674,11 @@ def sweep(
 def _split_methods(text: str) -> list[str]:
     """Split ``a,b:rank=4,alpha=8,c`` at commas that start a new method (not inside its options)."""
     from .adapt import METHODS
-    from .sweep import ZERO_SHOT
+    from .sweep.runner import PSEUDO_METHODS
 
     methods: list[str] = []
     for part in text.split(","):
-        if methods and part.split(":")[0].strip() not in (*METHODS, ZERO_SHOT):
+        if methods and part.split(":")[0].strip() not in (*METHODS, *PSEUDO_METHODS):
             methods[-1] += "," + part  # an option of the previous method
         else:
             methods.append(part)
@@ -664,7 +697,12 @@ def evaluate(
     classifier: Annotated[str, typer.Option(help="cpu (small DNN), official (evaluate.py settings) or none")]
     = "cpu",
     n_bootstrap: Annotated[int, typer.Option(min=0, help="bootstrap resamples of the scores")] = 50,
-    fpd_kpd: Annotated[bool, typer.Option(help="FPD and KPD on the CaloChallenge high-level features")] = True,
+    floor: Annotated[Optional[Path], typer.Option(help="a second sample of the reference source, independent of "
+                                                       "the reference: every score is also computed for it (the "
+                                                       "floor) and the model / floor ratios reported")] = None,
+    fpd_kpd: Annotated[Optional[bool], typer.Option(help="FPD and KPD on the CaloChallenge high-level features "
+                                                         "(default: only with >= 10000 showers per sample)")]
+    = None,
     plots: Annotated[bool, typer.Option(help="write plots")] = True,
     seed: Annotated[int, typer.Option(help="seed of bootstrap and classifier", min=0, max=MAX_SEED)] = 0,
 ) -> None:
@@ -681,10 +719,16 @@ def evaluate(
                                  "both into one readout")
     options = EvaluationOptions(max_showers=max_showers, classifier=classifier, n_bootstrap=n_bootstrap,
                                 fpd_kpd=fpd_kpd, plots=plots, seed=seed)
-    metrics = run_evaluation(generated, reference, geo, output, options, command=" ".join(sys.argv))
+    metrics = run_evaluation(generated, reference, geo, output, options, command=" ".join(sys.argv), floor=floor)
     summary = metrics["summary"]
-    typer.echo(f"geometric mean of normalised W1: {summary['geometric_mean']:.4f} "
-               f"+- {summary['geometric_mean_std'] or float('nan'):.4f}; report: {output / 'report.md'}")
+    text = (f"geometric mean of normalised W1: G = {summary['geometric_mean']:.4f} "
+            f"+- {summary['geometric_mean_std'] or float('nan'):.4f}")
+    if floor is not None:
+        ratio = summary.get("ratio_to_floor")
+        text += (f"; floor G_floor = {summary['geometric_mean_floor']:.4f} "
+                 f"+- {summary['geometric_mean_floor_std'] or float('nan'):.4f}; G / G_floor = "
+                 + ("n/a" if ratio is None else f"{ratio:.3f}"))
+    typer.echo(f"{text}; report: {output / 'report.md'}")
 
 
 @app.command()
@@ -695,17 +739,30 @@ def demo(
     target_data: Annotated[Optional[Path], typer.Option(help="real target training file instead of simulated")]
     = None,
     reference_data: Annotated[Optional[Path], typer.Option(help="real held-out reference file")] = None,
+    floor_data: Annotated[Optional[Path], typer.Option(help="with real data: a second sample of the reference "
+                                                            "source, the floor (the simulated demo makes its own)")]
+    = None,
+    methods: Annotated[Optional[str], typer.Option(help="methods as for sweep, e.g. scratch,full,bitfit,"
+                                                        "bitfit:flow=frozen,scratch-converged (flow: full, bitfit, "
+                                                        "frozen) [default: scratch,full,bitfit,bitfit:flow=bitfit]")]
+    = None,
+    patience: Annotated[Optional[int], typer.Option(min=1, help="scratch-converged: stop after N validations "
+                                                                "without improvement [default: 5]")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="scratch-converged: step cap [default: 10 x the "
+                                                                 "budget]")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="pre-trained checkpoint (default: shipped)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     seed: Annotated[int, typer.Option(help="seed of data, training and generation", min=0, max=MAX_SEED)] = 0,
 ) -> None:
-    """The main job: adapt the shipped model to a new detector, compare with scratch, write a report."""
+    """The main job: adapt the shipped model to a new detector, compare with scratch and the floor, write a report."""
     from .demo import run_demo
 
     if (target_data is None) != (reference_data is None):
         raise CaloadaptError("give both --target-data and --reference-data, or neither")
-    run_demo(output, quick=quick, target_data=target_data, reference_data=reference_data, checkpoint=checkpoint,
-             device=device, seed=seed, log=typer.echo)
+    run_demo(output, quick=quick, target_data=target_data, reference_data=reference_data, floor_data=floor_data,
+             checkpoint=checkpoint, device=device, seed=seed,
+             methods=[m.strip() for m in _split_methods(methods)] if methods else None, patience=patience,
+             max_steps=max_steps, log=typer.echo)
 
 
 class ExportFormat(str, Enum):

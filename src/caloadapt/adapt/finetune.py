@@ -3,7 +3,8 @@
 Files of a run directory (besides those of :func:`caloadapt.train.train`):
 
 - ``parameters.json``: the trainable / total parameters per group (:func:`parameter_report`),
-  also stored in every checkpoint of the run as ``parameters``;
+  also stored in every checkpoint of the run as ``parameters``, and ``whole_model``: those of the
+  point network and the flow together (:func:`whole_model`);
 - ``model.pt``: the best EMA weights with any peft adapters merged, a plain checkpoint that
   :func:`caloadapt.train.model_from_checkpoint` (and so ``caloadapt generate``) loads.
 
@@ -25,7 +26,17 @@ from ..geometry import Geometry
 from ..models.shower_model import ShowerModel
 from .methods import AdaptMethod, format_report, merge, parameter_report, prepare
 
-__all__ = ["finetune", "load_adapted_model", "load_adapted_state"]
+__all__ = ["finetune", "load_adapted_model", "load_adapted_state", "whole_model"]
+
+
+def whole_model(rows: list[dict]) -> dict:
+    """Trainable / total parameters of the whole model (point network + flow) from the report rows:
+    the number a parameter-efficiency claim is about (BitFit of the point network with the flow fully
+    adapted trains most of the model)."""
+    by_group = {r["group"]: r for r in rows}
+    every, net, flow = by_group["all"], by_group["net"], by_group["flow"]
+    return {"trainable": every["trainable"], "total": every["total"], "percent": every["percent"],
+            "trainable_net": net["trainable"], "trainable_flow": flow["trainable"]}
 
 
 def _adapted_model(payload: dict, weights: str, source: str) -> ShowerModel:
@@ -101,7 +112,8 @@ def finetune(pretrained: str | os.PathLike[str], data_path: str | os.PathLike[st
             + format_report(rows))
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "parameters.json") as tmp:
-        tmp.write_text(json.dumps({"method": method.to_dict(), "trainable": names, "groups": rows}, indent=1))
+        tmp.write_text(json.dumps({"method": method.to_dict(), "whole_model": whole_model(rows), "trainable": names,
+                                   "groups": rows}, indent=1))
     parts = {"adapter": method.to_dict(), "parameters": rows, "pretrained": str(pretrained),
              **(checkpoint_parts or {})}
     summary = train(model, data_path, geometry, out_dir, config, trainable=names, resume=resume,
@@ -113,4 +125,4 @@ def finetune(pretrained: str | os.PathLike[str], data_path: str | os.PathLike[st
         keep = {k: payload[k] for k in ("train_config", "train_state", "geometry", "trainable") if k in payload}
         state = {k: v.detach().clone() for k, v in merged.state_dict().items()}
         save_checkpoint(out_dir / "model.pt", merged.to(torch.device("cpu")), ema=state, **keep, **parts)
-    return {**summary, "parameters": rows, "model": str(out_dir / "model.pt")}
+    return {**summary, "parameters": rows, "whole_model": whole_model(rows), "model": str(out_dir / "model.pt")}

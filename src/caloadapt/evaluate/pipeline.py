@@ -38,6 +38,17 @@ Sample sizes (documented choices):
   ``min_samples = min(10000, max(2, max_samples // 5))`` (the official ratio 1/5 where possible),
   KPD ``batch_size = min(10000, N_min)``; ``metrics.json`` records the settings and whether they
   are the official ones. Such numbers are not comparable with the published tables.
+- FPD and KPD run by default only when both samples hold at least ``FPD_KPD_MIN_SHOWERS`` (10 000,
+  the official smallest FPD batch) showers: below it the FPD is dominated by its finite-sample bias
+  (reported: FPD x 1e3 = 371 for two samples of one distribution at 2000 showers) and it is the
+  slowest metric. ``EvaluationOptions(fpd_kpd=True)`` (``--fpd-kpd``) computes them anyway; the reason of
+  a skip is recorded in ``metrics.json`` and the report.
+
+The floor (``floor=FILE``, ``--floor``): a second sample of the reference source, independent of the
+reference, evaluated against the reference exactly like the generated sample (one function,
+:func:`_compare`, called twice; the reference is read once). It is the score of a perfect simulator
+at these sample sizes; ``metrics.json`` holds it under ``floor`` and the model / floor ratios under
+``ratio_to_floor``; the report shows both side by side (docs/evaluation.md).
 
 Energy bins: the decades 1-10, 10-100 and 100-1000 GeV of the official ``avg-E`` mode, with the
 last bin closed (``E_inc <= 1 TeV``, see :mod:`caloadapt.evaluate.energy_bins`); bins with fewer than
@@ -48,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -103,6 +115,9 @@ __all__ = [
     "layout_of",
     "calochallenge_binning_of",
     "fpd_kpd_settings",
+    "fpd_kpd_decision",
+    "ratios_to_floor",
+    "FPD_KPD_MIN_SHOWERS",
     "write_metrics",
     "to_jsonable",
     "METRICS_FORMAT_VERSION",
@@ -114,6 +129,14 @@ METRICS_FORMAT_VERSION = 1
 #: the official FPD/KPD sizes of the CaloChallenge call (calochallenge.md §2.6)
 _OFFICIAL_FPD = {"min_samples": 10_000, "max_samples": 50_000}
 _OFFICIAL_KPD_BATCH = 10_000
+
+#: by default FPD/KPD run only when both samples hold at least this many showers: the official
+#: smallest FPD batch (calochallenge.md §2.6); below it the 1/N extrapolation of the FPD starts from
+#: batches smaller than the official ones and the value is dominated by its finite-sample bias
+FPD_KPD_MIN_SHOWERS = 10_000
+
+#: a classifier with fewer optimiser steps per epoch is noted as barely trained
+CLASSIFIER_MIN_STEPS_PER_EPOCH = 10
 
 #: a file with more than this fraction of its energy outside the target readout gets a note
 _OUTSIDE_NOTE_FRACTION = 0.05
@@ -128,8 +151,10 @@ class EvaluationOptions:
         n_bootstrap: shower-level bootstrap resamples of the score tables (0: none).
         classifier: ``"cpu"`` (CPU-sized DNN), ``"official"`` (evaluate.py settings), ``"none"``, or a
             :class:`~caloadapt.evaluate.classifier.ClassifierSettings`.
-        fpd_kpd: compute FPD and KPD on the high-level features (uniform cylindrical readouts only),
-            with sample-size-adapted batch sizes below 50 000 showers (see the module docstring).
+        fpd_kpd: FPD and KPD on the high-level features (uniform cylindrical readouts only), with
+            sample-size-adapted batch sizes below 50 000 showers (see the module docstring). None
+            (default): only when both samples hold at least :data:`FPD_KPD_MIN_SHOWERS` showers, else
+            skipped with the reason recorded; True: always; False: never.
         energy_bins: also evaluate per incident-energy decade.
         plots: write the plots (and embed them in the report).
         n_event_display: showers of each sample shown in the 3D event display.
@@ -151,7 +176,7 @@ class EvaluationOptions:
     max_showers: int | None = None
     n_bootstrap: int = 50
     classifier: str | ClassifierSettings = "cpu"
-    fpd_kpd: bool = True
+    fpd_kpd: bool | None = None
     energy_bins: bool = True
     plots: bool = True
     n_event_display: int = 3
@@ -490,6 +515,7 @@ def _classifier_record(result: ClassifierResult, inputs: str, dimension: int, n_
             "auc_uncalibrated": result.auc_uncalibrated, "best_epoch": result.best_epoch,
             "test_accuracy": result.test_accuracy, "n_train": result.n_train, "n_test": result.n_test,
             "n_validation": result.n_validation, "n_per_class": n_per_class, "inputs": inputs,
+            "optimiser_steps_per_epoch": math.ceil(2 * result.n_train / result.settings.batch_size),
             "input_dimension": dimension, "settings": dataclasses.asdict(result.settings)}
 
 
@@ -640,11 +666,233 @@ def _summary(metrics: dict) -> dict:
     return summary
 
 
+# -- one comparison (the generated sample or the floor against the reference) ------------------
+def _compare(ref: SampleSummary, gen: SampleSummary, role: str, *, options: EvaluationOptions,
+             binning: CaloChallengeBinning | None, threshold: float, n_cls: int, notes: list[str],
+             timing: dict[str, float]) -> dict:
+    """Every score of one sample (``role``: the generated one or the floor) against the reference.
+
+    The same computation serves the generated sample and the floor, so that their numbers are
+    comparable by construction. Note stages and timing keys of the floor are prefixed ``floor``.
+    """
+    tag = "" if role == "generated" else f"{role} "
+    key = "" if role == "generated" else f"{role}_"
+
+    # -- CaloTransfer scores ------------------------------------------------------------------------
+    t = time.perf_counter()
+    with _warnings_to_notes(notes, f"{tag}scores"):
+        table = calotransfer_scores(ref.observables, gen.observables, n_bootstrap=options.n_bootstrap,
+                                    seed=options.seed)
+    timing[f"{key}scores"] = time.perf_counter() - t
+    by_energy = {}
+    if options.energy_bins:
+        t = time.perf_counter()
+        with _warnings_to_notes(notes, f"{tag}scores by energy"):
+            by_energy = {label: tab.as_dict() for label, tab in calotransfer_scores_by_energy(
+                ref.observables, gen.observables, n_bootstrap=options.n_bootstrap, seed=options.seed).items()}
+        timing[f"{key}scores_by_energy"] = time.perf_counter() - t
+
+    # -- CaloChallenge separation powers ------------------------------------------------------------
+    calochallenge = None
+    if binning is not None:
+        t = time.perf_counter()
+        with _warnings_to_notes(notes, f"{tag}separation powers"):
+            comparisons = _separation(ref, gen, threshold)
+        calochallenge = {
+            "binning": {"r_edges_mm": list(binning.r_edges_mm), "n_alpha": binning.n_alpha,
+                        "n_layers": binning.n_layers},
+            "separation_power": {label: c.separation_power for label, c in comparisons.items()},
+            "separation_power_summary": separation_power_summary(comparisons),
+            "separation_power_summary_by_energy": {},
+        }
+        if options.energy_bins:
+            ref_bins = energy_bin_masks(ref.observables.incident_energy_mev, ENERGY_DECADES_MEV)
+            gen_bins = energy_bin_masks(gen.observables.incident_energy_mev, ENERGY_DECADES_MEV)
+            for (low, high, ref_mask), (_, _, gen_mask) in zip(ref_bins, gen_bins, strict=True):
+                if ref_mask.any() and gen_mask.any():
+                    with _warnings_to_notes(notes, f"{tag}separation powers by energy"):
+                        powers = separation_power_summary(_separation(ref, gen, threshold, ref_mask, gen_mask))
+                    calochallenge["separation_power_summary_by_energy"][energy_bin_label(low, high)] = powers
+        timing[f"{key}separation_powers"] = time.perf_counter() - t
+
+    # -- classifiers ----------------------------------------------------------------------------------
+    classifier: dict = {"settings": options.classifier if isinstance(options.classifier, str)
+                        else dataclasses.asdict(options.classifier)}
+    if options.classifier_enabled:
+        t = time.perf_counter()
+        if ref.low_level is not None and gen.low_level is not None:
+            classifier["low_level"] = _run_classifier(ref.low_level[:n_cls], gen.low_level[:n_cls], options,
+                                                      f"{tag}classifier low",
+                                                      "cls-low: [log10 E_inc, voxel / E_inc]", notes)
+        else:
+            classifier["low_level"] = {"skipped": "inputs over the memory budget (see notes)"}
+        timing[f"{key}classifier_low_level"] = time.perf_counter() - t
+        if ref.features is not None:
+            t = time.perf_counter()
+            ref_hl = high_level_vector(ref.features, ref.observables.incident_energy_mev)[:n_cls]
+            gen_hl = high_level_vector(gen.features, gen.observables.incident_energy_mev)[:n_cls]
+            classifier["high_level"] = _run_classifier(ref_hl, gen_hl, options, f"{tag}classifier high",
+                                                       "cls-high: official high-level vector", notes)
+            timing[f"{key}classifier_high_level"] = time.perf_counter() - t
+        else:
+            classifier["high_level"] = {"skipped": "needs the CaloChallenge high-level features"}
+    else:
+        classifier["low_level"] = classifier["high_level"] = {"skipped": "classifier='none'"}
+
+    # -- FPD / KPD ------------------------------------------------------------------------------------
+    fpd_kpd = None
+    if ref.features is not None and options.fpd_kpd is not False:
+        run, reason = fpd_kpd_decision(options.fpd_kpd, min(ref.n_used, gen.n_used))
+        fpd_kpd = {"skipped": reason} if not run else _fpd_kpd(ref, gen, options, notes, tag)
+        if not run and f"FPD/KPD {reason}" not in notes:
+            notes.append(f"FPD/KPD {reason}")
+        if run:
+            timing[f"{key}fpd_kpd"] = fpd_kpd.pop("_seconds")
+    return {"calotransfer": table.as_dict(), "calotransfer_by_energy": by_energy,
+            "calochallenge": calochallenge, "classifier": classifier, "fpd_kpd": fpd_kpd,
+            "observables": _observable_summary(ref.observables, gen.observables)}
+
+
+def fpd_kpd_decision(requested: bool | None, n_min: int) -> tuple[bool, str | None]:
+    """Whether FPD/KPD run: ``requested`` True/False decides; None (the default) runs them only when
+    both samples hold at least :data:`FPD_KPD_MIN_SHOWERS` showers, else says why they were skipped."""
+    if requested is not None:
+        return bool(requested), None if requested else "fpd_kpd=False"
+    if n_min >= FPD_KPD_MIN_SHOWERS:
+        return True, None
+    return False, (f"skipped by default below {FPD_KPD_MIN_SHOWERS} showers per sample (here {n_min}): at "
+                   "such sizes the FPD is dominated by its finite-sample bias (far from 0 even for two samples "
+                   "of one distribution) and it is the slowest metric; --fpd-kpd computes it anyway")
+
+
+def _fpd_kpd(ref: SampleSummary, gen: SampleSummary, options: EvaluationOptions, notes: list[str],
+             tag: str) -> dict:
+    t = time.perf_counter()
+    settings = fpd_kpd_settings(ref.n_used, gen.n_used)
+    if not settings["official"]:
+        note = (f"FPD/KPD with sample-size-adapted batch sizes (FPD {settings['min_samples']}-"
+                f"{settings['max_samples']}, KPD {settings['kpd_batch_size']}; official 10000-50000 "
+                "and 10000 need >= 50000 showers per sample): not comparable with published values")
+        if note not in notes:
+            notes.append(note)
+    ref_hl = high_level_vector(ref.features, ref.observables.incident_energy_mev)
+    gen_hl = high_level_vector(gen.features, gen.observables.incident_energy_mev)
+    fpd_kpd = {"settings": dict(settings, fpd_num_batches=options.fpd_num_batches,
+                                fpd_num_points=options.fpd_num_points,
+                                kpd_num_batches=options.kpd_num_batches, seed=42),
+               "features": "official high-level vector (362 for DS2/3), normalised by the reference"}
+    try:
+        if settings["min_samples"] >= settings["max_samples"]:
+            raise InputError(f"FPD needs more than {settings['max_samples']} showers per sample")
+        with _warnings_to_notes(notes, f"{tag}FPD"):
+            fpd = frechet_physics_distance(ref_hl, gen_hl, min_samples=settings["min_samples"],
+                                           max_samples=settings["max_samples"],
+                                           num_batches=options.fpd_num_batches,
+                                           num_points=options.fpd_num_points)
+        fpd_kpd.update(fpd_x1e3=fpd.value * 1e3, fpd_error_x1e3=fpd.error * 1e3)
+    except InputError as err:
+        fpd_kpd["fpd_skipped"] = str(err)
+    try:
+        with _warnings_to_notes(notes, f"{tag}KPD"):
+            kpd = kernel_physics_distance(ref_hl, gen_hl, num_batches=options.kpd_num_batches,
+                                          batch_size=settings["kpd_batch_size"])
+        fpd_kpd.update(kpd_x1e3=kpd.value * 1e3, kpd_error_x1e3=kpd.error * 1e3)
+    except InputError as err:
+        fpd_kpd["kpd_skipped"] = str(err)
+    fpd_kpd["_seconds"] = time.perf_counter() - t
+    return fpd_kpd
+
+
+def _ratio(model, floor):
+    """model / floor for distance-like scores (0 is ideal); None where undefined (missing, floor <= 0)."""
+    if model is None or floor is None:
+        return None
+    model, floor = float(model), float(floor)
+    if not (math.isfinite(model) and math.isfinite(floor)) or floor <= 0:
+        return None
+    return model / floor
+
+
+def ratios_to_floor(model: dict, floor: dict) -> dict:
+    """``model / floor`` of every distance-like score (W1, KL, their geometric means, per energy decade,
+    classifier JSD, FPD, KPD, separation powers). The AUC has its ideal at 0.5, not 0, and gets no
+    ratio; it is shown side by side with the floor only. None where the floor is 0, negative or
+    missing."""
+    out: dict = {}
+    m_table, f_table = model["calotransfer"], floor["calotransfer"]
+    out["geometric_mean"] = _ratio(m_table["geometric_mean"], f_table["geometric_mean"])
+    out["kl_geometric_mean"] = _ratio(m_table["kl_geometric_mean"], f_table["kl_geometric_mean"])
+    for measure in ("wasserstein", "kl"):
+        out[measure] = {row: _ratio(score.get(measure), (f_table["scores"].get(row) or {}).get(measure))
+                        for row, score in m_table["scores"].items()}
+    out["geometric_mean_by_energy"] = {
+        label: _ratio(t["geometric_mean"], (floor["calotransfer_by_energy"].get(label) or {}).get("geometric_mean"))
+        for label, t in (model.get("calotransfer_by_energy") or {}).items()}
+    for level in ("low_level", "high_level"):
+        out[f"jsd_{level}"] = _ratio((model["classifier"].get(level) or {}).get("jsd"),
+                                     (floor["classifier"].get(level) or {}).get("jsd"))
+    for name in ("fpd_x1e3", "kpd_x1e3"):
+        out[name] = _ratio((model.get("fpd_kpd") or {}).get(name), (floor.get("fpd_kpd") or {}).get(name))
+    m_cc, f_cc = model.get("calochallenge") or {}, floor.get("calochallenge") or {}
+    out["separation_power_summary"] = {
+        family: _ratio(value, (f_cc.get("separation_power_summary") or {}).get(family))
+        for family, value in (m_cc.get("separation_power_summary") or {}).items()}
+    return out
+
+
+def _same_energies(a: SampleSummary, b: SampleSummary) -> bool:
+    """True when two samples hold the same incident energies (as sets, float32 precision)."""
+    x, y = a.observables.incident_energy_mev, b.observables.incident_energy_mev
+    return len(x) == len(y) and bool(np.allclose(np.sort(x), np.sort(y), rtol=1e-6, atol=0.0))
+
+
+def _classifier_notes(section: dict, with_floor: bool) -> list[str]:
+    """A classifier with fewer than ``CLASSIFIER_MIN_STEPS_PER_EPOCH`` optimiser steps per epoch is noted."""
+    notes = []
+    for level in ("low_level", "high_level"):
+        record = section["classifier"].get(level) or {}
+        steps = record.get("optimiser_steps_per_epoch")
+        if "auc" in record and steps is not None and steps < CLASSIFIER_MIN_STEPS_PER_EPOCH:
+            notes.append(f"classifier ({level.replace('_', '-')}): {record.get('n_per_class')} showers per class "
+                         f"give {steps} optimiser step(s) per epoch (fewer than {CLASSIFIER_MIN_STEPS_PER_EPOCH}): "
+                         "the classifier is barely trained, so an AUC near 0.5 may mean an untrained classifier, "
+                         "not a good model" + ("" if with_floor else "; compare with a floor (--floor)"))
+    return notes
+
+
+def _floor_notes(model: dict, floor: dict, n_floor: int) -> list[str]:
+    """What the floor says about the metrics that need large samples (classifier, FPD/KPD)."""
+    notes = []
+    for level in ("low_level", "high_level"):
+        record, floor_record = model["classifier"].get(level) or {}, floor["classifier"].get(level) or {}
+        if "auc" not in record or "auc" not in floor_record:
+            continue
+        name = f"classifier ({level.replace('_', '-')})"
+        if abs(record["auc"] - 0.5) <= 2 * abs(floor_record["auc"] - 0.5):
+            notes.append(f"{name}: AUC {record['auc']:.3f} is within twice the floor's distance from 0.5 "
+                         f"(floor AUC {floor_record['auc']:.3f}): at this sample size the classifier does not "
+                         "separate the model from a second sample of the reference source; its AUC says little")
+    physics, floor_physics = model.get("fpd_kpd") or {}, floor.get("fpd_kpd") or {}
+    if floor_physics.get("fpd_x1e3") is not None and physics.get("fpd_x1e3") is not None:
+        notes.append(f"FPD x 1e3: model {physics['fpd_x1e3']:.4g}, floor {floor_physics['fpd_x1e3']:.4g} "
+                     f"({n_floor} floor showers): two samples of one distribution are this far apart; only "
+                     "the excess over the floor (ratio_to_floor) says something about the model")
+    return notes
+
+
 # -- the pipeline -----------------------------------------------------------------------------------
 def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLike[str],
                    geometry: Geometry | str, out_dir: str | os.PathLike[str],
-                   options: EvaluationOptions | None = None, command: str = "") -> dict:
+                   options: EvaluationOptions | None = None, command: str = "",
+                   floor: str | os.PathLike[str] | None = None) -> dict:
     """Evaluate a generated shower file against a reference file; write metrics, plots and report.
+
+    With ``floor`` (a second sample of the reference source, independent of the reference) every
+    score is computed a second time with the floor in place of the generated sample -- the same
+    code, the reference read once -- and ``metrics.json`` gains ``floor`` (the floor's scores and
+    its input record) and ``ratio_to_floor`` (model / floor per distance-like score,
+    :func:`ratios_to_floor`). The floor is what a perfect simulator would score at these sample
+    sizes: a model at ``G / G_floor`` near 1 is as close to the reference as a fresh sample of it.
 
     Args:
         generated: generated shower file (any layout of :mod:`caloadapt.data.io`).
@@ -655,6 +903,8 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
             ``report.html`` and ``plots/*.png``.
         options: see :class:`EvaluationOptions`.
         command: the command line that started the evaluation (recorded).
+        floor: optional floor file (another sample of the reference source, same geometry rules as
+            ``generated``).
 
     Returns:
         the metrics dict written to ``metrics.json`` (NaN as float NaN here, null in the file).
@@ -672,6 +922,9 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a directory")
     generated, reference = Path(generated), Path(reference)
+    roles = [("reference", reference), ("generated", generated)]
+    if floor is not None:
+        roles.append(("floor", Path(floor)))
 
     target = get_geometry(geometry)
     layout = layout_of(target)
@@ -684,16 +937,19 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
     # -- sizes and the memory budget of the low-level classifier ----------------------------------
     t = time.perf_counter()
     sizes = {}
-    for role, path in (("reference", reference), ("generated", generated)):
+    for role, path in roles:
         _source_geometry(path, target)  # fail early, before any long computation
         n = count_showers(path)
         sizes[role] = n if options.max_showers is None else min(n, options.max_showers)
-    n_cls = min(sizes.values())
+    n_cls = min(sizes.values())  # with a floor: the same classifier size for the model and the floor
     n_low_level = 0
+    if floor is not None and sizes["floor"] != sizes["generated"]:
+        notes.append(f"the floor holds {sizes['floor']} showers, the generated sample {sizes['generated']}: "
+                     "finite-sample distances depend on the sizes, so the floor is exact only for equal sizes")
     if options.classifier_enabled:
-        if sizes["reference"] != sizes["generated"]:
+        if len(set(sizes.values())) > 1:
             notes.append(f"the classifier needs equal sample sizes: it uses the first {n_cls} showers of "
-                         f"each file ({sizes['reference']} reference, {sizes['generated']} generated)")
+                         "each file (" + ", ".join(f"{n} {role}" for role, n in sizes.items()) + ")")
         floats = 2 * n_cls * (1 + target.n_cells)
         if floats <= options.max_low_level_floats:
             n_low_level = n_cls
@@ -705,7 +961,7 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
 
     # -- streaming ----------------------------------------------------------------------------------
     samples = {}
-    for role, path in (("reference", reference), ("generated", generated)):
+    for role, path in roles:
         t = time.perf_counter()
         with _warnings_to_notes(notes, f"read {role}"):
             samples[role] = stream_sample(path, target, chunk_size=options.chunk_size,
@@ -729,105 +985,26 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
         if sample.outside_fraction > _OUTSIDE_NOTE_FRACTION:
             notes.append(f"{sample.outside_fraction:.1%} of the {role} energy lies outside the readout of "
                          f"{target.name!r}")
-    if ref.particle != gen.particle:
-        notes.append(f"the files hold different particles: reference {ref.particle}, generated {gen.particle}")
+    for role, sample in samples.items():
+        if sample.particle != ref.particle:
+            notes.append(f"the files hold different particles: reference {ref.particle}, {role} {sample.particle}")
 
-    # -- CaloTransfer scores ------------------------------------------------------------------------
-    t = time.perf_counter()
-    with _warnings_to_notes(notes, "scores"):
-        table = calotransfer_scores(ref.observables, gen.observables, n_bootstrap=options.n_bootstrap,
-                                    seed=options.seed)
-    timing["scores"] = time.perf_counter() - t
-    by_energy = {}
-    if options.energy_bins:
-        t = time.perf_counter()
-        with _warnings_to_notes(notes, "scores by energy"):
-            by_energy = {label: tab.as_dict() for label, tab in calotransfer_scores_by_energy(
-                ref.observables, gen.observables, n_bootstrap=options.n_bootstrap, seed=options.seed).items()}
-        timing["scores_by_energy"] = time.perf_counter() - t
-
-    # -- CaloChallenge separation powers ------------------------------------------------------------
-    calochallenge = None
-    if binning is not None:
-        t = time.perf_counter()
-        with _warnings_to_notes(notes, "separation powers"):
-            comparisons = _separation(ref, gen, threshold)
-        calochallenge = {
-            "binning": {"r_edges_mm": list(binning.r_edges_mm), "n_alpha": binning.n_alpha,
-                        "n_layers": binning.n_layers},
-            "separation_power": {label: c.separation_power for label, c in comparisons.items()},
-            "separation_power_summary": separation_power_summary(comparisons),
-            "separation_power_summary_by_energy": {},
-        }
-        if options.energy_bins:
-            ref_bins = energy_bin_masks(ref.observables.incident_energy_mev, ENERGY_DECADES_MEV)
-            gen_bins = energy_bin_masks(gen.observables.incident_energy_mev, ENERGY_DECADES_MEV)
-            for (low, high, ref_mask), (_, _, gen_mask) in zip(ref_bins, gen_bins, strict=True):
-                if ref_mask.any() and gen_mask.any():
-                    with _warnings_to_notes(notes, "separation powers by energy"):
-                        powers = separation_power_summary(_separation(ref, gen, threshold, ref_mask, gen_mask))
-                    calochallenge["separation_power_summary_by_energy"][energy_bin_label(low, high)] = powers
-        timing["separation_powers"] = time.perf_counter() - t
-
-    # -- classifiers ----------------------------------------------------------------------------------
-    classifier: dict = {"settings": options.classifier if isinstance(options.classifier, str)
-                        else dataclasses.asdict(options.classifier)}
-    if options.classifier_enabled:
-        t = time.perf_counter()
-        if ref.low_level is not None and gen.low_level is not None:
-            classifier["low_level"] = _run_classifier(ref.low_level[:n_cls], gen.low_level[:n_cls], options,
-                                                      "classifier low", "cls-low: [log10 E_inc, voxel / E_inc]",
-                                                      notes)
-        else:
-            classifier["low_level"] = {"skipped": "inputs over the memory budget (see notes)"}
-        timing["classifier_low_level"] = time.perf_counter() - t
-        if ref.features is not None:
-            t = time.perf_counter()
-            ref_hl = high_level_vector(ref.features, ref.observables.incident_energy_mev)[:n_cls]
-            gen_hl = high_level_vector(gen.features, gen.observables.incident_energy_mev)[:n_cls]
-            classifier["high_level"] = _run_classifier(ref_hl, gen_hl, options, "classifier high",
-                                                       "cls-high: official high-level vector", notes)
-            timing["classifier_high_level"] = time.perf_counter() - t
-        else:
-            classifier["high_level"] = {"skipped": "needs the CaloChallenge high-level features"}
-    else:
-        classifier["low_level"] = classifier["high_level"] = {"skipped": "classifier='none'"}
-
-    # -- FPD / KPD ------------------------------------------------------------------------------------
-    fpd_kpd = None
-    if options.fpd_kpd and ref.features is not None:
-        t = time.perf_counter()
-        settings = fpd_kpd_settings(ref.n_used, gen.n_used)
-        if not settings["official"]:
-            notes.append(f"FPD/KPD with sample-size-adapted batch sizes (FPD {settings['min_samples']}-"
-                         f"{settings['max_samples']}, KPD {settings['kpd_batch_size']}; official 10000-50000 "
-                         "and 10000 need >= 50000 showers per sample): not comparable with published values")
-        ref_hl = high_level_vector(ref.features, ref.observables.incident_energy_mev)
-        gen_hl = high_level_vector(gen.features, gen.observables.incident_energy_mev)
-        fpd_kpd = {"settings": dict(settings, fpd_num_batches=options.fpd_num_batches,
-                                    fpd_num_points=options.fpd_num_points,
-                                    kpd_num_batches=options.kpd_num_batches, seed=42),
-                   "features": "official high-level vector (362 for DS2/3), normalised by the reference"}
-        try:
-            if settings["min_samples"] >= settings["max_samples"]:
-                raise InputError(f"FPD needs more than {settings['max_samples']} showers per sample")
-            with _warnings_to_notes(notes, "FPD"):
-                fpd = frechet_physics_distance(ref_hl, gen_hl, min_samples=settings["min_samples"],
-                                               max_samples=settings["max_samples"],
-                                               num_batches=options.fpd_num_batches,
-                                               num_points=options.fpd_num_points)
-            fpd_kpd.update(fpd_x1e3=fpd.value * 1e3, fpd_error_x1e3=fpd.error * 1e3)
-        except InputError as err:
-            fpd_kpd["fpd_skipped"] = str(err)
-        try:
-            with _warnings_to_notes(notes, "KPD"):
-                kpd = kernel_physics_distance(ref_hl, gen_hl, num_batches=options.kpd_num_batches,
-                                              batch_size=settings["kpd_batch_size"])
-            fpd_kpd.update(kpd_x1e3=kpd.value * 1e3, kpd_error_x1e3=kpd.error * 1e3)
-        except InputError as err:
-            fpd_kpd["kpd_skipped"] = str(err)
-        timing["fpd_kpd"] = time.perf_counter() - t
-
+    # -- every score: the generated sample, then the floor, with the same code ---------------------------
+    compare = functools.partial(_compare, options=options, binning=binning, threshold=threshold, n_cls=n_cls,
+                                notes=notes, timing=timing)
+    model = compare(ref, gen, "generated")
+    notes.extend(n for n in _classifier_notes(model, with_floor=floor is not None) if n not in notes)
+    floor_section = None
+    if floor is not None:
+        if _same_energies(ref, gen) and not _same_energies(ref, samples["floor"]):
+            notes.append("the generated showers have the incident energies of the reference, the floor has its "
+                         "own: the floor then includes the fluctuations of the energy sampling, which the model "
+                         "does not have, and is higher than the floor of a perfect simulator at the reference "
+                         "energies (simulate the floor at them: caloadapt simulate --energies-from REFERENCE)")
+        floor_section = compare(ref, samples["floor"], "floor")
+        floor_section = {"input": samples["floor"].record(), **floor_section,
+                         "summary": _summary(floor_section)}
+        notes.extend(n for n in _floor_notes(model, floor_section, samples["floor"].n_used) if n not in notes)
     # -- profiles and average showers -----------------------------------------------------------------
     profiles = {"layer_depth_mm": target.layer_centres_mm, "layer_edges_mm": target.layer_edges_mm,
                 "radial_edges_mm": ref.radial_edges_mm}
@@ -842,7 +1019,7 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
     average_by_energy = {}
     if options.energy_bins:
         for i, (low, high) in enumerate(zip(ENERGY_DECADES_MEV[:-1], ENERGY_DECADES_MEV[1:], strict=True)):
-            entry = {"n_reference": int(ref.voxel_counts[i]), "n_generated": int(gen.voxel_counts[i])}
+            entry = {f"n_{role}": int(sample.voxel_counts[i]) for role, sample in samples.items()}
             for role, sample in samples.items():
                 mean = sample.average_shower(i)
                 entry[f"layer_energy_{role}_mev"] = mean @ layer_matrix
@@ -854,7 +1031,7 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command or " ".join(sys.argv),
         "versions": _versions(),
-        "inputs": {"reference": ref.record(), "generated": gen.record()},
+        "inputs": {role: sample.record() for role, sample in samples.items()},
         "geometry": dict(_geometry_record(target),
                          reference_file_geometry=ref.geometry, generated_file_geometry=gen.geometry,
                          cross_geometry=bool(ref.geometry != target.name or gen.geometry != target.name)),
@@ -862,12 +1039,9 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
         "notes": notes,
         "summary": {},
         "score_rows": SCORE_ROWS,
-        "calotransfer": table.as_dict(),
-        "calotransfer_by_energy": by_energy,
-        "calochallenge": calochallenge,
-        "classifier": classifier,
-        "fpd_kpd": fpd_kpd,
-        "observables": _observable_summary(ref.observables, gen.observables),
+        **model,
+        "floor": floor_section,
+        "ratio_to_floor": ratios_to_floor(model, floor_section) if floor_section else None,
         "profiles": profiles,
         "average_shower_by_energy": average_by_energy,
         "timing_s": timing,
@@ -875,6 +1049,10 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
                     "plots": {}},
     }
     metrics["summary"] = _summary(metrics)
+    if floor_section:
+        metrics["summary"].update(geometric_mean_floor=floor_section["summary"]["geometric_mean"],
+                                  geometric_mean_floor_std=floor_section["summary"]["geometric_mean_std"],
+                                  ratio_to_floor=metrics["ratio_to_floor"]["geometric_mean"])
     metrics = to_jsonable(metrics)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_metrics(metrics, out_dir / "metrics.json")  # the numbers are safe before plotting

@@ -136,6 +136,43 @@ class Document:
 
 
 # -- content ----------------------------------------------------------------------------------------
+def _lookup(values: Mapping, key):
+    """``values[key]``, or a nested value for a tuple key; None where missing."""
+    for part in key if isinstance(key, tuple) else (key,):
+        if not isinstance(values, Mapping) or part not in values:
+            return None
+        values = values[part]
+    return values
+
+
+def _headline(section: Mapping) -> list[tuple[str, str, object]]:
+    """The summary rows of one comparison (the model's or the floor's): label, text, ratio key."""
+    summary = section.get("summary", {})
+    classifier = section.get("classifier") or {}
+    physics = section.get("fpd_kpd") or {}
+    rows = [("geometric mean of normalised W1 (CaloTransfer, 6 observables)",
+             _pm(summary.get("geometric_mean"), summary.get("geometric_mean_std")), "geometric_mean"),
+            ("geometric mean of KL [nats]", _number(summary.get("kl_geometric_mean")), "kl_geometric_mean")]
+    for key, name in (("low_level", "low-level"), ("high_level", "high-level")):
+        record = classifier.get(key) or {}
+        if "auc" in record:
+            rows.append((f"classifier AUC ({name})", _number(record["auc"]), None))
+            rows.append((f"classifier JSD ({name})", _number(record["jsd"]), f"jsd_{key}"))
+        elif record.get("skipped"):
+            rows.append((f"classifier ({name})", f"skipped: {record['skipped']}", None))
+    if physics.get("skipped"):
+        rows.append(("FPD, KPD", "skipped (see notes)", None))
+    elif physics:
+        rows.append(("FPD x 10^3", _pm(physics.get("fpd_x1e3"), physics.get("fpd_error_x1e3"))
+                     if "fpd_x1e3" in physics else f"skipped: {physics.get('fpd_skipped')}", "fpd_x1e3"))
+        rows.append(("KPD x 10^3", _pm(physics.get("kpd_x1e3"), physics.get("kpd_error_x1e3"))
+                     if "kpd_x1e3" in physics else f"skipped: {physics.get('kpd_skipped')}", "kpd_x1e3"))
+    for label, value in (summary.get("geometric_mean_by_energy") or {}).items():
+        rows.append((f"geometric mean of normalised W1, {label}", _number(value),
+                     ("geometric_mean_by_energy", label)))
+    return rows
+
+
 def _build(metrics: Mapping, plot_links: Mapping[str, str]) -> Document:
     doc = Document()
     geometry = metrics.get("geometry", {})
@@ -149,7 +186,7 @@ def _build(metrics: Mapping, plot_links: Mapping[str, str]) -> Document:
 
     doc.heading(2, "Inputs")
     rows = []
-    for role in ("reference", "generated"):
+    for role in ("reference", "generated", "floor"):
         record = inputs.get(role)
         if not record:
             continue
@@ -164,29 +201,29 @@ def _build(metrics: Mapping, plot_links: Mapping[str, str]) -> Document:
         doc.heading(3, "Notes")
         doc.items([str(n) for n in metrics["notes"]])
 
+    floor = metrics.get("floor") or None
+    ratios = metrics.get("ratio_to_floor") or {}
+    if floor:
+        doc.heading(2, "Floor")
+        doc.paragraph("The floor is a second sample of the reference source, independent of the reference "
+                      f"({(floor.get('input') or {}).get('path')}), evaluated against the reference exactly like "
+                      "the generated sample: what a perfect simulator scores at these sample sizes. Every score "
+                      "is shown for the model and for the floor; model / floor near 1 means the model is as "
+                      "close to the reference as a fresh sample of it. The AUC (ideal 0.5) has no ratio. "
+                      f"G / G_floor = {_number(ratios.get('geometric_mean'), 3)}.")
+
     # summary
-    summary = metrics.get("summary", {})
     doc.heading(2, "Summary")
+    model_rows = _headline(metrics)
+    if floor:
+        floor_rows = {label: text for label, text, _ in _headline(floor)}
+        doc.table(["metric", "model", "floor", "model / floor"],
+                  [[label, text, floor_rows.get(label, "n/a"), _number(_lookup(ratios, key), 3)]
+                   for label, text, key in model_rows])
+    else:
+        doc.table(["metric", "value"], [[label, text] for label, text, _ in model_rows])
     classifier = metrics.get("classifier") or {}
     physics = metrics.get("fpd_kpd") or {}
-    rows = [["geometric mean of normalised W1 (CaloTransfer, 6 observables)",
-             _pm(summary.get("geometric_mean"), summary.get("geometric_mean_std"))],
-            ["geometric mean of KL [nats]", _number(summary.get("kl_geometric_mean"))]]
-    for key, name in (("low_level", "low-level"), ("high_level", "high-level")):
-        record = classifier.get(key) or {}
-        if "auc" in record:
-            rows.append([f"classifier AUC ({name})", _number(record["auc"])])
-            rows.append([f"classifier JSD ({name})", _number(record["jsd"])])
-        elif record.get("skipped"):
-            rows.append([f"classifier ({name})", f"skipped: {record['skipped']}"])
-    if physics:
-        rows.append(["FPD x 10^3", _pm(physics.get("fpd_x1e3"), physics.get("fpd_error_x1e3"))
-                     if "fpd_x1e3" in physics else f"skipped: {physics.get('fpd_skipped')}"])
-        rows.append(["KPD x 10^3", _pm(physics.get("kpd_x1e3"), physics.get("kpd_error_x1e3"))
-                     if "kpd_x1e3" in physics else f"skipped: {physics.get('kpd_skipped')}"])
-    for label, value in (summary.get("geometric_mean_by_energy") or {}).items():
-        rows.append([f"geometric mean of normalised W1, {label}", _number(value)])
-    doc.table(["metric", "value"], rows)
 
     # CaloTransfer table
     table = metrics.get("calotransfer")
@@ -194,16 +231,24 @@ def _build(metrics: Mapping, plot_links: Mapping[str, str]) -> Document:
         doc.heading(2, "CaloTransfer scores (normalised W1 = W1 / std of the reference)")
         descriptions = metrics.get("score_rows", {})
         scored = set(table.get("scored", []))
+        floor_table = (floor or {}).get("calotransfer") or {}
+        floor_scores = floor_table.get("scores") or {}
+        extra = (lambda name: [_number((floor_scores.get(name) or {}).get("wasserstein")),
+                               _number((ratios.get("wasserstein") or {}).get(name), 3)]) if floor \
+            else (lambda name: [])
         rows = []
         for name, score in table["scores"].items():
             rows.append([name, _number(score.get("wasserstein")), _number(score.get("wasserstein_std"), 2),
-                         _number(score.get("kl")), "yes" if name in scored else "",
+                         *extra(name), _number(score.get("kl")), "yes" if name in scored else "",
                          descriptions.get(name, "")])
         rows.append(["geometric mean", _number(table.get("geometric_mean")),
-                     _number(table.get("geometric_mean_std"), 2), _number(table.get("kl_geometric_mean")),
+                     _number(table.get("geometric_mean_std"), 2),
+                     *([_number(floor_table.get("geometric_mean")), _number(ratios.get("geometric_mean"), 3)]
+                       if floor else []), _number(table.get("kl_geometric_mean")),
                      "", f"{table.get('n_reference')} reference, {table.get('n_generated')} generated showers, "
                          f"{table.get('n_bootstrap')} bootstrap resamples"])
-        doc.table(["observable", "W1 / std", "bootstrap std", "KL [nats]", "in mean", "compares"], rows)
+        doc.table(["observable", "W1 / std", "bootstrap std", *(["floor W1 / std", "model / floor"] if floor else []),
+                   "KL [nats]", "in mean", "compares"], rows)
 
     by_energy = metrics.get("calotransfer_by_energy") or {}
     cc = metrics.get("calochallenge") or {}
@@ -215,36 +260,56 @@ def _build(metrics: Mapping, plot_links: Mapping[str, str]) -> Document:
         for label, t in by_energy.items():
             row = [label, str(t.get("n_reference")), str(t.get("n_generated")),
                    _pm(t.get("geometric_mean"), t.get("geometric_mean_std")), _number(t.get("kl_geometric_mean"))]
+            if floor:
+                floor_t = ((floor.get("calotransfer_by_energy") or {}).get(label)) or {}
+                row += [_pm(floor_t.get("geometric_mean"), floor_t.get("geometric_mean_std")),
+                        _number((ratios.get("geometric_mean_by_energy") or {}).get(label), 3)]
             row += [_number((sep_by_energy.get(label) or {}).get(c)) for c in sep_columns]
             rows.append(row)
         doc.table(["incident energy", "N reference", "N generated", "geometric mean W1", "geometric mean KL"]
-                  + sep_columns, rows)
+                  + (["floor geometric mean W1", "model / floor"] if floor else []) + sep_columns, rows)
 
     # CaloChallenge
     if cc or any("auc" in (classifier.get(k) or {}) for k in ("low_level", "high_level")) or physics:
         doc.heading(2, "CaloChallenge metrics")
+        sections = [("", metrics)] + ([(" (floor)", floor)] if floor else [])
         rows = []
         for key in ("low_level", "high_level"):
-            record = classifier.get(key) or {}
-            if "auc" in record:
-                rows.append([key.replace("_", "-"), _number(record["auc"]), _number(record["jsd"]),
-                             _number(record.get("accuracy")), str(record.get("n_per_class")),
-                             str(record.get("input_dimension")), str(record.get("best_epoch"))])
-            else:
-                rows.append([key.replace("_", "-"), "n/a", "n/a", "n/a", "", "", record.get("skipped", "")])
-        doc.table(["classifier", "AUC", "JSD", "accuracy", "showers per class", "inputs", "best epoch"], rows)
+            for suffix, section in sections:
+                record = (section.get("classifier") or {}).get(key) or {}
+                name = key.replace("_", "-") + suffix
+                if "auc" in record:
+                    rows.append([name, _number(record["auc"]), _number(record["jsd"]),
+                                 _number(record.get("accuracy")), str(record.get("n_per_class")),
+                                 str(record.get("optimiser_steps_per_epoch", "n/a")),
+                                 str(record.get("input_dimension")), str(record.get("best_epoch"))])
+                else:
+                    rows.append([name, "n/a", "n/a", "n/a", "", "", "", record.get("skipped", "")])
+        doc.table(["classifier", "AUC", "JSD", "accuracy", "showers per class", "optimiser steps per epoch",
+                   "inputs", "best epoch"], rows)
         if physics:
-            settings = physics.get("settings", {})
-            doc.table(["distance", "value x 10^3", "settings"], [
-                ["FPD", _pm(physics.get("fpd_x1e3"), physics.get("fpd_error_x1e3")),
-                 f"batch sizes {settings.get('min_samples')}-{settings.get('max_samples')}, "
-                 f"official: {settings.get('official')}"],
-                ["KPD", _pm(physics.get("kpd_x1e3"), physics.get("kpd_error_x1e3")),
-                 f"batch size {settings.get('kpd_batch_size')}, official: {settings.get('official')}"]])
+            rows = []
+            for suffix, section in sections:
+                values = section.get("fpd_kpd") or {}
+                settings = values.get("settings", {})
+                if values.get("skipped"):
+                    rows.append([f"FPD, KPD{suffix}", "skipped", "see notes"])
+                    continue
+                rows.append([f"FPD{suffix}", _pm(values.get("fpd_x1e3"), values.get("fpd_error_x1e3"))
+                             if "fpd_x1e3" in values else f"skipped: {values.get('fpd_skipped')}",
+                             f"batch sizes {settings.get('min_samples')}-{settings.get('max_samples')}, "
+                             f"official: {settings.get('official')}"])
+                rows.append([f"KPD{suffix}", _pm(values.get("kpd_x1e3"), values.get("kpd_error_x1e3"))
+                             if "kpd_x1e3" in values else f"skipped: {values.get('kpd_skipped')}",
+                             f"batch size {settings.get('kpd_batch_size')}, official: {settings.get('official')}"])
+            doc.table(["distance", "value x 10^3", "settings"], rows)
         if cc.get("separation_power_summary"):
             doc.heading(3, "Separation power (mean over layers for per-layer features)")
-            doc.table(["feature family", "separation power"],
-                      [[k, _number(v)] for k, v in cc["separation_power_summary"].items()])
+            floor_sep = ((floor or {}).get("calochallenge") or {}).get("separation_power_summary") or {}
+            sep_ratio = ratios.get("separation_power_summary") or {}
+            doc.table(["feature family", "separation power"] + (["floor", "model / floor"] if floor else []),
+                      [[k, _number(v)] + ([_number(floor_sep.get(k)), _number(sep_ratio.get(k), 3)] if floor else [])
+                       for k, v in cc["separation_power_summary"].items()])
 
     if plot_links:
         doc.heading(2, "Plots")

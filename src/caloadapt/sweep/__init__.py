@@ -7,7 +7,7 @@ Slurm cluster through submitit.
 
 from __future__ import annotations
 
-from .runner import ZERO_SHOT, RunSpec, SweepSpec, plan_runs, run_sweep
+from .runner import SCRATCH_CONVERGED, ZERO_SHOT, RunSpec, SweepSpec, plan_runs, run_sweep
 from .summary import summarise
 
-__all__ = ["SweepSpec", "RunSpec", "plan_runs", "run_sweep", "summarise", "ZERO_SHOT"]
+__all__ = ["SweepSpec", "RunSpec", "plan_runs", "run_sweep", "summarise", "ZERO_SHOT", "SCRATCH_CONVERGED"]

@@ -15,11 +15,20 @@ import torch
 from .._atomic import atomic_path
 from ..errors import InputError
 
-__all__ = ["SweepSpec", "RunSpec", "plan_runs", "run_sweep", "run_one", "parse_method", "ZERO_SHOT"]
+__all__ = ["SweepSpec", "RunSpec", "plan_runs", "run_sweep", "run_one", "parse_method", "is_converged",
+           "converged_max_steps", "whole_model_parameters", "ZERO_SHOT", "SCRATCH_CONVERGED", "PSEUDO_METHODS"]
 
 #: the pseudo-method that generates with the pre-trained model as it is (no target showers: D = 0);
 #: a geometry-conditioned model is told the target detector by its descriptor alone
 ZERO_SHOT = "zero-shot"
+#: the from-scratch baseline trained to convergence: early stopping on its validation split after
+#: ``patience`` validations without improvement, at most ``max_steps`` steps (default 10 x ``steps``),
+#: so that the gain over scratch is not just the training the same-budget baseline did not get
+SCRATCH_CONVERGED = "scratch-converged"
+#: method names that are not :data:`caloadapt.adapt.METHODS`
+PSEUDO_METHODS = (ZERO_SHOT, SCRATCH_CONVERGED)
+#: default cap of ``scratch-converged``: this many times the fixed budget ``steps``
+CONVERGED_STEP_FACTOR = 10
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,13 @@ class SweepSpec:
         n_eval: generated and reference showers compared per run.
         n_steps_sampler: sampler steps at generation.
         threads: torch threads per run.
+        floor: optional second sample of the reference source (independent of ``reference``, ideally
+            at its incident energies: ``caloadapt simulate --energies-from``); its first ``n_eval``
+            showers are scored against the reference like the generated ones, and every result
+            records ``geometric_mean_floor`` and ``ratio_to_floor`` = G / G_floor.
+        patience: ``scratch-converged``: stop after this many validations (every ``val_every``
+            steps) without improvement of the validation losses.
+        max_steps: ``scratch-converged``: step cap (None: ``CONVERGED_STEP_FACTOR`` x ``steps``).
     """
 
     checkpoints: dict[str, str]
@@ -59,6 +75,9 @@ class SweepSpec:
     n_steps_sampler: int = 13
     threads: int = 1
     lr_by_size: bool = True
+    floor: str | None = None
+    patience: int = 5
+    max_steps: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,11 +99,45 @@ class RunSpec:
         return f"{self.pretrained}/{self.method}/n{self.size}/s{self.seed}"
 
 
+def is_converged(text: str) -> bool:
+    """True for the ``scratch-converged`` baseline (trained with early stopping)."""
+    return text.partition(":")[0].strip() == SCRATCH_CONVERGED
+
+
+def converged_max_steps(steps: int, max_steps: int | None) -> int:
+    """The step cap of ``scratch-converged``: ``max_steps``, or ``CONVERGED_STEP_FACTOR`` x ``steps``."""
+    cap = CONVERGED_STEP_FACTOR * steps if max_steps is None else int(max_steps)
+    if cap < 1:
+        raise InputError(f"max_steps must be positive, got {max_steps}")
+    return cap
+
+
+def whole_model_parameters(groups: list[dict]) -> dict:
+    """Trainable and total parameters of the point network and of the whole model (network + flow)
+    from the rows of :func:`~caloadapt.adapt.parameter_report` (zeros without rows: zero-shot)."""
+    rows = {r["group"]: r for r in groups}
+    net, every = rows.get("net", {}), rows.get("all", {})
+    out = {"trainable_net": int(net.get("trainable", 0)), "total_net": int(net.get("total", 0)),
+           "trainable_flow": int(rows.get("flow", {}).get("trainable", 0)),
+           "trainable_all": int(every.get("trainable", 0)), "total_all": int(every.get("total", 0))}
+    out["percent_all"] = 100.0 * out["trainable_all"] / out["total_all"] if out["total_all"] else 0.0
+    return out
+
+
 def parse_method(text: str):
-    """``name`` or ``name:key=value,...`` -> :class:`~caloadapt.adapt.AdaptMethod`."""
+    """``name`` or ``name:key=value,...`` -> :class:`~caloadapt.adapt.AdaptMethod`.
+
+    Options are the fields of :class:`~caloadapt.adapt.AdaptMethod`, e.g. ``lora:rank=16,alpha=16``
+    or ``bitfit:flow=frozen`` (the flow's adaptation: ``full``, ``bitfit`` or ``frozen``).
+    ``scratch-converged`` is the scratch method (trained with early stopping, see :func:`is_converged`).
+    """
     from ..adapt import AdaptMethod
 
     name, _, options = text.partition(":")
+    if name.strip() == SCRATCH_CONVERGED:
+        if options:
+            raise InputError(f"{SCRATCH_CONVERGED} takes no options ({text!r}); --patience and --max-steps set it")
+        return AdaptMethod(name="scratch")
     values: dict = {}
     for item in filter(None, options.split(",")):
         key, sep, value = item.partition("=")
@@ -102,6 +155,9 @@ def plan_runs(spec: SweepSpec, out_dir: Path) -> list[RunSpec]:
     for text in spec.methods:
         if text != ZERO_SHOT:
             parse_method(text)  # fail early on a bad method, before any run starts
+    if spec.patience < 1:
+        raise InputError(f"patience must be at least 1, got {spec.patience}")
+    converged_max_steps(spec.steps, spec.max_steps)
     runs = []
     for label in spec.checkpoints:
         for method in spec.methods:
@@ -132,19 +188,28 @@ def run_one(run: RunSpec) -> dict:
     torch.set_num_threads(spec.threads)
     directory = Path(run.directory)
     result_path = directory / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
-    started = time.perf_counter()
     geometry = get_geometry(spec.geometry)
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+        if spec.floor is not None and result.get("floor") != spec.floor and "geometric_mean" in result:
+            # finished before a floor was given: score the floor, keep the run
+            reference = read_showers(spec.reference, geometry, stop=spec.n_eval)
+            result.update(_floor_result(spec, reference, geometry, run.seed, result["geometric_mean"]))
+            _write_result(result_path, result)
+        return result
+    started = time.perf_counter()
+    converged = is_converged(run.method)
     if run.method == ZERO_SHOT:
         model = load_adapted_model(spec.checkpoints[run.pretrained])
-        summary, parameters = {"best": None}, []
+        summary, parameters = {"best": None, "steps": 0}, []
     else:
         method = parse_method(run.method)
         lr, flow_lr = adaptation_learning_rates(method.name, run.size, spec.lr_by_size)
-        config = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, max_points=spec.max_points, lr=lr,
+        config = TrainConfig(steps=converged_max_steps(spec.steps, spec.max_steps) if converged else spec.steps,
+                             batch_size=spec.batch_size, max_points=spec.max_points, lr=lr,
                              flow_lr=flow_lr, n_samples=run.size, val_fraction=spec.val_fraction,
-                             val_every=spec.val_every, checkpoint_every=spec.val_every, seed=run.seed,
+                             val_every=spec.val_every, checkpoint_every=spec.val_every,
+                             patience=spec.patience if converged else None, seed=run.seed,
                              data_seed=run.seed, device="cpu")
         summary = finetune(spec.checkpoints[run.pretrained], spec.data, geometry, directory, method, config,
                            resume=True, progress=False, log=lambda *_: None)
@@ -161,11 +226,40 @@ def run_one(run: RunSpec) -> dict:
               "method": run.method, "size": run.size, "seed": run.seed,
               "geometric_mean": table.geometric_mean, "geometric_mean_std": table.geometric_mean_std,
               "scores": table.as_dict()["scores"], "parameters": parameters,
-              "best_validation": summary["best"], "train_s": train_s,
-              "total_s": time.perf_counter() - started}
-    with atomic_path(result_path) as tmp:
-        tmp.write_text(json.dumps(result, indent=2, default=_json_default))
+              **whole_model_parameters(parameters), "steps": int(summary["steps"]),
+              "stopped_early": bool(converged and summary["steps"] < config.steps),
+              "best_validation": summary["best"], "train_s": train_s}
+    if spec.floor is not None:
+        result.update(_floor_result(spec, reference, geometry, run.seed, table.geometric_mean))
+    result["total_s"] = time.perf_counter() - started
+    _write_result(result_path, result)
     return result
+
+
+def _finished(run: RunSpec, spec: SweepSpec) -> bool:
+    """A run is finished when its result exists (and holds the floor, when the sweep has one)."""
+    path = Path(run.directory) / "result.json"
+    if not path.exists():
+        return False
+    return spec.floor is None or json.loads(path.read_text()).get("floor") == spec.floor
+
+
+def _floor_result(spec: SweepSpec, reference, geometry, seed: int, geometric_mean: float) -> dict:
+    """The floor's scores against the reference (same scoring as the generated showers) and G / G_floor."""
+    from ..data.io import read_showers
+    from ..evaluate.scoring import score_showers
+
+    floor = read_showers(spec.floor, geometry, stop=spec.n_eval)
+    table = score_showers(floor, reference, geometry, seed=seed)
+    g_floor = table.geometric_mean
+    return {"floor": spec.floor, "n_floor": len(floor), "geometric_mean_floor": g_floor,
+            "geometric_mean_floor_std": table.geometric_mean_std, "scores_floor": table.as_dict()["scores"],
+            "ratio_to_floor": geometric_mean / g_floor if g_floor and np.isfinite(g_floor) and g_floor > 0 else None}
+
+
+def _write_result(path: Path, result: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2, default=_json_default))
 
 
 def _json_default(value):
@@ -188,7 +282,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: str = "local", 
     with atomic_path(out_dir / "sweep.json") as tmp:
         tmp.write_text(json.dumps(spec.to_dict(), indent=2))
     runs = plan_runs(spec, out_dir)
-    todo = [r for r in runs if not (Path(r.directory) / "result.json").exists()]
+    todo = [r for r in runs if not _finished(r, spec)]
     log(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run ({executor})")
     if executor == "local":
         workers = workers or max(1, (os.cpu_count() or 1) // spec.threads)
