@@ -53,6 +53,8 @@ def test_saturated_layers_are_not_extrapolated():
     calibration = OccupancyCalibration.from_mean_hits("g", (1.0, 2.0), mean_hits, target, {})
     k = np.exp(-np.asarray(calibration.log_efficiency))
     np.testing.assert_allclose(k, [2.0, 3.0, 0.5], rtol=1e-3)  # layer 2: fewer points, proportionally
+    placed = calibration.points_for_hits(np.array([[10.0, 10.0, 10.0]] * 4000), np.random.default_rng(4))
+    np.testing.assert_allclose(placed.mean(axis=0), [20.0, 30.0, 5.0], rtol=0.02)
 
 
 def test_round_trip_and_bad_values():

@@ -30,6 +30,7 @@ from ..showers import Showers
 
 __all__ = ["OccupancyCalibration", "fit_occupancy", "layer_counts", "stochastic_round"]
 
+
 def stochastic_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Round non-negative reals to integers up or down with the probabilities that keep the mean."""
     values = np.maximum(np.asarray(values, np.float64), 0.0)
@@ -90,9 +91,8 @@ class OccupancyCalibration:
         wanted = hits * np.asarray(self.hit_scale)
         a, b = np.asarray(self.log_efficiency), np.asarray(self.exponent)
         points = np.exp((np.log(np.maximum(wanted, 1e-12)) - a) / (1.0 + b))
-        # never fewer points than wanted hits (each point makes at most one hit), none for no hits
-        points = np.where(wanted > 0, np.maximum(points, wanted), 0.0)
-        return stochastic_round(points, rng)
+        # fewer points than the flow's hits is allowed: the factor also corrects the flow's own bias
+        return stochastic_round(np.where(wanted > 0, points, 0.0), rng)
 
     def to_dict(self) -> dict:
         """Plain lists, floats and strings (what a checkpoint stores)."""

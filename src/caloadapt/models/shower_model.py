@@ -214,12 +214,6 @@ class ShowerModel(nn.Module):
         return condition, statistics_to_layers(geometry, stats.double().cpu().numpy(), energy, self.config.grid)
 
     @torch.no_grad()
-    def sample_layer_hits(self, geometry: Geometry, incident_energy_mev: np.ndarray,
-                          generator: torch.Generator | None = None) -> np.ndarray:
-        """``(N, n_layers)`` hits per layer the flow asks for (no point is generated)."""
-        return self._sample_layers(geometry, np.asarray(incident_energy_mev, np.float64), generator)[1][0]
-
-    @torch.no_grad()
     def generate(self, geometry: Geometry, incident_energy_mev: np.ndarray, *, n_steps: int = 13,
                  sampler: str = "heun", generator: torch.Generator | None = None,
                  particle: str = "electron", max_points: int = 40_000,
