@@ -307,12 +307,40 @@ def test_signal_during_simulation_removes_the_output(run, tmp_path, monkeypatch,
 
     monkeypatch.setattr(simulate_module, "iter_simulate", signalled)
     monkeypatch.setattr("caloadapt.simulate.simulator.SPOTS_PER_CHUNK", 20_000)  # several chunks
-    result = run("simulate", "-o", "out.h5", "--n", "30", "--energy", "10:20")
+    inherited = signal.signal(signum, signal.SIG_DFL)  # as from a terminal (a CI job may ignore some)
+    try:
+        result = run("simulate", "-o", "out.h5", "--n", "30", "--energy", "10:20")
+        assert signal.getsignal(signum) is signal.SIG_DFL  # what was there before comes back
+    finally:
+        signal.signal(signum, inherited)
     assert_one_line_error(result, "interrupted" if signum == signal.SIGINT else signal.Signals(signum).name,
                           status=status)
     assert not (tmp_path / "out.h5").exists()
     assert_no_temporary_files(tmp_path)
-    assert signal.getsignal(signum) is signal.SIG_DFL or callable(signal.getsignal(signum))
+
+
+def test_an_ignored_hangup_stays_ignored(run, tmp_path, monkeypatch):
+    """`nohup caloadapt ...`: a closed terminal must not end the job."""
+    import caloadapt.simulate as simulate_module
+
+    original = simulate_module.iter_simulate
+
+    def signalled(*args, **kwargs):
+        for k, chunk in enumerate(original(*args, **kwargs)):
+            yield chunk
+            if k == 0:
+                os.kill(os.getpid(), signal.SIGHUP)
+
+    monkeypatch.setattr(simulate_module, "iter_simulate", signalled)
+    monkeypatch.setattr("caloadapt.simulate.simulator.SPOTS_PER_CHUNK", 20_000)
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        result = run("simulate", "-o", "out.h5", "--n", "30", "--energy", "10:20")
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.h5").exists()
 
 
 def test_sigterm_during_training_leaves_a_resumable_checkpoint(run, ild_file, monkeypatch):

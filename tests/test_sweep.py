@@ -132,7 +132,8 @@ def test_sweep_compares_backbones_and_runs_zero_shot(files, tmp_path):
     assert sorted((r.pretrained, r.method, r.size) for r in runs if r.method == "zero-shot") == [
         ("pointwise", "zero-shot", 0), ("transformer", "zero-shot", 0)]
     results = run_sweep(spec, tmp_path, workers=1, log=lambda *_: None)
-    assert len(results) == 6 and all(np.isfinite(r["geometric_mean"]) for r in results)
+    assert len(results) == 6 and all(np.isfinite(r["geometric_mean"]) for r in results), [
+        (r["pretrained"], r["method"], r["geometric_mean"]) for r in results]
     assert {(r["pretrained"], r["backbone"]) for r in results} == {("pointwise", "pointwise"),
                                                                  ("transformer", "transformer")}
     zero = [r for r in results if r["method"] == "zero-shot"]

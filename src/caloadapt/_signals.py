@@ -74,7 +74,9 @@ def termination_handlers() -> Iterator[None]:
     if not _in_main_thread():
         yield
         return
-    old = {signum: signal.signal(signum, _handler) for signum in _HANDLED}
+    # a signal the caller ignores stays ignored: `nohup caloadapt ...` must outlive its terminal
+    old = {signum: signal.signal(signum, _handler) for signum in _HANDLED
+           if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
     finally:
@@ -94,7 +96,7 @@ def deferred_termination() -> Iterator[list[int]]:
     installed = {}
     if _in_main_thread():
         for signum in _HANDLED:
-            if signal.getsignal(signum) is not _handler:
+            if signal.getsignal(signum) not in (_handler, signal.SIG_IGN):
                 installed[signum] = signal.signal(signum, _handler)
     pending: list[int] = []
     _deferrals.append(pending)

@@ -91,8 +91,9 @@ class OccupancyCalibration:
         wanted = hits * np.asarray(self.hit_scale)
         a, b = np.asarray(self.log_efficiency), np.asarray(self.exponent)
         points = np.exp((np.log(np.maximum(wanted, 1e-12)) - a) / (1.0 + b))
-        # fewer points than the flow's hits is allowed: the factor also corrects the flow's own bias
-        return stochastic_round(np.where(wanted > 0, points, 0.0), rng)
+        # never fewer points than wanted hits (each point makes at most one hit), none for no hits
+        points = np.where(wanted > 0, np.maximum(points, wanted), 0.0)
+        return stochastic_round(points, rng)
 
     def to_dict(self) -> dict:
         """Plain lists, floats and strings (what a checkpoint stores)."""
@@ -143,7 +144,7 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str =
        samples), so they differ only by the points placed.
     2. Per layer, the points per hit that give the training showers' mean hits are interpolated
        between the two passes (:meth:`OccupancyCalibration.from_mean_hits`); this also absorbs
-       the flow's own bias per layer (it over-predicts the first layer, decoding small counts).
+       the flow's own bias per layer where it under-predicts.
     3. With ``check``, a third pass with another seed records the mean hits per layer of
        calibrated generation beside the training showers' (``fit['generated_hits']``,
        ``fit['training_hits']``).
