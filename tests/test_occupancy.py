@@ -190,3 +190,28 @@ def test_calibrate_command_refits_on_the_training_split(calibrated_run, tmp_path
     refitted = model_from_checkpoint(tmp_path / "calibrated.pt").occupancy["ild-ecal"]
     # the same training showers and seed as the fit at the end of training: the same calibration
     assert refitted == model_from_checkpoint(root / "run" / "best.pt").occupancy["ild-ecal"]
+
+
+def test_runs_begun_before_the_calibration_resume(tmp_path):
+    """A last.pt written by caloadapt 0.1 has no occupancy_showers option: --resume still continues it."""
+    from caloadapt.train.checkpoint import save_checkpoint
+
+    showers = simulate("ild-ecal", "photon", np.array([10e3, 12e3, 14e3, 16e3]), seed=3)
+    write_showers(tmp_path / "train.h5", showers)
+    config = TrainConfig(steps=4, batch_size=2, max_points=32, val_every=2, checkpoint_every=2, warmup_steps=1,
+                         device="cpu", val_fraction=0.25, occupancy_showers=0)
+    geometry = get_geometry("ild-ecal")
+    train(ShowerModel(TINY), tmp_path / "train.h5", geometry, tmp_path / "run", config, progress=False,
+          stop_after_steps=2)
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    old_options = {k: v for k, v in payload["train_config"].items() if k != "occupancy_showers"}
+    save_checkpoint(tmp_path / "run" / "last.pt", model_from_checkpoint(payload, weights="model"),
+                    **{**{k: v for k, v in payload.items() if k not in ("model", "model_config", "occupancy")},
+                       "train_config": old_options})
+    resumed = TrainConfig(**{**old_options, "occupancy_showers": 128})
+    summary = train(ShowerModel(TINY), tmp_path / "train.h5", geometry, tmp_path / "run", resumed, resume=True,
+                    progress=False)
+    assert summary["steps"] == 4
+    with pytest.raises(Exception, match="other training options"):
+        train(ShowerModel(TINY), tmp_path / "train.h5", geometry, tmp_path / "run",
+              TrainConfig(**{**old_options, "occupancy_showers": 5}), resume=True, progress=False)

@@ -298,7 +298,10 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
     last = out_dir / "last.pt"
     if resume and last.exists():
         payload = load_checkpoint(last)
-        if payload.get("train_config") != asdict(config):
+        stored, current = payload.get("train_config") or {}, asdict(config)
+        # an option added since the run began (e.g. occupancy_showers) counts as given at its default
+        added = {k for k in current if k not in stored and current[k] == getattr(TrainConfig, k)}
+        if {k: v for k, v in current.items() if k not in added} != stored:
             raise CheckpointError(f"{last}: was written with other training options; resume with the same ones")
         stored = stored_config(payload, str(last))
         if stored != model.config:
