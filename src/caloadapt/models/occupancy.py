@@ -53,9 +53,9 @@ class OccupancyCalibration:
 
     Attributes:
         geometry: name of the geometry it was fitted in (calibrations do not transfer between readouts).
-        log_efficiency: ``a_l``, ln of the hits per point at one point, per layer.
-        exponent: ``b_l`` of ``hits = exp(a_l) points^(1 + b_l)``, per layer.
-        hit_scale: ``s_l``, training hits / flow hits per layer.
+        log_efficiency: ``a_l``, per layer; ``exp(-a_l)`` is the points per hit (with ``b_l = 0``).
+        exponent: ``b_l`` of ``hits = exp(a_l) points^(1 + b_l)``, per layer (0 from :func:`fit_occupancy`).
+        hit_scale: ``s_l``, factor on the hits asked for, per layer (1 from :func:`fit_occupancy`).
         fit: how it was fitted (sampler, steps, showers) and the check on the training showers:
             ``training_hits`` and ``generated_hits`` (mean per layer, after calibration).
     """
@@ -172,10 +172,6 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str =
             points.append(layer_counts(raw, geometry))
             hits.append(layer_counts(geometry.digitise(raw), geometry))
         return np.concatenate(points), np.concatenate(hits)
-
-    def ratio_of_means(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-        # a hundredth of a pseudo-hit on each side: layers the showers barely reach stay near 1
-        return np.clip((numerator.mean(axis=0) + 0.01) / (denominator.mean(axis=0) + 0.01), 0.1, 10.0)
 
     was_training = model.training
     model.eval()
