@@ -242,6 +242,22 @@ def test_smeared_points_stay_in_their_cells(name: str) -> None:
     assert np.mean(np.abs(points.points[:, :3] - centres.points[:, :3]) > 1e-3) > 0.9
 
 
+@pytest.mark.parametrize("name", ["calochallenge-3", "ild-ecal"])
+def test_dequantise_smears_hits_and_keeps_spots(name: str) -> None:
+    from caloadapt.simulate import simulate
+
+    g = get_geometry(name)
+    spots = simulate(g, "electron", np.array([20e3, 40e3]), seed=2, level="spots")
+    rng = np.random.default_rng(3)
+    # spots sit inside their cells already: unchanged
+    np.testing.assert_array_equal(g.dequantise(spots, rng).points, spots.points)
+    hits = g.digitise(spots)
+    moved = g.dequantise(hits, rng)
+    # hits at cell centres are moved, inside the cells they read out
+    assert np.mean(np.abs(moved.points[:, :2] - hits.points[:, :2]).max(axis=1) > 1e-3) > 0.9
+    np.testing.assert_array_equal(g.cell_index(moved.points), g.cell_index(hits.points))
+
+
 def test_smeared_points_never_leave_their_cells_in_large_samples() -> None:
     g = get_geometry("calochallenge-3")
     voxels = np.ones((20, g.n_cells), np.float32)  # every cell filled: 810 000 points

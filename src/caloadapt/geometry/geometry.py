@@ -255,6 +255,21 @@ class Geometry:
         return Showers(points, showers.offsets, showers.incident_energy_mev, showers.particle, showers.geometry,
                        dict(showers.meta))
 
+    def dequantise(self, showers: Showers, rng: np.random.Generator) -> Showers:
+        """Points to train on: cell-level hits smeared inside their cells, sub-cell points kept.
+
+        Hits sit at their cells' centres, a lattice a continuous model can only smear; moving
+        them uniformly inside their cells (:meth:`smear_hits`) keeps the cells they read out.
+        Sub-cell points (the simulator's spots, ``--level spots``, or clustered Geant4 steps)
+        already carry the positions inside the cells and are returned unchanged: their energy is
+        spread over many small points, so the cell energy is a sum the digitisation rebuilds
+        (``docs/fidelity.md``, "Training on spots").
+        """
+        cells = self.cell_index(showers.points)
+        inside = cells >= 0
+        at_centres = np.allclose(showers.points[inside, :2], self.cell_centres_mm[cells[inside], :2], atol=1e-3)
+        return self.smear_hits(showers, rng) if at_centres else showers
+
     def check_showers(self, showers: Showers) -> None:
         """Raise a clear error when showers belong to another geometry."""
         if showers.geometry and showers.geometry != self.name:

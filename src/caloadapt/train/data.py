@@ -56,12 +56,13 @@ class DataSource:
 def make_batch(showers: Showers, geometry: Geometry, config: ModelConfig, rng: np.random.Generator,
                max_points: int, smear: bool = True) -> Batch:
     """Features of a batch of showers: cell-level hits are smeared inside their cells
-    (dequantisation), and at most ``max_points`` random points per shower are kept (an unbiased
-    sample of the per-point loss; the transformer's attention pools by softmax averages, which a
-    uniform subset also estimates). The point frame, the flow's grid and whether the detector
+    (dequantisation; sub-cell spots stay where they are, :meth:`Geometry.dequantise`), and at
+    most ``max_points`` random points per shower are kept (an unbiased sample of the per-point
+    loss; the transformer's attention pools by softmax averages, which a uniform subset also
+    estimates). The point frame, the flow's grid and whether the detector
     descriptor is appended to the condition come from the model's ``config``."""
     statistics = shower_statistics(geometry, showers, rng, config.grid)
-    moved = geometry.smear_hits(showers, rng) if smear else showers
+    moved = geometry.dequantise(showers, rng) if smear else showers
     features = config.point_frame(geometry).to_features(moved)
     counts = showers.n_points
     keep = np.minimum(counts, max_points)

@@ -182,7 +182,7 @@ def _fit_normalisation(model: ShowerModel, sources: list[DataSource], subsets: l
             raise InputError(f"{source.path}: the training showers hold no hits (every shower drawn is empty); "
                              "there is nothing to learn from")
         frame = model.config.point_frame(source.geometry)
-        features.append(frame.to_features(source.geometry.smear_hits(showers, rng)))
+        features.append(frame.to_features(source.geometry.dequantise(showers, rng)))
         statistics.append(shower_statistics(source.geometry, showers, rng, model.config.grid))
     model.set_normalisation(np.concatenate(features), np.concatenate(statistics))
     for name, buffer in model.named_buffers():
