@@ -62,6 +62,9 @@ class Geometry:
     Readout layer ``l`` collects everything deposited at depths ``[layer_edges_mm[l],
     layer_edges_mm[l+1])``; its cell-centre points sit at depth ``layer_centres_mm[l]`` (the
     sensor centre for a per-sensor readout, the slice centre for a sliced mesh).
+
+    ``barrel_sides`` is the number of faces of the barrel the calorimeter is a module of (0: a
+    cylinder); it turns incidence angles into a direction in the shower frame (docs/inclined.md).
     """
 
     name: str
@@ -73,6 +76,7 @@ class Geometry:
     shower: ShowerParameters
     particle: str = "electron"
     description: str = ""
+    barrel_sides: int = 0
     spec: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +88,9 @@ class Geometry:
             raise GeometryError(f"geometry {self.name!r}: layer edges must increase, one more than layers")
         if np.any(centres < edges[:-1]) or np.any(centres >= edges[1:]):
             raise GeometryError(f"geometry {self.name!r}: layer centres must lie inside their layers")
+        if self.barrel_sides < 0 or self.barrel_sides in (1, 2):
+            raise GeometryError(f"geometry {self.name!r}: barrel_sides must be 0 (a cylinder) or at least 3, "
+                                f"got {self.barrel_sides}")
         if self.readout.n_layers != len(centres):
             raise GeometryError(f"geometry {self.name!r}: readout has {self.readout.n_layers} layers, "
                                 f"depth segmentation {len(centres)}")

@@ -119,6 +119,7 @@ class GeometrySpec(_Strict):
     name: str
     description: str = ""
     particle: Literal["electron", "photon", "positron"] = "electron"
+    barrel_sides: int = Field(default=0, ge=0)
     materials: dict[str, MaterialSpec] = {}
     stack: list[StackItem]
     layers: LayerSpec
@@ -226,7 +227,7 @@ def geometry_from_spec(data: dict, base_dir: Path | None = None, source: str = "
         energy=EnergyScale(e_vis=e_vis, calibration=calibration, threshold_mev=e.threshold_mev),
         shower=ShowerParameters(spec.shower.sampling_term, spec.shower.kappa, spec.shower.moyal_sigma,
                                 shape_region, spec.shower.local_moliere),
-        particle=spec.particle, description=spec.description, spec=resolved,
+        particle=spec.particle, description=spec.description, barrel_sides=spec.barrel_sides, spec=resolved,
     )
     LOADED_GEOMETRIES[geometry.name] = geometry
     return geometry
