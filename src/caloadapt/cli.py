@@ -160,13 +160,19 @@ def simulate(
                                                                "of this file instead of drawing them (e.g. a floor "
                                                                "sample at the reference energies; use another "
                                                                "--seed than the file's)")] = None,
+    theta: Annotated[str, typer.Option(help="polar angle to the beam axis, degrees: 90 (normal incidence), a "
+                                            "uniform range 40:140 or a list 50,90,130 (docs/inclined.md)")] = "90",
+    phi: Annotated[str, typer.Option(help="azimuth around the beam axis, degrees: 90 (normal incidence), "
+                                          "a uniform range 0:360 or a list")] = "90",
     validate: Annotated[bool, typer.Option("--validate", help="run the physics validation table instead")] = False,
     validate_n: Annotated[int, typer.Option(min=1, help="showers per point of the validation table")] = 400,
 ) -> None:
     """Simulate showers with the embedded GFlash simulator and write them to a file."""
     from .data import ShowerWriter
     from .geometry import get_geometry
-    from .simulate import SimulationSettings, iter_simulate, parse_energy_range, sample_incident_energies
+    from .incidence import check_angles
+    from .simulate import (SimulationSettings, iter_simulate, parse_energy_range, sample_angles_deg,
+                           sample_incident_energies)
 
     if validate:
         from .simulate.validate import format_table, validation_table
@@ -190,13 +196,17 @@ def simulate(
     else:
         energies = sample_incident_energies(n, parse_energy_range(energy), spectrum.value,
                                             np.random.default_rng(seed))
+    # the angles have their own random stream, so asking for them never changes the energies
+    angle_rng = np.random.default_rng([seed, 1])
+    theta_deg, phi_deg = check_angles(sample_angles_deg(n, theta, "theta", angle_rng),
+                                      sample_angles_deg(n, phi, "phi", angle_rng), geo.barrel_sides)
     settings = SimulationSettings(mode=mode)
-    attrs = {"command": " ".join(sys.argv), "seed": seed, "simulator_mode": mode,
+    attrs = {"command": " ".join(sys.argv), "seed": seed, "simulator_mode": mode, "theta_deg": theta, "phi_deg": phi,
              **({"energies_from": str(energies_from)} if energies_from is not None
                 else {"spectrum": spectrum.value})}
     with ShowerWriter(output, format.value if level == Level.hits else "points", geo, attrs) as writer:
-        for chunk in iter_simulate(geo, particle, energies, seed=seed, level=level.value, settings=settings,
-                                   progress=True):
+        for chunk in iter_simulate(geo, particle, energies, theta_deg=theta_deg, phi_deg=phi_deg, seed=seed,
+                                   level=level.value, settings=settings, progress=True):
             writer.append(chunk)
     typer.echo(f"wrote {n} {particle} showers in {geo.name} to {output} ({format.value})")
 
