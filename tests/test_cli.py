@@ -227,6 +227,8 @@ def test_simulate_inclined_showers_from_the_barrel_range(run, tmp_path: Path) ->
     showers = read_showers(tmp_path / "inclined.h5")
     assert np.all((showers.theta_deg >= 40) & (showers.theta_deg <= 140)) and np.ptp(showers.theta_deg) > 0
     assert np.all((showers.phi_deg >= 0) & (showers.phi_deg <= 360)) and np.ptp(showers.phi_deg) > 0
+    summary = json.loads(run("info", "inclined.h5", "--json").stdout)
+    assert summary["theta_deg"] == pytest.approx([showers.theta_deg.min(), showers.theta_deg.max()])
     # the angles come from their own random stream: the energies are those of a normal-incidence run
     assert run("simulate", "-o", "normal.h5", "--energy", "2:4", "--n", "6").exit_code == 0
     normal = read_showers(tmp_path / "normal.h5")

@@ -242,7 +242,7 @@ def info(
     geometry: Annotated[Optional[str], typer.Option("--geometry", "-g", help="geometry of the file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Show the format, geometry, counts, energy range and points per shower of a file."""
+    """Show the format, geometry, counts, energy and angle ranges and points per shower of a file."""
     from .data import file_info
 
     summary = file_info(file, geometry)
@@ -254,6 +254,8 @@ def info(
     typer.echo(f"{summary['path']}\n  format     {summary['format']}\n  geometry   {summary['geometry']}\n"
                f"  particle   {summary['particle']}\n  showers    {summary['showers']}\n"
                f"  energy     {e_lo:.4g} - {e_hi:.4g} GeV\n"
+               f"  theta      {summary['theta_deg'][0]:.4g} - {summary['theta_deg'][1]:.4g} deg, "
+               f"phi {summary['phi_deg'][0]:.4g} - {summary['phi_deg'][1]:.4g} deg (90, 90: normal incidence)\n"
                f"  points     min {pts['min']}, mean {pts['mean']:.1f}, max {pts['max']} per shower")
 
 

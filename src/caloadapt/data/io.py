@@ -638,17 +638,20 @@ def count_showers(path: str | os.PathLike[str]) -> int:
 
 def file_info(path: str | os.PathLike[str], geometry: Geometry | str | None = None,
               chunk_size: int = 2000) -> dict:
-    """Summary of a shower file: format, geometry, counts, energy range, points per shower."""
+    """Summary of a shower file: format, geometry, counts, energy and incidence-angle ranges, points per shower."""
     n, e_min, e_max, counts = 0, np.inf, -np.inf, []
+    angles = {"theta_deg": [np.inf, -np.inf], "phi_deg": [np.inf, -np.inf]}
     fmt, geo, particle = detect_format(path), None, None
     for chunk in iter_showers(path, geometry, chunk_size=chunk_size):
         n += len(chunk)
         e_min = min(e_min, float(chunk.incident_energy_mev.min()))
         e_max = max(e_max, float(chunk.incident_energy_mev.max()))
+        for name, values in (("theta_deg", chunk.theta_deg), ("phi_deg", chunk.phi_deg)):
+            angles[name] = [min(angles[name][0], float(values.min())), max(angles[name][1], float(values.max()))]
         counts.append(chunk.n_points)
         geo, particle = chunk.geometry, chunk.particle
     counts = np.concatenate(counts)
     return {"path": str(path), "format": fmt, "geometry": geo, "particle": particle, "showers": n,
-            "incident_energy_gev": [e_min / 1000.0, e_max / 1000.0],
+            "incident_energy_gev": [e_min / 1000.0, e_max / 1000.0], **angles,
             "points_per_shower": {"min": int(counts.min()), "mean": float(counts.mean()), "max": int(counts.max())}}
 
