@@ -81,6 +81,7 @@ def test_every_barrel_angle_enters_through_the_front_face():
 @pytest.mark.parametrize("geometry, particle, energies_mev, mode, digest", [
     ("ild-ecal", "photon", [8e3, 30e3], "B", "1cc7328f657f253c9a17cab5827f45841d3c4a5221035a8073f44c75d9847ee0"),
     ("calochallenge-2", "electron", [2e3, 40e3], "A", "b685129e0e090e2308f32928e9f4b39a5a9a5454f74d83b28df4a37798d073cd"),
+    ("generic-mesh", "electron", [3e3, 25e3], "B", "b610d5d7255531c679511a741dd6d668d23678eaad0be61a8db4c2322ae5bb6b"),
 ])
 def test_normal_incidence_reproduces_the_showers_from_before_angles(geometry, particle, energies_mev, mode, digest):
     """The digests are those of caloadapt before inclined incidence (same pinned NumPy, seed 11)."""
@@ -195,3 +196,54 @@ def test_showers_without_angles_read_as_normal_incidence(make_showers):
     tilted = simulate("ild-ecal", "photon", np.full(2, 5e3), theta_deg=70.0, seed=1)
     joined = Showers.concatenate([plain, tilted])
     np.testing.assert_array_equal(joined.theta_deg, [90.0, 90.0, 70.0, 70.0])
+
+
+# -- the generic mesh along the particle ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def fixed_mesh():
+    """generic-mesh with its mesh fixed to the detector (around the normal through the impact point)."""
+    spec = dict(get_geometry("generic-mesh").spec)
+    spec["name"] = "generic-mesh-fixed"
+    spec["readout"] = {**spec["readout"], "along_particle": False}
+    return geometry_from_spec(spec)
+
+
+def test_generic_mesh_follows_the_particle(fixed_mesh):
+    mesh = get_geometry("generic-mesh")
+    assert mesh.readout.along_particle and not fixed_mesh.readout.along_particle
+    energy_mev = np.full(30, 20e3)
+    normal = simulate(mesh, "electron", energy_mev, seed=4, level="spots")
+    inclined = simulate(mesh, "electron", energy_mev, theta_deg=50.0, phi_deg=90.0, seed=4, level="spots")
+    # in the mesh the inclined shower looks like a normal one: centred on the axis, same depth profile
+    # in X0 along the axis (the W/Si stack is the same mixture along any direction)
+    for axis in (0, 1):
+        assert abs(_weighted_mean(inclined.points[:, axis], inclined.points[:, 3])) < 0.02 * mesh.moliere_radius_mm
+    assert _weighted_mean(inclined.points[:, 2], inclined.points[:, 3]) == pytest.approx(
+        _weighted_mean(normal.points[:, 2], normal.points[:, 3]), rel=0.03)
+    hits_inclined, hits_normal = mesh.digitise(inclined), mesh.digitise(normal)
+    contained = hits_inclined.energy_sum_mev.sum() / inclined.energy_sum_mev.sum()
+    assert contained == pytest.approx(hits_normal.energy_sum_mev.sum() / normal.energy_sum_mev.sum(), abs=0.02)
+    # the mesh fixed to the detector loses the tail of the inclined shower through its side instead
+    fixed = fixed_mesh.digitise(simulate(fixed_mesh, "electron", energy_mev, theta_deg=50.0, seed=4, level="spots"))
+    assert 1 - fixed.energy_sum_mev.sum() / inclined.energy_sum_mev.sum() > 3 * (1 - contained)
+
+
+def test_generic_mesh_points_convert_back_to_the_detector_frame(fixed_mesh):
+    mesh = get_geometry("generic-mesh")
+    energy_mev = np.full(5, 10e3)
+    theta, phi = np.array([50.0, 70.0, 90.0, 120.0, 135.0]), np.full(5, 90.0)
+    along = simulate(mesh, "electron", energy_mev, theta_deg=theta, phi_deg=phi, seed=6, level="spots")
+    detector = simulate(fixed_mesh, "electron", energy_mev, theta_deg=theta, phi_deg=phi, seed=6, level="spots")
+    # the same spots (same random stream), once in the particle frame and once in the detector frame
+    np.testing.assert_allclose(mesh.detector_frame_points(along)[:, :3], detector.points[:, :3], atol=1e-3)
+    np.testing.assert_array_equal(fixed_mesh.detector_frame_points(detector), detector.points.astype(np.float64))
+    # cells -> detector-frame points: a cell centre lies its layer's depth along the particle axis and
+    # its ring's radius away from that axis
+    hits = mesh.digitise(along)
+    points = mesh.detector_frame_points(hits)[:, :3]
+    d = local_direction(hits.theta_deg, hits.phi_deg)[hits.shower_index]
+    along_axis = np.einsum("pi,pi->p", points, d)
+    cells = mesh.cell_index(hits.points)
+    np.testing.assert_allclose(along_axis, mesh.layer_centres_mm[mesh.cell_layer[cells]], atol=1e-3)
+    radius = np.linalg.norm(points - along_axis[:, None] * d, axis=1)
+    np.testing.assert_allclose(radius, np.hypot(hits.points[:, 0], hits.points[:, 1]), atol=1e-3)

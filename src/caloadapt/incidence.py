@@ -32,7 +32,8 @@ from numpy.typing import ArrayLike
 from .errors import InputError
 
 __all__ = ["NORMAL_THETA_DEG", "NORMAL_PHI_DEG", "MAX_INCLINATION_DEG", "check_angles",
-           "face_phi_deg", "local_direction", "inclination_deg", "angles_from_local_direction"]
+           "face_phi_deg", "local_direction", "inclination_deg", "angles_from_local_direction",
+           "transverse_basis", "to_particle_frame", "from_particle_frame"]
 
 #: polar angle of normal incidence (a particle perpendicular to the beam axis)
 NORMAL_THETA_DEG = 90.0
@@ -109,3 +110,37 @@ def angles_from_local_direction(direction: ArrayLike) -> tuple[np.ndarray, np.nd
     theta = np.degrees(np.arccos(np.clip(d[..., 1], -1.0, 1.0)))
     dphi = np.degrees(np.arctan2(-d[..., 0], d[..., 2]))
     return theta, NORMAL_PHI_DEG + dphi
+
+
+def transverse_basis(direction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors u, v perpendicular to each ``(N, 3)`` direction: the particle frame's x and y axes.
+
+    u lies in the plane of incidence (tilted out of the layer plane by the inclination), v in the
+    layer plane; (u, v, direction) is right-handed. Normal incidence gives exactly u = (1, 0, 0) and
+    v = (0, 1, 0), so the particle frame is then the shower frame itself, bit for bit.
+    """
+    sin_incl = np.hypot(direction[:, 0], direction[:, 1])
+    cos_incl = direction[:, 2]
+    tilted = sin_incl > 0
+    cos_az = np.where(tilted, direction[:, 0] / np.where(tilted, sin_incl, 1.0), 1.0)
+    sin_az = np.where(tilted, direction[:, 1] / np.where(tilted, sin_incl, 1.0), 0.0)
+    u = np.stack([cos_incl * cos_az, cos_incl * sin_az, -sin_incl], axis=1)
+    v = np.stack([-sin_az, cos_az, np.zeros_like(cos_az)], axis=1)
+    return u, v
+
+
+def to_particle_frame(points_mm: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """``(P, 3)`` shower-frame points -> particle frame (along u, along v, along the direction), mm.
+
+    ``direction`` is ``(P, 3)``, the direction of each point's particle; the origin (the impact
+    point) is shared by both frames.
+    """
+    u, v = transverse_basis(direction)
+    return np.stack([np.einsum("pi,pi->p", points_mm, u), np.einsum("pi,pi->p", points_mm, v),
+                     np.einsum("pi,pi->p", points_mm, direction)], axis=1)
+
+
+def from_particle_frame(points_mm: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_particle_frame`: particle-frame points back to the shower (detector) frame."""
+    u, v = transverse_basis(direction)
+    return points_mm[:, :1] * u + points_mm[:, 1:2] * v + points_mm[:, 2:3] * direction

@@ -10,6 +10,7 @@ import scipy.sparse
 
 from ..showers import ENERGY, X, Y, Z, Showers
 from ..errors import GeometryError, InputError
+from ..incidence import from_particle_frame, local_direction
 from .materials import Mixture
 from .readout import CylindricalReadout, PlanarReadout, uniform_inside
 from .stack import MaterialStack
@@ -65,6 +66,9 @@ class Geometry:
 
     ``barrel_sides`` is the number of faces of the barrel the calorimeter is a module of (0: a
     cylinder); it turns incidence angles into a direction in the shower frame (docs/inclined.md).
+    A readout ``along_particle`` (a mesh following the particle) makes the shower frame the
+    particle's own: z along the particle axis from the entrance point, x and y across it
+    (:meth:`detector_frame_points` turns such showers back into the detector frame).
     """
 
     name: str
@@ -261,6 +265,22 @@ class Geometry:
         points = np.stack([x, y, z, showers.points[:, ENERGY]], axis=1)
         return Showers(points, showers.offsets, showers.incident_energy_mev, showers.particle, showers.geometry,
                        dict(showers.meta))
+
+    def detector_frame_points(self, showers: Showers) -> np.ndarray:
+        """``(P, 4)`` float64 points of ``showers`` in the detector frame: x, y, z [mm], energy.
+
+        A mesh along the particle (``readout.along_particle``) holds its showers in the particle's
+        frame; this turns them, cell centres included, back into the frame of the detector module
+        with each shower's incidence angles (docs/inclined.md), e.g. to place generated cells in a
+        detector. Other geometries already hold detector-frame points, returned as they are.
+        Rows follow ``showers.offsets``.
+        """
+        self.check_showers(showers)
+        points = showers.points.astype(np.float64)
+        if not self.readout.along_particle:
+            return points
+        direction = local_direction(showers.theta_deg, showers.phi_deg, self.barrel_sides)[showers.shower_index]
+        return np.concatenate([from_particle_frame(points[:, :ENERGY], direction), points[:, ENERGY:]], axis=1)
 
     def check_showers(self, showers: Showers) -> None:
         """Raise a clear error when showers belong to another geometry."""

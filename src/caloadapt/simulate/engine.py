@@ -21,7 +21,8 @@ from scipy.special import gammainc
 from ..showers import Showers
 from ..errors import InputError
 from ..geometry import Geometry
-from ..incidence import NORMAL_PHI_DEG, NORMAL_THETA_DEG, check_angles, local_direction
+from ..incidence import (NORMAL_PHI_DEG, NORMAL_THETA_DEG, check_angles, local_direction, to_particle_frame,
+                         transverse_basis)
 from . import gflash
 
 __all__ = ["SimulationSettings", "simulate_chunk", "gflash_medium", "STEP_X0"]
@@ -115,23 +116,6 @@ def _carry_forward(visible: np.ndarray, counts: np.ndarray) -> np.ndarray:
     previous = np.concatenate([np.full((len(visible), 1), -1), last_with_spots[:, :-1]], axis=1)
     before = np.where(previous >= 0, np.take_along_axis(cumulative, np.maximum(previous, 0), axis=1), 0.0)
     return np.where(with_spots, cumulative - before, 0.0)
-
-
-def _transverse_basis(direction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unit vectors u, v perpendicular to each ``(N, 3)`` direction; (x, y) axes at normal incidence.
-
-    u lies in the plane of incidence (tilted out of the layer plane by the inclination), v in the
-    layer plane. Normal incidence gives exactly u = (1, 0, 0) and v = (0, 1, 0), so its spots are
-    placed bit for bit as before angles existed.
-    """
-    sin_incl = np.hypot(direction[:, 0], direction[:, 1])
-    cos_incl = direction[:, 2]
-    along = sin_incl > 0
-    cos_az = np.where(along, direction[:, 0] / np.where(along, sin_incl, 1.0), 1.0)
-    sin_az = np.where(along, direction[:, 1] / np.where(along, sin_incl, 1.0), 0.0)
-    u = np.stack([cos_incl * cos_az, cos_incl * sin_az, -sin_incl], axis=1)
-    v = np.stack([-sin_az, cos_az, np.zeros_like(cos_az)], axis=1)
-    return u, v
 
 
 def _landing_correction(geometry: Geometry, axis_depth_mm: np.ndarray, spot_depth_mm: np.ndarray) -> np.ndarray:
@@ -234,12 +218,14 @@ def simulate_chunk(geometry: Geometry, particle: str, incident_energy_mev: np.nd
     # axis point at that depth, then the radial offset perpendicular to the axis (reference §4.3 step 7)
     axis_depth_mm = geometry.stack.depth_mm_at(depth_x0)
     spot_direction = direction[parent[sub]]
-    u, v = _transverse_basis(spot_direction)
+    u, v = transverse_basis(spot_direction)
     offset_u, offset_v = radius_mm * np.cos(spot_phi), radius_mm * np.sin(spot_phi)
     position = (axis_depth_mm / spot_direction[:, 2])[:, None] * spot_direction \
         + offset_u[:, None] * u + offset_v[:, None] * v
     position[:, 2] = axis_depth_mm + offset_u * u[:, 2]  # exact depth of the axis point (no / cos * cos)
     spot_visible = spot_visible * _landing_correction(geometry, axis_depth_mm, position[:, 2])
+    if geometry.readout.along_particle:  # a mesh along the particle reads the shower in the particle's frame
+        position = to_particle_frame(position, spot_direction)
     points = np.concatenate([position, (spot_visible * geometry.energy.calibration)[:, None]], axis=1)
 
     spots_per_shower = np.bincount(parent[sub], minlength=n_showers)
