@@ -65,7 +65,7 @@ def check_angles(theta_deg: ArrayLike, phi_deg: ArrayLike, barrel_sides: int = 0
     would fly along the beam and never reach the barrel) and inclinations to the layer normal above
     :data:`MAX_INCLINATION_DEG`.
     """
-    theta, phi = np.broadcast_arrays(np.asarray(theta_deg, dtype=np.float64), np.asarray(phi_deg, dtype=np.float64))
+    theta, phi = (np.array(a, dtype=np.float64) for a in np.broadcast_arrays(theta_deg, phi_deg))  # own copies
     if not (np.all(np.isfinite(theta)) and np.all(np.isfinite(phi))):
         raise InputError("incidence angles must be finite numbers (degrees)")
     if np.any((theta <= 0) | (theta >= 180)):
