@@ -79,9 +79,12 @@ def test_every_barrel_angle_enters_through_the_front_face():
 
 # -- normal incidence unchanged -------------------------------------------------------------------
 @pytest.mark.parametrize("geometry, particle, energies_mev, mode, digest", [
-    ("ild-ecal", "photon", [8e3, 30e3], "B", "1cc7328f657f253c9a17cab5827f45841d3c4a5221035a8073f44c75d9847ee0"),
-    ("calochallenge-2", "electron", [2e3, 40e3], "A", "b685129e0e090e2308f32928e9f4b39a5a9a5454f74d83b28df4a37798d073cd"),
-    ("generic-mesh", "electron", [3e3, 25e3], "B", "b610d5d7255531c679511a741dd6d668d23678eaad0be61a8db4c2322ae5bb6b"),
+    ("ild-ecal", "photon", [8e3, 30e3], "B",
+     "1cc7328f657f253c9a17cab5827f45841d3c4a5221035a8073f44c75d9847ee0"),
+    ("calochallenge-2", "electron", [2e3, 40e3], "A",
+     "b685129e0e090e2308f32928e9f4b39a5a9a5454f74d83b28df4a37798d073cd"),
+    ("generic-mesh", "electron", [3e3, 25e3], "B",
+     "b610d5d7255531c679511a741dd6d668d23678eaad0be61a8db4c2322ae5bb6b"),
 ])
 def test_normal_incidence_reproduces_the_showers_from_before_angles(geometry, particle, energies_mev, mode, digest):
     """The digests are those of caloadapt before inclined incidence (same pinned NumPy, seed 11)."""
