@@ -238,6 +238,15 @@ def test_simulate_inclined_showers_from_the_barrel_range(run, tmp_path: Path) ->
                "--phi", "95").exit_code == 0
     listed = read_showers(tmp_path / "listed.h5")
     assert set(listed.theta_deg) <= {60.0, 120.0} and np.all(listed.phi_deg == 95.0)
+    # a floor sample for inclined showers takes their directions with their energies, unless told otherwise
+    assert run("simulate", "-o", "floor.h5", "--energies-from", "inclined.h5", "--n", "6", "--seed", "9").exit_code == 0
+    floor = read_showers(tmp_path / "floor.h5")
+    np.testing.assert_array_equal(floor.incident_energy_mev, showers.incident_energy_mev)
+    np.testing.assert_array_equal(floor.theta_deg, showers.theta_deg)
+    np.testing.assert_array_equal(floor.phi_deg, showers.phi_deg)
+    assert run("simulate", "-o", "floor90.h5", "--energies-from", "inclined.h5", "--n", "6", "--theta", "90",
+               "--phi", "90").exit_code == 0
+    np.testing.assert_array_equal(read_showers(tmp_path / "floor90.h5").theta_deg, 90.0)
 
 
 @pytest.mark.parametrize("option, value, word", [

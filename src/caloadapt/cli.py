@@ -159,18 +159,20 @@ def simulate(
     energies_from: Annotated[Optional[Path], typer.Option(help="take the incident energies of the first --n showers "
                                                                "of this file instead of drawing them (e.g. a floor "
                                                                "sample at the reference energies; use another "
-                                                               "--seed than the file's)")] = None,
-    theta: Annotated[str, typer.Option(help="polar angle to the beam axis, degrees: 90 (normal incidence), a "
-                                            "uniform range 40:140 or a list 50,90,130 (docs/inclined.md)")] = "90",
-    phi: Annotated[str, typer.Option(help="azimuth around the beam axis, degrees: 90 (normal incidence), "
-                                          "a uniform range 0:360 or a list")] = "90",
+                                                               "--seed than the file's), and their incidence angles "
+                                                               "unless --theta / --phi are given")] = None,
+    theta: Annotated[Optional[str], typer.Option(help="polar angle to the beam axis, degrees: 90 (normal incidence), "
+                                                      "a uniform range 40:140 or a list 50,90,130 "
+                                                      "(docs/inclined.md); default 90")] = None,
+    phi: Annotated[Optional[str], typer.Option(help="azimuth around the beam axis, degrees: 90 (normal incidence), "
+                                                    "a uniform range 0:360 or a list; default 90")] = None,
     validate: Annotated[bool, typer.Option("--validate", help="run the physics validation table instead")] = False,
     validate_n: Annotated[int, typer.Option(min=1, help="showers per point of the validation table")] = 400,
 ) -> None:
     """Simulate showers with the embedded GFlash simulator and write them to a file."""
     from .data import ShowerWriter
     from .geometry import get_geometry
-    from .incidence import check_angles
+    from .incidence import NORMAL_PHI_DEG, NORMAL_THETA_DEG, check_angles
     from .simulate import (SimulationSettings, iter_simulate, parse_energy_range, sample_angles_deg,
                            sample_incident_energies)
 
@@ -187,21 +189,26 @@ def simulate(
         raise CaloadaptError("missing --output / -o: where to write the showers")
     geo = get_geometry(geometry)
     particle = particle or geo.particle
+    # the angles have their own random stream, so asking for them never changes the energies
+    angle_rng = np.random.default_rng([seed, 1])
+    theta_deg = sample_angles_deg(n, theta, "theta", angle_rng) if theta is not None else np.full(n, NORMAL_THETA_DEG)
+    phi_deg = sample_angles_deg(n, phi, "phi", angle_rng) if phi is not None else np.full(n, NORMAL_PHI_DEG)
     if energies_from is not None:
         from .data.io import iter_showers
 
-        energies = np.concatenate([c.incident_energy_mev for c in iter_showers(energies_from, stop=n)])
+        incoming = [(c.incident_energy_mev, c.theta_deg, c.phi_deg) for c in iter_showers(energies_from, stop=n)]
+        energies = np.concatenate([e for e, _, _ in incoming])
         if len(energies) < n:
             raise CaloadaptError(f"{energies_from}: holds {len(energies)} showers, fewer than --n {n}")
+        # a floor sample for the file's showers: same particles, so the same directions too
+        theta_deg = theta_deg if theta is not None else np.concatenate([t for _, t, _ in incoming])
+        phi_deg = phi_deg if phi is not None else np.concatenate([p for _, _, p in incoming])
     else:
         energies = sample_incident_energies(n, parse_energy_range(energy), spectrum.value,
                                             np.random.default_rng(seed))
-    # the angles have their own random stream, so asking for them never changes the energies
-    angle_rng = np.random.default_rng([seed, 1])
-    theta_deg, phi_deg = check_angles(sample_angles_deg(n, theta, "theta", angle_rng),
-                                      sample_angles_deg(n, phi, "phi", angle_rng), geo.barrel_sides)
+    theta_deg, phi_deg = check_angles(theta_deg, phi_deg, geo.barrel_sides)
     settings = SimulationSettings(mode=mode)
-    attrs = {"command": " ".join(sys.argv), "seed": seed, "simulator_mode": mode, "theta_deg": theta, "phi_deg": phi,
+    attrs = {"command": " ".join(sys.argv), "seed": seed, "simulator_mode": mode,
              **({"energies_from": str(energies_from)} if energies_from is not None
                 else {"spectrum": spectrum.value})}
     with ShowerWriter(output, format.value if level == Level.hits else "points", geo, attrs) as writer:
