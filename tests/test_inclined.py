@@ -14,7 +14,7 @@ from caloadapt.incidence import (MAX_INCLINATION_DEG, angles_from_local_directio
                                  local_direction)
 from caloadapt.showers import Showers
 from caloadapt.simulate import SimulationSettings, gflash, simulate, simulate_chunk
-from caloadapt.simulate.engine import gflash_medium
+from caloadapt.simulate.engine import _landing_correction, gflash_medium
 
 NO_FLUCTUATIONS = SimulationSettings(fluctuations=False)
 
@@ -250,3 +250,14 @@ def test_generic_mesh_points_convert_back_to_the_detector_frame(fixed_mesh):
     np.testing.assert_allclose(along_axis, mesh.layer_centres_mm[mesh.cell_layer[cells]], atol=1e-3)
     radius = np.linalg.norm(points - along_axis[:, None] * d, axis=1)
     np.testing.assert_allclose(radius, np.hypot(hits.points[:, 0], hits.points[:, 1]), atol=1e-3)
+
+
+def test_a_spot_carries_the_visible_fraction_of_the_layer_it_lands_in():
+    ild = get_geometry("ild-ecal")
+    f_vis = ild.layer_visible_fraction
+    centre = ild.layer_centres_mm
+    axis = np.array([centre[18], centre[18], centre[18], centre[18]])
+    spot = np.array([centre[18], centre[22], -5.0, ild.layer_edges_mm[-1] + 5.0])  # same, stack 2, in front, behind
+    ratio = _landing_correction(ild, axis, spot)
+    assert f_vis[22] < 0.7 * f_vis[18]  # the ILD stack-2 plates are twice as thick
+    np.testing.assert_array_equal(ratio, [1.0, f_vis[22] / f_vis[18], 1.0, 1.0])
