@@ -221,6 +221,43 @@ def test_simulate_bad_energy(run, tmp_path: Path, energy: str) -> None:
     _no_output(tmp_path, "out.h5")
 
 
+def test_simulate_inclined_showers_from_the_barrel_range(run, tmp_path: Path) -> None:
+    result = run("simulate", "-o", "inclined.h5", "--energy", "2:4", "--n", "6", "--theta", "40:140", "--phi", "0:360")
+    assert result.exit_code == 0, result.output
+    showers = read_showers(tmp_path / "inclined.h5")
+    assert np.all((showers.theta_deg >= 40) & (showers.theta_deg <= 140)) and np.ptp(showers.theta_deg) > 0
+    assert np.all((showers.phi_deg >= 0) & (showers.phi_deg <= 360)) and np.ptp(showers.phi_deg) > 0
+    summary = json.loads(run("info", "inclined.h5", "--json").stdout)
+    assert summary["theta_deg"] == pytest.approx([showers.theta_deg.min(), showers.theta_deg.max()])
+    # the angles come from their own random stream: the energies are those of a normal-incidence run
+    assert run("simulate", "-o", "normal.h5", "--energy", "2:4", "--n", "6").exit_code == 0
+    normal = read_showers(tmp_path / "normal.h5")
+    np.testing.assert_array_equal(showers.incident_energy_mev, normal.incident_energy_mev)
+    np.testing.assert_array_equal(normal.theta_deg, 90.0)
+    assert run("simulate", "-o", "listed.h5", "--energy", "2", "--n", "4", "--theta", "60,120",
+               "--phi", "95").exit_code == 0
+    listed = read_showers(tmp_path / "listed.h5")
+    assert set(listed.theta_deg) <= {60.0, 120.0} and np.all(listed.phi_deg == 95.0)
+    # a floor sample for inclined showers takes their directions with their energies, unless told otherwise
+    assert run("simulate", "-o", "floor.h5", "--energies-from", "inclined.h5", "--n", "6", "--seed", "9").exit_code == 0
+    floor = read_showers(tmp_path / "floor.h5")
+    np.testing.assert_array_equal(floor.incident_energy_mev, showers.incident_energy_mev)
+    np.testing.assert_array_equal(floor.theta_deg, showers.theta_deg)
+    np.testing.assert_array_equal(floor.phi_deg, showers.phi_deg)
+    assert run("simulate", "-o", "floor90.h5", "--energies-from", "inclined.h5", "--n", "6", "--theta", "90",
+               "--phi", "90").exit_code == 0
+    np.testing.assert_array_equal(read_showers(tmp_path / "floor90.h5").theta_deg, 90.0)
+
+
+@pytest.mark.parametrize("option, value, word", [
+    ("--theta", "0", "theta=0"), ("--theta", "180", "theta=180"), ("--theta", "5", "at most 80"),
+    ("--theta", "abc", "abc"), ("--theta", "140:40", "140:40"), ("--phi", "nan", "nan"), ("--phi", "x:1", "x:1"),
+])
+def test_simulate_bad_angles(run, tmp_path: Path, option: str, value: str, word: str) -> None:
+    _assert_one_line_error(run("simulate", "-o", "out.h5", option, value, "--n", "2"), word)
+    _no_output(tmp_path, "out.h5")
+
+
 def test_simulate_bad_particle_and_missing_output(run, tmp_path: Path) -> None:
     _assert_one_line_error(run("simulate", "-o", "out.h5", "--particle", "muon", "--n", "2"), "muon")
     _assert_one_line_error(run("simulate", "--n", "2"), "--output")

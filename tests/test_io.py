@@ -422,3 +422,87 @@ def test_failed_open_closes_the_file(tmp_path: Path) -> None:
     assert info.value is not None  # keep the exception (and its traceback) alive
     with h5py.File(path, "w") as f:  # fails while the reader still holds the file open
         f["x"] = 1
+
+
+# -- incidence angles (docs/inclined.md) -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def inclined_ild() -> Showers:
+    theta, phi = np.array([60.0, 90.0, 125.0, 80.0]), np.array([90.0, 105.0, 80.0, 90.0])
+    return simulate("ild-ecal", "photon", np.full(4, 5e3), theta_deg=theta, phi_deg=phi, seed=3)
+
+
+def test_points_file_keeps_the_angles_of_each_shower(tmp_path: Path, inclined_ild: Showers) -> None:
+    path = tmp_path / "inclined.h5"
+    write_showers(path, inclined_ild)
+    back = read_showers(path)
+    _assert_same_showers(back, inclined_ild)
+    np.testing.assert_array_equal(back.theta_deg, inclined_ild.theta_deg)
+    np.testing.assert_array_equal(back.phi_deg, inclined_ild.phi_deg)
+
+
+def test_ild_file_stores_the_direction_in_the_caloclouds3_local_frame(tmp_path: Path, inclined_ild: Showers) -> None:
+    path = tmp_path / "ild.h5"
+    write_showers(path, inclined_ild, "ild")
+    with h5py.File(path) as f:
+        assert set(f.keys()) == {"events", "energy", "p_norm_local"}
+        local = f["p_norm_local"][:].astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(local, axis=1), 1.0, rtol=1e-6)
+    # (beam axis, x, depth): the beam component is cos(theta), the depth component cos(inclination)
+    np.testing.assert_allclose(local[:, 0], np.cos(np.radians(inclined_ild.theta_deg)), atol=1e-6)
+    assert local[1, 1] == pytest.approx(-np.sin(np.radians(15.0)), abs=1e-6)  # phi 15 degrees off the face normal
+    back = read_showers(path)
+    np.testing.assert_allclose(back.theta_deg, inclined_ild.theta_deg, atol=1e-4)
+    np.testing.assert_allclose(back.phi_deg, inclined_ild.phi_deg, atol=1e-4)  # all within the top face
+
+
+def test_calochallenge_file_stores_angle_datasets(tmp_path: Path) -> None:
+    showers = simulate("calochallenge-2", "electron", np.full(3, 5e3), theta_deg=[70.0, 90.0, 110.0],
+                       phi_deg=[10.0, 90.0, 200.0], seed=2)
+    path = tmp_path / "cc.h5"
+    write_showers(path, showers, "calochallenge")
+    with h5py.File(path) as f:
+        assert set(f.keys()) == {"incident_energies", "showers", "incident_theta_deg", "incident_phi_deg"}
+        np.testing.assert_array_equal(f["incident_theta_deg"][:, 0], [70.0, 90.0, 110.0])
+    back = read_showers(path)
+    np.testing.assert_array_equal(back.theta_deg, showers.theta_deg)
+    np.testing.assert_array_equal(back.phi_deg, showers.phi_deg)
+
+
+@pytest.mark.parametrize("fmt", ["ild", "calochallenge"])
+def test_normal_chunks_written_before_inclined_ones_read_as_normal(tmp_path: Path, fmt: str) -> None:
+    geometry = "ild-ecal" if fmt == "ild" else "calochallenge-2"
+    particle = "photon" if fmt == "ild" else "electron"
+    normal = simulate(geometry, particle, np.full(2, 5e3), seed=1)
+    inclined = simulate(geometry, particle, np.full(3, 5e3), theta_deg=65.0, seed=2)
+    path = tmp_path / f"{fmt}.h5"
+    with ShowerWriter(path, fmt, geometry) as writer:
+        writer.append(normal)  # no angle dataset yet: the published layout
+        writer.append(inclined)
+    back = read_showers(path)
+    np.testing.assert_allclose(back.theta_deg, [90, 90, 65, 65, 65], atol=1e-4)
+    np.testing.assert_allclose(back.phi_deg, 90.0, atol=1e-4)
+
+
+def test_files_without_angles_read_as_normal_incidence(tmp_path: Path, simulated) -> None:
+    path = tmp_path / "old.h5"
+    showers = simulated("calochallenge-2")
+    write_showers(path, showers, "calochallenge")  # normal incidence: no angle datasets, as before
+    back = read_showers(path)
+    np.testing.assert_array_equal(back.theta_deg, 90.0)
+    np.testing.assert_array_equal(back.phi_deg, 90.0)
+
+
+def test_bad_angle_datasets_give_clear_errors(tmp_path: Path, inclined_ild: Showers) -> None:
+    path = tmp_path / "ild.h5"
+    write_showers(path, inclined_ild, "ild")
+    with h5py.File(path, "r+") as f:
+        f["p_norm_local"][0] = [0.0, 0.0, -1.0]
+    with pytest.raises(InputError, match="do not enter the calorimeter through its front"):
+        read_showers(path)
+    cc = tmp_path / "cc.h5"
+    write_showers(cc, simulate("calochallenge-2", "electron", np.full(2, 5e3), theta_deg=70.0, seed=1),
+                  "calochallenge")
+    with h5py.File(cc, "r+") as f:
+        del f["incident_phi_deg"]
+    with pytest.raises(InputError, match="only one of incident_theta_deg and incident_phi_deg"):
+        read_showers(cc)

@@ -166,3 +166,5 @@ def test_validation_table_runs_and_reports():
     assert all(np.isfinite(r.measured) for r in rows)
     text = format_table(rows)
     assert "within tolerance" in text and "ILD hits" in text
+    inclined = [r for r in rows if "inclined" in r.quantity]
+    assert len(inclined) == 3 and all(r.passed for r in inclined)  # exact relations: hold on 12 showers

@@ -159,14 +159,22 @@ def simulate(
     energies_from: Annotated[Optional[Path], typer.Option(help="take the incident energies of the first --n showers "
                                                                "of this file instead of drawing them (e.g. a floor "
                                                                "sample at the reference energies; use another "
-                                                               "--seed than the file's)")] = None,
+                                                               "--seed than the file's), and their incidence angles "
+                                                               "unless --theta / --phi are given")] = None,
+    theta: Annotated[Optional[str], typer.Option(help="polar angle to the beam axis, degrees: 90 (normal incidence), "
+                                                      "a uniform range 40:140 or a list 50,90,130 "
+                                                      "(docs/inclined.md); default 90")] = None,
+    phi: Annotated[Optional[str], typer.Option(help="azimuth around the beam axis, degrees: 90 (normal incidence), "
+                                                    "a uniform range 0:360 or a list; default 90")] = None,
     validate: Annotated[bool, typer.Option("--validate", help="run the physics validation table instead")] = False,
     validate_n: Annotated[int, typer.Option(min=1, help="showers per point of the validation table")] = 400,
 ) -> None:
     """Simulate showers with the embedded GFlash simulator and write them to a file."""
     from .data import ShowerWriter
     from .geometry import get_geometry
-    from .simulate import SimulationSettings, iter_simulate, parse_energy_range, sample_incident_energies
+    from .incidence import NORMAL_PHI_DEG, NORMAL_THETA_DEG, check_angles
+    from .simulate import (SimulationSettings, iter_simulate, parse_energy_range, sample_angles_deg,
+                           sample_incident_energies)
 
     if validate:
         from .simulate.validate import format_table, validation_table
@@ -181,22 +189,31 @@ def simulate(
         raise CaloadaptError("missing --output / -o: where to write the showers")
     geo = get_geometry(geometry)
     particle = particle or geo.particle
+    # the angles have their own random stream, so asking for them never changes the energies
+    angle_rng = np.random.default_rng([seed, 1])
+    theta_deg = sample_angles_deg(n, theta, "theta", angle_rng) if theta is not None else np.full(n, NORMAL_THETA_DEG)
+    phi_deg = sample_angles_deg(n, phi, "phi", angle_rng) if phi is not None else np.full(n, NORMAL_PHI_DEG)
     if energies_from is not None:
         from .data.io import iter_showers
 
-        energies = np.concatenate([c.incident_energy_mev for c in iter_showers(energies_from, stop=n)])
+        incoming = [(c.incident_energy_mev, c.theta_deg, c.phi_deg) for c in iter_showers(energies_from, stop=n)]
+        energies = np.concatenate([e for e, _, _ in incoming])
         if len(energies) < n:
             raise CaloadaptError(f"{energies_from}: holds {len(energies)} showers, fewer than --n {n}")
+        # a floor sample for the file's showers: same particles, so the same directions too
+        theta_deg = theta_deg if theta is not None else np.concatenate([t for _, t, _ in incoming])
+        phi_deg = phi_deg if phi is not None else np.concatenate([p for _, _, p in incoming])
     else:
         energies = sample_incident_energies(n, parse_energy_range(energy), spectrum.value,
                                             np.random.default_rng(seed))
+    theta_deg, phi_deg = check_angles(theta_deg, phi_deg, geo.barrel_sides)
     settings = SimulationSettings(mode=mode)
     attrs = {"command": " ".join(sys.argv), "seed": seed, "simulator_mode": mode,
              **({"energies_from": str(energies_from)} if energies_from is not None
                 else {"spectrum": spectrum.value})}
     with ShowerWriter(output, format.value if level == Level.hits else "points", geo, attrs) as writer:
-        for chunk in iter_simulate(geo, particle, energies, seed=seed, level=level.value, settings=settings,
-                                   progress=True):
+        for chunk in iter_simulate(geo, particle, energies, theta_deg=theta_deg, phi_deg=phi_deg, seed=seed,
+                                   level=level.value, settings=settings, progress=True):
             writer.append(chunk)
     typer.echo(f"wrote {n} {particle} showers in {geo.name} to {output} ({format.value})")
 
@@ -232,7 +249,7 @@ def info(
     geometry: Annotated[Optional[str], typer.Option("--geometry", "-g", help="geometry of the file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Show the format, geometry, counts, energy range and points per shower of a file."""
+    """Show the format, geometry, counts, energy and angle ranges and points per shower of a file."""
     from .data import file_info
 
     summary = file_info(file, geometry)
@@ -244,6 +261,8 @@ def info(
     typer.echo(f"{summary['path']}\n  format     {summary['format']}\n  geometry   {summary['geometry']}\n"
                f"  particle   {summary['particle']}\n  showers    {summary['showers']}\n"
                f"  energy     {e_lo:.4g} - {e_hi:.4g} GeV\n"
+               f"  theta      {summary['theta_deg'][0]:.4g} - {summary['theta_deg'][1]:.4g} deg, "
+               f"phi {summary['phi_deg'][0]:.4g} - {summary['phi_deg'][1]:.4g} deg (90, 90: normal incidence)\n"
                f"  points     min {pts['min']}, mean {pts['mean']:.1f}, max {pts['max']} per shower")
 
 

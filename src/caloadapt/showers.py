@@ -7,6 +7,10 @@ Coordinates are those of the shower frame shared by every geometry of the packag
 - ``energy``: cell (or spot) energy in MeV, on the readout energy scale of the geometry
   (visible silicon energy for ``ild-ecal``; silicon energy / 0.033 for the CaloChallenge
   geometries, so that a shower sums to about its incident energy).
+
+``z`` is the depth along the layer normal; a particle may arrive inclined to it, with the
+incidence angles ``meta['theta_deg']``, ``meta['phi_deg']`` of docs/inclined.md (showers without
+them are at normal incidence, see :attr:`Showers.theta_deg`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
+from .incidence import NORMAL_PHI_DEG, NORMAL_THETA_DEG
 
 __all__ = ["Showers", "PARTICLES", "X", "Y", "Z", "ENERGY"]
 
@@ -100,11 +105,15 @@ class Showers:
                                  f"with {first.particle}/{first.geometry!r}")
         counts = np.concatenate([b.n_points for b in batches])
         meta_keys = set.intersection(*(set(b.meta) for b in batches))
+        meta = {k: np.concatenate([b.meta[k] for b in batches]) for k in sorted(meta_keys)}
+        if any("theta_deg" in b.meta or "phi_deg" in b.meta for b in batches):
+            # a batch without angles is at normal incidence: keep the angles of the others
+            meta["theta_deg"] = np.concatenate([b.theta_deg for b in batches])
+            meta["phi_deg"] = np.concatenate([b.phi_deg for b in batches])
         return Showers.from_counts(
             np.concatenate([b.points for b in batches]), counts,
             np.concatenate([b.incident_energy_mev for b in batches]),
-            particle=first.particle, geometry=first.geometry,
-            meta={k: np.concatenate([b.meta[k] for b in batches]) for k in sorted(meta_keys)},
+            particle=first.particle, geometry=first.geometry, meta=meta,
         )
 
     # -- size and access ---------------------------------------------------------------------
@@ -115,6 +124,16 @@ class Showers:
     def n_points(self) -> np.ndarray:
         """``(N,)`` number of points of each shower."""
         return np.diff(self.offsets)
+
+    @property
+    def theta_deg(self) -> np.ndarray:
+        """``(N,)`` polar angle of incidence to the beam axis in degrees; 90 (normal) when not recorded."""
+        return np.asarray(self.meta.get("theta_deg", np.full(len(self), NORMAL_THETA_DEG)), np.float64)
+
+    @property
+    def phi_deg(self) -> np.ndarray:
+        """``(N,)`` azimuth of incidence in degrees; 90 (normal) when not recorded."""
+        return np.asarray(self.meta.get("phi_deg", np.full(len(self), NORMAL_PHI_DEG)), np.float64)
 
     @property
     def shower_index(self) -> np.ndarray:

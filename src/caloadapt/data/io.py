@@ -8,10 +8,18 @@ format                    content
                           and geometry (name and YAML description) as attributes; chunked, gzip
 ``ild``                   ``events`` (N, 4, M) float32 zero-padded at the start, features
                           (x [mm], layer + position in layer, z [mm], energy [GeV]);
-                          ``energy`` (N, 1) incident energy [GeV] (CaloClouds)
+                          ``energy`` (N, 1) incident energy [GeV] (CaloClouds);
+                          ``p_norm_local`` (N, 3) unit direction of the particle in the local
+                          shower frame (beam axis, x, depth), as in the CaloClouds-3 angular files
 ``calochallenge``         ``incident_energies`` (N, 1) [MeV]; ``showers`` (N, cells) [MeV] in
-                          (layer, alpha, r) order, cells below threshold zeroed
+                          (layer, alpha, r) order, cells below threshold zeroed;
+                          ``incident_theta_deg``, ``incident_phi_deg`` (N, 1) [degrees]
 ========================  ==================================================================
+
+Incidence angles (docs/inclined.md) are ``meta/theta_deg`` and ``meta/phi_deg`` in the points
+format. A file without them holds showers at normal incidence (theta = phi = 90 degrees); the
+ILD and CaloChallenge writers add their angle datasets only once a shower is not at normal
+incidence, so normal-incidence files keep exactly the layout of the published data sets.
 
 The format is detected from the keys on reading. Every writer writes a temporary file and renames
 it when complete, so an interrupted run never leaves a partial file under the target name.
@@ -35,14 +43,21 @@ from .._atomic import atomic_path
 from .._signals import deferred_termination
 from ..errors import CaloadaptError, InputError, OutputError
 from ..geometry import Geometry, geometry_from_yaml_text, get_geometry
+from ..incidence import NORMAL_PHI_DEG, NORMAL_THETA_DEG, angles_from_local_direction, local_direction
 from ..showers import ENERGY, PARTICLES, Showers
 
 __all__ = ["FORMATS", "detect_format", "read_showers", "iter_showers", "write_showers", "ShowerWriter",
-           "file_info", "file_geometry", "count_showers", "ILD_IMPACT_MM"]
+           "file_info", "file_geometry", "count_showers", "ILD_IMPACT_MM", "ILD_DIRECTION_KEY",
+           "CALOCHALLENGE_ANGLE_KEYS"]
 
 FORMATS = ("points", "ild", "calochallenge")
 #: impact point of the CaloClouds ILD photons in the (x, z) plane, mm (CaloClouds-2 cfg.origin)
 ILD_IMPACT_MM = (0.0, 40.0)
+#: ILD layout: direction of the particle in the CaloClouds-3 local frame (FLC-QU-hep/CaloClouds-3,
+#: pointcloud/data/dataset.py ``PointCloudAngular``; frame in metadata.md, ``orientation``)
+ILD_DIRECTION_KEY = "p_norm_local"
+#: CaloChallenge layout: incidence angles in degrees, (N, 1) like ``incident_energies``
+CALOCHALLENGE_ANGLE_KEYS = ("incident_theta_deg", "incident_phi_deg")
 _CALOCHALLENGE_GEOMETRY = {6480: "calochallenge-2", 40500: "calochallenge-3"}
 
 
@@ -175,6 +190,13 @@ class _Reader:
                              f"{self.events.shape} and {self.energy.shape}")
         self.particle = "photon"
         self.geometry = get_geometry(geometry if geometry is not None else "ild-ecal")
+        self.direction = None
+        if ILD_DIRECTION_KEY in self.file:
+            self.direction = _dataset(self.file, ILD_DIRECTION_KEY, 2, self.path)
+            _check_dtype(self.direction, ILD_DIRECTION_KEY, self.path)
+            if self.direction.shape != (self.n, 3):
+                raise InputError(f"{self.path}: {ILD_DIRECTION_KEY} has shape {self.direction.shape}, "
+                                 f"expected ({self.n}, 3)")
 
     def _init_calochallenge(self, geometry) -> None:
         self.showers = _dataset(self.file, "showers", 2, self.path)
@@ -194,6 +216,16 @@ class _Reader:
         if n_cells != self.geometry.n_cells:
             raise InputError(f"{self.path}: {n_cells} voxels per shower, but geometry "
                              f"{self.geometry.name!r} has {self.geometry.n_cells}")
+        present = [key in self.file for key in CALOCHALLENGE_ANGLE_KEYS]
+        if any(present) and not all(present):
+            raise InputError(f"{self.path}: has only one of {' and '.join(CALOCHALLENGE_ANGLE_KEYS)}")
+        self.angles = None
+        if all(present):
+            self.angles = [_dataset(self.file, key, 2, self.path) for key in CALOCHALLENGE_ANGLE_KEYS]
+            for key, dataset in zip(CALOCHALLENGE_ANGLE_KEYS, self.angles):
+                _check_dtype(dataset, key, self.path)
+                if dataset.shape != (self.n, 1):
+                    raise InputError(f"{self.path}: {key} has shape {dataset.shape}, expected ({self.n}, 1)")
 
     def read(self, start: int, stop: int) -> Showers:
         try:
@@ -231,15 +263,30 @@ class _Reader:
         x, layer_u, z, e = (events[:, k][mask] for k in range(4))
         points = np.stack([x - ILD_IMPACT_MM[0], z - ILD_IMPACT_MM[1],
                            layer_units_to_depth(self.geometry, layer_u), 1000.0 * e], axis=1)
+        meta = {}
+        if self.direction is not None:
+            local = np.asarray(self.direction[start:stop], dtype=np.float64)
+            _check_finite(local, ILD_DIRECTION_KEY, self.path)
+            if np.any(local[:, 2] <= 0):
+                raise InputError(f"{self.path}: {ILD_DIRECTION_KEY} holds directions that do not enter the "
+                                 "calorimeter through its front (depth component <= 0)")
+            # CaloClouds-3 local (beam, x, depth) -> shower frame (x, beam, depth)
+            meta["theta_deg"], meta["phi_deg"] = angles_from_local_direction(local[:, [1, 0, 2]])
         return Showers.from_counts(points, mask.sum(axis=1), 1000.0 * energy_gev, particle=self.particle,
-                                   geometry=self.geometry.name)
+                                   geometry=self.geometry.name, meta=meta)
 
     def _read_calochallenge(self, start: int, stop: int) -> Showers:
         voxels = np.asarray(self.showers[start:stop], dtype=np.float64)
         energy = np.asarray(self.energy[start:stop, 0], dtype=np.float64)
         _check_values(voxels, "voxel energies", self.path)
         _check_values(energy, "incident energies", self.path, positive=True)
-        return self.geometry.points_from_voxels(voxels, energy, "electron", smear=self.smear, rng=self.rng)
+        showers = self.geometry.points_from_voxels(voxels, energy, "electron", smear=self.smear, rng=self.rng)
+        if self.angles is not None:
+            for key, name, dataset in zip(CALOCHALLENGE_ANGLE_KEYS, ("theta_deg", "phi_deg"), self.angles):
+                values = np.asarray(dataset[start:stop, 0], dtype=np.float64)
+                _check_finite(values, key, self.path)
+                showers.meta[name] = values
+        return showers
 
     def close(self) -> None:
         self.file.close()
@@ -501,6 +548,9 @@ class ShowerWriter:
         for chunk in showers.chunks(max(1, 2**26 // (4 * self.geometry.n_cells))):
             _extend(self.file["showers"], self.geometry.voxelise(chunk, threshold=True))
         _extend(self.file["incident_energies"], showers.incident_energy_mev[:, None])
+        for key, values, normal in zip(CALOCHALLENGE_ANGLE_KEYS, (showers.theta_deg, showers.phi_deg),
+                                       (NORMAL_THETA_DEG, NORMAL_PHI_DEG)):
+            self._extend_angles(key, values[:, None], np.full(1, normal), _is_inclined(showers))
 
     # ild
     def _create_ild(self, showers: Showers) -> None:
@@ -526,6 +576,20 @@ class ShowerWriter:
             block[rows, k, cols] = values
         _extend(events, block)
         _extend(self.file["energy"], (showers.incident_energy_mev / 1000.0)[:, None])
+        direction = local_direction(showers.theta_deg, showers.phi_deg, self.geometry.barrel_sides)
+        # shower frame (x, beam, depth) -> CaloClouds-3 local (beam, x, depth); normal incidence (0, 0, 1)
+        self._extend_angles(ILD_DIRECTION_KEY, direction[:, [1, 0, 2]].astype(np.float32),
+                            np.array([0.0, 0.0, 1.0], np.float32), _is_inclined(showers))
+
+    def _extend_angles(self, key: str, values: np.ndarray, normal: np.ndarray, inclined: bool) -> None:
+        """Append a per-shower angle dataset, created with normal-incidence rows for the showers
+        already written when the first inclined shower arrives."""
+        if key not in self.file:
+            if not inclined:
+                return
+            self.file.create_dataset(key, data=np.tile(normal.astype(values.dtype), (self.n, 1)),
+                                     maxshape=(None, values.shape[1]), chunks=(1024, values.shape[1]))
+        _extend(self.file[key], values)
 
     def _widen_ild(self, width: int) -> int:
         """Grow the point axis, keeping the zero padding at the start of earlier rows."""
@@ -538,6 +602,11 @@ class ShowerWriter:
             shifted[:, :, width - old:] = rows
             events[first:first + 256] = shifted
         return width
+
+
+def _is_inclined(showers: Showers) -> bool:
+    """True when a shower of the batch records an incidence other than normal."""
+    return bool(np.any(showers.theta_deg != NORMAL_THETA_DEG) or np.any(showers.phi_deg != NORMAL_PHI_DEG))
 
 
 def _extend(dataset: h5py.Dataset, values: np.ndarray) -> None:
@@ -569,17 +638,20 @@ def count_showers(path: str | os.PathLike[str]) -> int:
 
 def file_info(path: str | os.PathLike[str], geometry: Geometry | str | None = None,
               chunk_size: int = 2000) -> dict:
-    """Summary of a shower file: format, geometry, counts, energy range, points per shower."""
+    """Summary of a shower file: format, geometry, counts, energy and incidence-angle ranges, points per shower."""
     n, e_min, e_max, counts = 0, np.inf, -np.inf, []
+    angles = {"theta_deg": [np.inf, -np.inf], "phi_deg": [np.inf, -np.inf]}
     fmt, geo, particle = detect_format(path), None, None
     for chunk in iter_showers(path, geometry, chunk_size=chunk_size):
         n += len(chunk)
         e_min = min(e_min, float(chunk.incident_energy_mev.min()))
         e_max = max(e_max, float(chunk.incident_energy_mev.max()))
+        for name, values in (("theta_deg", chunk.theta_deg), ("phi_deg", chunk.phi_deg)):
+            angles[name] = [min(angles[name][0], float(values.min())), max(angles[name][1], float(values.max()))]
         counts.append(chunk.n_points)
         geo, particle = chunk.geometry, chunk.particle
     counts = np.concatenate(counts)
     return {"path": str(path), "format": fmt, "geometry": geo, "particle": particle, "showers": n,
-            "incident_energy_gev": [e_min / 1000.0, e_max / 1000.0],
+            "incident_energy_gev": [e_min / 1000.0, e_max / 1000.0], **angles,
             "points_per_shower": {"min": int(counts.min()), "mean": float(counts.mean()), "max": int(counts.max())}}
 

@@ -10,6 +10,7 @@ import scipy.sparse
 
 from ..showers import ENERGY, X, Y, Z, Showers
 from ..errors import GeometryError, InputError
+from ..incidence import from_particle_frame, local_direction
 from .materials import Mixture
 from .readout import CylindricalReadout, PlanarReadout, uniform_inside
 from .stack import MaterialStack
@@ -62,6 +63,12 @@ class Geometry:
     Readout layer ``l`` collects everything deposited at depths ``[layer_edges_mm[l],
     layer_edges_mm[l+1])``; its cell-centre points sit at depth ``layer_centres_mm[l]`` (the
     sensor centre for a per-sensor readout, the slice centre for a sliced mesh).
+
+    ``barrel_sides`` is the number of faces of the barrel the calorimeter is a module of (0: a
+    cylinder); it turns incidence angles into a direction in the shower frame (docs/inclined.md).
+    A readout ``along_particle`` (a mesh following the particle) makes the shower frame the
+    particle's own: z along the particle axis from the entrance point, x and y across it
+    (:meth:`detector_frame_points` turns such showers back into the detector frame).
     """
 
     name: str
@@ -73,6 +80,7 @@ class Geometry:
     shower: ShowerParameters
     particle: str = "electron"
     description: str = ""
+    barrel_sides: int = 0
     spec: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +92,9 @@ class Geometry:
             raise GeometryError(f"geometry {self.name!r}: layer edges must increase, one more than layers")
         if np.any(centres < edges[:-1]) or np.any(centres >= edges[1:]):
             raise GeometryError(f"geometry {self.name!r}: layer centres must lie inside their layers")
+        if self.barrel_sides < 0 or self.barrel_sides in (1, 2):
+            raise GeometryError(f"geometry {self.name!r}: barrel_sides must be 0 (a cylinder) or at least 3, "
+                                f"got {self.barrel_sides}")
         if self.readout.n_layers != len(centres):
             raise GeometryError(f"geometry {self.name!r}: readout has {self.readout.n_layers} layers, "
                                 f"depth segmentation {len(centres)}")
@@ -269,6 +280,22 @@ class Geometry:
         inside = cells >= 0
         at_centres = np.allclose(showers.points[inside, :2], self.cell_centres_mm[cells[inside], :2], atol=1e-3)
         return self.smear_hits(showers, rng) if at_centres else showers
+
+    def detector_frame_points(self, showers: Showers) -> np.ndarray:
+        """``(P, 4)`` float64 points of ``showers`` in the detector frame: x, y, z [mm], energy.
+
+        A mesh along the particle (``readout.along_particle``) holds its showers in the particle's
+        frame; this turns them, cell centres included, back into the frame of the detector module
+        with each shower's incidence angles (docs/inclined.md), e.g. to place generated cells in a
+        detector. Other geometries already hold detector-frame points, returned as they are.
+        Rows follow ``showers.offsets``.
+        """
+        self.check_showers(showers)
+        points = showers.points.astype(np.float64)
+        if not self.readout.along_particle:
+            return points
+        direction = local_direction(showers.theta_deg, showers.phi_deg, self.barrel_sides)[showers.shower_index]
+        return np.concatenate([from_particle_frame(points[:, :ENERGY], direction), points[:, ENERGY:]], axis=1)
 
     def check_showers(self, showers: Showers) -> None:
         """Raise a clear error when showers belong to another geometry."""

@@ -44,6 +44,8 @@ class PlanarReadout:
     n_x: int
     n_y: int
     kind: str = field(default="planar", init=False)
+    #: a planar grid is fixed to the detector: its layers are the detector's
+    along_particle: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.pitch_mm <= 0 or self.n_x < 1 or self.n_y < 1 or self.n_layers < 1:
@@ -98,10 +100,17 @@ class CylindricalReadout:
     ``[-pi + j * 2pi/n_alpha, -pi + (j + 1) * 2pi/n_alpha)``, radial bin ``k`` covers
     ``[r_edges[k], r_edges[k+1])``; local index ``j * n_r + k`` (radius fastest). A layer with a
     single edge has no cells (the CaloChallenge dataset-1 placeholder layers).
+
+    With ``along_particle`` the mesh follows the incoming particle, as the scoring mesh of the CERN
+    fast simulation (Geant4 Par04 ``Par04SensitiveDetector::RetrieveAndSetupHit``): its axis is the
+    particle direction through the entrance point, its layers are slices along that axis, and the
+    shower frame of such a geometry is the particle's frame (docs/inclined.md). Otherwise the axis is
+    the normal through the impact point and the layers are depth slices of the detector.
     """
 
     r_edges_mm: tuple[np.ndarray, ...]
     n_alpha: tuple[int, ...]
+    along_particle: bool = False
     kind: str = field(default="cylindrical", init=False)
 
     def __post_init__(self) -> None:
@@ -112,9 +121,10 @@ class CylindricalReadout:
                 raise GeometryError("radial edges must increase from >= 0 mm and n_alpha must be >= 1")
 
     @classmethod
-    def uniform(cls, n_layers: int, r_edges_mm: Sequence[float], n_alpha: int) -> CylindricalReadout:
+    def uniform(cls, n_layers: int, r_edges_mm: Sequence[float], n_alpha: int,
+                along_particle: bool = False) -> CylindricalReadout:
         edges = np.asarray(r_edges_mm, dtype=np.float64)
-        return cls(tuple(edges for _ in range(n_layers)), tuple(int(n_alpha) for _ in range(n_layers)))
+        return cls(tuple(edges for _ in range(n_layers)), tuple(int(n_alpha) for _ in range(n_layers)), along_particle)
 
     @property
     def n_layers(self) -> int:
@@ -189,12 +199,13 @@ class CylindricalReadout:
         return x, y
 
     def to_spec(self) -> dict:
+        oriented = {"along_particle": True} if self.along_particle else {}
         if self.is_uniform:
             return {"kind": "cylindrical", "r_edges_mm": [float(e) for e in self.r_edges_mm[0]],
-                    "n_alpha": int(self.n_alpha[0])}
+                    "n_alpha": int(self.n_alpha[0]), **oriented}
         return {"kind": "cylindrical",
                 "layers": [{"r_edges_mm": [float(e) for e in edges], "n_alpha": int(n)}
-                           for edges, n in zip(self.r_edges_mm, self.n_alpha)]}
+                           for edges, n in zip(self.r_edges_mm, self.n_alpha)], **oriented}
 
 
 Readout = PlanarReadout | CylindricalReadout

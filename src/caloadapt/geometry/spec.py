@@ -90,6 +90,7 @@ class ReadoutSpec(_Strict):
     dr_mm: float | None = Field(default=None, gt=0)
     dr_moliere: float | None = Field(default=None, gt=0)
     n_alpha: int | None = Field(default=None, ge=1)
+    along_particle: bool = False
 
 
 class EnergySpec(_Strict):
@@ -119,6 +120,7 @@ class GeometrySpec(_Strict):
     name: str
     description: str = ""
     particle: Literal["electron", "photon", "positron"] = "electron"
+    barrel_sides: int = Field(default=0, ge=0)
     materials: dict[str, MaterialSpec] = {}
     stack: list[StackItem]
     layers: LayerSpec
@@ -163,6 +165,8 @@ def _readout(spec: ReadoutSpec, n_layers: int, moliere_radius_mm: float, base_di
     if spec.kind == "planar":
         if None in (spec.pitch_mm, spec.n_x, spec.n_y):
             raise GeometryError("a planar readout needs pitch_mm, n_x and n_y")
+        if spec.along_particle:
+            raise GeometryError("along_particle needs a cylindrical readout (a mesh around the particle axis)")
         return PlanarReadout(n_layers, spec.pitch_mm, spec.n_x, spec.n_y)
     if spec.binning_xml is not None:
         path = Path(spec.binning_xml)
@@ -172,12 +176,12 @@ def _readout(spec: ReadoutSpec, n_layers: int, moliere_radius_mm: float, base_di
         if len(binning.r_edges_mm) != n_layers:
             raise GeometryError(f"binning XML {path} has {len(binning.r_edges_mm)} layers, "
                                 f"the depth segmentation {n_layers}")
-        return CylindricalReadout(binning.r_edges_mm, binning.n_alpha)
+        return CylindricalReadout(binning.r_edges_mm, binning.n_alpha, spec.along_particle)
     if spec.layers is not None:
         if len(spec.layers) != n_layers:
             raise GeometryError(f"readout lists {len(spec.layers)} layers, the depth segmentation {n_layers}")
         return CylindricalReadout(tuple(np.asarray(lay["r_edges_mm"], float) for lay in spec.layers),
-                                  tuple(int(lay["n_alpha"]) for lay in spec.layers))
+                                  tuple(int(lay["n_alpha"]) for lay in spec.layers), spec.along_particle)
     if spec.n_alpha is None:
         raise GeometryError("a cylindrical readout needs n_alpha")
     if spec.r_edges_mm is not None:
@@ -187,7 +191,7 @@ def _readout(spec: ReadoutSpec, n_layers: int, moliere_radius_mm: float, base_di
         edges = dr * np.arange(spec.n_r + 1)
     else:
         raise GeometryError("a cylindrical readout needs binning_xml, r_edges_mm, or n_r with dr_mm/dr_moliere")
-    return CylindricalReadout.uniform(n_layers, edges, spec.n_alpha)
+    return CylindricalReadout.uniform(n_layers, edges, spec.n_alpha, spec.along_particle)
 
 
 def geometry_from_spec(data: dict, base_dir: Path | None = None, source: str = "geometry") -> Geometry:
@@ -226,7 +230,7 @@ def geometry_from_spec(data: dict, base_dir: Path | None = None, source: str = "
         energy=EnergyScale(e_vis=e_vis, calibration=calibration, threshold_mev=e.threshold_mev),
         shower=ShowerParameters(spec.shower.sampling_term, spec.shower.kappa, spec.shower.moyal_sigma,
                                 shape_region, spec.shower.local_moliere),
-        particle=spec.particle, description=spec.description, spec=resolved,
+        particle=spec.particle, description=spec.description, barrel_sides=spec.barrel_sides, spec=resolved,
     )
     LOADED_GEOMETRIES[geometry.name] = geometry
     return geometry

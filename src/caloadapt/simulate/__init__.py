@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .engine import SimulationSettings, simulate_chunk
 from .simulator import iter_simulate, simulate
-from .spectrum import SPECTRA, parse_energy_range, sample_incident_energies
+from .spectrum import SPECTRA, parse_energy_range, sample_angles_deg, sample_incident_energies
 
 __all__ = ["simulate", "iter_simulate", "simulate_chunk", "SimulationSettings",
-           "SPECTRA", "parse_energy_range", "sample_incident_energies"]
+           "SPECTRA", "parse_energy_range", "sample_incident_energies", "sample_angles_deg"]

@@ -4,6 +4,11 @@ Showers develop in radiation lengths on a common grid of 0.1 X0 steps from the c
 each step's energy is fluctuated (sampling term), turned into visible energy with the visible
 fraction of the readout layer it falls in, and split into spots. Spots are placed with the
 two-component radial law and digitised into the geometry's cells.
+
+An inclined particle (docs/inclined.md) develops the same GFlash shower along its own axis: the
+profile runs in the X0 traversed along the axis (the normal depth in X0 divided by cos(inclination)),
+the radial spread lies in the plane perpendicular to the axis, and each spot is placed in the
+detector frame, where it lands in the layer and cell that contain it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from scipy.special import gammainc
 from ..showers import Showers
 from ..errors import InputError
 from ..geometry import Geometry
+from ..incidence import (NORMAL_PHI_DEG, NORMAL_THETA_DEG, check_angles, local_direction, to_particle_frame,
+                         transverse_basis)
 from . import gflash
 
 __all__ = ["SimulationSettings", "simulate_chunk", "gflash_medium", "STEP_X0"]
@@ -62,9 +69,10 @@ class _StepGrid:
     moliere_radius_mm: np.ndarray  # (S,)
 
     @classmethod
-    def of(cls, geometry: Geometry) -> _StepGrid:
+    def of(cls, geometry: Geometry, step_x0: float = STEP_X0) -> _StepGrid:
+        """The grid of steps of ``step_x0`` radiation lengths of depth along the layer normal."""
         depth_x0 = geometry.stack.depth_x0
-        edges = np.append(np.arange(0.0, depth_x0, STEP_X0), depth_x0)
+        edges = np.append(np.arange(0.0, depth_x0, step_x0), depth_x0)
         middle_mm = geometry.stack.depth_mm_at(0.5 * (edges[1:] + edges[:-1]))
         layer = geometry.layer_index(middle_mm)
         inside = layer >= 0
@@ -110,18 +118,50 @@ def _carry_forward(visible: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.where(with_spots, cumulative - before, 0.0)
 
 
+def _landing_correction(geometry: Geometry, axis_depth_mm: np.ndarray, spot_depth_mm: np.ndarray) -> np.ndarray:
+    """Visible fraction of the layer a spot lands in over that of the layer of its axis point.
+
+    Steps take the visible fraction of the layer on the shower axis; an inclined shower's lateral
+    spread reaches other depths, so a spot landing in another readout layer (another sampling
+    fraction, e.g. across the ILD stack boundary) carries that layer's. 1 where either depth is
+    outside the readout layers or has no visible energy, and exactly 1 at normal incidence.
+    """
+    spot_layer = geometry.layer_index(spot_depth_mm)
+    axis_layer = geometry.layer_index(axis_depth_mm)
+    f_vis = geometry.layer_visible_fraction
+    f_spot = f_vis[np.maximum(spot_layer, 0)]
+    f_axis = f_vis[np.maximum(axis_layer, 0)]
+    usable = (spot_layer >= 0) & (axis_layer >= 0) & (f_axis > 0)
+    return np.where(usable, f_spot / np.where(usable, f_axis, 1.0), 1.0)
+
+
 def simulate_chunk(geometry: Geometry, particle: str, incident_energy_mev: np.ndarray,
                    rng: np.random.Generator, settings: SimulationSettings = SimulationSettings(),
-                   grid: _StepGrid | None = None) -> Showers:
+                   grid: _StepGrid | None = None, theta_deg: np.ndarray | float = NORMAL_THETA_DEG,
+                   phi_deg: np.ndarray | float = NORMAL_PHI_DEG) -> Showers:
     """Spots of a batch of showers: points (x, y, z mm, visible energy in readout MeV).
 
+    ``theta_deg``, ``phi_deg`` (one value or one per shower) give the incidence direction in the
+    barrel convention of docs/inclined.md; the default is normal incidence.
+
     ``meta`` holds per shower ``deposited_energy_mev`` (all material), ``visible_energy_mev``
-    (silicon, before readout calibration) and ``leaked_energy_mev`` (behind the detector).
+    (silicon, before readout calibration), ``leaked_energy_mev`` (behind the detector, along
+    the axis) and the angles ``theta_deg``, ``phi_deg``.
     """
-    grid = grid or _StepGrid.of(geometry)
+    n_showers = len(incident_energy_mev)
+    theta, phi = check_angles(np.broadcast_to(theta_deg, (n_showers,)), np.broadcast_to(phi_deg, (n_showers,)),
+                              geometry.barrel_sides)
+    direction = local_direction(theta, phi, geometry.barrel_sides)
+    cos_incl = direction[:, 2]
+    # steps of at most STEP_X0 along every axis: the depth grid is refined by the largest
+    # inclination of the chunk (at normal incidence it is the grid of STEP_X0 itself)
+    step_x0 = STEP_X0 * float(cos_incl.min(initial=1.0))
+    if grid is None or step_x0 < STEP_X0:
+        grid = _StepGrid.of(geometry, step_x0)
     medium = gflash_medium(geometry)
     c = geometry.shower.sampling_term
     energy_gev, start_x0, parent = _sub_showers(particle, incident_energy_mev / 1000.0, settings, rng)
+    cos_sub = cos_incl[parent]
 
     # longitudinal profile per sub-shower (reference §2.5), integrated over the steps (§4.3 step 1)
     if settings.fluctuations:
@@ -131,7 +171,8 @@ def simulate_chunk(geometry: Geometry, particle: str, incident_energy_mev: np.nd
         alpha = np.maximum(alpha, 1.1)
         t_max = np.maximum(t_max, 0.1)
         beta = (alpha - 1) / t_max
-    local_edges = np.clip(grid.edges_x0[None, :] - start_x0[:, None], 0.0, None)
+    # X0 along the axis from the shower start: the axis crosses depth t (X0 along the normal) after t / cos
+    local_edges = np.clip(grid.edges_x0[None, :] / cos_sub[:, None] - start_x0[:, None], 0.0, None)
     profile_cdf = gammainc(alpha[:, None], beta[:, None] * local_edges)
     deposited_gev = energy_gev[:, None] * np.diff(profile_cdf, axis=1)
     if settings.fluctuations and medium.is_sampling:
@@ -161,8 +202,9 @@ def simulate_chunk(geometry: Geometry, particle: str, incident_energy_mev: np.nd
         weight_sum = np.bincount(cell, weights=weight, minlength=counts.size)
         spot_visible = step_visible.ravel()[cell] * weight / weight_sum[cell]
 
-    # depth uniform inside the part of the step after the shower start (reference §4.3 step 6)
-    lo = np.maximum(grid.edges_x0[step], start_x0[sub])
+    # depth uniform inside the part of the step after the shower start (reference §4.3 step 6),
+    # in X0 along the normal: the start lies start_x0 along the axis, start_x0 * cos deep
+    lo = np.maximum(grid.edges_x0[step], start_x0[sub] * cos_sub[sub])
     depth_x0 = lo + rng.random(n_spots) * (grid.edges_x0[step + 1] - lo)
     # radial law evaluated once per step, at its middle (reference §3.3: difference negligible)
     middle = 0.5 * (local_edges[:, 1:] + local_edges[:, :-1])
@@ -172,18 +214,28 @@ def simulate_chunk(geometry: Geometry, particle: str, incident_energy_mev: np.nd
     core, tail, core_weight = gflash.radial_parameters(medium, energy_gev[:, None], tau)
     radius_mm = gflash.draw_radius(core.ravel()[cell], tail.ravel()[cell], core_weight.ravel()[cell], rng) \
         * grid.moliere_radius_mm[step]
-    phi = rng.random(n_spots) * (2 * np.pi)
-    points = np.stack([radius_mm * np.cos(phi), radius_mm * np.sin(phi),
-                       geometry.stack.depth_mm_at(depth_x0),
-                       spot_visible * geometry.energy.calibration], axis=1)
+    spot_phi = rng.random(n_spots) * (2 * np.pi)
+    # axis point at that depth, then the radial offset perpendicular to the axis (reference §4.3 step 7)
+    axis_depth_mm = geometry.stack.depth_mm_at(depth_x0)
+    spot_direction = direction[parent[sub]]
+    u, v = transverse_basis(spot_direction)
+    offset_u, offset_v = radius_mm * np.cos(spot_phi), radius_mm * np.sin(spot_phi)
+    position = (axis_depth_mm / spot_direction[:, 2])[:, None] * spot_direction \
+        + offset_u[:, None] * u + offset_v[:, None] * v
+    position[:, 2] = axis_depth_mm + offset_u * u[:, 2]  # exact depth of the axis point (no / cos * cos)
+    spot_visible = spot_visible * _landing_correction(geometry, axis_depth_mm, position[:, 2])
+    if geometry.readout.along_particle:  # a mesh along the particle reads the shower in the particle's frame
+        position = to_particle_frame(position, spot_direction)
+    points = np.concatenate([position, (spot_visible * geometry.energy.calibration)[:, None]], axis=1)
 
-    n_showers = len(incident_energy_mev)
     spots_per_shower = np.bincount(parent[sub], minlength=n_showers)
     deposited = 1000.0 * np.bincount(parent, weights=energy_gev * profile_cdf[:, -1], minlength=n_showers)
     meta = {
         "deposited_energy_mev": deposited,
         "visible_energy_mev": np.bincount(parent[sub], weights=spot_visible, minlength=n_showers),
         "leaked_energy_mev": incident_energy_mev - deposited,
+        "theta_deg": theta,
+        "phi_deg": phi,
     }
     return Showers.from_counts(points, spots_per_shower, incident_energy_mev, particle=particle,
                                geometry=geometry.name, meta=meta)

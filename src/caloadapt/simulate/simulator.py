@@ -11,7 +11,8 @@ from .._memory import check_memory
 from ..showers import PARTICLES, Showers
 from ..errors import InputError
 from ..geometry import Geometry, get_geometry
-from .engine import SimulationSettings, _StepGrid, simulate_chunk
+from ..incidence import NORMAL_PHI_DEG, NORMAL_THETA_DEG, check_angles, local_direction
+from .engine import STEP_X0, SimulationSettings, _StepGrid, simulate_chunk
 
 __all__ = ["simulate", "iter_simulate"]
 
@@ -19,6 +20,9 @@ __all__ = ["simulate", "iter_simulate"]
 SPOTS_PER_CHUNK = 1_000_000
 #: memory of one spot in flight, bytes (upper estimate)
 BYTES_PER_SPOT = 100
+#: (sub-shower x step) entries per chunk of inclined showers, whose 1/cos finer depth grid would
+#: otherwise make the per-step arrays, not the spots, the largest allocation
+STEPS_PER_CHUNK = 4_000_000
 
 
 def _expected_spots(geometry: Geometry, energy_mev: float, settings: SimulationSettings) -> float:
@@ -39,6 +43,7 @@ def _check_request(particle: str, incident_energy_mev: np.ndarray) -> np.ndarray
 
 
 def iter_simulate(geometry: Geometry | str, particle: str, incident_energy_mev: np.ndarray, *,
+                  theta_deg: np.ndarray | float = NORMAL_THETA_DEG, phi_deg: np.ndarray | float = NORMAL_PHI_DEG,
                   seed: int | None = None, level: str = "hits",
                   settings: SimulationSettings = SimulationSettings(),
                   progress: bool = False) -> Iterator[Showers]:
@@ -48,7 +53,10 @@ def iter_simulate(geometry: Geometry | str, particle: str, incident_energy_mev: 
         geometry: a :class:`Geometry` or the name/path of one.
         particle: ``photon``, ``electron`` or ``positron``.
         incident_energy_mev: ``(N,)`` energies of the incoming particles in MeV.
-        seed: seed of the random stream; the same seed and energies give identical showers.
+        theta_deg, phi_deg: incidence direction, one value or ``(N,)`` per shower, in degrees:
+            polar angle to the beam axis and azimuth (docs/inclined.md); the default (90, 90) is
+            normal incidence. Stored per shower in ``meta``.
+        seed: seed of the random stream; the same seed, energies and angles give identical showers.
         level: ``hits`` (one point per cell above threshold, as in the real data sets) or
             ``spots`` (the step-level energy depositions before digitisation).
         settings: simulator options (mode A/B, photon pair split, fluctuations).
@@ -58,16 +66,26 @@ def iter_simulate(geometry: Geometry | str, particle: str, incident_energy_mev: 
     energy = _check_request(particle, incident_energy_mev)
     if level not in {"hits", "spots"}:
         raise InputError(f"unknown output level {level!r}; expected 'hits' or 'spots'")
+    try:
+        theta, phi = (np.broadcast_to(np.asarray(a, dtype=np.float64), energy.shape) for a in (theta_deg, phi_deg))
+    except ValueError:
+        raise InputError(f"incidence angles must be one value or one per shower ({len(energy)})") from None
+    theta, phi = check_angles(theta, phi, geometry.barrel_sides)
     spots = _expected_spots(geometry, float(energy.max(initial=1.0)), settings)
     check_memory(BYTES_PER_SPOT * spots, f"one shower of {energy.max(initial=1.0) / 1000:.4g} GeV "
                                          f"({spots:.3g} energy spots)")
     chunk = int(max(1, SPOTS_PER_CHUNK // spots))
+    cos_min = float(local_direction(theta, phi, geometry.barrel_sides)[:, 2].min(initial=1.0))
+    if cos_min < 1.0:
+        steps = geometry.stack.depth_x0 / (STEP_X0 * cos_min)
+        chunk = int(max(1, min(chunk, STEPS_PER_CHUNK // (2 * steps))))  # 2: photons make two sub-showers
     grid = _StepGrid.of(geometry)
     streams = np.random.SeedSequence(seed).spawn(max(1, -(-len(energy) // chunk)))
     with tqdm(total=len(energy), unit="shower", disable=not progress, desc=f"simulate {geometry.name}") as bar:
         for stream, start in zip(streams, range(0, len(energy), chunk)):
             rng = np.random.default_rng(stream)
-            spots = simulate_chunk(geometry, particle, energy[start:start + chunk], rng, settings, grid)
+            rows = slice(start, start + chunk)
+            spots = simulate_chunk(geometry, particle, energy[rows], rng, settings, grid, theta[rows], phi[rows])
             yield spots if level == "spots" else geometry.digitise(spots)
             bar.update(len(spots))
 
