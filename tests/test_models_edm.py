@@ -174,11 +174,12 @@ def test_karras_sigmas_endpoints_and_monotonicity():
 
 class CountingDenoiser:
     def __init__(self, inner):
-        self.inner, self.calls = inner, 0
+        self.inner, self.calls, self.masks = inner, 0, []
 
-    def __call__(self, x, sigma, context):
+    def __call__(self, x, sigma, context, mask=None):
         self.calls += 1
-        return self.inner(x, sigma, context)
+        self.masks.append(mask)
+        return self.inner(x, sigma, context, mask)
 
 
 @pytest.mark.parametrize("sampler, nfe", [(sample_heun, lambda n: 2 * n - 1), (sample_euler, lambda n: n)])
@@ -188,6 +189,7 @@ def test_sampler_shapes_determinism_and_masking(sampler, nfe):
     mask = torch.arange(6)[None] < torch.tensor([6, 2, 4])[:, None]
     a = sampler(precond, ctx, mask=mask, n_steps=5, generator=torch.Generator().manual_seed(0))
     assert precond.calls == nfe(5)
+    assert all(m is mask for m in precond.masks)  # every evaluation is told which points are padding
     b = sampler(precond, ctx, mask=mask, n_steps=5, generator=torch.Generator().manual_seed(0))
     c = sampler(precond, ctx, mask=mask, n_steps=5, generator=torch.Generator().manual_seed(1))
     assert a.shape == (3, 6, 4)
@@ -204,7 +206,7 @@ MU = torch.tensor([1.0, -0.5])
 S = torch.tensor([0.5, 0.2])
 
 
-def ideal_gaussian_denoiser(x, sigma, context):
+def ideal_gaussian_denoiser(x, sigma, context, mask=None):
     """E[y | y + sigma n] for y ~ N(MU, S^2): MU + S^2 / (S^2 + sigma^2) (x - MU)."""
     s2 = sigma.reshape(-1, 1, 1) ** 2
     return MU + S**2 / (S**2 + s2) * (x - MU)

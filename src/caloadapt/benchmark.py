@@ -40,6 +40,8 @@ import torch
 
 from . import __version__
 from ._atomic import atomic_path
+from .errors import CheckpointError
+from .models.sampling import Sampler
 
 __all__ = ["run_benchmark", "format_table", "hardware_info", "library_versions", "TARGET_MS", "SCHEMA"]
 
@@ -196,20 +198,17 @@ def _simulator_run(geometry, particle: str, energy_mev: np.ndarray) -> Callable[
 
 
 def _model_run(model, geometry, particle: str, energy_mev: np.ndarray, *, sampler: str, n_steps: int,
-               device: torch.device, settings: dict | None, denoiser=None) -> Callable[[], dict]:
-    from .models.consistency import generate_one_step
-
+               device: torch.device, settings: Sampler | None, denoiser=None) -> Callable[[], dict]:
+    """One timed generation; ``settings``: the distilled checkpoint's sampler for ``consistency``."""
+    chosen = settings.with_steps(n_steps) if sampler == "consistency" and settings is not None else Sampler(sampler,
+                                                                                                           n_steps)
     generator = torch.Generator(device).manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run() -> dict:
         with torch.inference_mode():
-            if sampler == "consistency":
-                showers = generate_one_step(model, geometry, energy_mev, n_steps=n_steps, settings=settings,
-                                            denoiser=denoiser, generator=generator, particle=particle)
-            else:
-                showers = model.generate(geometry, energy_mev, n_steps=n_steps, sampler=sampler,
-                                         generator=generator, particle=particle)
+            showers = model.generate(geometry, energy_mev, chosen, generator=generator, particle=particle,
+                                     denoiser=denoiser)
             hits = geometry.digitise(showers)
         sync()
         return {"mean_points": float(showers.n_points.mean()), "mean_hits": float(hits.n_points.mean())}
@@ -236,27 +235,21 @@ def _row(case: str, engine: str, device: str, threads: int | None, batch: int, s
 
 
 def _load_models(checkpoint, distilled):
-    from .adapt.finetune import load_adapted_model
-    from .models.consistency import consistency_settings
+    from .models.checkpoint import load_model
     from .pretrained import default_checkpoint
-    from .train.checkpoint import load_checkpoint
 
     notes = []
     checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
-    payload = load_checkpoint(checkpoint)
-    model = load_adapted_model(payload, source=str(checkpoint)).eval()
-    settings = consistency_settings(payload)
+    model, sampler = load_model(checkpoint)
+    model.eval()
     one_step = None
     if distilled is not None:
-        distilled_payload = load_checkpoint(distilled)
-        distilled_settings = consistency_settings(distilled_payload)
-        if distilled_settings is None:
-            from .errors import CheckpointError
-
+        student, student_sampler = load_model(distilled)
+        if not student_sampler.distilled:
             raise CheckpointError(f"{distilled}: not a distilled (consistency) checkpoint")
-        one_step = (load_adapted_model(distilled_payload, source=str(distilled)).eval(), distilled_settings, str(distilled))
-    elif settings is not None:
-        one_step = (model, settings, str(checkpoint))
+        one_step = (student.eval(), student_sampler, str(distilled))
+    elif sampler.distilled:
+        one_step = (model, sampler, str(checkpoint))
         notes.append("the checkpoint is distilled: heun/euler are timed with the student network (same "
                      "architecture and flow as the teacher, so the same cost; their showers are not meaningful)")
     if one_step is None:
@@ -364,7 +357,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
 
                 if one_step is not None:
                     onnx_files["one_step"] = export_onnx(one_step[0], Path(workdir.name) / "one_step.onnx",
-                                                         consistency=one_step[1])
+                                                         consistency=one_step[1].to_dict())
                 else:
                     onnx_files["heun"] = export_onnx(model, Path(workdir.name) / "heun.onnx")
             except Exception as err:  # noqa: BLE001 - the other cases still run
@@ -430,7 +423,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
         "versions": library_versions(),
         "checkpoint": {"path": checkpoint_name, "model_config": model.config.to_dict(),
                        "distilled": None if one_step is None else one_step[2],
-                       "consistency": None if one_step is None else one_step[1]},
+                       "consistency": None if one_step is None else one_step[1].to_dict()},
         "settings": {"geometry": ild.name, "particle": ild_particle, "energy_gev": energy_gev,
                      "batch_sizes": list(batch_sizes), "threads": list(threads),
                      "devices": [d.type for d in devices], "n_steps": n_steps, "repeats": repeats, "warmup": warmup,

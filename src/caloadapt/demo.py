@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import atomic_path
-from .adapt import AdaptMethod, finetune, load_adapted_model
+from .adapt import AdaptMethod, finetune
 from .adapt.defaults import adaptation_learning_rates
 from .data import ShowerWriter, write_showers
 from .data.io import count_showers, file_geometry, read_showers
@@ -35,6 +35,7 @@ from .evaluate.pipeline import EvaluationOptions, run_evaluation
 from .evaluate.report import Document
 from .generate import iter_generate
 from .geometry import get_geometry
+from .models.checkpoint import load_model
 from .pretrained import default_checkpoint
 from .simulate import sample_incident_energies, simulate
 from .sweep.runner import (SCRATCH_CONVERGED, ZERO_SHOT, converged_max_steps, is_converged, parse_method,
@@ -158,13 +159,14 @@ def run_demo(out: str | Path = "caloadapt-demo", *, quick: bool = False, target_
         summary = finetune(pretrained, target, geometry, run_dir, method, config, resume=True,
                            progress=True, log=lambda *_: None)
         train_s = time.perf_counter() - t0
-        model = load_adapted_model(run_dir / "model.pt")
+        model, sampler = load_model(run_dir / "model.pt")
         log(f"[{text}] generating {len(reference_showers)} showers ({settings.sampler_steps} sampler steps)")
         t0 = time.perf_counter()
         generated = out / "generated" / f"{name}.h5"
         with ShowerWriter(generated, "calochallenge", geometry) as writer:
             for chunk in iter_generate(model, geometry, reference_showers.incident_energy_mev,
-                                       n_steps=settings.sampler_steps, seed=seed, device=resolve_device(device),
+                                       sampler.with_steps(settings.sampler_steps), seed=seed,
+                                       device=resolve_device(device),
                                        progress=True):
                 writer.append(chunk)
         generate_s = time.perf_counter() - t0

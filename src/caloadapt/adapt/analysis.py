@@ -155,7 +155,7 @@ def analyse_states(pretrained_state: dict, finetuned_state: dict) -> dict[str, d
 
 def _weights(path: str | os.PathLike[str]) -> tuple[dict, dict | None, dict]:
     """(merged weights, adaptation method dict or None, model config) of a checkpoint."""
-    from ..train.checkpoint import load_checkpoint
+    from ..models.checkpoint import load_checkpoint
     from .finetune import load_adapted_state
 
     payload = load_checkpoint(path)
@@ -165,7 +165,7 @@ def _weights(path: str | os.PathLike[str]) -> tuple[dict, dict | None, dict]:
 
 def _label(path: Path, method: dict | None, used: set[str]) -> str:
     if method:
-        from .methods import AdaptMethod
+        from ..models.adapters import AdaptMethod
 
         label = AdaptMethod.from_dict(method).label()
     else:

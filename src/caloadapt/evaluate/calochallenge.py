@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ..errors import InputError
-from .distances import _density, separation_power
+from .distances import density_of_counts, separation_power
 from .energy_bins import ENERGY_DECADES_MEV, energy_bin_label, energy_bin_masks
 from .observables import CellLayout
 
@@ -390,7 +390,7 @@ _LAYER_FAMILIES: dict[str, tuple[str, str, np.ndarray]] = {
 _ETOT_EDGES = np.linspace(0.5, 1.5, 101)
 
 
-def _log_edges(low: float, high: float | np.floating, n_edges: int) -> np.ndarray | None:
+def log_edges(low: float, high: float | np.floating, n_edges: int) -> np.ndarray | None:
     """``np.logspace(log10(low), log10(high), n_edges)``; None when the range is empty.
 
     ``high`` keeps the dtype of the data it is the maximum of, as in the official code (a float32
@@ -412,7 +412,7 @@ def _compare(label: str, family: str, layer: int | None, reference: np.ndarray, 
 
 def _from_counts(label: str, family: str, layer: int | None, ref_counts: np.ndarray,
                  gen_counts: np.ndarray, edges: np.ndarray) -> HistogramComparison:
-    h, g = _density(ref_counts, edges), _density(gen_counts, edges)
+    h, g = density_of_counts(ref_counts, edges), density_of_counts(gen_counts, edges)
     return HistogramComparison(label, family, layer, edges, h, g, separation_power(h, g, edges))
 
 
@@ -471,7 +471,7 @@ def separation_powers(reference: HighLevelFeatures, reference_incident_mev: np.n
     add(_compare("Etot / Einc", "sep E total", None, reference.e_tot / ref_inc.squeeze(),
                  generated.e_tot / gen_inc.squeeze(), _ETOT_EDGES))
     for k in range(reference.n_layers):
-        edges = _log_edges(threshold_mev, reference.e_layer[:, k].max(), 40)
+        edges = log_edges(threshold_mev, reference.e_layer[:, k].max(), 40)
         add(_compare(f"E layer {k}", "sep E layer", k, reference.e_layer[:, k], generated.e_layer[:, k],
                      edges))
     order = ("sep EC eta", "sep EC phi", "sep EC eta std", "sep EC phi std")
@@ -515,7 +515,7 @@ def calochallenge_histograms(reference_voxels_mev, reference_incident_mev: np.nd
     if generated_features is None:
         generated_features = high_level_features(generated_voxels_mev, binning,
                                                  threshold_mev=threshold_mev, chunk_size=chunk_size)
-    edges = _log_edges(threshold_mev, reference_features.voxel_max_mev, 50)
+    edges = log_edges(threshold_mev, reference_features.voxel_max_mev, 50)
     counts = None
     if edges is not None:
         counts = (voxel_energy_counts(reference_voxels_mev, edges, threshold_mev=threshold_mev,
@@ -571,7 +571,7 @@ def separation_powers_by_energy(reference_voxels_mev, reference_incident_mev: np
                 data = apply_threshold(_read(reference_voxels_mev, start, start + chunk_size), threshold_mev)
                 chunk_max = data[chunk_mask].max()
                 voxel_max = chunk_max if voxel_max is None else max(voxel_max, chunk_max)
-        edges = _log_edges(threshold_mev, voxel_max, 50)
+        edges = log_edges(threshold_mev, voxel_max, 50)
         counts = None
         if edges is not None:
             counts = (voxel_energy_counts(reference_voxels_mev, edges, threshold_mev=threshold_mev,

@@ -332,10 +332,10 @@ def density_histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     entry lies inside the range, as in numpy).
     """
     counts, _ = np.histogram(np.asarray(values).reshape(-1), edges)
-    return _density(counts, edges)
+    return density_of_counts(counts, edges)
 
 
-def _density(counts: np.ndarray, edges: np.ndarray) -> np.ndarray:
+def density_of_counts(counts: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """numpy's density normalisation of integer counts: ``n / db / n.sum()``."""
     widths = np.array(np.diff(edges), float)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
+from ..geometry import Geometry
 from .distances import (
     GroupedWasserstein,
     geometric_mean,
@@ -47,6 +48,7 @@ from .energy_bins import ENERGY_DECADES_MEV, energy_bin_label, energy_bin_masks
 
 __all__ = [
     "CellLayout",
+    "layout_of",
     "ShowerObservables",
     "shower_observables",
     "ObservableScore",
@@ -138,6 +140,18 @@ class CellLayout:
         matrix = np.zeros((self.n_cells, self.n_layers))
         matrix[np.arange(self.n_cells), self.cell_layer] = 1.0
         return matrix
+
+
+def layout_of(geometry: Geometry) -> CellLayout:
+    """The :class:`CellLayout` (cell centres, layers, threshold) of a geometry.
+
+    Raises:
+        InputError: the geometry has no cells.
+    """
+    if geometry.n_cells == 0:
+        raise InputError(f"geometry {geometry.name!r} has no readout cells")
+    return CellLayout(geometry.cell_centres_mm, geometry.cell_layer, geometry.n_layers,
+                      float(geometry.energy.threshold_mev))
 
 
 @dataclass(frozen=True, eq=False)

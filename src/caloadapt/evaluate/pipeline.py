@@ -85,7 +85,7 @@ from ..showers import ENERGY, Showers
 from .calochallenge import (
     CaloChallengeBinning,
     HighLevelFeatures,
-    _log_edges,
+    log_edges,
     high_level_features,
     high_level_vector,
     low_level_vector,
@@ -101,6 +101,7 @@ from .observables import (
     ShowerObservables,
     calotransfer_scores,
     calotransfer_scores_by_energy,
+    layout_of,
     shower_observables,
 )
 from .physics_distance import frechet_physics_distance, kernel_physics_distance
@@ -112,7 +113,6 @@ __all__ = [
     "stream_sample",
     "concatenate_observables",
     "concatenate_high_level_features",
-    "layout_of",
     "calochallenge_binning_of",
     "fpd_kpd_settings",
     "fpd_kpd_decision",
@@ -217,18 +217,6 @@ class EvaluationOptions:
 
 
 # -- geometry helpers ------------------------------------------------------------------------------
-def layout_of(geometry: Geometry) -> CellLayout:
-    """The :class:`CellLayout` (cell centres, layers, threshold) of a geometry.
-
-    Raises:
-        InputError: the geometry has no cells.
-    """
-    if geometry.n_cells == 0:
-        raise InputError(f"geometry {geometry.name!r} has no readout cells")
-    return CellLayout(geometry.cell_centres_mm, geometry.cell_layer, geometry.n_layers,
-                      float(geometry.energy.threshold_mev))
-
-
 def calochallenge_binning_of(geometry: Geometry) -> CaloChallengeBinning | None:
     """The CaloChallenge binning of a uniform cylindrical readout (same mesh in every layer), or None."""
     readout = geometry.readout
@@ -376,7 +364,7 @@ def _file_size(path: Path) -> int | None:
         return None
 
 
-def _source_geometry(path: Path, target: Geometry) -> tuple[str, Geometry]:
+def source_geometry(path: Path, target: Geometry) -> tuple[str, Geometry]:
     """Layout and own geometry of a file; clear errors for missing, empty or unfitting files."""
     fmt = detect_format(path)  # InputError: missing, not HDF5, unknown layout
     if count_showers(path) == 0:
@@ -416,7 +404,7 @@ def stream_sample(path: str | os.PathLike[str], target: Geometry, *, chunk_size:
     path = Path(path)
     layout = layout_of(target)
     threshold = layout.threshold_mev
-    fmt, source = _source_geometry(path, target)
+    fmt, source = source_geometry(path, target)
     n_in_file = count_showers(path)
     n_used = n_in_file if max_showers is None else min(n_in_file, int(max_showers))
     radial_edges = _radial_edges(target, binning)
@@ -576,7 +564,7 @@ def _separation(reference: SampleSummary, generated: SampleSummary, threshold: f
         vmax = ref_f.voxel_max_mev
     else:
         vmax = ref_cells.max() if ref_cells.size else None
-    edges = _log_edges(threshold, vmax, 50) if vmax is not None else None
+    edges = log_edges(threshold, vmax, 50) if vmax is not None else None
     counts = None
     if edges is not None:
         counts = (np.histogram(ref_cells, edges)[0], np.histogram(gen_o.cell_energy_mev, edges)[0])
@@ -938,7 +926,7 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
     t = time.perf_counter()
     sizes = {}
     for role, path in roles:
-        _source_geometry(path, target)  # fail early, before any long computation
+        source_geometry(path, target)  # fail early, before any long computation
         n = count_showers(path)
         sizes[role] = n if options.max_showers is None else min(n, options.max_showers)
     n_cls = min(sizes.values())  # with a floor: the same classifier size for the model and the floor

@@ -54,7 +54,7 @@ def gflash_medium(geometry: Geometry) -> gflash.GFlashMedium:
 
 
 @dataclass(frozen=True)
-class _StepGrid:
+class StepGrid:
     """The common longitudinal grid of one geometry: step edges and per-step readout constants."""
 
     edges_x0: np.ndarray          # (S + 1,)
@@ -62,7 +62,7 @@ class _StepGrid:
     moliere_radius_mm: np.ndarray  # (S,)
 
     @classmethod
-    def of(cls, geometry: Geometry) -> _StepGrid:
+    def of(cls, geometry: Geometry) -> StepGrid:
         depth_x0 = geometry.stack.depth_x0
         edges = np.append(np.arange(0.0, depth_x0, STEP_X0), depth_x0)
         middle_mm = geometry.stack.depth_mm_at(0.5 * (edges[1:] + edges[:-1]))
@@ -112,13 +112,13 @@ def _carry_forward(visible: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def simulate_chunk(geometry: Geometry, particle: str, incident_energy_mev: np.ndarray,
                    rng: np.random.Generator, settings: SimulationSettings = SimulationSettings(),
-                   grid: _StepGrid | None = None) -> Showers:
+                   grid: StepGrid | None = None) -> Showers:
     """Spots of a batch of showers: points (x, y, z mm, visible energy in readout MeV).
 
     ``meta`` holds per shower ``deposited_energy_mev`` (all material), ``visible_energy_mev``
     (silicon, before readout calibration) and ``leaked_energy_mev`` (behind the detector).
     """
-    grid = grid or _StepGrid.of(geometry)
+    grid = grid or StepGrid.of(geometry)
     medium = gflash_medium(geometry)
     c = geometry.shower.sampling_term
     energy_gev, start_x0, parent = _sub_showers(particle, incident_energy_mev / 1000.0, settings, rng)

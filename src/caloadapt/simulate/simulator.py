@@ -11,7 +11,7 @@ from .._memory import check_memory
 from ..showers import PARTICLES, Showers
 from ..errors import InputError
 from ..geometry import Geometry, get_geometry
-from .engine import SimulationSettings, _StepGrid, simulate_chunk
+from .engine import SimulationSettings, StepGrid, simulate_chunk
 
 __all__ = ["simulate", "iter_simulate"]
 
@@ -62,7 +62,7 @@ def iter_simulate(geometry: Geometry | str, particle: str, incident_energy_mev: 
     check_memory(BYTES_PER_SPOT * spots, f"one shower of {energy.max(initial=1.0) / 1000:.4g} GeV "
                                          f"({spots:.3g} energy spots)")
     chunk = int(max(1, SPOTS_PER_CHUNK // spots))
-    grid = _StepGrid.of(geometry)
+    grid = StepGrid.of(geometry)
     streams = np.random.SeedSequence(seed).spawn(max(1, -(-len(energy) // chunk)))
     with tqdm(total=len(energy), unit="shower", disable=not progress, desc=f"simulate {geometry.name}") as bar:
         for stream, start in zip(streams, range(0, len(energy), chunk)):

@@ -14,6 +14,7 @@ import torch
 
 from .._atomic import atomic_path
 from ..errors import InputError
+from ..models.sampling import DEFAULT_STEPS
 
 __all__ = ["SweepSpec", "RunSpec", "plan_runs", "run_sweep", "run_one", "parse_method", "is_converged",
            "converged_max_steps", "whole_model_parameters", "ZERO_SHOT", "SCRATCH_CONVERGED", "PSEUDO_METHODS"]
@@ -72,7 +73,7 @@ class SweepSpec:
     val_fraction: float = 0.2
     val_every: int = 100
     n_eval: int = 1000
-    n_steps_sampler: int = 13
+    n_steps_sampler: int = DEFAULT_STEPS
     threads: int = 1
     lr_by_size: bool = True
     floor: str | None = None
@@ -175,7 +176,8 @@ def run_one(run: RunSpec) -> dict:
     The data subset depends on the seed only (``data_seed = seed``), so at one (size, seed)
     every method sees the same target showers.
     """
-    from ..adapt import finetune, load_adapted_model
+    from ..adapt import finetune
+    from ..models.checkpoint import load_model
     from ..adapt.defaults import adaptation_learning_rates
     from ..data.io import read_showers
     from ..generate import iter_generate
@@ -200,7 +202,7 @@ def run_one(run: RunSpec) -> dict:
     started = time.perf_counter()
     converged = is_converged(run.method)
     if run.method == ZERO_SHOT:
-        model = load_adapted_model(spec.checkpoints[run.pretrained])
+        model, sampler = load_model(spec.checkpoints[run.pretrained])
         summary, parameters = {"best": None, "steps": 0}, []
     else:
         method = parse_method(run.method)
@@ -213,12 +215,12 @@ def run_one(run: RunSpec) -> dict:
                              data_seed=run.seed, device="cpu")
         summary = finetune(spec.checkpoints[run.pretrained], spec.data, geometry, directory, method, config,
                            resume=True, progress=False, log=lambda *_: None)
-        model = load_adapted_model(directory / "model.pt")
+        model, sampler = load_model(directory / "model.pt")
         parameters = json.loads((directory / "parameters.json").read_text())["groups"]
     train_s = time.perf_counter() - started
     reference = read_showers(spec.reference, geometry, stop=spec.n_eval)
     generated = Showers.concatenate(list(iter_generate(model, geometry, reference.incident_energy_mev,
-                                                       n_steps=spec.n_steps_sampler, seed=run.seed,
+                                                       sampler.with_steps(spec.n_steps_sampler), seed=run.seed,
                                                        particle=reference.particle)))
     table = score_showers(generated, reference, geometry, seed=run.seed)
     result = {"pretrained": run.pretrained, "backbone": model.config.backbone,

@@ -25,10 +25,10 @@ from .._signals import Terminated, deferred_termination, pending_termination
 from ..data.io import count_showers, read_showers
 from ..errors import CheckpointError, InputError, TrainingError
 from ..geometry import Geometry
+from ..models.checkpoint import load_checkpoint, load_weights, save_checkpoint, stored_config
 from ..models.representation import shower_statistics
 from ..models.shower_model import ShowerModel
 from .calibrate import calibrate_occupancy
-from .checkpoint import load_checkpoint, load_weights, save_checkpoint, stored_config
 from .data import Batch, BatchStream, DataSource, ShowerSubset, make_batch, split_indices
 from .rundir import run_lock
 

@@ -50,9 +50,9 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..models.pointwise import PointwiseNet
-from ..models.transformer import PointTransformer
-from ..models.shower_model import ShowerModel
+from .pointwise import PointwiseNet
+from .shower_model import ShowerModel
+from .transformer import PointTransformer
 
 __all__ = [
     "METHODS",
