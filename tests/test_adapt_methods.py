@@ -68,7 +68,7 @@ def _expected_net_names(model: ShowerModel, method: AdaptMethod) -> set[str]:
 
 
 def _expected_net_count(model: ShowerModel, method: AdaptMethod) -> int:
-    """Parameter counts from the layer shapes (method.md §6 formulas)."""
+    """Parameter counts from the layer shapes (docs/model.md §6 formulas)."""
     net = model.net
     r = method.rank
     layers = range(len(net.layers)) if method.layers is None else method.layers
@@ -79,7 +79,7 @@ def _expected_net_count(model: ShowerModel, method: AdaptMethod) -> int:
     return per_method[method.name]
 
 
-# -- counts against the default architecture (method.md §4.1, §6) -----------------------------------
+# -- counts against the default architecture (docs/model.md §1, §6) -----------------------------------
 
 PUBLISHED = {  # method name, settings -> trainable point-network parameters of the default network
     ("full", ()): 504_920,

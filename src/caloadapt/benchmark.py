@@ -28,18 +28,16 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import __version__
 from ._atomic import atomic_path
+from ._provenance import library_versions, to_jsonable
 from .errors import CheckpointError
 from .models.sampling import Sampler
 
@@ -114,17 +112,6 @@ def hardware_info() -> dict:
             "memory_gib": None if _meminfo_gib("MemTotal") is None else round(_meminfo_gib("MemTotal"), 1),
             "load_average": load, "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
             "gpus": gpus, "cuda": torch.version.cuda if torch.cuda.is_available() else None}
-
-
-def library_versions() -> dict:
-    """Versions of Python, caloadapt and the libraries on the timed path."""
-    versions = {"python": sys.version.split()[0], "caloadapt": __version__, "torch": torch.__version__}
-    for name in ("numpy", "scipy", "zuko", "onnx", "onnxruntime", "onnxscript"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 # -- timing ------------------------------------------------------------------------------------------------------
@@ -438,7 +425,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
     report["hardware"]["load_average_end"] = hardware_info()["load_average"]
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(to_jsonable(report, nan_as_null=False), indent=2) + "\n")
     with atomic_path(out_path.with_suffix(".txt")) as tmp:
         tmp.write_text(format_table(report) + "\n")
     return report
@@ -457,14 +444,6 @@ def _onnx_case(name, path, model, one_step, n_threads, batch, n_steps, energy, g
                           device=torch.device("cpu"), settings=one_step[1] if one_step else None,
                           denoiser=view.denoiser)
     return row, make_run, base
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _find(rows: list[dict], **match) -> list[dict]:

@@ -557,22 +557,19 @@ def finetune(
 ) -> None:
     """Adapt a pre-trained model to a target detector (or train the scratch baseline)."""
     from .adapt import AdaptMethod, finetune as run_finetune
-    from .adapt.defaults import adaptation_learning_rates
     from .data.io import count_showers, file_geometry
     from .pretrained import default_checkpoint
-    from .train import TrainConfig
+    from .sweep.recipe import adaptation_config
     from .train.rundir import run_lock
 
     geo = file_geometry(data, geometry)
     adapt_method = AdaptMethod(name=method, k=k, rank=rank, alpha=alpha, target=target, flow=flow,
                                layers=_csv_ints(layers) if layers else None)
     size = n_samples if n_samples is not None else count_showers(data)
-    default_lr, default_flow_lr = adaptation_learning_rates(method, size)
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=default_lr if lr is None else lr,
-                         flow_lr=default_flow_lr if flow_lr is None else flow_lr, max_points=max_points, n_samples=n_samples,
-                         val_fraction=val_fraction, val_every=val_every, checkpoint_every=val_every,
-                         patience=patience, seed=seed, data_seed=data_seed, device=device,
-                         occupancy_showers=occupancy_showers)
+    config = adaptation_config(method, size, val_every=val_every, lr=lr, flow_lr=flow_lr, steps=steps,
+                               batch_size=batch_size, max_points=max_points, n_samples=n_samples,
+                               val_fraction=val_fraction, patience=patience, seed=seed, data_seed=data_seed,
+                               device=device, occupancy_showers=occupancy_showers)
     _claim_run(output, resume, overwrite)
     with run_lock(output):
         summary = run_finetune(checkpoint or default_checkpoint(), data, geo, output, adapt_method, config,
@@ -677,7 +674,7 @@ def sweep(
 def _split_methods(text: str) -> list[str]:
     """Split ``a,b:rank=4,alpha=8,c`` at commas that start a new method (not inside its options)."""
     from .adapt import METHODS
-    from .sweep.runner import PSEUDO_METHODS
+    from .sweep.recipe import PSEUDO_METHODS
 
     methods: list[str] = []
     for part in text.split(","):

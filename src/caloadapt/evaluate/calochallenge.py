@@ -2,7 +2,7 @@
 
 A faithful re-implementation of the definitions of the official evaluation, CaloChallenge/homepage
 ``code/HighLevelFeatures.py``, ``code/XMLHandler.py``, ``code/evaluate.py`` and
-``code/evaluate_plotting_helper.py`` at commit 9b41df7 (calochallenge.md §2.2-§2.5), for
+``code/evaluate_plotting_helper.py`` at commit 9b41df7 (docs/scoring.md §2.1-§2.5), for
 geometries whose layers are all identical cylindrical (r, alpha) meshes:
 
 - voxels flattened as (layer, alpha, r), the radial index fastest;
@@ -61,7 +61,7 @@ __all__ = [
 THRESHOLD_MEV: float = 0.5e-3 / 0.033
 
 #: depth of one readout layer: two W (1.4 mm) + Si (0.3 mm) pairs of the Par04 SiW calorimeter
-#: (calochallenge.md §1.5)
+#: (docs/scoring.md §2.2)
 LAYER_THICKNESS_MM: float = 3.4
 
 _GUARD = 1e-16  # denominators of the centres of energy and widths (HighLevelFeatures.py)
@@ -293,7 +293,7 @@ def _incident_column(incident_energy_mev: np.ndarray, n: int) -> np.ndarray:
 def high_level_vector(features: HighLevelFeatures, incident_energy_mev: np.ndarray) -> np.ndarray:
     """The ``2 + 8 n_layers`` high-level input of the classifier and of FPD/KPD (362 for DS2/3).
 
-    In the order and scaling of ``prepare_high_data_for_classifier`` (calochallenge.md §2.5):
+    In the order and scaling of ``prepare_high_data_for_classifier`` (docs/scoring.md §2.5):
     log10 E_inc; log10(E_layer + 1e-8); CE_eta/100; CE_phi/100; width_eta/100; width_phi/100;
     log10(E_tot + 1e-8); sparsity; CE_r/100; width_r/100 (one value per layer for the per-layer
     groups). See :func:`high_level_feature_names`.
@@ -440,7 +440,7 @@ def separation_powers(reference: HighLevelFeatures, reference_incident_mev: np.n
                       voxel_edges: np.ndarray | None = None) -> dict[str, HistogramComparison]:
     """All official histograms of two samples and their separation powers.
 
-    Binnings (calochallenge.md §2.4, evaluate_plotting_helper.py), all with ``density=True``
+    Binnings (docs/scoring.md §2.4, evaluate_plotting_helper.py), all with ``density=True``
     and entries outside the range dropped:
 
     - E_tot/E_inc: 100 bins on [0.5, 1.5];
@@ -590,7 +590,7 @@ def separation_powers_by_energy(reference_voxels_mev, reference_incident_mev: np
 
 
 def separation_power_summary(comparisons: dict[str, HistogramComparison]) -> dict[str, float]:
-    """Separation power per feature family, as in the published tables (calochallenge.md §3.1).
+    """Separation power per feature family, as in the published tables (docs/scoring.md §2.7).
 
     Per-layer families are averaged over the layers (ignoring undefined layers); ``'sep E total'``
     and ``'sep cell'`` are single numbers. Keys follow the published column names:

@@ -63,7 +63,6 @@ import functools
 import json
 import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -76,8 +75,8 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import __version__
 from .._atomic import atomic_path
+from .._provenance import library_versions, to_jsonable
 from ..data.io import count_showers, detect_format, file_geometry, iter_showers
 from ..errors import InputError
 from ..geometry import Geometry, get_geometry
@@ -97,7 +96,6 @@ from .energy_bins import ENERGY_DECADES_MEV, energy_bin_label, energy_bin_masks
 from .observables import (
     PER_SHOWER_OBSERVABLES,
     SCORE_ROWS,
-    CellLayout,
     ShowerObservables,
     calotransfer_scores,
     calotransfer_scores_by_energy,
@@ -126,12 +124,12 @@ __all__ = [
 #: version of the layout of ``metrics.json``
 METRICS_FORMAT_VERSION = 1
 
-#: the official FPD/KPD sizes of the CaloChallenge call (calochallenge.md §2.6)
+#: the official FPD/KPD sizes of the CaloChallenge call (docs/scoring.md §2.6)
 _OFFICIAL_FPD = {"min_samples": 10_000, "max_samples": 50_000}
 _OFFICIAL_KPD_BATCH = 10_000
 
 #: by default FPD/KPD run only when both samples hold at least this many showers: the official
-#: smallest FPD batch (calochallenge.md §2.6); below it the 1/N extrapolation of the FPD starts from
+#: smallest FPD batch (docs/scoring.md §2.6); below it the 1/N extrapolation of the FPD starts from
 #: batches smaller than the official ones and the value is dominated by its finite-sample bias
 FPD_KPD_MIN_SHOWERS = 10_000
 
@@ -589,42 +587,6 @@ def _warnings_to_notes(notes: list[str], stage: str):
             notes.append(text)
 
 
-def _versions() -> dict:
-    import scipy
-    import torch
-
-    versions = {"caloadapt": __version__, "python": platform.python_version(), "numpy": np.__version__,
-                "scipy": scipy.__version__, "torch": torch.__version__, "h5py": h5py.__version__}
-    for module in ("sklearn", "matplotlib", "mplhep"):
-        try:
-            versions[module] = __import__(module).__version__
-        except Exception:  # pragma: no cover - optional
-            versions[module] = None
-    return versions
-
-
-def to_jsonable(value):
-    """Plain JSON types: numpy scalars/arrays to Python, NaN and infinities to None, paths to str."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value))
-    return value
-
-
 def write_metrics(metrics: dict, path: str | os.PathLike[str]) -> Path:
     """Write ``metrics`` as indented JSON atomically (NaN written as null)."""
     path = Path(path)
@@ -1018,7 +980,7 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
         "format_version": METRICS_FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command or " ".join(sys.argv),
-        "versions": _versions(),
+        "versions": library_versions(),
         "inputs": {role: sample.record() for role, sample in samples.items()},
         "geometry": dict(_geometry_record(target),
                          reference_file_geometry=ref.geometry, generated_file_geometry=gen.geometry,

@@ -48,7 +48,7 @@ class ConsistencyPrecond(nn.Module):
     """Consistency-model parametrisation ``f(x; sigma)`` around a raw point network F.
 
     ``f(x; sigma) = c_skip x + c_out F(c_in x; c_noise, context)`` with (Song et al. 2023, app. C;
-    method.md §4.6)
+    docs/model.md §5)
 
     - ``c_skip  = sigma_d^2 / ((sigma - sigma_min)^2 + sigma_d^2)``
     - ``c_out   = (sigma - sigma_min) sigma_d / sqrt(sigma^2 + sigma_d^2)``

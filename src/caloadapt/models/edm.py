@@ -2,7 +2,7 @@
 
 All equations are from T. Karras, M. Aittala, T. Aila, S. Laine, *Elucidating the Design Space of
 Diffusion-Based Generative Models* (EDM), NeurIPS 2022, https://arxiv.org/abs/2206.00364, as
-used by CaloClouds II (method.md §4.2, §4.3).
+used by CaloClouds II (docs/model.md §2, §3).
 
 Shapes: a batch of B showers padded to M points of D features, ``x`` of shape ``(B, M, D)``,
 with a boolean ``mask`` of shape ``(B, M)`` that is True for real points. Noise levels ``sigma``
@@ -61,7 +61,7 @@ class EDMPrecond(nn.Module):
             :class:`~caloadapt.models.pointwise.PointwiseNet` or
             :class:`~caloadapt.models.transformer.PointTransformer`).
         sigma_data: standard deviation of the data, one number or one per feature (0.5 for all
-            four point features in CaloClouds II, method.md §4.2).
+            four point features in CaloClouds II, docs/model.md §2).
     """
 
     sigma_data: Tensor
@@ -139,11 +139,11 @@ class EDMLoss:
     k-diffusion form ``|| F - (y - c_skip (y + n)) / c_out ||^2`` used by the reference.
 
     The squared error is averaged over the real points (``mask`` True) and the features of the
-    whole batch, so padding never contributes (method.md §10 item 9; the reference averaged over
+    whole batch, so padding never contributes (docs/model.md §2; the reference averaged over
     padded zeros too).
 
     Arguments:
-        P_mean: mean of ln(sigma) (-1.2, method.md §4.2).
+        P_mean: mean of ln(sigma) (-1.2, docs/model.md §2).
         P_std: standard deviation of ln(sigma) (1.2).
         sigma_data: data standard deviation, a number or one per feature; must equal that of the
             :class:`EDMPrecond` the loss is called with.
@@ -287,7 +287,7 @@ def sample_heun(
     Integrates the probability-flow ODE ``dx/dsigma = (x - D(x; sigma)) / sigma`` from
     ``sigma_max`` to 0 on :func:`karras_sigmas`. The last step (to sigma = 0) is an Euler step,
     so the number of network evaluations is ``2 n_steps - 1`` (25 for the default 13 steps,
-    CaloClouds II; method.md §4.3). Points are independent, so padded points are simply zeroed
+    CaloClouds II; docs/model.md §3). Points are independent, so padded points are simply zeroed
     in the output. Runs under ``torch.no_grad``.
 
     Arguments:
