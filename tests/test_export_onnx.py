@@ -60,7 +60,8 @@ def test_distilled_checkpoint_exports_the_consistency_function(checkpoints, tmp_
     assert onnx_view.denoiser.kind == "consistency" and model.denoiser.__class__.__name__ == "EDMPrecond"
     geometry, energies = get_geometry("ild-ecal"), np.array([20e3, 50e3])
     sampler = load_model(checkpoints[1])[1]
-    ours = onnx_view.generate(geometry, energies, sampler, generator=torch.Generator().manual_seed(2), particle="photon")
+    ours = onnx_view.generate(geometry, energies, sampler, generator=torch.Generator().manual_seed(2),
+                              particle="photon")
     ref = model.generate(geometry, energies, sampler, generator=torch.Generator().manual_seed(2), particle="photon")
     assert np.array_equal(ours.n_points, ref.n_points) and np.all(np.isfinite(ours.points))
     assert np.isclose(ours.points[:, 3].sum(), ref.points[:, 3].sum(), rtol=1e-4)

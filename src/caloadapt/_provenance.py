@@ -1,18 +1,20 @@
-"""What every written result records about itself: plain JSON values and the library versions."""
+"""What every written result records about itself: plain JSON values, the library versions, the machine."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import __version__
 
-__all__ = ["to_jsonable", "library_versions"]
+__all__ = ["to_jsonable", "library_versions", "hardware_info", "available_bytes", "usable_cores"]
 
 #: reported name -> distribution name of the libraries a result may depend on
 _LIBRARIES = {"torch": "torch", "numpy": "numpy", "scipy": "scipy", "h5py": "h5py", "zuko": "zuko", "peft": "peft",
@@ -55,3 +57,62 @@ def library_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _meminfo_gib(key: str) -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def available_bytes() -> float | None:
+    gib = _meminfo_gib("MemAvailable")
+    return None if gib is None else gib * 2**30
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def hardware_info() -> dict:
+    """Platform, CPU model, cores, memory, load average and GPUs of this machine."""
+    physical = None
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+    except ImportError:
+        pass
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            gpus.append({"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1)})
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        load = None
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu_model": _cpu_model(),
+            "logical_cores": os.cpu_count(), "physical_cores": physical, "usable_cores": usable_cores(),
+            "memory_gib": None if _meminfo_gib("MemTotal") is None else round(_meminfo_gib("MemTotal"), 1),
+            "load_average": load, "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+            "gpus": gpus, "cuda": torch.version.cuda if torch.cuda.is_available() else None}

@@ -22,22 +22,20 @@ shower are recorded. :func:`format_table` renders the results as a short text ta
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import math
 import os
-import platform
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ._atomic import atomic_path
-from ._provenance import library_versions, to_jsonable
+from ._provenance import available_bytes, hardware_info, library_versions, to_jsonable, usable_cores
+from ._timing import limited_threads, time_runs
 from .errors import CheckpointError
 from .models.sampling import Sampler
 
@@ -51,124 +49,6 @@ _FULL = {"batch_sizes": (1, 100, 1000), "repeats": 5, "warmup": 1, "budget_s": 1
          "scan_energies_gev": (1.0, 10.0, 100.0, 1000.0), "scan_batch": 100}
 _QUICK = {"batch_sizes": (1, 8), "repeats": 3, "warmup": 1, "budget_s": 20.0,
           "scan_energies_gev": (1.0, 10.0), "scan_batch": 8}
-
-
-# -- environment -----------------------------------------------------------------------------------------------
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _meminfo_gib(key: str) -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
-def _available_bytes() -> float | None:
-    gib = _meminfo_gib("MemAvailable")
-    return None if gib is None else gib * 2**30
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def hardware_info() -> dict:
-    """Platform, CPU model, cores, memory, load average and GPUs of this machine."""
-    physical = None
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False)
-    except ImportError:
-        pass
-    gpus = []
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            gpus.append({"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1)})
-    try:
-        load = [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        load = None
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu_model": _cpu_model(),
-            "logical_cores": os.cpu_count(), "physical_cores": physical, "usable_cores": _usable_cores(),
-            "memory_gib": None if _meminfo_gib("MemTotal") is None else round(_meminfo_gib("MemTotal"), 1),
-            "load_average": load, "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-            "gpus": gpus, "cuda": torch.version.cuda if torch.cuda.is_available() else None}
-
-
-# -- timing ------------------------------------------------------------------------------------------------------
-
-def _stats(values: Sequence[float]) -> dict:
-    a = np.asarray(values, np.float64)
-    q25, q75 = np.percentile(a, [25, 75])
-    return {"median": float(np.median(a)), "min": float(a.min()), "max": float(a.max()),
-            "iqr": float(q75 - q25), "mean": float(a.mean()), "n": int(a.size)}
-
-
-def _measure(run: Callable[[], dict], batch: int, *, repeats: int, warmup: int, budget_s: float,
-             estimate_s: float | None) -> dict:
-    """Time ``run`` (one batch of ``batch`` showers): warm-up, then up to ``repeats`` timed runs.
-
-    Skipped when the estimated time of one run exceeds the budget; fewer repeats (at least one)
-    when the budget runs out.
-    """
-    if estimate_s is not None and estimate_s > budget_s:
-        return {"skipped": f"estimated {estimate_s:.0f} s per batch exceeds the budget of {budget_s:.0f} s"}
-    n_warm = warmup if estimate_s is None or estimate_s * (warmup + 1) <= budget_s else 0
-    for _ in range(n_warm):
-        run()
-    seconds, infos = [], []
-    started = time.perf_counter()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        infos.append(run())
-        seconds.append(time.perf_counter() - t0)
-        if time.perf_counter() - started + seconds[-1] > budget_s:
-            break
-    ms_per_shower = [1000.0 * s / batch for s in seconds]
-    out = {"ms_per_shower": _stats(ms_per_shower), "showers_per_s": _stats([batch / s for s in seconds]),
-           "seconds_per_batch": _stats(seconds), "repeats": len(seconds), "warmup": n_warm}
-    for key in infos[0]:
-        out[key] = float(np.mean([info[key] for info in infos]))
-    return out
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Limit torch (and BLAS/OpenMP pools, via threadpoolctl when installed) to ``n`` threads."""
-    if n is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:
-            yield
-        else:
-            with threadpool_limits(limits=n):
-                yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # -- the cases ---------------------------------------------------------------------------------------------------
@@ -289,7 +169,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
     say = log or (lambda message: None)
     defaults = _QUICK if quick else _FULL
     batch_sizes = tuple(sorted(int(b) for b in (batch_sizes or defaults["batch_sizes"])))
-    usable = _usable_cores()
+    usable = usable_cores()
     threads = tuple(dict.fromkeys(int(t) for t in (threads or (1, usable))))
     repeats = int(repeats or defaults["repeats"])
     warmup = int(defaults["warmup"] if warmup is None else warmup)
@@ -321,12 +201,12 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
             estimate = last["ms_per_shower"]["median"] * row["batch_size"] / 1000.0
             points = last.get("mean_points")
             need = _memory_estimate(net_model, row["batch_size"], points) if net_model is not None else None
-            free = _available_bytes()
+            free = available_bytes()
             if need is not None and free is not None and need > 0.5 * free:
                 row["skipped"] = f"estimated {need / 2**30:.1f} GiB of activations, {free / 2**30:.1f} GiB free"
                 return row
         try:
-            row.update(_measure(make_run(), row["batch_size"], repeats=repeats, warmup=warmup, budget_s=budget_s,
+            row.update(time_runs(make_run(), row["batch_size"], repeats=repeats, warmup=warmup, budget_s=budget_s,
                                 estimate_s=estimate))
         except (MemoryError, torch.OutOfMemoryError) as err:  # record, go on with the other cases
             row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
@@ -360,7 +240,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
         # main table: ILD photons at one energy
         for dev in devices:
             for n_threads in (threads if dev.type == "cpu" else (None,)):
-                with _threads(n_threads):
+                with limited_threads(n_threads):
                     say(f"-- {dev.type}, threads {n_threads if n_threads is not None else 'n/a'}")
                     for batch in batch_sizes:
                         energies = np.full(batch, energy * 1000.0)
@@ -382,7 +262,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
 
         # energy scan: calochallenge-3 electrons, one thread
         scan_rows: list[dict] = []
-        with _threads(1):
+        with limited_threads(1):
             say("-- energy scan: calochallenge-3 electrons, 1 thread")
             for e in scan_energies:
                 for batch in sorted({1, scan_batch}):

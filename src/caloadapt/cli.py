@@ -708,7 +708,8 @@ def evaluate(
 ) -> None:
     """Compare generated with reference showers: scores, CaloChallenge metrics, plots and a report."""
     from .data.io import file_geometry
-    from .evaluate.pipeline import EvaluationOptions, run_evaluation, source_geometry
+    from .evaluate.pipeline import EvaluationOptions, run_evaluation
+    from .evaluate.stream import source_geometry
 
     geo = file_geometry(reference, geometry)
     if geometry is None:

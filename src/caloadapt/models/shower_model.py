@@ -245,7 +245,8 @@ class ShowerModel(nn.Module):
         # the network is told the hits the shower is to have (what N meant in training), not the points
         condition[:, 1] = torch.as_tensor(points_condition(hits.sum(axis=1)), dtype=torch.float32, device=device)
         # the fused wrapper computes each shower's gates once and skips padding: same values, faster
-        x = sampler(FusedDenoiser(self.denoiser if denoiser is None else denoiser), condition, mask, generator=generator)
+        network = FusedDenoiser(self.denoiser if denoiser is None else denoiser)
+        x = sampler(network, condition, mask, generator=generator)
         features = (x * self.point_std + self.point_mean)
         # sort real points by generated depth (padding last), then assign layers by the flow's counts
         depth = torch.where(mask, features[..., 2], torch.full_like(features[..., 2], float("inf")))

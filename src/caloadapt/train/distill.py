@@ -43,7 +43,7 @@ from ..models.fused import FusedDenoiser
 from ..models.sampling import Sampler
 from ..models.shower_model import ShowerModel
 from .data import ShowerSubset, make_batch, split_indices
-from .loop import resolve_device
+from .loop import check_run_options, resolve_device
 
 __all__ = ["DistillConfig", "distill"]
 
@@ -96,16 +96,16 @@ class DistillConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.optimizer not in {"adam", "radam"}:
-            raise InputError(f"unknown optimizer {self.optimizer!r}; expected adam or radam")
-        if self.steps < 1 or self.batch_size < 1:
-            raise InputError("steps and batch size must be positive")
+        check_run_options(self)
         if self.n_grid < 2:
             raise InputError("the distillation grid needs at least 2 noise levels")
         if not 0 < self.sigma_min < self.sigma_max:
             raise InputError("need 0 < sigma_min < sigma_max")
-        if not 0 <= self.target_ema < 1 or not 0 <= self.ema_decay < 1:
-            raise InputError("EMA decays must lie in [0, 1)")
+        if not 0 <= self.target_ema < 1:
+            raise InputError(f"target_ema must be in [0, 1), got {self.target_ema!r}")
+        for name in ("val_max_points", "val_teacher_steps"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 def _masked_mse(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
