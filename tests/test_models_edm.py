@@ -238,3 +238,22 @@ def test_sampler_convergence_order(sampler, order):
     err = [(sampler(ideal_gaussian_denoiser, ctx, noise=noise, n_steps=n) - exact).abs().max() for n in (26, 52)]
     ratio = (err[0] / err[1]).item()
     assert 2**order * 0.75 < ratio < 2**order * 1.5
+
+
+@pytest.mark.parametrize("sampler", [sample_heun, sample_euler])
+def test_samplers_hand_the_mask_to_an_attention_backbone(sampler):
+    """Padding changes nothing for the real points: the sampler tells the transformer which points are real."""
+    from caloadapt.models import PointTransformer
+
+    torch.manual_seed(0)
+    net = PointTransformer(point_dim=4, context_dim=2, dim=16, depth=2, heads=2, n_inducing=4, time_dim=16)
+    for p in net.parameters():  # off the zero initialisation, so attention matters
+        p.data.normal_(0.0, 0.3)
+    precond = EDMPrecond(net).eval()
+    ctx = torch.randn(1, 2)
+    noise = torch.randn(1, 30, 4, generator=torch.Generator().manual_seed(1))
+    mask = torch.arange(30)[None] < 20
+    padded = sampler(precond, ctx, mask=mask, n_steps=3, noise=noise)
+    alone = sampler(precond, ctx, n_steps=3, noise=noise[:, :20])
+    assert torch.allclose(padded[:, :20], alone, atol=1e-5)
+    assert torch.all(padded[:, 20:] == 0)
