@@ -56,7 +56,7 @@ def tiny_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny model trained for a few steps on ILD photons, and a briefly distilled copy of it."""
     from caloadapt.data import write_showers
     from caloadapt.models import ModelConfig, ShowerModel
-    from caloadapt.models.consistency import DistillConfig, distill
+    from caloadapt.train.distill import DistillConfig, distill
     from caloadapt.train import TrainConfig, model_from_checkpoint, train
 
     root = tmp_path_factory.mktemp("tiny_checkpoints")

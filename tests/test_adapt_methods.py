@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from caloadapt.adapt import (METHODS, AdaptMethod, finetune, format_report, is_adapted, load_adapted_model, merge,
+from caloadapt.adapt import (METHODS, AdaptMethod, finetune, format_report, is_adapted, merge,
                              parameter_report, prepare)
 from caloadapt.data import write_showers
 from caloadapt.errors import InputError
 from caloadapt.geometry import get_geometry
-from caloadapt.models import ModelConfig, ShowerModel
+from caloadapt.models import ModelConfig, Sampler, ShowerModel, load_model
 from caloadapt.models.representation import n_statistics
 from caloadapt.simulate import simulate
 from caloadapt.train import TrainConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -68,7 +68,7 @@ def _expected_net_names(model: ShowerModel, method: AdaptMethod) -> set[str]:
 
 
 def _expected_net_count(model: ShowerModel, method: AdaptMethod) -> int:
-    """Parameter counts from the layer shapes (method.md §6 formulas)."""
+    """Parameter counts from the layer shapes (docs/model.md §6 formulas)."""
     net = model.net
     r = method.rank
     layers = range(len(net.layers)) if method.layers is None else method.layers
@@ -79,7 +79,7 @@ def _expected_net_count(model: ShowerModel, method: AdaptMethod) -> int:
     return per_method[method.name]
 
 
-# -- counts against the default architecture (method.md §4.1, §6) -----------------------------------
+# -- counts against the default architecture (docs/model.md §1, §6) -----------------------------------
 
 PUBLISHED = {  # method name, settings -> trainable point-network parameters of the default network
     ("full", ()): 504_920,
@@ -278,14 +278,14 @@ def test_peft_merge_gives_the_same_model(tiny_model, method, tmp_path):
     loaded = model_from_checkpoint(tmp_path / "merged.pt")
     geometry = get_geometry("calochallenge-3")
     energies = np.array([5e3, 20e3, 60e3])
-    a = model.generate(geometry, energies, n_steps=4, generator=torch.Generator().manual_seed(7))
-    b = loaded.generate(geometry, energies, n_steps=4, generator=torch.Generator().manual_seed(7))
+    a = model.generate(geometry, energies, Sampler(steps=4), generator=torch.Generator().manual_seed(7))
+    b = loaded.generate(geometry, energies, Sampler(steps=4), generator=torch.Generator().manual_seed(7))
     assert np.array_equal(a.n_points, b.n_points) and a.points.shape[0] > 0
     np.testing.assert_allclose(a.points, b.points, rtol=1e-4, atol=1e-4)
 
     # an unmerged checkpoint (as written during training) loads merged as well
     save_checkpoint(tmp_path / "adapted.pt", model, ema=model.state_dict(), adapter=method.to_dict())
-    reloaded = load_adapted_model(tmp_path / "adapted.pt")
+    reloaded, _ = load_model(tmp_path / "adapted.pt")
     assert list(reloaded.state_dict()) == list(tiny_model.state_dict())
     for key, value in merged.state_dict().items():
         assert torch.allclose(reloaded.state_dict()[key], value, atol=1e-6), key

@@ -9,18 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from caloadapt.adapt import load_adapted_model
 from caloadapt.data import write_showers
-from caloadapt.errors import CheckpointError
 from caloadapt.geometry import get_geometry
-from caloadapt.models import ModelConfig, ShowerModel
-from caloadapt.models.consistency import (ConsistencyPrecond, DistillConfig, consistency_settings, distill,
-                                          generate_one_step, load_consistency_model, multistep_sigmas,
-                                          sample_consistency)
+from caloadapt.models import ModelConfig, Sampler, ShowerModel, load_model
+from caloadapt.models.consistency import ConsistencyPrecond, multistep_sigmas, sample_consistency
 from caloadapt.models.edm import EDMPrecond
+from caloadapt.models.fused import FusedDenoiser
 from caloadapt.models.pointwise import PointwiseNet
 from caloadapt.simulate import simulate
 from caloadapt.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+from caloadapt.train.distill import DistillConfig, distill
 
 TINY = ModelConfig(widths=(32, 32), time_dim=16, flow_hidden=(32,), flow_transforms=2)
 
@@ -99,19 +97,21 @@ def test_distillation_writes_loadable_checkpoints(distilled, teacher_path):
     payload = load_checkpoint(out / "last.pt")
     for key in ("model", "ema", "target", "optimizer", "train_state", "train_config", "consistency", "geometry"):
         assert key in payload
-    settings = consistency_settings(out / "best.pt")
+    settings = load_checkpoint(out / "best.pt")["consistency"]
     assert settings["sigma_min"] == 0.002 and settings["sigma_max"] == 80.0 and settings["steps"] == [1, 2]
     assert settings["teacher"] == str(teacher_path)
-    assert consistency_settings(teacher_path) is None
+    # the student is sampled in one consistency step on its range; the teacher with the EDM default
+    assert load_model(out / "best.pt")[1] == Sampler("consistency", 1, 0.002, 80.0, 7.0)
+    assert load_model(teacher_path)[1] == Sampler() and not Sampler().distilled
 
     teacher = model_from_checkpoint(teacher_path)
-    student = load_adapted_model(out / "best.pt")  # an ordinary ShowerModel checkpoint
+    student, _ = load_model(out / "best.pt")  # an ordinary ShowerModel checkpoint
     assert student.config == teacher.config
     t_state, s_state = teacher.state_dict(), student.state_dict()
     for key in t_state:
         if not key.startswith("denoiser.net."):  # the flow and the normalisation are the teacher's
             assert torch.equal(t_state[key], s_state[key]), key
-    raw = load_adapted_model(out / "last.pt", weights="model")
+    raw, _ = load_model(out / "last.pt", weights="model")
     assert any(not torch.equal(t_state[k], v) for k, v in raw.state_dict().items() if k.startswith("denoiser.net."))
 
 
@@ -141,7 +141,7 @@ def test_resume_continues_to_the_same_result(teacher_path, ild_file, tmp_path):
 
 
 def test_one_step_sampler_is_seeded_finite_and_masked(distilled):
-    model, _ = load_consistency_model(distilled[0] / "best.pt")
+    model, _ = load_model(distilled[0] / "best.pt")
     context = torch.tensor([[0.5, 0.6], [0.2, 0.4], [0.9, 0.8]])
     mask = torch.arange(50)[None, :] < torch.tensor([50, 20, 35])[:, None]
 
@@ -162,13 +162,13 @@ def test_one_step_sampler_is_seeded_finite_and_masked(distilled):
 
 @pytest.mark.parametrize("name", ["ild-ecal", "calochallenge-3"])
 def test_one_step_generation_writes_valid_showers(distilled, name):
-    model, settings = load_consistency_model(distilled[0] / "best.pt")
+    model, sampler = load_model(distilled[0] / "best.pt")
     geometry = get_geometry(name)
     energies = np.array([5e3, 20e3, 50e3])
 
     def run(seed: int):
-        showers = generate_one_step(model, geometry, energies, settings=settings, particle=geometry.particle,
-                                    generator=torch.Generator().manual_seed(seed))
+        showers = model.generate(geometry, energies, sampler, particle=geometry.particle,
+                                 generator=torch.Generator().manual_seed(seed))
         return showers, geometry.digitise(showers)
 
     (raw, hits), (raw_b, _), (raw_c, _) = run(3), run(3), run(4)
@@ -178,23 +178,13 @@ def test_one_step_generation_writes_valid_showers(distilled, name):
     assert np.all(hits.points[:, 3] >= geometry.energy.threshold_mev)
     assert np.all(geometry.cell_index(hits.points) >= 0)
     # the two-step sampler goes through the same path
-    two = generate_one_step(model, geometry, energies, n_steps=2, settings=settings,
-                            generator=torch.Generator().manual_seed(3))
+    two = model.generate(geometry, energies, sampler.with_steps(2), generator=torch.Generator().manual_seed(3))
     assert np.all(np.isfinite(two.points)) and np.array_equal(two.n_points, raw.n_points)
-    assert "_consistency_one_step" not in __import__("caloadapt.models.shower_model",
-                                                     fromlist=["SAMPLERS"]).SAMPLERS  # registration is temporary
-    assert model.denoiser.__class__ is EDMPrecond  # and so is the swap
-
-
-def test_plain_checkpoint_is_not_a_consistency_model(teacher_path):
-    with pytest.raises(CheckpointError, match="not a distilled"):
-        load_consistency_model(teacher_path)
+    assert model.denoiser.__class__ is EDMPrecond  # generation leaves the model as it was
 
 
 @pytest.mark.parametrize("wrapped", ["edm", "consistency"])
 def test_fused_chunked_evaluation_matches_the_network(wrapped):
-    from caloadapt.models.consistency import FusedDenoiser
-
     torch.manual_seed(0)
     edm = EDMPrecond(PointwiseNet(widths=(24, 40), time_dim=8))
     denoiser = edm if wrapped == "edm" else ConsistencyPrecond.from_edm(edm)
@@ -204,16 +194,16 @@ def test_fused_chunked_evaluation_matches_the_network(wrapped):
     sigma = torch.tensor([80.0, 3.0, 0.5, 0.01, 1.0, 10.0])
     with torch.no_grad():
         plain = denoiser(x, sigma, context)
-        masked = FusedDenoiser(denoiser, mask=mask, chunk_points=40)(x, sigma, context)  # several size groups
+        masked = FusedDenoiser(denoiser, chunk_points=40)(x, sigma, context, mask)  # several size groups
         assert torch.allclose(masked[mask], plain[mask], atol=1e-5)
         assert torch.all(masked[~mask] == 0)
         chunked = FusedDenoiser(denoiser, chunk_points=120)(x, sigma, context)  # no mask: whole showers
         assert torch.allclose(chunked, plain, atol=1e-5)
         scattered = mask.flip(1)  # not a prefix: falls back to whole showers
-        assert torch.allclose(FusedDenoiser(denoiser, mask=scattered, chunk_points=64)(x, sigma, context), plain,
+        assert torch.allclose(FusedDenoiser(denoiser, chunk_points=64)(x, sigma, context, scattered), plain,
                               atol=1e-5)
     # under autograd it is the wrapped module itself
-    out = FusedDenoiser(denoiser, mask=mask)(x, sigma, context)
+    out = FusedDenoiser(denoiser)(x, sigma, context, mask)
     assert out.requires_grad and torch.equal(out, denoiser(x, sigma, context))
     # the fast one-step sampler equals the plain one up to rounding
     with torch.no_grad():
@@ -223,23 +213,47 @@ def test_fused_chunked_evaluation_matches_the_network(wrapped):
     assert torch.allclose(fast, slow, atol=1e-5)
 
 
-def test_registering_the_sampler_in_shower_model_works(distilled, monkeypatch):
-    """The proposed wiring: SAMPLERS["consistency"] = sample_consistency, the denoiser optionally
-    wrapped in FusedDenoiser by ShowerModel.generate; same showers as generate_one_step."""
-    from caloadapt.models import shower_model
-    from caloadapt.models.consistency import FusedDenoiser
-
-    model, settings = load_consistency_model(distilled[0] / "best.pt")
+def test_generation_with_the_consistency_sampler_rewraps_the_denoiser(distilled):
+    """ShowerModel.generate hands its EDMPrecond (holding the student) to the consistency sampler,
+    which evaluates it as the consistency function: the same showers as an explicit ConsistencyPrecond."""
+    model, sampler = load_model(distilled[0] / "best.pt")
     geometry, energies = get_geometry("ild-ecal"), np.array([10e3, 30e3])
-    monkeypatch.setitem(shower_model.SAMPLERS, "consistency", sample_consistency)
-    registered = model.generate(geometry, energies, n_steps=1, sampler="consistency",
-                                generator=torch.Generator().manual_seed(5))
-    ours = generate_one_step(model, geometry, energies, settings=settings, generator=torch.Generator().manual_seed(5))
-    assert np.array_equal(registered.points, ours.points)
-    # a FusedDenoiser around the EDMPrecond (what generate would pass) is re-wrapped correctly
+    implicit = model.generate(geometry, energies, sampler, generator=torch.Generator().manual_seed(5))
+    explicit = model.generate(geometry, energies, sampler, generator=torch.Generator().manual_seed(5),
+                              denoiser=ConsistencyPrecond.from_edm(model.denoiser, sampler.sigma_min))
+    assert np.array_equal(implicit.points, explicit.points)
+    # a FusedDenoiser around the EDMPrecond (what generate passes) is re-wrapped correctly
     context = torch.tensor([[0.5, 0.5]])
     mask = torch.ones(1, 30, dtype=torch.bool)
-    a = sample_consistency(FusedDenoiser(model.denoiser, mask=mask), context, 30, mask=mask,
+    a = sample_consistency(FusedDenoiser(model.denoiser), context, 30, mask=mask,
                            generator=torch.Generator().manual_seed(0))
     b = sample_consistency(model.denoiser, context, 30, mask=mask, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
+
+
+def test_generate_uses_the_noise_range_the_model_was_distilled_on(teacher_path, ild_file, tmp_path):
+    """`caloadapt generate` with a distilled checkpoint samples on the checkpoint's own sigma range."""
+    from typer.testing import CliRunner
+
+    from caloadapt.cli import app
+    from caloadapt.data import read_showers
+    from caloadapt.generate import iter_generate
+
+    distill(model_from_checkpoint(teacher_path), ild_file, get_geometry("ild-ecal"), tmp_path / "cm",
+            distill_config(steps=2, val_every=2, checkpoint_every=2, sigma_max=20.0), progress=False)
+    model, sampler = load_model(tmp_path / "cm" / "best.pt")
+    assert sampler == Sampler("consistency", 1, 0.002, 20.0, 7.0)
+    result = CliRunner().invoke(app, ["generate", "--checkpoint", str(tmp_path / "cm" / "best.pt"), "-g", "ild-ecal",
+                                      "--n", "4", "--energy", "10:30", "--device", "cpu", "-o", str(tmp_path / "g.h5")])
+    assert result.exit_code == 0, result.output
+    written = read_showers(tmp_path / "g.h5")
+    geometry = get_geometry("ild-ecal")
+
+    def generated(chosen: Sampler):
+        return next(iter_generate(model, geometry, written.incident_energy_mev, chosen, particle=written.particle))
+
+    ours, default_range = generated(sampler), generated(Sampler("consistency", 1))
+    assert np.array_equal(written.n_points, ours.n_points)
+    assert np.allclose(written.points, ours.points.astype(written.points.dtype))
+    assert not (np.array_equal(default_range.n_points, ours.n_points)
+                and np.allclose(default_range.points, ours.points))

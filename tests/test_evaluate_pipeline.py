@@ -18,8 +18,8 @@ from caloadapt.data import read_showers, write_showers
 from caloadapt.errors import CaloadaptError, InputError
 from caloadapt.evaluate import EvaluationOptions, run_evaluation, write_report
 from caloadapt.evaluate.observables import PUBLISHED_SCORED, SCORE_ROWS
-from caloadapt.evaluate.pipeline import (FPD_KPD_MIN_SHOWERS, concatenate_observables, fpd_kpd_decision,
-                                        fpd_kpd_settings)
+from caloadapt.evaluate.pipeline import FPD_KPD_MIN_SHOWERS, fpd_kpd_decision, fpd_kpd_settings
+from caloadapt.evaluate.stream import concatenate_observables
 from caloadapt.simulate import simulate
 
 N_SHOWERS = 150

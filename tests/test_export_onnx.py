@@ -15,8 +15,8 @@ pytest.importorskip("onnxscript")
 from caloadapt.export.onnx import (PARITY_TOLERANCE, OnnxDenoiser, export_checkpoint_onnx, export_onnx,  # noqa: E402
                                    onnx_metadata, onnx_model, parity_check)
 from caloadapt.geometry import get_geometry  # noqa: E402
-from caloadapt.models import ShowerModel  # noqa: E402
-from caloadapt.models.consistency import generate_one_step, sample_consistency  # noqa: E402
+from caloadapt.models import Sampler, ShowerModel, load_model  # noqa: E402
+from caloadapt.models.consistency import sample_consistency  # noqa: E402
 from caloadapt.models.edm import sample_heun  # noqa: E402
 from caloadapt.train import model_from_checkpoint  # noqa: E402
 
@@ -59,10 +59,10 @@ def test_distilled_checkpoint_exports_the_consistency_function(checkpoints, tmp_
     onnx_view = onnx_model(model, path, threads=1)
     assert onnx_view.denoiser.kind == "consistency" and model.denoiser.__class__.__name__ == "EDMPrecond"
     geometry, energies = get_geometry("ild-ecal"), np.array([20e3, 50e3])
-    ours = generate_one_step(onnx_view, geometry, energies, settings=settings, denoiser=onnx_view.denoiser,
-                             generator=torch.Generator().manual_seed(2), particle="photon")
-    ref = generate_one_step(model, geometry, energies, settings=settings, generator=torch.Generator().manual_seed(2),
-                            particle="photon")
+    sampler = load_model(checkpoints[1])[1]
+    ours = onnx_view.generate(geometry, energies, sampler, generator=torch.Generator().manual_seed(2),
+                              particle="photon")
+    ref = model.generate(geometry, energies, sampler, generator=torch.Generator().manual_seed(2), particle="photon")
     assert np.array_equal(ours.n_points, ref.n_points) and np.all(np.isfinite(ours.points))
     assert np.isclose(ours.points[:, 3].sum(), ref.points[:, 3].sum(), rtol=1e-4)
     context = torch.tensor([[0.5, 0.6], [0.1, 0.3]])
@@ -82,7 +82,7 @@ def test_onnx_denoiser_drives_the_heun_sampler(edm_export):
     assert torch.allclose(ours, ref, atol=1e-4)
     # ... and whole-shower generation with the ONNX network (the flow stays in torch)
     view = onnx_model(model, path, threads=1)
-    showers = view.generate(get_geometry("calochallenge-3"), np.array([10e3, 40e3]), n_steps=2,
+    showers = view.generate(get_geometry("calochallenge-3"), np.array([10e3, 40e3]), Sampler(steps=2),
                             generator=torch.Generator().manual_seed(1))
     assert len(showers) == 2 and np.all(np.isfinite(showers.points))
     assert model.denoiser.__class__.__name__ == "EDMPrecond"  # the view did not touch the model
@@ -121,6 +121,6 @@ def test_transformer_export_takes_the_padding_mask(tmp_path):
     padded = denoiser(x, sigma, context, mask)[:, :20]
     alone = denoiser(x[:, :20], sigma, context)
     assert torch.allclose(padded, alone, atol=1e-5)
-    showers = onnx_model(model, path, threads=1).generate(get_geometry("ild-ecal"), np.array([20e3]), n_steps=2,
+    showers = onnx_model(model, path, threads=1).generate(get_geometry("ild-ecal"), np.array([20e3]), Sampler(steps=2),
                                                           generator=torch.Generator().manual_seed(1))
     assert len(showers) == 1 and np.all(np.isfinite(showers.points))

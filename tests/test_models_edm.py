@@ -174,11 +174,12 @@ def test_karras_sigmas_endpoints_and_monotonicity():
 
 class CountingDenoiser:
     def __init__(self, inner):
-        self.inner, self.calls = inner, 0
+        self.inner, self.calls, self.masks = inner, 0, []
 
-    def __call__(self, x, sigma, context):
+    def __call__(self, x, sigma, context, mask=None):
         self.calls += 1
-        return self.inner(x, sigma, context)
+        self.masks.append(mask)
+        return self.inner(x, sigma, context, mask)
 
 
 @pytest.mark.parametrize("sampler, nfe", [(sample_heun, lambda n: 2 * n - 1), (sample_euler, lambda n: n)])
@@ -188,6 +189,7 @@ def test_sampler_shapes_determinism_and_masking(sampler, nfe):
     mask = torch.arange(6)[None] < torch.tensor([6, 2, 4])[:, None]
     a = sampler(precond, ctx, mask=mask, n_steps=5, generator=torch.Generator().manual_seed(0))
     assert precond.calls == nfe(5)
+    assert all(m is mask for m in precond.masks)  # every evaluation is told which points are padding
     b = sampler(precond, ctx, mask=mask, n_steps=5, generator=torch.Generator().manual_seed(0))
     c = sampler(precond, ctx, mask=mask, n_steps=5, generator=torch.Generator().manual_seed(1))
     assert a.shape == (3, 6, 4)
@@ -204,7 +206,7 @@ MU = torch.tensor([1.0, -0.5])
 S = torch.tensor([0.5, 0.2])
 
 
-def ideal_gaussian_denoiser(x, sigma, context):
+def ideal_gaussian_denoiser(x, sigma, context, mask=None):
     """E[y | y + sigma n] for y ~ N(MU, S^2): MU + S^2 / (S^2 + sigma^2) (x - MU)."""
     s2 = sigma.reshape(-1, 1, 1) ** 2
     return MU + S**2 / (S**2 + s2) * (x - MU)
@@ -236,3 +238,22 @@ def test_sampler_convergence_order(sampler, order):
     err = [(sampler(ideal_gaussian_denoiser, ctx, noise=noise, n_steps=n) - exact).abs().max() for n in (26, 52)]
     ratio = (err[0] / err[1]).item()
     assert 2**order * 0.75 < ratio < 2**order * 1.5
+
+
+@pytest.mark.parametrize("sampler", [sample_heun, sample_euler])
+def test_samplers_hand_the_mask_to_an_attention_backbone(sampler):
+    """Padding changes nothing for the real points: the sampler tells the transformer which points are real."""
+    from caloadapt.models import PointTransformer
+
+    torch.manual_seed(0)
+    net = PointTransformer(point_dim=4, context_dim=2, dim=16, depth=2, heads=2, n_inducing=4, time_dim=16)
+    for p in net.parameters():  # off the zero initialisation, so attention matters
+        p.data.normal_(0.0, 0.3)
+    precond = EDMPrecond(net).eval()
+    ctx = torch.randn(1, 2)
+    noise = torch.randn(1, 30, 4, generator=torch.Generator().manual_seed(1))
+    mask = torch.arange(30)[None] < 20
+    padded = sampler(precond, ctx, mask=mask, n_steps=3, noise=noise)
+    alone = sampler(precond, ctx, n_steps=3, noise=noise[:, :20])
+    assert torch.allclose(padded[:, :20], alone, atol=1e-5)
+    assert torch.all(padded[:, 20:] == 0)

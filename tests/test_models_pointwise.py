@@ -14,7 +14,7 @@ def n_params(params) -> int:
 
 def test_default_parameter_count_matches_reference():
     net = PointwiseNet(point_dim=4, context_dim=2)
-    assert n_params(net.parameters()) == 504_920  # method.md §4.1 table
+    assert n_params(net.parameters()) == 504_920  # docs/model.md §1
 
 
 def test_parameter_groups_partition_every_parameter_once():
@@ -47,7 +47,7 @@ def test_parameter_group_counts_match_method_table():
 def test_bias_vectors_are_the_true_biases():
     net = PointwiseNet()
     biases = net.bias_vectors()
-    assert n_params(p for _, p in biases) == 2_632  # 0.52 % of 504,920, method.md §6
+    assert n_params(p for _, p in biases) == 2_632  # 0.52 % of 504,920, docs/model.md §6
     assert all(p.ndim == 1 for _, p in biases)
     named = dict(net.named_parameters())
     assert all(named[name] is p for name, p in biases)
@@ -58,7 +58,7 @@ def test_layers_support_top_k_selection():
     assert len(net.layers) == 6
     assert all(isinstance(layer, ConcatSquashLinear) for layer in net.layers)
     top3 = n_params(p for layer in net.layers[3:] for p in layer.parameters())
-    # Top-3 of the reference: layers 3-5 plus the time Linear, 220,504 (method.md §6)
+    # Top-3 of the reference: layers 3-5 plus the time Linear, 220,504 (docs/model.md §6)
     assert top3 + n_params(net.time_embedding.parameters()) == 220_504
 
 

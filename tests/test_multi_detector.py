@@ -18,7 +18,7 @@ from caloadapt.cli import app
 from caloadapt.data import write_showers
 from caloadapt.errors import CheckpointError
 from caloadapt.geometry import DESCRIPTOR_DIM, geometry_descriptor, get_geometry
-from caloadapt.models import ModelConfig, PointTransformer, PointwiseNet, ShowerModel
+from caloadapt.models import ModelConfig, PointTransformer, PointwiseNet, Sampler, ShowerModel, load_model
 from caloadapt.pretrained import default_checkpoint
 from caloadapt.simulate import simulate
 from caloadapt.train import (DataSource, TrainConfig, load_checkpoint, make_batch, model_from_checkpoint,
@@ -85,7 +85,7 @@ def test_existing_single_detector_checkpoints_keep_working():
     assert model.occupancy == {}
     assert model.config.backbone == "pointwise" and not model.config.geometry_conditioning
     assert isinstance(model.net, PointwiseNet) and model.net.context_dim == 2
-    showers = model.generate(get_geometry("ild-ecal"), np.array([20e3]), n_steps=2,
+    showers = model.generate(get_geometry("ild-ecal"), np.array([20e3]), Sampler(steps=2),
                              generator=torch.Generator().manual_seed(0))
     assert len(showers) == 1 and showers.n_points[0] > 0
 
@@ -182,7 +182,7 @@ def test_transformer_trains_and_generates_in_seen_and_unseen_detectors(transform
     path.write_text(yaml.safe_dump(spec))
     unseen = get_geometry(path)  # zero-shot: a detector the model never saw, known by its descriptor
     for geometry in (get_geometry("ild-ecal"), unseen, get_geometry("calochallenge-3")):
-        showers = transformer_model.generate(geometry, np.array([12e3, 18e3]), n_steps=2,
+        showers = transformer_model.generate(geometry, np.array([12e3, 18e3]), Sampler(steps=2),
                                              generator=torch.Generator().manual_seed(0))
         assert len(showers) == 2
         assert np.all(np.isfinite(showers.points))
@@ -235,17 +235,18 @@ def test_every_adaptation_method_trains_exactly_its_groups_on_the_transformer(na
 
 
 def test_transformer_distils_to_one_step_generation(transformer_model, two_detectors, tmp_path):
-    from caloadapt.models.consistency import DistillConfig, distill, generate_one_step, load_consistency_model
+    from caloadapt.train.distill import DistillConfig, distill
 
     config = DistillConfig(steps=2, batch_size=8, max_points=64, val_every=2, checkpoint_every=2, device="cpu",
                            val_max_showers=8, val_max_points=48, val_teacher_steps=3)
     summary = distill(transformer_model, two_detectors[1], get_geometry(SECOND_DETECTOR), tmp_path, config,
                       progress=False)
     assert np.isfinite(summary["best"]["one_step"])
-    model, settings = load_consistency_model(tmp_path / "best.pt")
+    model, sampler = load_model(tmp_path / "best.pt")
+    assert sampler.distilled
     assert isinstance(model.net, PointTransformer) and model.config.geometry_conditioning
-    showers = generate_one_step(model, get_geometry(SECOND_DETECTOR), np.array([15e3, 30e3]), settings=settings,
-                                generator=torch.Generator().manual_seed(0))
+    showers = model.generate(get_geometry(SECOND_DETECTOR), np.array([15e3, 30e3]), sampler,
+                             generator=torch.Generator().manual_seed(0))
     assert len(showers) == 2 and np.all(np.isfinite(showers.points)) and np.all(showers.n_points > 0)
 
 
@@ -270,7 +271,7 @@ def test_shipped_multi_detector_model_generates_for_the_held_out_detector():
     assert "pb-scintillator" not in trained_on and len(trained_on) >= 4
     model = model_from_checkpoint(payload)
     assert model.config.geometry_conditioning
-    showers = model.generate(get_geometry("pb-scintillator"), np.array([30e3, 60e3]), n_steps=2,
+    showers = model.generate(get_geometry("pb-scintillator"), np.array([30e3, 60e3]), Sampler(steps=2),
                              generator=torch.Generator().manual_seed(0))
     assert len(showers) == 2 and np.all(showers.n_points > 50)
     # the visible energy follows the held-out detector's sampling fraction (0.16), not ILD's (0.02)

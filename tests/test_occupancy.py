@@ -8,11 +8,11 @@ import torch
 
 from caloadapt.data import write_showers
 from caloadapt.geometry import get_geometry
-from caloadapt.models import ModelConfig, ShowerModel
+from caloadapt.models import ModelConfig, Sampler, ShowerModel, load_model
 from caloadapt.models.occupancy import OccupancyCalibration, fit_occupancy, layer_counts, stochastic_round
 from caloadapt.simulate import simulate
+from caloadapt.models.checkpoint import inference_checkpoint
 from caloadapt.train import TrainConfig, load_checkpoint, model_from_checkpoint, split_indices, train
-from caloadapt.train.checkpoint import inference_checkpoint
 
 TINY = ModelConfig(widths=(32, 32), time_dim=16, flow_hidden=(32,), flow_transforms=2)
 
@@ -149,7 +149,7 @@ def test_calibration_applies_on_every_sampler_and_onnx(calibrated_run, tmp_path)
     for sampler, network in (("heun", model), ("euler", model), ("heun", runtime)):
         counts = []
         for occupancy in ("auto", None):
-            out = network.generate(geometry, energies, n_steps=2, sampler=sampler, occupancy=occupancy,
+            out = network.generate(geometry, energies, Sampler(sampler, 2), occupancy=occupancy,
                                    generator=torch.Generator().manual_seed(5))
             counts.append(out.n_points.sum())
         points_per_hit = counts[0] / counts[1]
@@ -157,15 +157,13 @@ def test_calibration_applies_on_every_sampler_and_onnx(calibrated_run, tmp_path)
 
 
 def test_distilled_model_keeps_and_applies_the_calibration(tiny_checkpoints):
-    from caloadapt.models.consistency import generate_one_step, load_consistency_model
-
     teacher_path, distilled_path = tiny_checkpoints
-    model, settings = load_consistency_model(distilled_path)
+    model, sampler = load_model(distilled_path)
     assert model.occupancy == model_from_checkpoint(teacher_path).occupancy != {}
     geometry = get_geometry("ild-ecal")
     energies = np.array([15e3, 20e3, 25e3])
-    counts = [generate_one_step(model, geometry, energies, settings=settings, occupancy=occupancy,
-                                generator=torch.Generator().manual_seed(4)).n_points.sum()
+    counts = [model.generate(geometry, energies, sampler, occupancy=occupancy,
+                             generator=torch.Generator().manual_seed(4)).n_points.sum()
               for occupancy in ("auto", None)]
     assert counts[0] > 1.05 * counts[1]
 
@@ -194,7 +192,7 @@ def test_calibrate_command_refits_on_the_training_split(calibrated_run, tmp_path
 
 def test_runs_begun_before_the_calibration_resume(tmp_path):
     """A last.pt written by caloadapt 0.1 has no occupancy_showers option: --resume still continues it."""
-    from caloadapt.train.checkpoint import save_checkpoint
+    from caloadapt.models.checkpoint import save_checkpoint
 
     showers = simulate("ild-ecal", "photon", np.array([10e3, 12e3, 14e3, 16e3]), seed=3)
     write_showers(tmp_path / "train.h5", showers)

@@ -557,7 +557,7 @@ def test_negative_slab_thickness_is_reported_as_such(run, tmp_path):
 
 
 def test_full_disk_writing_a_checkpoint_is_an_output_error(tiny_run, tmp_path, monkeypatch):
-    from caloadapt.train.checkpoint import model_from_checkpoint, save_checkpoint
+    from caloadapt.models.checkpoint import model_from_checkpoint, save_checkpoint
 
     model = model_from_checkpoint(tiny_run / "best.pt")
 

@@ -18,7 +18,7 @@ from caloadapt.data import read_showers, write_showers
 from caloadapt.errors import CheckpointError
 from caloadapt.generate import iter_generate
 from caloadapt.geometry import get_geometry
-from caloadapt.models import ModelConfig, ShowerModel
+from caloadapt.models import ModelConfig, Sampler, ShowerModel
 from caloadapt.models.representation import DepthGrid, shower_statistics, statistics_to_layers
 from caloadapt.simulate import simulate
 from caloadapt.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
@@ -121,9 +121,9 @@ def test_generation_is_seeded_and_valid_in_both_detectors(trained_run):
     energies = np.array([5e3, 20e3, 60e3])
     for name in ("ild-ecal", "calochallenge-3"):  # a flow trained on 30 layers serves 45
         geometry = get_geometry(name)
-        a = list(iter_generate(model, geometry, energies, n_steps=3, seed=5))[0]
-        b = list(iter_generate(model, geometry, energies, n_steps=3, seed=5))[0]
-        c = list(iter_generate(model, geometry, energies, n_steps=3, seed=6))[0]
+        a = list(iter_generate(model, geometry, energies, Sampler(steps=3), seed=5))[0]
+        b = list(iter_generate(model, geometry, energies, Sampler(steps=3), seed=5))[0]
+        c = list(iter_generate(model, geometry, energies, Sampler(steps=3), seed=6))[0]
         assert np.array_equal(a.points, b.points)
         assert not np.array_equal(a.points, c.points)
         assert len(a) == 3 and a.geometry == name

@@ -22,24 +22,22 @@ shower are recorded. :func:`format_table` renders the results as a short text ta
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import math
 import os
-import platform
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
-from importlib import metadata
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import __version__
 from ._atomic import atomic_path
+from ._provenance import available_bytes, hardware_info, library_versions, to_jsonable, usable_cores
+from ._timing import limited_threads, time_runs
+from .errors import CheckpointError
+from .models.sampling import Sampler
 
 __all__ = ["run_benchmark", "format_table", "hardware_info", "library_versions", "TARGET_MS", "SCHEMA"]
 
@@ -51,135 +49,6 @@ _FULL = {"batch_sizes": (1, 100, 1000), "repeats": 5, "warmup": 1, "budget_s": 1
          "scan_energies_gev": (1.0, 10.0, 100.0, 1000.0), "scan_batch": 100}
 _QUICK = {"batch_sizes": (1, 8), "repeats": 3, "warmup": 1, "budget_s": 20.0,
           "scan_energies_gev": (1.0, 10.0), "scan_batch": 8}
-
-
-# -- environment -----------------------------------------------------------------------------------------------
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _meminfo_gib(key: str) -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
-def _available_bytes() -> float | None:
-    gib = _meminfo_gib("MemAvailable")
-    return None if gib is None else gib * 2**30
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def hardware_info() -> dict:
-    """Platform, CPU model, cores, memory, load average and GPUs of this machine."""
-    physical = None
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False)
-    except ImportError:
-        pass
-    gpus = []
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            gpus.append({"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1)})
-    try:
-        load = [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        load = None
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu_model": _cpu_model(),
-            "logical_cores": os.cpu_count(), "physical_cores": physical, "usable_cores": _usable_cores(),
-            "memory_gib": None if _meminfo_gib("MemTotal") is None else round(_meminfo_gib("MemTotal"), 1),
-            "load_average": load, "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-            "gpus": gpus, "cuda": torch.version.cuda if torch.cuda.is_available() else None}
-
-
-def library_versions() -> dict:
-    """Versions of Python, caloadapt and the libraries on the timed path."""
-    versions = {"python": sys.version.split()[0], "caloadapt": __version__, "torch": torch.__version__}
-    for name in ("numpy", "scipy", "zuko", "onnx", "onnxruntime", "onnxscript"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-# -- timing ------------------------------------------------------------------------------------------------------
-
-def _stats(values: Sequence[float]) -> dict:
-    a = np.asarray(values, np.float64)
-    q25, q75 = np.percentile(a, [25, 75])
-    return {"median": float(np.median(a)), "min": float(a.min()), "max": float(a.max()),
-            "iqr": float(q75 - q25), "mean": float(a.mean()), "n": int(a.size)}
-
-
-def _measure(run: Callable[[], dict], batch: int, *, repeats: int, warmup: int, budget_s: float,
-             estimate_s: float | None) -> dict:
-    """Time ``run`` (one batch of ``batch`` showers): warm-up, then up to ``repeats`` timed runs.
-
-    Skipped when the estimated time of one run exceeds the budget; fewer repeats (at least one)
-    when the budget runs out.
-    """
-    if estimate_s is not None and estimate_s > budget_s:
-        return {"skipped": f"estimated {estimate_s:.0f} s per batch exceeds the budget of {budget_s:.0f} s"}
-    n_warm = warmup if estimate_s is None or estimate_s * (warmup + 1) <= budget_s else 0
-    for _ in range(n_warm):
-        run()
-    seconds, infos = [], []
-    started = time.perf_counter()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        infos.append(run())
-        seconds.append(time.perf_counter() - t0)
-        if time.perf_counter() - started + seconds[-1] > budget_s:
-            break
-    ms_per_shower = [1000.0 * s / batch for s in seconds]
-    out = {"ms_per_shower": _stats(ms_per_shower), "showers_per_s": _stats([batch / s for s in seconds]),
-           "seconds_per_batch": _stats(seconds), "repeats": len(seconds), "warmup": n_warm}
-    for key in infos[0]:
-        out[key] = float(np.mean([info[key] for info in infos]))
-    return out
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Limit torch (and BLAS/OpenMP pools, via threadpoolctl when installed) to ``n`` threads."""
-    if n is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:
-            yield
-        else:
-            with threadpool_limits(limits=n):
-                yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # -- the cases ---------------------------------------------------------------------------------------------------
@@ -196,20 +65,17 @@ def _simulator_run(geometry, particle: str, energy_mev: np.ndarray) -> Callable[
 
 
 def _model_run(model, geometry, particle: str, energy_mev: np.ndarray, *, sampler: str, n_steps: int,
-               device: torch.device, settings: dict | None, denoiser=None) -> Callable[[], dict]:
-    from .models.consistency import generate_one_step
-
+               device: torch.device, settings: Sampler | None, denoiser=None) -> Callable[[], dict]:
+    """One timed generation; ``settings``: the distilled checkpoint's sampler for ``consistency``."""
+    chosen = settings.with_steps(n_steps) if sampler == "consistency" and settings is not None else Sampler(sampler,
+                                                                                                           n_steps)
     generator = torch.Generator(device).manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run() -> dict:
         with torch.inference_mode():
-            if sampler == "consistency":
-                showers = generate_one_step(model, geometry, energy_mev, n_steps=n_steps, settings=settings,
-                                            denoiser=denoiser, generator=generator, particle=particle)
-            else:
-                showers = model.generate(geometry, energy_mev, n_steps=n_steps, sampler=sampler,
-                                         generator=generator, particle=particle)
+            showers = model.generate(geometry, energy_mev, chosen, generator=generator, particle=particle,
+                                     denoiser=denoiser)
             hits = geometry.digitise(showers)
         sync()
         return {"mean_points": float(showers.n_points.mean()), "mean_hits": float(hits.n_points.mean())}
@@ -236,27 +102,21 @@ def _row(case: str, engine: str, device: str, threads: int | None, batch: int, s
 
 
 def _load_models(checkpoint, distilled):
-    from .adapt.finetune import load_adapted_model
-    from .models.consistency import consistency_settings
+    from .models.checkpoint import load_model
     from .pretrained import default_checkpoint
-    from .train.checkpoint import load_checkpoint
 
     notes = []
     checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
-    payload = load_checkpoint(checkpoint)
-    model = load_adapted_model(payload, source=str(checkpoint)).eval()
-    settings = consistency_settings(payload)
+    model, sampler = load_model(checkpoint)
+    model.eval()
     one_step = None
     if distilled is not None:
-        distilled_payload = load_checkpoint(distilled)
-        distilled_settings = consistency_settings(distilled_payload)
-        if distilled_settings is None:
-            from .errors import CheckpointError
-
+        student, student_sampler = load_model(distilled)
+        if not student_sampler.distilled:
             raise CheckpointError(f"{distilled}: not a distilled (consistency) checkpoint")
-        one_step = (load_adapted_model(distilled_payload, source=str(distilled)).eval(), distilled_settings, str(distilled))
-    elif settings is not None:
-        one_step = (model, settings, str(checkpoint))
+        one_step = (student.eval(), student_sampler, str(distilled))
+    elif sampler.distilled:
+        one_step = (model, sampler, str(checkpoint))
         notes.append("the checkpoint is distilled: heun/euler are timed with the student network (same "
                      "architecture and flow as the teacher, so the same cost; their showers are not meaningful)")
     if one_step is None:
@@ -309,7 +169,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
     say = log or (lambda message: None)
     defaults = _QUICK if quick else _FULL
     batch_sizes = tuple(sorted(int(b) for b in (batch_sizes or defaults["batch_sizes"])))
-    usable = _usable_cores()
+    usable = usable_cores()
     threads = tuple(dict.fromkeys(int(t) for t in (threads or (1, usable))))
     repeats = int(repeats or defaults["repeats"])
     warmup = int(defaults["warmup"] if warmup is None else warmup)
@@ -341,12 +201,12 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
             estimate = last["ms_per_shower"]["median"] * row["batch_size"] / 1000.0
             points = last.get("mean_points")
             need = _memory_estimate(net_model, row["batch_size"], points) if net_model is not None else None
-            free = _available_bytes()
+            free = available_bytes()
             if need is not None and free is not None and need > 0.5 * free:
                 row["skipped"] = f"estimated {need / 2**30:.1f} GiB of activations, {free / 2**30:.1f} GiB free"
                 return row
         try:
-            row.update(_measure(make_run(), row["batch_size"], repeats=repeats, warmup=warmup, budget_s=budget_s,
+            row.update(time_runs(make_run(), row["batch_size"], repeats=repeats, warmup=warmup, budget_s=budget_s,
                                 estimate_s=estimate))
         except (MemoryError, torch.OutOfMemoryError) as err:  # record, go on with the other cases
             row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
@@ -364,7 +224,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
 
                 if one_step is not None:
                     onnx_files["one_step"] = export_onnx(one_step[0], Path(workdir.name) / "one_step.onnx",
-                                                         consistency=one_step[1])
+                                                         consistency=one_step[1].to_dict())
                 else:
                     onnx_files["heun"] = export_onnx(model, Path(workdir.name) / "heun.onnx")
             except Exception as err:  # noqa: BLE001 - the other cases still run
@@ -380,7 +240,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
         # main table: ILD photons at one energy
         for dev in devices:
             for n_threads in (threads if dev.type == "cpu" else (None,)):
-                with _threads(n_threads):
+                with limited_threads(n_threads):
                     say(f"-- {dev.type}, threads {n_threads if n_threads is not None else 'n/a'}")
                     for batch in batch_sizes:
                         energies = np.full(batch, energy * 1000.0)
@@ -402,7 +262,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
 
         # energy scan: calochallenge-3 electrons, one thread
         scan_rows: list[dict] = []
-        with _threads(1):
+        with limited_threads(1):
             say("-- energy scan: calochallenge-3 electrons, 1 thread")
             for e in scan_energies:
                 for batch in sorted({1, scan_batch}):
@@ -430,7 +290,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
         "versions": library_versions(),
         "checkpoint": {"path": checkpoint_name, "model_config": model.config.to_dict(),
                        "distilled": None if one_step is None else one_step[2],
-                       "consistency": None if one_step is None else one_step[1]},
+                       "consistency": None if one_step is None else one_step[1].to_dict()},
         "settings": {"geometry": ild.name, "particle": ild_particle, "energy_gev": energy_gev,
                      "batch_sizes": list(batch_sizes), "threads": list(threads),
                      "devices": [d.type for d in devices], "n_steps": n_steps, "repeats": repeats, "warmup": warmup,
@@ -445,7 +305,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
     report["hardware"]["load_average_end"] = hardware_info()["load_average"]
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(to_jsonable(report, nan_as_null=False), indent=2) + "\n")
     with atomic_path(out_path.with_suffix(".txt")) as tmp:
         tmp.write_text(format_table(report) + "\n")
     return report
@@ -464,14 +324,6 @@ def _onnx_case(name, path, model, one_step, n_threads, batch, n_steps, energy, g
                           device=torch.device("cpu"), settings=one_step[1] if one_step else None,
                           denoiser=view.denoiser)
     return row, make_run, base
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _find(rows: list[dict], **match) -> list[dict]:

@@ -6,6 +6,7 @@ Errors caused by the input are printed as one line (``caloadapt: error: ...``), 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -25,6 +26,7 @@ from typer.exceptions import TyperException as UsageException
 
 from ._signals import Terminated, termination_handlers
 from .errors import CaloadaptError
+from .models.sampling import DEFAULT_STEPS, SAMPLER_KINDS, Sampler
 
 #: ``caloadapt --debug COMMAND`` (or CALOADAPT_DEBUG=1): show the traceback of an error
 _debug = False
@@ -397,7 +399,7 @@ def generate(
     spectrum: Annotated[Spectrum, typer.Option(help="incident-energy spectrum")] = Spectrum.log_uniform,
     energies_from: Annotated[Optional[Path], typer.Option(help="take the incident energies of this shower file "
                                                                 "(e.g. the evaluation reference)")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, max=10_000, help="sampler steps [default: 13 (CaloClouds II); "
+    steps: Annotated[Optional[int], typer.Option(min=1, max=10_000, help="sampler steps [default: the checkpoint's: "
                                                              "1 for a distilled model]")] = None,
     sampler: Annotated[str, typer.Option(help="auto, heun, euler or consistency (auto: consistency for a "
                                               "distilled checkpoint, else heun)")] = "auto",
@@ -416,9 +418,8 @@ def generate(
     from .geometry import get_geometry
     from .pretrained import default_checkpoint
     from .simulate import parse_energy_range, sample_incident_energies
-    from .adapt import load_adapted_model
-    from .models.consistency import consistency_settings
-    from .train import load_checkpoint, resolve_device
+    from .models.checkpoint import load_model
+    from .train import resolve_device
 
     geo = get_geometry(geometry)
     if energies_from is not None:
@@ -427,33 +428,35 @@ def generate(
         energies = sample_incident_energies(n, parse_energy_range(energy), spectrum.value,
                                             np.random.default_rng(seed))
     source = checkpoint if checkpoint is not None else default_checkpoint()
-    payload = load_checkpoint(source)
-    model = load_adapted_model(payload, source=str(source))
-    sampler = _choose_sampler(sampler, consistency_settings(payload) is not None)
-    steps = steps or (1 if sampler == "consistency" else 13)
+    model, stored = load_model(source)
+    chosen = _choose_sampler(sampler, stored).with_steps(steps)
     run_device = resolve_device(device)
     if engine == "onnxruntime":
         model, run_device = _onnx_engine(model, source, onnx), torch.device("cpu")
     elif engine != "torch":
         raise CaloadaptError(f"unknown engine {engine!r}; expected torch or onnxruntime")
-    attrs = {"command": " ".join(sys.argv), "seed": seed, "sampler": sampler, "steps": steps, "engine": engine}
+    attrs = {"command": " ".join(sys.argv), "seed": seed, "sampler": chosen.kind, "steps": chosen.steps,
+             "engine": engine}
     with ShowerWriter(output, format.value, geo, attrs) as writer:
-        for chunk in iter_generate(model, geo, energies, particle=particle or geo.particle, n_steps=steps,
-                                   sampler=sampler, seed=seed, batch_size=batch_size, digitise=digitise,
+        for chunk in iter_generate(model, geo, energies, chosen, particle=particle or geo.particle,
+                                   seed=seed, batch_size=batch_size, digitise=digitise,
                                    device=run_device, progress=True):
             writer.append(chunk)
     typer.echo(f"wrote {len(energies)} generated showers in {geo.name} to {output} ({format.value})")
 
 
-def _choose_sampler(sampler: str, distilled: bool) -> str:
-    """The sampler to use; distilled models take only the consistency sampler and vice versa."""
-    if sampler == "auto":
-        return "consistency" if distilled else "heun"
-    if sampler == "consistency" and not distilled:
+def _choose_sampler(kind: str, stored: Sampler) -> Sampler:
+    """The sampler to use: the checkpoint's own (``auto``) or another ODE solver on its schedule;
+    distilled models take only the consistency sampler and vice versa."""
+    if kind == "auto":
+        return stored
+    if kind == "consistency" and not stored.distilled:
         raise CaloadaptError("one-step (consistency) generation needs a distilled checkpoint (caloadapt distill)")
-    if sampler != "consistency" and distilled:
-        raise CaloadaptError(f"a distilled checkpoint samples with the consistency sampler, not {sampler!r}")
-    return sampler
+    if kind != "consistency" and stored.distilled:
+        raise CaloadaptError(f"a distilled checkpoint samples with the consistency sampler, not {kind!r}")
+    if kind not in SAMPLER_KINDS:
+        raise CaloadaptError(f"unknown sampler {kind!r}; expected auto, {', '.join(SAMPLER_KINDS)}")
+    return dataclasses.replace(stored, kind=kind)
 
 
 def _onnx_engine(model, checkpoint: Path, onnx_file: Path | None):
@@ -491,9 +494,9 @@ def distill(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Consistency distillation into a one-step (and two-step) sampler (CaloClouds II recipe)."""
-    from .adapt import load_adapted_model
     from .data.io import file_geometry
-    from .models.consistency import DistillConfig, distill as run_distill
+    from .models.checkpoint import load_model
+    from .train.distill import DistillConfig, distill as run_distill
 
     from .train import resolve_device
     from .train.rundir import run_lock
@@ -504,7 +507,7 @@ def distill(
     config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, max_points=max_points, n_samples=n_samples,
                            val_every=val_every, checkpoint_every=val_every, seed=seed, data_seed=data_seed,
                            device=device)
-    teacher, geo = load_adapted_model(checkpoint), file_geometry(data, geometry)
+    (teacher, _), geo = load_model(checkpoint), file_geometry(data, geometry)
     _claim_run(output, resume, overwrite)
     with run_lock(output):
         summary = run_distill(teacher, data, geo, output, config, resume=resume,
@@ -522,7 +525,7 @@ def benchmark(
     distilled: Annotated[Optional[Path], typer.Option(help="distilled checkpoint for the one-step case")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="small batches and energies (seconds)")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    steps: Annotated[int, typer.Option(min=1, help="Heun/Euler steps")] = 13,
+    steps: Annotated[int, typer.Option(min=1, help="Heun/Euler steps")] = DEFAULT_STEPS,
     onnx: Annotated[bool, typer.Option(help="time the onnxruntime path")] = True,
 ) -> None:
     """Milliseconds per shower of the simulator and of every generation path, at several batch sizes."""
@@ -573,22 +576,19 @@ def finetune(
 ) -> None:
     """Adapt a pre-trained model to a target detector (or train the scratch baseline)."""
     from .adapt import AdaptMethod, finetune as run_finetune
-    from .adapt.defaults import adaptation_learning_rates
     from .data.io import count_showers, file_geometry
     from .pretrained import default_checkpoint
-    from .train import TrainConfig
+    from .sweep.recipe import adaptation_config
     from .train.rundir import run_lock
 
     geo = file_geometry(data, geometry)
     adapt_method = AdaptMethod(name=method, k=k, rank=rank, alpha=alpha, target=target, flow=flow,
                                layers=_csv_ints(layers) if layers else None)
     size = n_samples if n_samples is not None else count_showers(data)
-    default_lr, default_flow_lr = adaptation_learning_rates(method, size)
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=default_lr if lr is None else lr,
-                         flow_lr=default_flow_lr if flow_lr is None else flow_lr, max_points=max_points, n_samples=n_samples,
-                         val_fraction=val_fraction, val_every=val_every, checkpoint_every=val_every,
-                         patience=patience, seed=seed, data_seed=data_seed, device=device,
-                         occupancy_showers=occupancy_showers)
+    config = adaptation_config(method, size, val_every=val_every, lr=lr, flow_lr=flow_lr, steps=steps,
+                               batch_size=batch_size, max_points=max_points, n_samples=n_samples,
+                               val_fraction=val_fraction, patience=patience, seed=seed, data_seed=data_seed,
+                               device=device, occupancy_showers=occupancy_showers)
     _claim_run(output, resume, overwrite)
     with run_lock(output):
         summary = run_finetune(checkpoint or default_checkpoint(), data, geo, output, adapt_method, config,
@@ -638,7 +638,7 @@ def sweep(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     max_points: Annotated[int, typer.Option(min=1)] = 512,
     n_eval: Annotated[int, typer.Option(min=2, help="reference and generated showers compared per run")] = 1000,
-    sampler_steps: Annotated[int, typer.Option(min=1, help="sampler steps at generation")] = 13,
+    sampler_steps: Annotated[int, typer.Option(min=1, help="sampler steps at generation")] = DEFAULT_STEPS,
     floor: Annotated[Optional[Path], typer.Option(help="a second sample of the reference source (ideally at its "
                                                        "energies: simulate --energies-from): G_floor and G / G_floor "
                                                        "in every result and the summary")] = None,
@@ -693,7 +693,7 @@ def sweep(
 def _split_methods(text: str) -> list[str]:
     """Split ``a,b:rank=4,alpha=8,c`` at commas that start a new method (not inside its options)."""
     from .adapt import METHODS
-    from .sweep.runner import PSEUDO_METHODS
+    from .sweep.recipe import PSEUDO_METHODS
 
     methods: list[str] = []
     for part in text.split(","):
@@ -727,11 +727,12 @@ def evaluate(
 ) -> None:
     """Compare generated with reference showers: scores, CaloChallenge metrics, plots and a report."""
     from .data.io import file_geometry
-    from .evaluate.pipeline import EvaluationOptions, _source_geometry, run_evaluation
+    from .evaluate.pipeline import EvaluationOptions, run_evaluation
+    from .evaluate.stream import source_geometry
 
     geo = file_geometry(reference, geometry)
     if geometry is None:
-        _, generated_geometry = _source_geometry(generated, geo)
+        _, generated_geometry = source_geometry(generated, geo)
         if generated_geometry.name != geo.name:
             raise CaloadaptError(f"{generated} holds showers of detector {generated_geometry.name!r}, {reference} of "
                                  f"{geo.name!r}; compare showers of one detector, or give --geometry to voxelise "
@@ -833,14 +834,14 @@ def calibrate(
 ) -> None:
     """Fit the occupancy calibration of a trained model on its training showers (found again from the
     options the checkpoint records) and write a weights-only copy that holds it."""
-    from .adapt import load_adapted_model
     from .data.io import file_geometry
+    from .models.checkpoint import load_model
     from .train import DataSource, calibrate_occupancy, load_checkpoint, resolve_device, write_inference_checkpoint
 
     if geometry is not None and len(data) > 1:
         raise CaloadaptError("--geometry names the detector of a single file")
     payload = load_checkpoint(checkpoint)
-    model = load_adapted_model(payload).to(resolve_device(device))
+    model = load_model(payload, source=str(checkpoint))[0].to(resolve_device(device))
     sources = [DataSource(path, file_geometry(path, geometry)) for path in data]
     calibrate_occupancy(model, sources, payload.get("train_config"), n_showers=n_showers, seed=seed)
     size = write_inference_checkpoint(model.cpu(), payload, output)

@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import atomic_path
-from .adapt import AdaptMethod, finetune, load_adapted_model
-from .adapt.defaults import adaptation_learning_rates
+from ._provenance import to_jsonable
 from .data import ShowerWriter, write_showers
 from .data.io import count_showers, file_geometry, read_showers
 from .errors import InputError
@@ -37,9 +36,9 @@ from .generate import iter_generate
 from .geometry import get_geometry
 from .pretrained import default_checkpoint
 from .simulate import sample_incident_energies, simulate
-from .sweep.runner import (SCRATCH_CONVERGED, ZERO_SHOT, converged_max_steps, is_converged, parse_method,
-                           whole_model_parameters)
-from .train import TrainConfig, resolve_device
+from .sweep.recipe import (SCRATCH_CONVERGED, ZERO_SHOT, adapt_model, adaptation_config, converged_max_steps,
+                           is_converged, parse_method, whole_model_parameters)
+from .train import resolve_device
 
 __all__ = ["DemoSettings", "run_demo", "METHODS"]
 
@@ -148,23 +147,20 @@ def run_demo(out: str | Path = "caloadapt-demo", *, quick: bool = False, target_
             + (f"early stopping (patience {settings.patience}, at most {cap} steps)" if converged
                else f"{settings.steps} steps"))
         run_dir = out / "runs" / name
-        lr, flow_lr = adaptation_learning_rates(method.name, n_adapt)
-        val_every = max(1, settings.steps // 5)
-        config = TrainConfig(steps=steps, batch_size=settings.batch_size, max_points=settings.max_points,
-                             lr=lr, flow_lr=flow_lr, n_samples=n_adapt, val_fraction=0.2, val_every=val_every,
-                             checkpoint_every=val_every, patience=settings.patience if converged else None,
-                             seed=seed, data_seed=seed, device=device)
+        config = adaptation_config(method.name, n_adapt, val_every=max(1, settings.steps // 5), steps=steps,
+                                   batch_size=settings.batch_size, max_points=settings.max_points, n_samples=n_adapt,
+                                   val_fraction=0.2, patience=settings.patience if converged else None, seed=seed,
+                                   data_seed=seed, device=device)
         t0 = time.perf_counter()
-        summary = finetune(pretrained, target, geometry, run_dir, method, config, resume=True,
-                           progress=True, log=lambda *_: None)
+        summary, model, sampler = adapt_model(pretrained, target, geometry, run_dir, method, config, progress=True)
         train_s = time.perf_counter() - t0
-        model = load_adapted_model(run_dir / "model.pt")
         log(f"[{text}] generating {len(reference_showers)} showers ({settings.sampler_steps} sampler steps)")
         t0 = time.perf_counter()
         generated = out / "generated" / f"{name}.h5"
         with ShowerWriter(generated, "calochallenge", geometry) as writer:
             for chunk in iter_generate(model, geometry, reference_showers.incident_energy_mev,
-                                       n_steps=settings.sampler_steps, seed=seed, device=resolve_device(device),
+                                       sampler.with_steps(settings.sampler_steps), seed=seed,
+                                       device=resolve_device(device),
                                        progress=True):
                 writer.append(chunk)
         generate_s = time.perf_counter() - t0
@@ -236,7 +232,7 @@ def _write_outputs(out: Path, rows: list[dict], settings: DemoSettings, target: 
                "reference_data": str(reference), "floor_data": None if floor is None else str(floor),
                "wall_s": wall_s, "methods": rows}
     with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2, default=float))
+        tmp.write_text(json.dumps(to_jsonable(metrics, nan_as_null=False), indent=2))
     doc = Document()
     doc.heading(1, "caloadapt demo")
     doc.paragraph(f"Pre-trained model (ILD-like photons) adapted to {settings.n_adapt} CaloChallenge-dataset-3-like "

@@ -1,7 +1,7 @@
 """Why adaptation works: the singular-value structure of the weight updates ΔW = W_ft − W_pre.
 
 For every 2-D weight of the point network (W, G and H of each ConcatSquash layer and the
-time-embedding Linear) the update is decomposed by SVD, σ_1 ≥ σ_2 ≥ … (method.md §7.8, after the
+time-embedding Linear) the update is decomposed by SVD, σ_1 ≥ σ_2 ≥ … (docs/model.md §8, after the
 CaloTransfer notebook ``final_score_plot.ipynb``, cells 18 and 22):
 
 - normalised spectrum σ_i / σ_1;
@@ -31,9 +31,9 @@ from ..errors import CheckpointError
 __all__ = ["RANK_THRESHOLDS", "analysis_ranks", "effective_rank", "weight_updates", "analyse_update",
            "analyse_states", "analyse_checkpoints"]
 
-#: thresholds of the cumulative squared spectrum for the effective rank (method.md §7.8)
+#: thresholds of the cumulative squared spectrum for the effective rank (docs/model.md §8)
 RANK_THRESHOLDS: tuple[float, ...] = (0.95, 0.99)
-#: the reconstruction-error line drawn in the plots (method.md §7.8)
+#: the reconstruction-error line drawn in the plots (docs/model.md §8)
 ERROR_LINE = 0.05
 
 _NET_PREFIX = "denoiser.net."
@@ -135,7 +135,7 @@ def analyse_states(pretrained_state: dict, finetuned_state: dict) -> dict[str, d
     """:func:`analyse_update` for every 2-D point-network weight, with ‖Δb‖_2 of its bias.
 
     Returns ``{module name: analysis}``; each analysis also holds ``bias_delta_norm`` (None when
-    the module has no bias) and ``magnitude`` = ‖ΔW‖_F + ‖Δb‖_2 (method.md §7.8 heatmap).
+    the module has no bias) and ``magnitude`` = ‖ΔW‖_F + ‖Δb‖_2 (docs/model.md §8 heatmap).
     """
     prefix = _NET_PREFIX if any(k.startswith(_NET_PREFIX) for k in pretrained_state) else ""
     result: dict[str, dict] = {}
@@ -155,7 +155,7 @@ def analyse_states(pretrained_state: dict, finetuned_state: dict) -> dict[str, d
 
 def _weights(path: str | os.PathLike[str]) -> tuple[dict, dict | None, dict]:
     """(merged weights, adaptation method dict or None, model config) of a checkpoint."""
-    from ..train.checkpoint import load_checkpoint
+    from ..models.checkpoint import load_checkpoint
     from .finetune import load_adapted_state
 
     payload = load_checkpoint(path)
@@ -165,7 +165,7 @@ def _weights(path: str | os.PathLike[str]) -> tuple[dict, dict | None, dict]:
 
 def _label(path: Path, method: dict | None, used: set[str]) -> str:
     if method:
-        from .methods import AdaptMethod
+        from ..models.adapters import AdaptMethod
 
         label = AdaptMethod.from_dict(method).label()
     else:

@@ -1,6 +1,6 @@
 """Learning-rate defaults per adaptation method and data size.
 
-Starting point: the published "adaptive" table by data size D (method.md §5.2, CaloTransfer
+Starting point: the published "adaptive" table by data size D (docs/model.md §7, CaloTransfer
 ``train.py``) and its per-strategy factors (full / top-k: x 1/2, BitFit: x 2, LoRA: x 1). The
 published runs take 1M steps; caloadapt's default budgets are a few thousand steps on a CPU, so
 scratch (point network and flow, both freshly initialised) trains at the pre-training rate (1e-3)
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 __all__ = ["table_learning_rate", "default_learning_rate", "adaptation_learning_rates", "SCRATCH_LEARNING_RATE"]
 
-# D <= bound -> learning rate (method.md §5.2)
+# D <= bound -> learning rate (docs/model.md §7)
 _TABLE = ((100, 1e-3), (500, 5e-4), (1000, 2e-4), (5000, 1e-4), (10_000, 5e-5), (50_000, 2e-5))
 _FACTOR = {"full": 0.5, "top-k": 0.5, "bitfit": 2.0, "bitfit-context": 2.0, "lora": 1.0, "dora": 1.0,
            "loha": 1.0, "ia3": 2.0}

@@ -5,11 +5,10 @@ Files of a run directory (besides those of :func:`caloadapt.train.train`):
 - ``parameters.json``: the trainable / total parameters per group (:func:`parameter_report`),
   also stored in every checkpoint of the run as ``parameters``, and ``whole_model``: those of the
   point network and the flow together (:func:`whole_model`);
-- ``model.pt``: the best EMA weights with any peft adapters merged, a plain checkpoint that
-  :func:`caloadapt.train.model_from_checkpoint` (and so ``caloadapt generate``) loads.
+- ``model.pt``: the best EMA weights with any peft adapters merged, a plain checkpoint.
 
 ``best.pt`` and ``last.pt`` keep peft adapters separate (they are what ``--resume`` continues);
-:func:`load_adapted_model` loads either kind.
+:func:`caloadapt.models.checkpoint.load_model` loads either kind.
 """
 
 from __future__ import annotations
@@ -21,12 +20,12 @@ from pathlib import Path
 import torch
 
 from .._atomic import atomic_path
-from ..errors import CheckpointError
 from ..geometry import Geometry
-from ..models.shower_model import ShowerModel
-from .methods import AdaptMethod, format_report, merge, parameter_report, prepare
+from ..models.adapters import AdaptMethod, format_report, parameter_report, prepare
+from ..models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from ..train.loop import train
 
-__all__ = ["finetune", "load_adapted_model", "load_adapted_state", "whole_model"]
+__all__ = ["finetune", "load_adapted_state", "whole_model"]
 
 
 def whole_model(rows: list[dict]) -> dict:
@@ -39,43 +38,9 @@ def whole_model(rows: list[dict]) -> dict:
             "trainable_net": net["trainable"], "trainable_flow": flow["trainable"]}
 
 
-def _adapted_model(payload: dict, weights: str, source: str) -> ShowerModel:
-    from ..train.checkpoint import build_model, load_weights, model_from_checkpoint, restore_occupancy
-
-    method = payload.get("adapter")
-    state = payload.get("ema") if weights == "ema" else payload["model"]
-    state = state if state is not None else payload["model"]
-    plain = build_model(payload, source)
-    if method is None or set(state) == set(plain.state_dict()):
-        return model_from_checkpoint(payload, weights=weights, source=source)
-    try:
-        method = AdaptMethod.from_dict(method)
-    except (TypeError, ValueError, KeyError, AttributeError) as err:
-        raise CheckpointError(f"{source}: unreadable adaptation method: {str(err).splitlines()[0]}") from None
-    model, _ = prepare(plain, method, copy_model=False)
-    load_weights(model, state, f"{source} ({method.name} adapters)")
-    return restore_occupancy(merge(model, method, copy_model=False), payload, source)
-
-
-def load_adapted_model(checkpoint: str | os.PathLike[str] | dict, weights: str = "ema",
-                       source: str | None = None) -> ShowerModel:
-    """The plain model of any checkpoint, with peft adapters (if stored separately) merged.
-
-    Arguments:
-        checkpoint: path or loaded payload.
-        weights: ``ema`` (default) or ``model`` (the raw weights).
-        source: what to call a loaded payload in error messages (default: "checkpoint").
-    """
-    from ..train.checkpoint import load_checkpoint
-
-    payload = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    source = source or ("checkpoint" if isinstance(checkpoint, dict) else str(checkpoint))
-    return _adapted_model(payload, weights, source)
-
-
 def load_adapted_state(payload: dict, source: str = "checkpoint", weights: str = "ema") -> dict:
     """The state dict of a loaded checkpoint with peft adapters merged (EMA weights if present)."""
-    return {k: v.detach().clone() for k, v in _adapted_model(payload, weights, source).state_dict().items()}
+    return {k: v.detach().clone() for k, v in load_model(payload, weights, source)[0].state_dict().items()}
 
 
 def finetune(pretrained: str | os.PathLike[str], data_path: str | os.PathLike[str], geometry: Geometry,
@@ -99,11 +64,8 @@ def finetune(pretrained: str | os.PathLike[str], data_path: str | os.PathLike[st
         The training summary with ``parameters`` (the report rows) and ``model`` (path of the
         merged checkpoint).
     """
-    from ..train.checkpoint import load_checkpoint, save_checkpoint
-    from ..train.loop import train
-
     out_dir = Path(out_dir)
-    base = load_adapted_model(pretrained)
+    base, _ = load_model(pretrained)
     base.occupancy = {}  # calibrations belong to the weights they were fitted with; training fits the target's
     model, names = prepare(base, method, seed=config.seed)
     rows = parameter_report(model, names)
@@ -121,7 +83,7 @@ def finetune(pretrained: str | os.PathLike[str], data_path: str | os.PathLike[st
                     progress=progress)
     if int(os.environ.get("RANK", "0")) == 0:
         payload = load_checkpoint(out_dir / "best.pt")
-        merged = _adapted_model(payload, "ema", str(out_dir / "best.pt"))
+        merged, _ = load_model(payload, "ema", str(out_dir / "best.pt"))
         keep = {k: payload[k] for k in ("train_config", "train_state", "geometry", "trainable") if k in payload}
         state = {k: v.detach().clone() for k, v in merged.state_dict().items()}
         save_checkpoint(out_dir / "model.pt", merged.to(torch.device("cpu")), ema=state, **keep, **parts)

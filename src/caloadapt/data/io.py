@@ -44,6 +44,7 @@ from .._signals import deferred_termination
 from ..errors import CaloadaptError, InputError, OutputError
 from ..geometry import Geometry, geometry_from_yaml_text, get_geometry
 from ..incidence import NORMAL_PHI_DEG, NORMAL_THETA_DEG, angles_from_local_direction, local_direction
+from ..geometry.layer_units import depth_to_layer_units, layer_units_to_depth
 from ..showers import ENERGY, PARTICLES, Showers
 
 __all__ = ["FORMATS", "detect_format", "read_showers", "iter_showers", "write_showers", "ShowerWriter",
@@ -328,25 +329,6 @@ def read_showers(path: str | os.PathLike[str], geometry: Geometry | str | None =
     if not chunks:
         raise InputError(f"{path}: no showers in the requested range")
     return Showers.concatenate(chunks)
-
-
-def _layer_unit_knots(geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
-    """Matching (layer coordinate, depth mm) knots: layer edges and ``layer + 0.5`` at cell centres."""
-    knots_u = np.concatenate([[0.0], np.arange(geometry.n_layers) + 0.5, [geometry.n_layers]])
-    knots_z = np.concatenate([[geometry.layer_edges_mm[0]], geometry.layer_centres_mm, [geometry.layer_edges_mm[-1]]])
-    return knots_u, knots_z
-
-
-def layer_units_to_depth(geometry: Geometry, layer_u: np.ndarray) -> np.ndarray:
-    """Depth in mm of an ILD-style layer coordinate (``layer + 0.5`` at the cell centre)."""
-    knots_u, knots_z = _layer_unit_knots(geometry)
-    return np.interp(layer_u, knots_u, knots_z)
-
-
-def depth_to_layer_units(geometry: Geometry, depth_mm: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`layer_units_to_depth`."""
-    knots_u, knots_z = _layer_unit_knots(geometry)
-    return np.interp(depth_mm, knots_z, knots_u)
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -9,6 +9,8 @@
 - :mod:`.classifier`: the official DNN classifier test (AUC, JSD), CPU-sized or official settings.
 - :mod:`.physics_distance`: FPD and KPD (jetnet algorithms).
 - :mod:`.energy_bins`: the incident-energy decades of the official ``avg-E`` mode.
+- :mod:`.stream`: one shower file read in chunks into what the scores need; :mod:`.pipeline`: the
+  evaluation of a generated file against a reference (and a floor), with plots and a report.
 
 Every function takes the reference (Geant4) sample first. Energies are in MeV, lengths in mm.
 """
@@ -105,15 +107,14 @@ __all__ = [
 ]
 
 # -- the evaluation pipeline: files in, metrics.json, plots and report out --------------------------
-from .pipeline import (  # noqa: E402
-    EvaluationOptions,
+from .pipeline import EvaluationOptions, run_evaluation  # noqa: E402
+from .report import write_report  # noqa: E402
+from .stream import (  # noqa: E402
     SampleSummary,
     concatenate_high_level_features,
     concatenate_observables,
-    run_evaluation,
     stream_sample,
 )
-from .report import write_report  # noqa: E402
 
 __all__ += ["EvaluationOptions", "SampleSummary", "run_evaluation", "stream_sample",
             "concatenate_observables", "concatenate_high_level_features", "write_report"]

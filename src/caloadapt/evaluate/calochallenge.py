@@ -2,7 +2,7 @@
 
 A faithful re-implementation of the definitions of the official evaluation, CaloChallenge/homepage
 ``code/HighLevelFeatures.py``, ``code/XMLHandler.py``, ``code/evaluate.py`` and
-``code/evaluate_plotting_helper.py`` at commit 9b41df7 (calochallenge.md §2.2-§2.5), for
+``code/evaluate_plotting_helper.py`` at commit 9b41df7 (docs/scoring.md §2.1-§2.5), for
 geometries whose layers are all identical cylindrical (r, alpha) meshes:
 
 - voxels flattened as (layer, alpha, r), the radial index fastest;
@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ..errors import InputError
-from .distances import _density, separation_power
+from .distances import density_of_counts, separation_power
 from .energy_bins import ENERGY_DECADES_MEV, energy_bin_label, energy_bin_masks
 from .observables import CellLayout
 
@@ -61,7 +61,7 @@ __all__ = [
 THRESHOLD_MEV: float = 0.5e-3 / 0.033
 
 #: depth of one readout layer: two W (1.4 mm) + Si (0.3 mm) pairs of the Par04 SiW calorimeter
-#: (calochallenge.md §1.5)
+#: (docs/scoring.md §2.2)
 LAYER_THICKNESS_MM: float = 3.4
 
 _GUARD = 1e-16  # denominators of the centres of energy and widths (HighLevelFeatures.py)
@@ -293,7 +293,7 @@ def _incident_column(incident_energy_mev: np.ndarray, n: int) -> np.ndarray:
 def high_level_vector(features: HighLevelFeatures, incident_energy_mev: np.ndarray) -> np.ndarray:
     """The ``2 + 8 n_layers`` high-level input of the classifier and of FPD/KPD (362 for DS2/3).
 
-    In the order and scaling of ``prepare_high_data_for_classifier`` (calochallenge.md §2.5):
+    In the order and scaling of ``prepare_high_data_for_classifier`` (docs/scoring.md §2.5):
     log10 E_inc; log10(E_layer + 1e-8); CE_eta/100; CE_phi/100; width_eta/100; width_phi/100;
     log10(E_tot + 1e-8); sparsity; CE_r/100; width_r/100 (one value per layer for the per-layer
     groups). See :func:`high_level_feature_names`.
@@ -390,7 +390,7 @@ _LAYER_FAMILIES: dict[str, tuple[str, str, np.ndarray]] = {
 _ETOT_EDGES = np.linspace(0.5, 1.5, 101)
 
 
-def _log_edges(low: float, high: float | np.floating, n_edges: int) -> np.ndarray | None:
+def log_edges(low: float, high: float | np.floating, n_edges: int) -> np.ndarray | None:
     """``np.logspace(log10(low), log10(high), n_edges)``; None when the range is empty.
 
     ``high`` keeps the dtype of the data it is the maximum of, as in the official code (a float32
@@ -412,7 +412,7 @@ def _compare(label: str, family: str, layer: int | None, reference: np.ndarray, 
 
 def _from_counts(label: str, family: str, layer: int | None, ref_counts: np.ndarray,
                  gen_counts: np.ndarray, edges: np.ndarray) -> HistogramComparison:
-    h, g = _density(ref_counts, edges), _density(gen_counts, edges)
+    h, g = density_of_counts(ref_counts, edges), density_of_counts(gen_counts, edges)
     return HistogramComparison(label, family, layer, edges, h, g, separation_power(h, g, edges))
 
 
@@ -440,7 +440,7 @@ def separation_powers(reference: HighLevelFeatures, reference_incident_mev: np.n
                       voxel_edges: np.ndarray | None = None) -> dict[str, HistogramComparison]:
     """All official histograms of two samples and their separation powers.
 
-    Binnings (calochallenge.md §2.4, evaluate_plotting_helper.py), all with ``density=True``
+    Binnings (docs/scoring.md §2.4, evaluate_plotting_helper.py), all with ``density=True``
     and entries outside the range dropped:
 
     - E_tot/E_inc: 100 bins on [0.5, 1.5];
@@ -471,7 +471,7 @@ def separation_powers(reference: HighLevelFeatures, reference_incident_mev: np.n
     add(_compare("Etot / Einc", "sep E total", None, reference.e_tot / ref_inc.squeeze(),
                  generated.e_tot / gen_inc.squeeze(), _ETOT_EDGES))
     for k in range(reference.n_layers):
-        edges = _log_edges(threshold_mev, reference.e_layer[:, k].max(), 40)
+        edges = log_edges(threshold_mev, reference.e_layer[:, k].max(), 40)
         add(_compare(f"E layer {k}", "sep E layer", k, reference.e_layer[:, k], generated.e_layer[:, k],
                      edges))
     order = ("sep EC eta", "sep EC phi", "sep EC eta std", "sep EC phi std")
@@ -515,7 +515,7 @@ def calochallenge_histograms(reference_voxels_mev, reference_incident_mev: np.nd
     if generated_features is None:
         generated_features = high_level_features(generated_voxels_mev, binning,
                                                  threshold_mev=threshold_mev, chunk_size=chunk_size)
-    edges = _log_edges(threshold_mev, reference_features.voxel_max_mev, 50)
+    edges = log_edges(threshold_mev, reference_features.voxel_max_mev, 50)
     counts = None
     if edges is not None:
         counts = (voxel_energy_counts(reference_voxels_mev, edges, threshold_mev=threshold_mev,
@@ -571,7 +571,7 @@ def separation_powers_by_energy(reference_voxels_mev, reference_incident_mev: np
                 data = apply_threshold(_read(reference_voxels_mev, start, start + chunk_size), threshold_mev)
                 chunk_max = data[chunk_mask].max()
                 voxel_max = chunk_max if voxel_max is None else max(voxel_max, chunk_max)
-        edges = _log_edges(threshold_mev, voxel_max, 50)
+        edges = log_edges(threshold_mev, voxel_max, 50)
         counts = None
         if edges is not None:
             counts = (voxel_energy_counts(reference_voxels_mev, edges, threshold_mev=threshold_mev,
@@ -590,7 +590,7 @@ def separation_powers_by_energy(reference_voxels_mev, reference_incident_mev: np
 
 
 def separation_power_summary(comparisons: dict[str, HistogramComparison]) -> dict[str, float]:
-    """Separation power per feature family, as in the published tables (calochallenge.md §3.1).
+    """Separation power per feature family, as in the published tables (docs/scoring.md §2.7).
 
     Per-layer families are averaged over the layers (ignoring undefined layers); ``'sep E total'``
     and ``'sep cell'`` are single numbers. Keys follow the published column names:

@@ -1,7 +1,7 @@
 """The CaloChallenge binary classifier test: can a neural network tell generated from Geant4 showers?
 
 A re-implementation of the DNN test of CaloChallenge/homepage ``code/evaluate.py``
-(modes ``cls-low``, ``cls-low-normed``, ``cls-high``; calochallenge.md §2.5):
+(modes ``cls-low``, ``cls-low-normed``, ``cls-high``; docs/scoring.md §2.5):
 
 1. Label Geant4 showers 1 and generated showers 0; shuffle each class and split it into
    train/test/validation fractions 0.6/0.2/0.2 (60k/20k/20k of 100k per class officially), then

@@ -3,16 +3,16 @@
 All functions take the **reference (Geant4) sample first** and the generated sample second.
 
 - :func:`normalised_wasserstein`: W1 divided by the reference standard deviation, the per-observable
-  score of CaloTransfer (method.md §7.3).
+  score of CaloTransfer (docs/scoring.md §1.2).
 - :func:`geometric_mean`, :func:`geometric_mean_uncertainty`: the published aggregation over
-  observables (method.md §7.6), used for every aggregation in caloadapt (the published table fell back
-  to an arithmetic mean through a positional-argument bug, method.md §10 item 12).
+  observables (docs/scoring.md §1.4), used for every aggregation in caloadapt (the published table fell back
+  to an arithmetic mean through a positional-argument bug, docs/scoring.md §1.5).
 - :class:`GroupedWasserstein`: the same W1, sorted once and re-evaluated in O(n) under re-weighting
   of whole showers, which is what a shower-level bootstrap needs.
 - :func:`bootstrap`: mean and standard deviation of any two-sample score under resampling.
-- :func:`kl_divergence`: the secondary CaloTransfer score (method.md §7.4).
+- :func:`kl_divergence`: the secondary CaloTransfer score (docs/scoring.md §1.3).
 - :func:`density_histogram`, :func:`separation_power`: the CaloChallenge histogram conventions and
-  its "chi2", the triangular discrimination of eq. 15 of arXiv:2009.03796 (calochallenge.md §2.4).
+  its "chi2", the triangular discrimination of eq. 15 of arXiv:2009.03796 (docs/scoring.md §2.4).
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ __all__ = [
     "SEPARATION_POWER_EPSILON",
 ]
 
-#: added to each value before the logarithm of the geometric mean (method.md §7.6: log10(y + 1e-10))
+#: added to each value before the logarithm of the geometric mean (docs/scoring.md §1.4: log10(y + 1e-10))
 GEOMETRIC_MEAN_EPSILON = 1e-10
-#: added to each normalised bin count before the KL divergence (method.md §7.4)
+#: added to each normalised bin count before the KL divergence (docs/scoring.md §1.3)
 KL_EPSILON = 1e-6
 #: guard in the denominator of the separation power (CaloChallenge evaluate_plotting_helper.py)
 SEPARATION_POWER_EPSILON = 1e-16
@@ -87,7 +87,7 @@ def normalised_wasserstein(reference: np.ndarray, generated: np.ndarray, *,
                            generated_weights: np.ndarray | None = None) -> float:
     """Wasserstein-1 distance between two 1D samples divided by the reference standard deviation.
 
-    ``W~ = W1(reference, generated) / s_ref`` (method.md §7.3), with ``W1`` from
+    ``W~ = W1(reference, generated) / s_ref`` (docs/scoring.md §1.2), with ``W1`` from
     :func:`scipy.stats.wasserstein_distance`. ``s_ref`` is the sample standard deviation (ddof=1)
     of the unweighted reference, or the weighted population standard deviation (ddof=0) when
     ``reference_weights`` is given, as CaloTransfer does for its weighted radial profile. The result
@@ -117,7 +117,7 @@ def normalised_wasserstein(reference: np.ndarray, generated: np.ndarray, *,
 def geometric_mean(values: np.ndarray, *, epsilon: float = GEOMETRIC_MEAN_EPSILON) -> float:
     """Geometric mean ``G = 10^(mean(log10(y + epsilon)))`` of non-negative scores.
 
-    This is the published CaloTransfer aggregate over observables (method.md §7.6, step 2), with the
+    This is the published CaloTransfer aggregate over observables (docs/scoring.md §1.4), with the
     same ``epsilon = 1e-10`` that keeps an exactly-zero score finite.
 
     Raises:
@@ -135,8 +135,8 @@ def geometric_mean_uncertainty(values: np.ndarray, errors: np.ndarray, *,
                                epsilon: float = GEOMETRIC_MEAN_EPSILON) -> float:
     """Published error of the geometric mean: ``sigma_G = G * sqrt(sum((sigma_m / y_m)^2)) / M``.
 
-    Linear propagation for M independent scores ``y_m`` with errors ``sigma_m`` (method.md §7.6,
-    step 2). A bootstrap of the geometric mean itself (see
+    Linear propagation for M independent scores ``y_m`` with errors ``sigma_m`` (docs/scoring.md §1.4).
+    A bootstrap of the geometric mean itself (see
     :func:`caloadapt.evaluate.observables.calotransfer_scores`) does not assume independence.
     """
     y = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -287,7 +287,7 @@ def bootstrap(score: Callable[[np.ndarray, np.ndarray], float], reference: np.nd
 def equal_probability_edges(reference: np.ndarray, n_bins: int = 30) -> np.ndarray:
     """Bin edges at the reference quantiles k/n_bins, with the outer edges at -inf and +inf.
 
-    The CaloTransfer KL binning (method.md §7.4). Repeated quantiles (a reference with many equal
+    The CaloTransfer KL binning (docs/scoring.md §1.3). Repeated quantiles (a reference with many equal
     values, e.g. empty layers) are merged, so fewer than ``n_bins`` bins may result.
     """
     ref = _sample(reference, "reference")
@@ -301,7 +301,7 @@ def kl_divergence(reference: np.ndarray, generated: np.ndarray, bins: int | np.n
                   epsilon: float = KL_EPSILON) -> float:
     """KL divergence ``KL(P_ref || P_gen)`` of the two samples histogrammed on common bins.
 
-    As published (method.md §7.4): with an integer ``bins``, the edges are the reference quantiles
+    As published (docs/scoring.md §1.3): with an integer ``bins``, the edges are the reference quantiles
     (:func:`equal_probability_edges`); p and q are the normalised counts, each bin plus
     ``epsilon = 1e-6`` so that empty generated bins stay finite, and
     ``KL = sum p ln(p / q)`` in nats (:func:`scipy.stats.entropy`, which renormalises p and q after
@@ -332,10 +332,10 @@ def density_histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     entry lies inside the range, as in numpy).
     """
     counts, _ = np.histogram(np.asarray(values).reshape(-1), edges)
-    return _density(counts, edges)
+    return density_of_counts(counts, edges)
 
 
-def _density(counts: np.ndarray, edges: np.ndarray) -> np.ndarray:
+def density_of_counts(counts: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """numpy's density normalisation of integer counts: ``n / db / n.sum()``."""
     widths = np.array(np.diff(edges), float)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -346,7 +346,7 @@ def separation_power(reference_hist: np.ndarray, generated_hist: np.ndarray,
                      bin_edges: np.ndarray | None = None) -> float:
     """Separation power ``S = 1/2 sum_i (h_i - g_i)^2 / (h_i + g_i)`` of two unit-sum histograms.
 
-    The CaloChallenge "chi2" (eq. 15 of arXiv:2009.03796; calochallenge.md §2.4): 0 for identical
+    The CaloChallenge "chi2" (eq. 15 of arXiv:2009.03796; docs/scoring.md §2.4): 0 for identical
     histograms, 1 for disjoint supports. With ``bin_edges`` the inputs are densities (as from
     :func:`density_histogram`) and are first multiplied by the bin widths; without, they must already
     be per-bin probabilities. The denominator carries the official guard ``+ 1e-16``. A NaN

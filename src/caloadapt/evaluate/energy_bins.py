@@ -2,7 +2,7 @@
 
 The official evaluation (CaloChallenge/homepage ``code/evaluate.py``, mode ``avg-E``) splits
 Datasets 2 and 3 into the decades 10^3-10^4, 10^4-10^5 and 10^5-10^6 MeV of incident energy and
-selects ``E_lo <= E_inc < E_hi`` in each (calochallenge.md §1.1, §2.1). caloadapt closes the last
+selects ``E_lo <= E_inc < E_hi`` in each (docs/scoring.md §2.1). caloadapt closes the last
 bin by default, ``[10^5, 10^6]``, so that a shower at exactly 1 TeV (the top of the log-uniform
 range) is not lost; ``closed_last=False`` reproduces the official half-open bins exactly.
 """

@@ -5,13 +5,13 @@ voxelised into the target readout, described by a :class:`CellLayout` (cell cent
 cell, readout threshold). The readout threshold is applied first: every cell below it (negative
 values included) is set to zero, so "hit" means a cell at or above threshold.
 
-The score is CaloTransfer's (arXiv:2512.00187; method.md §7): per observable the Wasserstein-1
+The score is CaloTransfer's (arXiv:2512.00187; docs/scoring.md §1): per observable the Wasserstein-1
 distance divided by the reference standard deviation
 (:func:`~caloadapt.evaluate.distances.normalised_wasserstein`), their geometric mean over the six
 published observables, the KL divergence as a secondary score, and shower-level bootstrap
 uncertainties.
 
-Published quirks fixed here (method.md §7.2, §10 items 8 and 12), by design:
+Published quirks fixed here (docs/scoring.md §1.1, §1.5), by design:
 
 1. *Profiles.* The published longitudinal profile W1 treats the 45 layer means of the average shower
    as 45 unweighted samples, which is not a distance between shower distributions. Here the
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
+from ..geometry import Geometry
 from .distances import (
     GroupedWasserstein,
     geometric_mean,
@@ -47,6 +48,7 @@ from .energy_bins import ENERGY_DECADES_MEV, energy_bin_label, energy_bin_masks
 
 __all__ = [
     "CellLayout",
+    "layout_of",
     "ShowerObservables",
     "shower_observables",
     "ObservableScore",
@@ -83,7 +85,7 @@ SCORE_ROWS: dict[str, str] = {
     "layer_hits": "hits per layer per shower; geometric mean over layers",
 }
 
-#: the six rows that enter the geometric-mean score, in the published order (method.md §7.2)
+#: the six rows that enter the geometric-mean score, in the published order (docs/scoring.md §1.1)
 PUBLISHED_SCORED: tuple[str, ...] = ("cell_energy", "energy_ratio", "visible_energy", "n_hits",
                                      "depth_cog", "radius_cog")
 
@@ -138,6 +140,18 @@ class CellLayout:
         matrix = np.zeros((self.n_cells, self.n_layers))
         matrix[np.arange(self.n_cells), self.cell_layer] = 1.0
         return matrix
+
+
+def layout_of(geometry: Geometry) -> CellLayout:
+    """The :class:`CellLayout` (cell centres, layers, threshold) of a geometry.
+
+    Raises:
+        InputError: the geometry has no cells.
+    """
+    if geometry.n_cells == 0:
+        raise InputError(f"geometry {geometry.name!r} has no readout cells")
+    return CellLayout(geometry.cell_centres_mm, geometry.cell_layer, geometry.n_layers,
+                      float(geometry.energy.threshold_mev))
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,7 +2,7 @@
 
 The algorithms of ``jetnet.evaluation.fpd`` and ``jetnet.evaluation.kpd`` (jetnet 0.2.5;
 R. Kansal et al., arXiv:2211.10295) as called by the CaloChallenge evaluation on the 362
-high-level features (calochallenge.md §2.6): reference (Geant4) first, generated second,
+high-level features (docs/scoring.md §2.6): reference (Geant4) first, generated second,
 
 - features divided by the maximum absolute value of each feature in the reference sample
   (features that are 0 throughout the reference are left as they are);

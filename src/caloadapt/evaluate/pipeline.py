@@ -18,6 +18,8 @@ as one dense array:
 - running sums of the voxels per incident-energy decade (the average showers of ``avg-E``), the
   energy per radial bin of every shower (radial profile) and a few example showers (event display).
 
+The streaming itself is :mod:`caloadapt.evaluate.stream`.
+
 Cross-geometry evaluation: a file is read in its own geometry (recorded in the file, implied by its
 layout, or -- for a CaloChallenge-layout file whose voxel count equals the target's -- the target)
 and its points, which live in the shower frame shared by all geometries, are voxelised into the
@@ -63,32 +65,26 @@ import functools
 import json
 import math
 import os
-import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import __version__
 from .._atomic import atomic_path
-from ..data.io import count_showers, detect_format, file_geometry, iter_showers
+from .._provenance import library_versions, to_jsonable
+from ..data.io import count_showers
 from ..errors import InputError
 from ..geometry import Geometry, get_geometry
-from ..showers import ENERGY, Showers
 from .calochallenge import (
     CaloChallengeBinning,
-    HighLevelFeatures,
-    _log_edges,
-    high_level_features,
     high_level_vector,
-    low_level_vector,
+    log_edges,
     separation_power_summary,
     separation_powers,
 )
@@ -97,23 +93,17 @@ from .energy_bins import ENERGY_DECADES_MEV, energy_bin_label, energy_bin_masks
 from .observables import (
     PER_SHOWER_OBSERVABLES,
     SCORE_ROWS,
-    CellLayout,
     ShowerObservables,
     calotransfer_scores,
     calotransfer_scores_by_energy,
-    shower_observables,
+    layout_of,
 )
 from .physics_distance import frechet_physics_distance, kernel_physics_distance
+from .stream import SampleSummary, calochallenge_binning_of, source_geometry, stream_sample
 
 __all__ = [
     "EvaluationOptions",
-    "SampleSummary",
     "run_evaluation",
-    "stream_sample",
-    "concatenate_observables",
-    "concatenate_high_level_features",
-    "layout_of",
-    "calochallenge_binning_of",
     "fpd_kpd_settings",
     "fpd_kpd_decision",
     "ratios_to_floor",
@@ -126,12 +116,12 @@ __all__ = [
 #: version of the layout of ``metrics.json``
 METRICS_FORMAT_VERSION = 1
 
-#: the official FPD/KPD sizes of the CaloChallenge call (calochallenge.md §2.6)
+#: the official FPD/KPD sizes of the CaloChallenge call (docs/scoring.md §2.6)
 _OFFICIAL_FPD = {"min_samples": 10_000, "max_samples": 50_000}
 _OFFICIAL_KPD_BATCH = 10_000
 
 #: by default FPD/KPD run only when both samples hold at least this many showers: the official
-#: smallest FPD batch (calochallenge.md §2.6); below it the 1/N extrapolation of the FPD starts from
+#: smallest FPD batch (docs/scoring.md §2.6); below it the 1/N extrapolation of the FPD starts from
 #: batches smaller than the official ones and the value is dominated by its finite-sample bias
 FPD_KPD_MIN_SHOWERS = 10_000
 
@@ -216,49 +206,7 @@ class EvaluationOptions:
         return not (isinstance(self.classifier, str) and self.classifier == "none")
 
 
-# -- geometry helpers ------------------------------------------------------------------------------
-def layout_of(geometry: Geometry) -> CellLayout:
-    """The :class:`CellLayout` (cell centres, layers, threshold) of a geometry.
-
-    Raises:
-        InputError: the geometry has no cells.
-    """
-    if geometry.n_cells == 0:
-        raise InputError(f"geometry {geometry.name!r} has no readout cells")
-    return CellLayout(geometry.cell_centres_mm, geometry.cell_layer, geometry.n_layers,
-                      float(geometry.energy.threshold_mev))
-
-
-def calochallenge_binning_of(geometry: Geometry) -> CaloChallengeBinning | None:
-    """The CaloChallenge binning of a uniform cylindrical readout (same mesh in every layer), or None."""
-    readout = geometry.readout
-    if getattr(readout, "kind", "") != "cylindrical" or not readout.is_uniform:
-        return None
-    edges = np.asarray(readout.r_edges_mm[0], dtype=np.float64)
-    if len(edges) < 2:
-        return None
-    binning = CaloChallengeBinning(tuple(edges), int(readout.n_alpha[0]), geometry.n_layers)
-    if binning.n_voxels != geometry.n_cells:
-        return None
-    return binning
-
-
-def _radial_edges(geometry: Geometry, binning: CaloChallengeBinning | None) -> np.ndarray:
-    if binning is not None:
-        return np.asarray(binning.r_edges_mm)
-    radius = np.hypot(geometry.cell_centres_mm[:, 0], geometry.cell_centres_mm[:, 1])
-    top = float(radius.max()) * 1.0001 + 1e-6
-    return np.linspace(0.0, top, 31)
-
-
-def _radial_matrix(geometry: Geometry, edges: np.ndarray) -> np.ndarray:
-    radius = np.hypot(geometry.cell_centres_mm[:, 0], geometry.cell_centres_mm[:, 1])
-    index = np.clip(np.searchsorted(edges, radius, side="right") - 1, 0, len(edges) - 2)
-    matrix = np.zeros((geometry.n_cells, len(edges) - 1))
-    matrix[np.arange(geometry.n_cells), index] = 1.0
-    return matrix
-
-
+# -- provenance -----------------------------------------------------------------------------------
 def _geometry_record(geometry: Geometry) -> dict:
     readout = geometry.readout
     record = {"name": geometry.name, "n_cells": int(geometry.n_cells), "n_layers": int(geometry.n_layers),
@@ -270,231 +218,6 @@ def _geometry_record(geometry: Geometry) -> dict:
     except Exception:  # pragma: no cover - a readout without a spec
         pass
     return record
-
-
-# -- concatenation helpers ---------------------------------------------------------------------------
-def concatenate_observables(parts: Sequence[ShowerObservables]) -> ShowerObservables:
-    """Join the observables of consecutive batches of showers into one (cell indices shifted)."""
-    if not parts:
-        raise InputError("no observables to concatenate")
-    n_layers = {p.n_layers for p in parts}
-    if len(n_layers) != 1:
-        raise InputError(f"cannot concatenate observables with {sorted(n_layers)} layers")
-    starts = np.cumsum([0] + [p.n_showers for p in parts[:-1]])
-    total = int(starts[-1]) + parts[-1].n_showers
-    index_dtype = np.result_type(*(p.cell_shower_index.dtype for p in parts))
-    if total > np.iinfo(index_dtype).max:
-        index_dtype = np.dtype(np.int64)
-    return ShowerObservables(
-        incident_energy_mev=np.concatenate([p.incident_energy_mev for p in parts]),
-        per_shower={k: np.concatenate([p.per_shower[k] for p in parts]) for k in parts[0].per_shower},
-        layer_energy_mev=np.concatenate([p.layer_energy_mev for p in parts]),
-        layer_hits=np.concatenate([p.layer_hits for p in parts]),
-        cell_energy_mev=np.concatenate([p.cell_energy_mev for p in parts]),
-        cell_shower_index=np.concatenate([p.cell_shower_index.astype(index_dtype, copy=False)
-                                          + index_dtype.type(s) for p, s in zip(parts, starts, strict=True)]),
-        n_cells=parts[0].n_cells,
-    )
-
-
-def concatenate_high_level_features(parts: Sequence[HighLevelFeatures]) -> HighLevelFeatures:
-    """Join the high-level features of consecutive batches (``voxel_max_mev``: the largest)."""
-    if not parts:
-        raise InputError("no features to concatenate")
-    arrays = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
-              for f in fields(HighLevelFeatures) if f.name != "voxel_max_mev"}
-    return HighLevelFeatures(**arrays, voxel_max_mev=max(p.voxel_max_mev for p in parts))
-
-
-# -- streaming ------------------------------------------------------------------------------------
-@dataclass
-class SampleSummary:
-    """Everything the metrics and plots need from one file, accumulated chunk by chunk.
-
-    Attributes:
-        path: the file; format: its layout; geometry: its own geometry name; particle.
-        n_in_file: showers in the file; n_used: showers read (``max_showers``).
-        observables: per-shower observables in the target geometry (after the threshold).
-        features: official high-level features (uniform cylindrical targets), else None.
-        low_level: ``(n, 1 + n_cells)`` float32 low-level classifier inputs of the first n showers,
-            or None.
-        energy_edges_mev: incident-energy bin edges of the average showers.
-        voxel_sums_mev: ``(n_bins + 1, n_cells)`` sums of the thresholded voxels per energy bin and,
-            in the last row, over all showers.
-        voxel_counts: ``(n_bins + 1,)`` showers summed in each row.
-        radial_edges_mm: radial bin edges; radial_energy_mev: ``(n, n_r)`` energy per radial bin.
-        examples_mev: ``(k, n_cells)`` first showers (event display); examples_incident_mev: ``(k,)``.
-        energy_total_mev, energy_outside_mev: point energy read, and the part outside the target
-            readout.
-        n_showers_with_cells: the first showers whose hit cells are pooled (``max_cells``).
-    """
-
-    path: Path
-    format: str
-    geometry: str
-    particle: str
-    n_in_file: int
-    n_used: int
-    observables: ShowerObservables
-    features: HighLevelFeatures | None
-    low_level: np.ndarray | None
-    energy_edges_mev: tuple[float, ...]
-    voxel_sums_mev: np.ndarray
-    voxel_counts: np.ndarray
-    radial_edges_mm: np.ndarray
-    radial_energy_mev: np.ndarray
-    examples_mev: np.ndarray
-    examples_incident_mev: np.ndarray
-    energy_total_mev: float
-    energy_outside_mev: float
-    n_showers_with_cells: int = 0
-
-    @property
-    def outside_fraction(self) -> float:
-        return self.energy_outside_mev / self.energy_total_mev if self.energy_total_mev > 0 else 0.0
-
-    def average_shower(self, row: int = -1) -> np.ndarray:
-        """Mean thresholded voxels of an energy bin (``-1``: all showers); NaN when the bin is empty."""
-        count = self.voxel_counts[row]
-        return self.voxel_sums_mev[row] / count if count else np.full(self.voxel_sums_mev.shape[1], np.nan)
-
-    def record(self) -> dict:
-        return {"path": str(self.path), "size_bytes": _file_size(self.path), "format": self.format,
-                "geometry": self.geometry, "particle": self.particle,
-                "n_showers_in_file": self.n_in_file, "n_showers_used": self.n_used,
-                "incident_energy_gev": [float(self.observables.incident_energy_mev.min() / 1e3),
-                                        float(self.observables.incident_energy_mev.max() / 1e3)],
-                "energy_outside_target_fraction": self.outside_fraction,
-                "n_showers_with_pooled_cells": self.n_showers_with_cells,
-                "n_pooled_cells": int(self.observables.cell_energy_mev.size)}
-
-
-def _file_size(path: Path) -> int | None:
-    try:
-        return int(os.path.getsize(path))
-    except OSError:
-        return None
-
-
-def _source_geometry(path: Path, target: Geometry) -> tuple[str, Geometry]:
-    """Layout and own geometry of a file; clear errors for missing, empty or unfitting files."""
-    fmt = detect_format(path)  # InputError: missing, not HDF5, unknown layout
-    if count_showers(path) == 0:
-        raise InputError(f"{path}: file holds no showers")
-    if fmt != "calochallenge":
-        return fmt, file_geometry(path, None)
-    with h5py.File(path, "r") as f:
-        showers = f.get("showers")
-        n_cells = showers.shape[1] if isinstance(showers, h5py.Dataset) and showers.ndim == 2 else None
-    if n_cells is None or n_cells == target.n_cells:
-        return fmt, file_geometry(path, target)
-    try:
-        return fmt, file_geometry(path, None)
-    except InputError:
-        raise InputError(f"{path}: {n_cells} voxels per shower fit neither the target geometry "
-                         f"{target.name!r} ({target.n_cells} cells) nor a built-in CaloChallenge "
-                         "geometry") from None
-
-
-def stream_sample(path: str | os.PathLike[str], target: Geometry, *, chunk_size: int = 500,
-                  max_showers: int | None = None, n_low_level: int = 0,
-                  binning: CaloChallengeBinning | None = None, n_examples: int = 3,
-                  energy_edges_mev: Sequence[float] = ENERGY_DECADES_MEV, max_cells: int | None = None,
-                  progress: bool = False, label: str = "") -> SampleSummary:
-    """Read a shower file chunk by chunk, voxelise into ``target`` and accumulate a :class:`SampleSummary`.
-
-    Memory: one dense ``(chunk_size, n_cells)`` chunk at a time plus the accumulated per-shower
-    quantities (observables, pooled hit cells, features, and the low-level inputs of the first
-    ``n_low_level`` showers). With ``max_cells`` only the hit cells of the first showers (whole
-    showers, at most ``max_cells`` cells) are pooled; the other showers keep their per-shower
-    observables but contribute no cells (``SampleSummary.n_showers_with_cells``).
-
-    Raises:
-        InputError: missing or empty file, a layout that fits neither the target nor a built-in
-            geometry, non-finite energies (from the reader), a target without cells.
-    """
-    path = Path(path)
-    layout = layout_of(target)
-    threshold = layout.threshold_mev
-    fmt, source = _source_geometry(path, target)
-    n_in_file = count_showers(path)
-    n_used = n_in_file if max_showers is None else min(n_in_file, int(max_showers))
-    radial_edges = _radial_edges(target, binning)
-    radial_matrix = _radial_matrix(target, radial_edges)
-    edges = tuple(float(e) for e in energy_edges_mev)
-    n_bins = len(edges) - 1
-    sums = np.zeros((n_bins + 1, target.n_cells))
-    counts = np.zeros(n_bins + 1, dtype=np.int64)
-    obs_parts, feature_parts, low_parts, radial_parts, example_parts, example_energy = [], [], [], [], [], []
-    n_seen, total_energy, outside_energy, particle = 0, 0.0, 0.0, "electron"
-    n_cells_kept, n_showers_with_cells, cells_full = 0, 0, False
-    with tqdm(total=n_used, unit="shower", desc=f"read {label or path.name}", disable=not progress,
-              leave=False) as bar:
-        for chunk in iter_showers(path, source, chunk_size=chunk_size, stop=n_used):
-            particle = chunk.particle
-            if chunk.geometry != target.name:  # same physical frame: voxelise into the target
-                chunk = Showers(chunk.points, chunk.offsets, chunk.incident_energy_mev, chunk.particle,
-                                target.name)
-            voxels, outside = target.voxelise(chunk, threshold=True, return_outside=True)
-            voxels[voxels < threshold] = 0.0
-            incident = chunk.incident_energy_mev
-            total_energy += float(chunk.points[:, ENERGY].sum(dtype=np.float64))
-            outside_energy += float(outside.sum())
-
-            obs = shower_observables(voxels, incident, layout, chunk_size=max(len(voxels), 1))
-            cell_energy, cell_index = obs.cell_energy_mev, obs.cell_shower_index
-            if cells_full:
-                keep_showers = 0
-            elif max_cells is not None and n_cells_kept + len(cell_energy) > max_cells:
-                per_shower = np.cumsum(np.bincount(cell_index, minlength=len(voxels)))
-                keep_showers = int(np.searchsorted(per_shower, max_cells - n_cells_kept, side="right"))
-                cells_full = True
-            else:
-                keep_showers = len(voxels)
-            if keep_showers < len(voxels):
-                keep = cell_index < keep_showers  # cells are ordered by shower
-                cell_energy, cell_index = cell_energy[keep], cell_index[keep]
-            n_cells_kept += len(cell_energy)
-            n_showers_with_cells += keep_showers
-            obs_parts.append(dataclasses.replace(
-                obs, cell_energy_mev=cell_energy.astype(np.float32),  # lossless: float32 voxels
-                cell_shower_index=cell_index.astype(np.int32 if n_used < 2**31 else np.int64)))
-            if binning is not None:
-                feature_parts.append(high_level_features(voxels, binning, threshold_mev=threshold,
-                                                         chunk_size=max(len(voxels), 1)))
-            n_keep = min(len(voxels), max(0, n_low_level - n_seen))
-            if n_keep:
-                low_parts.append(low_level_vector(voxels[:n_keep], incident[:n_keep], threshold_mev=threshold,
-                                                  dtype=np.float32))
-            masks = energy_bin_masks(incident, edges, closed_last=True)
-            for i, (_, _, mask) in enumerate(masks):
-                if mask.any():
-                    sums[i] += voxels[mask].sum(axis=0, dtype=np.float64)
-                    counts[i] += int(mask.sum())
-            sums[-1] += voxels.sum(axis=0, dtype=np.float64)
-            counts[-1] += len(voxels)
-            radial_parts.append(voxels.astype(np.float64) @ radial_matrix)
-            take = min(len(voxels), max(0, n_examples - n_seen))
-            if take:
-                example_parts.append(voxels[:take].copy())
-                example_energy.append(incident[:take].copy())
-            n_seen += len(voxels)
-            bar.update(len(voxels))
-    if n_seen == 0:
-        raise InputError(f"{path}: no showers read")
-    n_cells = target.n_cells
-    return SampleSummary(
-        path=path, format=fmt, geometry=source.name, particle=particle, n_in_file=n_in_file, n_used=n_seen,
-        observables=concatenate_observables(obs_parts),
-        features=concatenate_high_level_features(feature_parts) if feature_parts else None,
-        low_level=np.concatenate(low_parts) if low_parts else None,
-        energy_edges_mev=edges, voxel_sums_mev=sums, voxel_counts=counts,
-        radial_edges_mm=radial_edges, radial_energy_mev=np.concatenate(radial_parts),
-        examples_mev=np.concatenate(example_parts) if example_parts else np.zeros((0, n_cells), np.float32),
-        examples_incident_mev=np.concatenate(example_energy) if example_energy else np.zeros(0),
-        energy_total_mev=total_energy, energy_outside_mev=outside_energy,
-        n_showers_with_cells=n_showers_with_cells,
-    )
 
 
 # -- metric helpers ---------------------------------------------------------------------------------
@@ -576,7 +299,7 @@ def _separation(reference: SampleSummary, generated: SampleSummary, threshold: f
         vmax = ref_f.voxel_max_mev
     else:
         vmax = ref_cells.max() if ref_cells.size else None
-    edges = _log_edges(threshold, vmax, 50) if vmax is not None else None
+    edges = log_edges(threshold, vmax, 50) if vmax is not None else None
     counts = None
     if edges is not None:
         counts = (np.histogram(ref_cells, edges)[0], np.histogram(gen_o.cell_energy_mev, edges)[0])
@@ -599,42 +322,6 @@ def _warnings_to_notes(notes: list[str], stage: str):
         text = f"{stage}: {warning.category.__name__}: {str(warning.message).splitlines()[0]}"
         if text not in notes:
             notes.append(text)
-
-
-def _versions() -> dict:
-    import scipy
-    import torch
-
-    versions = {"caloadapt": __version__, "python": platform.python_version(), "numpy": np.__version__,
-                "scipy": scipy.__version__, "torch": torch.__version__, "h5py": h5py.__version__}
-    for module in ("sklearn", "matplotlib", "mplhep"):
-        try:
-            versions[module] = __import__(module).__version__
-        except Exception:  # pragma: no cover - optional
-            versions[module] = None
-    return versions
-
-
-def to_jsonable(value):
-    """Plain JSON types: numpy scalars/arrays to Python, NaN and infinities to None, paths to str."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value))
-    return value
 
 
 def write_metrics(metrics: dict, path: str | os.PathLike[str]) -> Path:
@@ -938,7 +625,7 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
     t = time.perf_counter()
     sizes = {}
     for role, path in roles:
-        _source_geometry(path, target)  # fail early, before any long computation
+        source_geometry(path, target)  # fail early, before any long computation
         n = count_showers(path)
         sizes[role] = n if options.max_showers is None else min(n, options.max_showers)
     n_cls = min(sizes.values())  # with a floor: the same classifier size for the model and the floor
@@ -1030,7 +717,7 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
         "format_version": METRICS_FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command or " ".join(sys.argv),
-        "versions": _versions(),
+        "versions": library_versions(),
         "inputs": {role: sample.record() for role, sample in samples.items()},
         "geometry": dict(_geometry_record(target),
                          reference_file_geometry=ref.geometry, generated_file_geometry=gen.geometry,

@@ -8,8 +8,7 @@ import numpy as np
 
 from ..geometry import Geometry
 from ..showers import Showers
-from .observables import ScoreTable, calotransfer_scores, shower_observables
-from .pipeline import layout_of
+from .observables import ScoreTable, calotransfer_scores, layout_of, shower_observables
 
 __all__ = ["VoxelRows", "score_showers", "voxel_chunk_size"]
 

@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from .. import __version__
 from .._atomic import atomic_path
 from ..errors import CaloadaptError, CheckpointError
-from ..models.consistency import ConsistencyPrecond, consistency_settings
+from ..models.checkpoint import load_checkpoint, load_model
+from ..models.consistency import CONSISTENCY_KEY, ConsistencyPrecond
 from ..models.edm import EDMPrecond
 from ..models.transformer import PointTransformer
 
@@ -201,12 +202,9 @@ def export_checkpoint_onnx(checkpoint: str | os.PathLike[str], path: str | os.Pa
 
     Returns ``(path, model, consistency settings or None)``; pass the model to :func:`parity_check`.
     """
-    from ..adapt.finetune import load_adapted_model
-    from ..train.checkpoint import load_checkpoint
-
     payload = load_checkpoint(checkpoint)
-    model = load_adapted_model(payload, source=str(checkpoint)).eval()
-    settings = consistency_settings(payload)
+    model = load_model(payload, source=str(checkpoint))[0].eval()
+    settings = payload.get(CONSISTENCY_KEY)
     return export_onnx(model, path, opset=opset, consistency=settings), model, settings
 
 

@@ -6,7 +6,13 @@
 - :mod:`~caloadapt.models.edm`: EDM preconditioning, masked loss, Karras schedule, Heun/Euler samplers;
 - :mod:`~caloadapt.models.flow`: conditional neural spline flow over per-shower statistics;
 - :mod:`~caloadapt.models.representation`: point frames, flow statistics on an X0 grid, conditioning;
-- :mod:`~caloadapt.models.shower_model`: flow + diffusion together, training losses and generation.
+- :mod:`~caloadapt.models.consistency`, :mod:`~caloadapt.models.fused`: the consistency function of a distilled
+  model, fast CPU evaluation of a point network;
+- :mod:`~caloadapt.models.sampling`: the :class:`Sampler` a checkpoint is generated with;
+- :mod:`~caloadapt.models.shower_model`: flow + diffusion together, training losses and generation;
+- :mod:`~caloadapt.models.adapters`: the adaptation methods (trained parameter groups, peft adapters);
+- :mod:`~caloadapt.models.checkpoint`: the checkpoint format and :func:`load_model`, the loader of every
+  kind of checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from .edm import (
 from .flow import ShowerFlow
 from .pointwise import PARAMETER_GROUPS, ConcatSquashLinear, FourierFeatures, PointwiseNet, TimeEmbedding
 from .representation import FRAMES, DepthGrid, PointFrame
-from .shower_model import BACKBONES, SAMPLERS, ModelConfig, ShowerModel
+from .checkpoint import load_model
+from .sampling import DEFAULT_STEPS, SAMPLER_KINDS, Sampler
+from .shower_model import BACKBONES, ModelConfig, ShowerModel
 from .transformer import PointTransformer
 
 __all__ = [
@@ -45,7 +53,10 @@ __all__ = [
     "FRAMES",
     "DepthGrid",
     "PointFrame",
-    "SAMPLERS",
+    "DEFAULT_STEPS",
+    "SAMPLER_KINDS",
+    "Sampler",
     "ModelConfig",
     "ShowerModel",
+    "load_model",
 ]

@@ -2,7 +2,7 @@
 
 All equations are from T. Karras, M. Aittala, T. Aila, S. Laine, *Elucidating the Design Space of
 Diffusion-Based Generative Models* (EDM), NeurIPS 2022, https://arxiv.org/abs/2206.00364, as
-used by CaloClouds II (method.md §4.2, §4.3).
+used by CaloClouds II (docs/model.md §2, §3).
 
 Shapes: a batch of B showers padded to M points of D features, ``x`` of shape ``(B, M, D)``,
 with a boolean ``mask`` of shape ``(B, M)`` that is True for real points. Noise levels ``sigma``
@@ -24,13 +24,22 @@ __all__ = [
     "karras_sigmas",
     "sample_heun",
     "sample_euler",
+    "initial_noise",
+    "zero_padding",
+    "as_sigma_data",
+    "DEFAULT_STEPS",
 ]
 
-#: a denoiser D(x; sigma, context): x (B, M, D), sigma (B,), context (B, C) -> (B, M, D)
-Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+#: Heun steps of the point diffusion at generation: 13 noise levels, 25 network evaluations
+#: (the CaloClouds II setting, Buhmann et al. 2023, arXiv:2309.05704)
+DEFAULT_STEPS = 13
+
+#: a denoiser D(x; sigma, context, mask): x (B, M, D), sigma (B,), context (B, C), mask (B, M) or None
+#: -> (B, M, D)
+Denoiser = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 
 
-def _sigma_data_values(sigma_data: float | Sequence[float]) -> tuple[float, ...]:
+def as_sigma_data(sigma_data: float | Sequence[float]) -> tuple[float, ...]:
     values = (float(sigma_data),) if isinstance(sigma_data, (int, float)) else tuple(map(float, sigma_data))
     if not values or any(not s > 0 for s in values):
         raise ValueError(f"sigma_data must be positive (a number or one per feature), got {sigma_data!r}")
@@ -52,15 +61,17 @@ class EDMPrecond(nn.Module):
             :class:`~caloadapt.models.pointwise.PointwiseNet` or
             :class:`~caloadapt.models.transformer.PointTransformer`).
         sigma_data: standard deviation of the data, one number or one per feature (0.5 for all
-            four point features in CaloClouds II, method.md §4.2).
+            four point features in CaloClouds II, docs/model.md §2).
     """
 
     sigma_data: Tensor
+    #: what this module computes (an ONNX export records it): the denoiser D, not a consistency function
+    kind = "edm"
 
     def __init__(self, net: nn.Module, sigma_data: float | Sequence[float] = 0.5) -> None:
         super().__init__()
         self.net = net
-        self.sigma_data_values = _sigma_data_values(sigma_data)
+        self.sigma_data_values = as_sigma_data(sigma_data)
         self.register_buffer("sigma_data", torch.tensor(self.sigma_data_values), persistent=False)
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -128,11 +139,11 @@ class EDMLoss:
     k-diffusion form ``|| F - (y - c_skip (y + n)) / c_out ||^2`` used by the reference.
 
     The squared error is averaged over the real points (``mask`` True) and the features of the
-    whole batch, so padding never contributes (method.md §10 item 9; the reference averaged over
+    whole batch, so padding never contributes (docs/model.md §2; the reference averaged over
     padded zeros too).
 
     Arguments:
-        P_mean: mean of ln(sigma) (-1.2, method.md §4.2).
+        P_mean: mean of ln(sigma) (-1.2, docs/model.md §2).
         P_std: standard deviation of ln(sigma) (1.2).
         sigma_data: data standard deviation, a number or one per feature; must equal that of the
             :class:`EDMPrecond` the loss is called with.
@@ -153,7 +164,7 @@ class EDMLoss:
             raise ValueError(f"max_points_per_shower must be positive or None, got {max_points_per_shower}")
         self.P_mean = float(P_mean)
         self.P_std = float(P_std)
-        self.sigma_data_values = _sigma_data_values(sigma_data)
+        self.sigma_data_values = as_sigma_data(sigma_data)
         self.max_points_per_shower = max_points_per_shower
 
     def __call__(
@@ -226,7 +237,7 @@ def karras_sigmas(
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def _initial_noise(
+def initial_noise(
     context: Tensor,
     n_points: int | None,
     point_dim: int,
@@ -249,7 +260,7 @@ def _initial_noise(
     )
 
 
-def _finish(x: Tensor, mask: Tensor | None) -> Tensor:
+def zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
     """Zero the padded points."""
     if mask is None:
         return x
@@ -263,7 +274,7 @@ def sample_heun(
     n_points: int | None = None,
     *,
     mask: Tensor | None = None,
-    n_steps: int = 13,
+    n_steps: int = DEFAULT_STEPS,
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
     rho: float = 7.0,
@@ -276,11 +287,12 @@ def sample_heun(
     Integrates the probability-flow ODE ``dx/dsigma = (x - D(x; sigma)) / sigma`` from
     ``sigma_max`` to 0 on :func:`karras_sigmas`. The last step (to sigma = 0) is an Euler step,
     so the number of network evaluations is ``2 n_steps - 1`` (25 for the default 13 steps,
-    CaloClouds II; method.md §4.3). Points are independent, so padded points are simply zeroed
+    CaloClouds II; docs/model.md §3). Points are independent, so padded points are simply zeroed
     in the output. Runs under ``torch.no_grad``.
 
     Arguments:
-        denoiser: ``D(x, sigma, context)``, e.g. an :class:`EDMPrecond`.
+        denoiser: ``D(x, sigma, context, mask)``, e.g. an :class:`EDMPrecond`; it is handed the
+            mask, so a backbone with attention between points never attends to padding.
         context: per-shower conditioning ``(B, C)``.
         n_points: points per shower M (or take it from ``mask`` or ``noise``).
         mask: ``(B, M)`` bool, True for the points to generate; the others are returned as 0.
@@ -294,18 +306,18 @@ def sample_heun(
         Samples of shape ``(B, M, D)``.
     """
     sigmas = karras_sigmas(n_steps, sigma_min, sigma_max, rho).tolist()
-    x = _initial_noise(context, n_points, point_dim, mask, generator, noise) * sigmas[0]
+    x = initial_noise(context, n_points, point_dim, mask, generator, noise) * sigmas[0]
     batch = x.shape[0]
     for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
         # Euler step
-        d_cur = (x - denoiser(x, x.new_full((batch,), t_cur), context)) / t_cur
+        d_cur = (x - denoiser(x, x.new_full((batch,), t_cur), context, mask)) / t_cur
         x_next = x + (t_next - t_cur) * d_cur
         # second-order (trapezoidal) correction, skipped on the last step to sigma = 0
         if t_next > 0:
-            d_next = (x_next - denoiser(x_next, x.new_full((batch,), t_next), context)) / t_next
+            d_next = (x_next - denoiser(x_next, x.new_full((batch,), t_next), context, mask)) / t_next
             x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
         x = x_next
-    return _finish(x, mask)
+    return zero_padding(x, mask)
 
 
 @torch.no_grad()
@@ -315,7 +327,7 @@ def sample_euler(
     n_points: int | None = None,
     *,
     mask: Tensor | None = None,
-    n_steps: int = 13,
+    n_steps: int = DEFAULT_STEPS,
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
     rho: float = 7.0,
@@ -329,10 +341,10 @@ def sample_euler(
     evaluations. Runs under ``torch.no_grad``. Arguments as in :func:`sample_heun`.
     """
     sigmas = karras_sigmas(n_steps, sigma_min, sigma_max, rho).tolist()
-    x = _initial_noise(context, n_points, point_dim, mask, generator, noise) * sigmas[0]
+    x = initial_noise(context, n_points, point_dim, mask, generator, noise) * sigmas[0]
     batch = x.shape[0]
     for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
-        d_cur = (x - denoiser(x, x.new_full((batch,), t_cur), context)) / t_cur
+        d_cur = (x - denoiser(x, x.new_full((batch,), t_cur), context, mask)) / t_cur
         x = x + (t_next - t_cur) * d_cur
-    return _finish(x, mask)
+    return zero_padding(x, mask)
 

@@ -5,7 +5,7 @@ chooses, e.g. points and energy per depth bin, centre of gravity) given a condit
 ``c`` (e.g. the normalised incident energy). The meaning of the features lives with the caller;
 this module only sees ``n_features`` standardised numbers.
 
-It replaces the pyro ``HybridTanH`` flow of CaloClouds II / CaloTransfer (method.md §4.4) by a
+It replaces the pyro ``HybridTanH`` flow of CaloClouds II / CaloTransfer (docs/model.md §4) by a
 zuko neural spline flow made of coupling transforms (``passes=2``), so that sampling costs two
 hyper-network passes per transform instead of one per feature.
 """
@@ -31,7 +31,7 @@ class ShowerFlow(nn.Module):
     and a monotonic rational-quadratic spline with ``bins`` bins as univariate transform; the base
     distribution is N(0, I). This is exactly ``zuko.flows.NSF(..., passes=2)`` except that the
     feature order of every transform is a random permutation drawn from ``permutation_seed``
-    (the reference's random permutations used seed 42, method.md §4.4), so that every pair of
+    (the reference's random permutations used seed 42, docs/model.md §4), so that every pair of
     features can end up in different halves. With ``randperm=False`` the orders alternate
     ascending / descending as in zuko.
 

@@ -27,6 +27,7 @@ import torch
 
 from ..geometry import Geometry
 from ..showers import Showers
+from .sampling import DEFAULT_STEPS, Sampler
 
 __all__ = ["OccupancyCalibration", "fit_occupancy", "layer_counts", "stochastic_round"]
 
@@ -135,7 +136,7 @@ class OccupancyCalibration:
 FIT_POINTS_PER_HIT = (1.0, 2.0)
 
 
-def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str = "heun", n_steps: int = 13,
+def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str = "heun", n_steps: int = DEFAULT_STEPS,
                   seed: int = 0, batch_size: int = 64, check: bool = True) -> OccupancyCalibration:
     """Fit the occupancy calibration of ``model`` in ``geometry`` on its training ``showers``.
 
@@ -167,7 +168,7 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str =
             # one generator per batch: passes with one seed draw the same flow samples in every batch,
             # whatever number of points an earlier batch consumed noise for
             generator = torch.Generator(device).manual_seed(pass_seed * 1_000_003 + start)
-            raw = model.generate(geometry, energy[start:start + batch_size], n_steps=n_steps, sampler=sampler,
+            raw = model.generate(geometry, energy[start:start + batch_size], Sampler(sampler, n_steps),
                                  generator=generator, occupancy=calibration)
             points.append(layer_counts(raw, geometry))
             hits.append(layer_counts(geometry.digitise(raw), geometry))

@@ -4,14 +4,14 @@ Every point of a shower is processed independently; the only information shared 
 points of one shower is the per-shower context (the noise-level embedding and the shower
 conditioning, e.g. incident energy and number of points). There is no attention or pooling.
 
-Architecture (method.md §4.1; Buss et al., CaloClouds II, arXiv:2309.05704):
+Architecture (docs/model.md §1; Buhmann et al., CaloClouds II, arXiv:2309.05704):
 
 - context ``ctx = [TimeEmbedding(c_noise), condition]``, dimension ``time_dim + context_dim``
   (64 + 2 = 66 by default);
 - a stack of :class:`ConcatSquashLinear` layers, widths 4 -> 128 -> 256 -> 512 -> 256 -> 128 -> 4
   by default, leaky-ReLU (slope 0.01) between layers and none after the last.
 
-Parameter groups (method.md §6 and §10 item 10): fine-tuning strategies select parameters by
+Parameter groups (docs/model.md §6): fine-tuning strategies select parameters by
 *group*, never by a substring of their names. :meth:`PointwiseNet.parameter_groups` returns
 
 =================  ===============================================  ======================
@@ -62,7 +62,7 @@ class ConcatSquashLinear(nn.Module):
 
     References:
         | FFJORD (Grathwohl et al., 2019), https://arxiv.org/abs/1810.01367 (ConcatSquash);
-        | CaloClouds II (Buss et al., 2024), https://arxiv.org/abs/2309.05704, method.md §4.1.
+        | CaloClouds II (Buhmann et al., 2024), https://arxiv.org/abs/2309.05704, docs/model.md §1.
 
     Submodules: ``linear`` (W, b), ``gate`` (G, g) and ``context_bias`` (H, no bias).
 
@@ -100,7 +100,7 @@ class FourierFeatures(nn.Module):
 
     References:
         | Tancik et al. 2020, https://arxiv.org/abs/2006.10739; k-diffusion ``FourierFeatures``
-          as used by CaloClouds II (method.md §4.1: 1 input, 64 outputs, std 16).
+          as used by CaloClouds II (docs/model.md §1: 1 input, 64 outputs, std 16).
 
     Arguments:
         out_features: number of outputs (even); ``out_features // 2`` frequencies.
@@ -125,7 +125,7 @@ class TimeEmbedding(nn.Module):
     """Embedding of the noise level: c_noise -> Fourier features -> Linear -> leaky-ReLU.
 
     ``c_noise = ln(sigma) / 4`` is computed by the EDM preconditioning (Karras et al. 2022,
-    Table 1), not here. Layout from method.md §4.1.
+    Table 1), not here. Layout from docs/model.md §1.
 
     Arguments:
         dim: embedding width (64 in CaloClouds II).
@@ -152,11 +152,11 @@ class PointwiseNet(nn.Module):
     ``ctx = [TimeEmbedding(c_noise), condition]``.
 
     With the defaults and ``context_dim=2`` the network has exactly 504,920 parameters
-    (method.md §4.1 table).
+    (docs/model.md §1).
 
     References:
-        | Buss et al., CaloClouds II, https://arxiv.org/abs/2309.05704;
-        | method.md §4.1 (``PointwiseNet_kDiffusion``).
+        | Buhmann et al., CaloClouds II, https://arxiv.org/abs/2309.05704;
+        | docs/model.md §1 (``PointwiseNet_kDiffusion``).
 
     Arguments:
         point_dim: features per point (4: x, depth, y, energy in normalised units).
@@ -260,7 +260,7 @@ class PointwiseNet(nn.Module):
         """The true additive bias vectors (BitFit, Ben Zaken et al. 2022, arXiv:2106.10199).
 
         These are b and g of every layer and the bias of the time-embedding Linear: 2,632
-        parameters (0.52 %) for the default net, method.md §6. The context-to-bias maps H are
+        parameters (0.52 %) for the default net, docs/model.md §6. The context-to-bias maps H are
         matrices and are *not* included (the reference's substring selection wrongly did so).
         """
         out: list[tuple[str, nn.Parameter]] = []

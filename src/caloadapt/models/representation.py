@@ -30,8 +30,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..data.io import depth_to_layer_units
 from ..geometry import Geometry, PlanarReadout
+from ..geometry.layer_units import depth_to_layer_units
 from ..showers import Showers
 
 __all__ = ["FRAMES", "DepthGrid", "PointFrame", "shower_statistics", "statistics_to_layers",

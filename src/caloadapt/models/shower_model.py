@@ -27,22 +27,20 @@ from torch import Tensor, nn
 from ..geometry import Geometry
 from ..geometry.descriptor import DESCRIPTOR_DIM, geometry_descriptor
 from ..showers import Showers
-from .consistency import FusedDenoiser, sample_consistency
-from .edm import EDMLoss, EDMPrecond, sample_euler, sample_heun
+from .edm import EDMLoss, EDMPrecond
 from .flow import ShowerFlow
+from .fused import FusedDenoiser
 from .occupancy import OccupancyCalibration
 from .pointwise import PointwiseNet
 from .representation import (DepthGrid, PointFrame, energy_condition, n_statistics, points_condition,
                              statistics_to_layers)
+from .sampling import Sampler
 from .transformer import PointTransformer
 
-__all__ = ["ModelConfig", "ShowerModel", "SAMPLERS", "BACKBONES", "shower_condition", "flow_condition"]
+__all__ = ["ModelConfig", "ShowerModel", "BACKBONES", "shower_condition", "flow_condition"]
 
 #: point networks of the diffusion model: per point (CaloClouds II) or attention between points
 BACKBONES = ("pointwise", "transformer")
-
-#: samplers of the point cloud; ``consistency`` needs a distilled checkpoint (``caloadapt distill``)
-SAMPLERS = {"heun": sample_heun, "euler": sample_euler, "consistency": sample_consistency}
 
 
 @dataclass(frozen=True)
@@ -214,14 +212,19 @@ class ShowerModel(nn.Module):
         return condition, statistics_to_layers(geometry, stats.double().cpu().numpy(), energy, self.config.grid)
 
     @torch.no_grad()
-    def generate(self, geometry: Geometry, incident_energy_mev: np.ndarray, *, n_steps: int = 13,
-                 sampler: str = "heun", generator: torch.Generator | None = None,
-                 particle: str = "electron", max_points: int = 40_000,
-                 occupancy: OccupancyCalibration | None | str = "auto") -> Showers:
+    def generate(self, geometry: Geometry, incident_energy_mev: np.ndarray, sampler: Sampler = Sampler(), *,
+                 generator: torch.Generator | None = None, particle: str = "electron", max_points: int = 40_000,
+                 occupancy: OccupancyCalibration | None | str = "auto", denoiser: nn.Module | None = None) -> Showers:
         """Generate one batch of showers in ``geometry`` (points at layer centres, cell energies MeV).
 
-        ``occupancy``: ``auto`` applies the model's calibration for ``geometry`` (if it has one),
-        None generates as many points as the flow asks for hits, or give a calibration.
+        Arguments:
+            sampler: how the point cloud is sampled (a checkpoint's own comes with
+                :func:`caloadapt.models.checkpoint.load_model`; a distilled model needs its
+                consistency sampler).
+            occupancy: ``auto`` applies the model's calibration for ``geometry`` (if it has one),
+                None generates as many points as the flow asks for hits, or give a calibration.
+            denoiser: evaluate this module instead of the model's own (e.g. an ONNX session,
+                :class:`caloadapt.export.onnx.OnnxDenoiser`).
         """
         device = self.point_mean.device
         energy = np.asarray(incident_energy_mev, np.float64)
@@ -242,8 +245,8 @@ class ShowerModel(nn.Module):
         # the network is told the hits the shower is to have (what N meant in training), not the points
         condition[:, 1] = torch.as_tensor(points_condition(hits.sum(axis=1)), dtype=torch.float32, device=device)
         # the fused wrapper computes each shower's gates once and skips padding: same values, faster
-        denoiser = FusedDenoiser(self.denoiser, mask=mask)
-        x = SAMPLERS[sampler](denoiser, condition, width, mask=mask, n_steps=n_steps, generator=generator)
+        network = FusedDenoiser(self.denoiser if denoiser is None else denoiser)
+        x = sampler(network, condition, mask, generator=generator)
         features = (x * self.point_std + self.point_mean)
         # sort real points by generated depth (padding last), then assign layers by the flow's counts
         depth = torch.where(mask, features[..., 2], torch.full_like(features[..., 2], float("inf")))

@@ -47,7 +47,7 @@ References:
     | Lee et al., Set Transformer, ICML 2019, https://arxiv.org/abs/1810.00825 (ISAB);
     | Peebles & Xie, Scalable Diffusion Models with Transformers (DiT), ICCV 2023,
       https://arxiv.org/abs/2212.09748 (adaLN-Zero);
-    | Buss et al., CaloClouds II, https://arxiv.org/abs/2309.05704 (context, time embedding).
+    | Buhmann et al., CaloClouds II, https://arxiv.org/abs/2309.05704 (context, time embedding).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def gflash_medium(geometry: Geometry) -> gflash.GFlashMedium:
 
 
 @dataclass(frozen=True)
-class _StepGrid:
+class StepGrid:
     """The common longitudinal grid of one geometry: step edges and per-step readout constants."""
 
     edges_x0: np.ndarray          # (S + 1,)
@@ -69,7 +69,7 @@ class _StepGrid:
     moliere_radius_mm: np.ndarray  # (S,)
 
     @classmethod
-    def of(cls, geometry: Geometry, step_x0: float = STEP_X0) -> _StepGrid:
+    def of(cls, geometry: Geometry, step_x0: float = STEP_X0) -> StepGrid:
         """The grid of steps of ``step_x0`` radiation lengths of depth along the layer normal."""
         depth_x0 = geometry.stack.depth_x0
         edges = np.append(np.arange(0.0, depth_x0, step_x0), depth_x0)
@@ -137,7 +137,7 @@ def _landing_correction(geometry: Geometry, axis_depth_mm: np.ndarray, spot_dept
 
 def simulate_chunk(geometry: Geometry, particle: str, incident_energy_mev: np.ndarray,
                    rng: np.random.Generator, settings: SimulationSettings = SimulationSettings(),
-                   grid: _StepGrid | None = None, theta_deg: np.ndarray | float = NORMAL_THETA_DEG,
+                   grid: StepGrid | None = None, theta_deg: np.ndarray | float = NORMAL_THETA_DEG,
                    phi_deg: np.ndarray | float = NORMAL_PHI_DEG) -> Showers:
     """Spots of a batch of showers: points (x, y, z mm, visible energy in readout MeV).
 
@@ -157,7 +157,7 @@ def simulate_chunk(geometry: Geometry, particle: str, incident_energy_mev: np.nd
     # inclination of the chunk (at normal incidence it is the grid of STEP_X0 itself)
     step_x0 = STEP_X0 * float(cos_incl.min(initial=1.0))
     if grid is None or step_x0 < STEP_X0:
-        grid = _StepGrid.of(geometry, step_x0)
+        grid = StepGrid.of(geometry, step_x0)
     medium = gflash_medium(geometry)
     c = geometry.shower.sampling_term
     energy_gev, start_x0, parent = _sub_showers(particle, incident_energy_mev / 1000.0, settings, rng)

@@ -12,7 +12,7 @@ from ..showers import PARTICLES, Showers
 from ..errors import InputError
 from ..geometry import Geometry, get_geometry
 from ..incidence import NORMAL_PHI_DEG, NORMAL_THETA_DEG, check_angles, local_direction
-from .engine import STEP_X0, SimulationSettings, _StepGrid, simulate_chunk
+from .engine import STEP_X0, SimulationSettings, StepGrid, simulate_chunk
 
 __all__ = ["simulate", "iter_simulate"]
 
@@ -79,7 +79,7 @@ def iter_simulate(geometry: Geometry | str, particle: str, incident_energy_mev: 
     if cos_min < 1.0:
         steps = geometry.stack.depth_x0 / (STEP_X0 * cos_min)
         chunk = int(max(1, min(chunk, STEPS_PER_CHUNK // (2 * steps))))  # 2: photons make two sub-showers
-    grid = _StepGrid.of(geometry)
+    grid = StepGrid.of(geometry)
     streams = np.random.SeedSequence(seed).spawn(max(1, -(-len(energy) // chunk)))
     with tqdm(total=len(energy), unit="shower", disable=not progress, desc=f"simulate {geometry.name}") as bar:
         for stream, start in zip(streams, range(0, len(energy), chunk)):

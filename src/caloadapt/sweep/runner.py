@@ -13,23 +13,14 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_path
+from .._provenance import to_jsonable
 from ..errors import InputError
+from ..models.sampling import DEFAULT_STEPS
+from .recipe import (PSEUDO_METHODS, SCRATCH_CONVERGED, ZERO_SHOT, adapt_model, adaptation_config,
+                     converged_max_steps, is_converged, parse_method, whole_model_parameters)
 
 __all__ = ["SweepSpec", "RunSpec", "plan_runs", "run_sweep", "run_one", "parse_method", "is_converged",
            "converged_max_steps", "whole_model_parameters", "ZERO_SHOT", "SCRATCH_CONVERGED", "PSEUDO_METHODS"]
-
-#: the pseudo-method that generates with the pre-trained model as it is (no target showers: D = 0);
-#: a geometry-conditioned model is told the target detector by its descriptor alone
-ZERO_SHOT = "zero-shot"
-#: the from-scratch baseline trained to convergence: early stopping on its validation split after
-#: ``patience`` validations without improvement, at most ``max_steps`` steps (default 10 x ``steps``),
-#: so that the gain over scratch is not just the training the same-budget baseline did not get
-SCRATCH_CONVERGED = "scratch-converged"
-#: method names that are not :data:`caloadapt.adapt.METHODS`
-PSEUDO_METHODS = (ZERO_SHOT, SCRATCH_CONVERGED)
-#: default cap of ``scratch-converged``: this many times the fixed budget ``steps``
-CONVERGED_STEP_FACTOR = 10
-
 
 @dataclass(frozen=True)
 class SweepSpec:
@@ -72,7 +63,7 @@ class SweepSpec:
     val_fraction: float = 0.2
     val_every: int = 100
     n_eval: int = 1000
-    n_steps_sampler: int = 13
+    n_steps_sampler: int = DEFAULT_STEPS
     threads: int = 1
     lr_by_size: bool = True
     floor: str | None = None
@@ -97,57 +88,6 @@ class RunSpec:
     @property
     def label(self) -> str:
         return f"{self.pretrained}/{self.method}/n{self.size}/s{self.seed}"
-
-
-def is_converged(text: str) -> bool:
-    """True for the ``scratch-converged`` baseline (trained with early stopping)."""
-    return text.partition(":")[0].strip() == SCRATCH_CONVERGED
-
-
-def converged_max_steps(steps: int, max_steps: int | None) -> int:
-    """The step cap of ``scratch-converged``: ``max_steps``, or ``CONVERGED_STEP_FACTOR`` x ``steps``."""
-    cap = CONVERGED_STEP_FACTOR * steps if max_steps is None else int(max_steps)
-    if cap < 1:
-        raise InputError(f"max_steps must be positive, got {max_steps}")
-    return cap
-
-
-def whole_model_parameters(groups: list[dict]) -> dict:
-    """Trainable and total parameters of the point network and of the whole model (network + flow)
-    from the rows of :func:`~caloadapt.adapt.parameter_report` (zeros without rows: zero-shot)."""
-    rows = {r["group"]: r for r in groups}
-    net, every = rows.get("net", {}), rows.get("all", {})
-    out = {"trainable_net": int(net.get("trainable", 0)), "total_net": int(net.get("total", 0)),
-           "trainable_flow": int(rows.get("flow", {}).get("trainable", 0)),
-           "trainable_all": int(every.get("trainable", 0)), "total_all": int(every.get("total", 0))}
-    out["percent_all"] = 100.0 * out["trainable_all"] / out["total_all"] if out["total_all"] else 0.0
-    return out
-
-
-def parse_method(text: str):
-    """``name`` or ``name:key=value,...`` -> :class:`~caloadapt.adapt.AdaptMethod`.
-
-    Options are the fields of :class:`~caloadapt.adapt.AdaptMethod`, e.g. ``lora:rank=16,alpha=16``
-    or ``bitfit:flow=frozen`` (the flow's adaptation: ``full``, ``bitfit`` or ``frozen``).
-    ``scratch-converged`` is the scratch method (trained with early stopping, see :func:`is_converged`).
-    """
-    from ..adapt import AdaptMethod
-
-    name, _, options = text.partition(":")
-    if name.strip() == SCRATCH_CONVERGED:
-        if options:
-            raise InputError(f"{SCRATCH_CONVERGED} takes no options ({text!r}); --patience and --max-steps set it")
-        return AdaptMethod(name="scratch")
-    values: dict = {}
-    for item in filter(None, options.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"method option {item!r} in {text!r} is not key=value")
-        values[key] = float(value) if key == "alpha" else int(value) if key in {"k", "rank"} else value
-    try:
-        return AdaptMethod(name=name, **values)
-    except TypeError:
-        raise InputError(f"unknown option in method {text!r}") from None
 
 
 def plan_runs(spec: SweepSpec, out_dir: Path) -> list[RunSpec]:
@@ -175,14 +115,12 @@ def run_one(run: RunSpec) -> dict:
     The data subset depends on the seed only (``data_seed = seed``), so at one (size, seed)
     every method sees the same target showers.
     """
-    from ..adapt import finetune, load_adapted_model
-    from ..adapt.defaults import adaptation_learning_rates
     from ..data.io import read_showers
+    from ..evaluate.scoring import score_showers
     from ..generate import iter_generate
     from ..geometry import get_geometry
+    from ..models.checkpoint import load_model
     from ..showers import Showers
-    from ..train import TrainConfig
-    from ..evaluate.scoring import score_showers
 
     spec = SweepSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in run.sweep.items()})
     torch.set_num_threads(spec.threads)
@@ -200,25 +138,22 @@ def run_one(run: RunSpec) -> dict:
     started = time.perf_counter()
     converged = is_converged(run.method)
     if run.method == ZERO_SHOT:
-        model = load_adapted_model(spec.checkpoints[run.pretrained])
+        model, sampler = load_model(spec.checkpoints[run.pretrained])
         summary, parameters = {"best": None, "steps": 0}, []
     else:
         method = parse_method(run.method)
-        lr, flow_lr = adaptation_learning_rates(method.name, run.size, spec.lr_by_size)
-        config = TrainConfig(steps=converged_max_steps(spec.steps, spec.max_steps) if converged else spec.steps,
-                             batch_size=spec.batch_size, max_points=spec.max_points, lr=lr,
-                             flow_lr=flow_lr, n_samples=run.size, val_fraction=spec.val_fraction,
-                             val_every=spec.val_every, checkpoint_every=spec.val_every,
-                             patience=spec.patience if converged else None, seed=run.seed,
-                             data_seed=run.seed, device="cpu")
-        summary = finetune(spec.checkpoints[run.pretrained], spec.data, geometry, directory, method, config,
-                           resume=True, progress=False, log=lambda *_: None)
-        model = load_adapted_model(directory / "model.pt")
+        config = adaptation_config(method.name, run.size, lr_by_size=spec.lr_by_size, val_every=spec.val_every,
+                                   steps=converged_max_steps(spec.steps, spec.max_steps) if converged else spec.steps,
+                                   batch_size=spec.batch_size, max_points=spec.max_points, n_samples=run.size,
+                                   val_fraction=spec.val_fraction, patience=spec.patience if converged else None,
+                                   seed=run.seed, data_seed=run.seed, device="cpu")
+        summary, model, sampler = adapt_model(spec.checkpoints[run.pretrained], spec.data, geometry, directory,
+                                              method, config)
         parameters = json.loads((directory / "parameters.json").read_text())["groups"]
     train_s = time.perf_counter() - started
     reference = read_showers(spec.reference, geometry, stop=spec.n_eval)
     generated = Showers.concatenate(list(iter_generate(model, geometry, reference.incident_energy_mev,
-                                                       n_steps=spec.n_steps_sampler, seed=run.seed,
+                                                       sampler.with_steps(spec.n_steps_sampler), seed=run.seed,
                                                        particle=reference.particle)))
     table = score_showers(generated, reference, geometry, seed=run.seed)
     result = {"pretrained": run.pretrained, "backbone": model.config.backbone,
@@ -259,13 +194,7 @@ def _floor_result(spec: SweepSpec, reference, geometry, seed: int, geometric_mea
 
 def _write_result(path: Path, result: dict) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(result, indent=2, default=_json_default))
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
+        tmp.write_text(json.dumps(to_jsonable(result, nan_as_null=False), indent=2))
 
 
 def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: str = "local", workers: int | None = None,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .._atomic import atomic_path
-from .runner import SCRATCH_CONVERGED
+from .recipe import SCRATCH_CONVERGED
 
 __all__ = ["summarise"]
 

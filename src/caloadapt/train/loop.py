@@ -25,10 +25,10 @@ from .._signals import Terminated, deferred_termination, pending_termination
 from ..data.io import count_showers, read_showers
 from ..errors import CheckpointError, InputError, TrainingError
 from ..geometry import Geometry
+from ..models.checkpoint import load_checkpoint, load_weights, save_checkpoint, stored_config
 from ..models.representation import shower_statistics
 from ..models.shower_model import ShowerModel
 from .calibrate import calibrate_occupancy
-from .checkpoint import load_checkpoint, load_weights, save_checkpoint, stored_config
 from .data import Batch, BatchStream, DataSource, ShowerSubset, make_batch, split_indices
 from .rundir import run_lock
 
@@ -81,35 +81,45 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.optimizer not in {"adam", "radam"}:
-            raise InputError(f"unknown optimizer {self.optimizer!r}; expected adam or radam")
+        check_run_options(self)
         if self.schedule not in {"cosine", "constant"}:
             raise InputError(f"unknown schedule {self.schedule!r}; expected cosine or constant")
-        if self.steps < 1 or self.batch_size < 1:
-            raise InputError("steps and batch size must be positive")
         if self.occupancy_showers < 0:
             raise InputError("occupancy_showers must be >= 0 (0: no occupancy calibration)")
-        for name in ("lr", "flow_lr", "grad_clip"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value) and value > 0):
-                raise InputError(f"{name.replace('_', '-')} must be a positive number, got {value!r}")
-        if not 0 <= self.val_fraction < 1:
-            raise InputError(f"val-fraction must be in [0, 1) (the share held out), got {self.val_fraction!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise InputError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        for name in ("max_points", "val_max_showers", "val_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        _check_positive(self, "flow_lr")
         if self.warmup_steps < 0:
             raise InputError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.n_samples is not None and self.n_samples < 2:
-            raise InputError(f"n-samples must be at least 2 (training and validation), got {self.n_samples}")
         if self.patience is not None and self.patience < 1:
             raise InputError(f"patience must be at least 1 validation, got {self.patience}")
-        for name in ("seed", "data_seed"):
-            if not 0 <= getattr(self, name) < 2**32:
-                raise InputError(f"{name.replace('_', '-')} must be in 0..{2**32 - 1}, got {getattr(self, name)}")
-        check_device_name(self.device)
+
+
+def check_run_options(config) -> None:
+    """The checks the options of every run share (training and distillation): one-line errors."""
+    if config.optimizer not in {"adam", "radam"}:
+        raise InputError(f"unknown optimizer {config.optimizer!r}; expected adam or radam")
+    if config.steps < 1 or config.batch_size < 1:
+        raise InputError("steps and batch size must be positive")
+    for name in ("lr", "grad_clip"):
+        _check_positive(config, name)
+    if not 0 <= config.val_fraction < 1:
+        raise InputError(f"val-fraction must be in [0, 1) (the share held out), got {config.val_fraction!r}")
+    if not 0 <= config.ema_decay < 1:
+        raise InputError(f"ema_decay must be in [0, 1), got {config.ema_decay!r}")
+    for name in ("max_points", "val_max_showers", "val_every", "checkpoint_every"):
+        if getattr(config, name) < 1:
+            raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.n_samples is not None and config.n_samples < 2:
+        raise InputError(f"n-samples must be at least 2 (training and validation), got {config.n_samples}")
+    for name in ("seed", "data_seed"):
+        if not 0 <= getattr(config, name) < 2**32:
+            raise InputError(f"{name.replace('_', '-')} must be in 0..{2**32 - 1}, got {getattr(config, name)}")
+    check_device_name(config.device)
+
+
+def _check_positive(config, name: str) -> None:
+    value = getattr(config, name)
+    if not (isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value) and value > 0):
+        raise InputError(f"{name.replace('_', '-')} must be a positive number, got {value!r}")
 
 
 def check_device_name(name: str) -> None:

@@ -93,7 +93,7 @@ def claim_run_directory(out_dir: str | os.PathLike[str], *, resume: bool, overwr
     - otherwise a folder holding a run (any of :data:`RUN_FILES`) is refused unless ``overwrite``,
       which removes those files (and nothing else) first.
     """
-    from .checkpoint import load_checkpoint
+    from ..models.checkpoint import load_checkpoint
 
     out_dir = Path(out_dir)
     if resume and overwrite:

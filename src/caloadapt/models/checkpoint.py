@@ -1,4 +1,10 @@
-"""Checkpoints: model configuration, weights, EMA weights, optimiser, step, geometry, written atomically."""
+"""Checkpoints: model configuration, weights, EMA weights, sampler, optimiser, step, geometry, written atomically.
+
+:func:`load_model` is the one loader of every kind: a pre-trained or scratch model, an adapted
+one (peft adapters stored separately in a run's ``best.pt`` / ``last.pt`` are merged), a distilled
+one and a multi-detector one; it returns the model and the :class:`~caloadapt.models.sampling.Sampler`
+the checkpoint is to be sampled with.
+"""
 
 from __future__ import annotations
 
@@ -12,22 +18,29 @@ import torch
 
 from .. import __version__
 from .._atomic import atomic_path
-from ..errors import CheckpointError, OutputError
-from ..models.occupancy import OccupancyCalibration
-from ..models.shower_model import ModelConfig, ShowerModel
+from ..errors import CaloadaptError, CheckpointError, OutputError
+from ..pretrained import resolve_checkpoint
+from .adapters import AdaptMethod, merge, prepare
+from .consistency import CONSISTENCY_KEY
+from .occupancy import OccupancyCalibration
+from .sampling import Sampler
+from .shower_model import ModelConfig, ShowerModel
 
-__all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "restore_occupancy", "inference_checkpoint",
-           "write_inference_checkpoint", "CHECKPOINT_FORMAT", "stored_config", "build_model", "load_weights"]
+__all__ = ["load_model", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "restore_occupancy",
+           "inference_checkpoint", "write_inference_checkpoint", "CHECKPOINT_FORMAT", "stored_config", "stored_sampler",
+           "build_model", "load_weights"]
 
 #: entries kept by :func:`inference_checkpoint`: enough to generate, adapt and reproduce, no optimiser
 _INFERENCE_KEYS = ("model_config", "geometry", "geometries", "train_config", "train_state", "trainable", "command",
-                   "adapter", "consistency")
+                   "adapter", "consistency", "sampler")
 
 CHECKPOINT_FORMAT = "caloadapt-checkpoint"
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: ShowerModel, **parts) -> None:
-    """Write a checkpoint atomically.
+def save_checkpoint(path: str | os.PathLike[str], model: ShowerModel, *, sampler: Sampler | dict | None = None,
+                    **parts) -> None:
+    """Write a checkpoint atomically, with the :class:`Sampler` it is to be generated with (default:
+    :class:`Sampler()`, the EDM Heun sampler).
 
     ``parts`` may hold ``ema`` (state dict), ``optimizer``, ``scheduler``, ``train_state`` (step,
     epoch, position, best values, seeds), ``geometry`` (name and YAML description), ``adapter``
@@ -35,7 +48,9 @@ def save_checkpoint(path: str | os.PathLike[str], model: ShowerModel, **parts) -
     """
     payload = {"format": CHECKPOINT_FORMAT, "version": 1, "caloadapt_version": __version__,
                "model_config": model.config.to_dict(), "model": model.state_dict(),
-               "occupancy": {name: c.to_dict() for name, c in model.occupancy.items()}, **parts}
+               "occupancy": {name: c.to_dict() for name, c in model.occupancy.items()},
+               "sampler": (Sampler.from_dict(sampler) if isinstance(sampler, dict) else sampler or Sampler()).to_dict(),
+               **parts}
     with atomic_path(path) as tmp:
         try:
             torch.save(payload, tmp)
@@ -70,8 +85,6 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     before it can run. The model configuration and the weights are checked too (a configuration
     caloadapt can build, tensors of finite values).
     """
-    from ..pretrained import resolve_checkpoint
-
     path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: {'is a directory, not a' if path.is_dir() else 'no such'} checkpoint file")
@@ -91,6 +104,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         if key not in payload:
             raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
     stored_config(payload, str(path))
+    stored_sampler(payload, str(path))
     for key in ("model", "ema"):
         if key in payload and payload[key] is not None:
             _check_weights(payload[key], f"{path}: {key!r}")
@@ -107,6 +121,25 @@ def stored_config(payload: dict, source: str = "checkpoint") -> ModelConfig:
         return ModelConfig.from_dict(data)
     except (TypeError, ValueError, KeyError, AttributeError) as err:
         raise CheckpointError(f"{source}: unreadable model configuration: {_first_line(err)}") from None
+
+
+def stored_sampler(payload: dict, source: str = "checkpoint") -> Sampler:
+    """The :class:`Sampler` of a checkpoint; a :class:`CheckpointError` if unusable.
+
+    Checkpoints of caloadapt 0.1 hold none: a distilled one is sampled in one consistency step on
+    the noise range of its ``consistency`` marker, any other with the default Heun sampler.
+    """
+    data = payload.get("sampler")
+    if data is None:
+        marker = payload.get(CONSISTENCY_KEY)
+        if not isinstance(marker, dict):
+            return Sampler()
+        data = {"kind": "consistency", "steps": 1,
+                **{k: float(marker[k]) for k in ("sigma_min", "sigma_max", "rho") if k in marker}}
+    try:
+        return Sampler.from_dict(data)
+    except (TypeError, ValueError, KeyError, AttributeError, CaloadaptError) as err:
+        raise CheckpointError(f"{source}: unreadable sampler settings: {_first_line(err)}") from None
 
 
 def _check_weights(state, source: str) -> None:
@@ -178,22 +211,51 @@ def restore_occupancy(model: ShowerModel, payload: dict, source: str = "checkpoi
     return model
 
 
+def load_model(checkpoint: str | os.PathLike[str] | dict, weights: str = "ema",
+               source: str | None = None) -> tuple[ShowerModel, Sampler]:
+    """The model of any checkpoint and the sampler it is to be generated with.
+
+    Handles plain (pre-trained, scratch, multi-detector), adapted (peft adapters stored separately
+    are merged into a plain :class:`ShowerModel`) and distilled checkpoints; anything wrong is a
+    one-line :class:`CheckpointError`.
+
+    Arguments:
+        checkpoint: path, name of a shipped model, or a loaded payload (:func:`load_checkpoint`).
+        weights: ``ema`` (default) or ``model`` (the raw weights).
+        source: what to call a loaded payload in error messages (default: "checkpoint").
+    """
+    payload = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    source = source or ("checkpoint" if isinstance(checkpoint, dict) else str(checkpoint))
+    sampler = stored_sampler(payload, source)
+    method = payload.get("adapter")
+    state = payload.get("ema") if weights == "ema" else payload["model"]
+    state = state if state is not None else payload["model"]
+    plain = build_model(payload, source)
+    if method is None or set(state) == set(plain.state_dict()):
+        return model_from_checkpoint(payload, weights=weights, source=source), sampler
+    try:
+        method = AdaptMethod.from_dict(method)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{source}: unreadable adaptation method: {_first_line(err)}") from None
+    model, _ = prepare(plain, method, copy_model=False)
+    load_weights(model, state, f"{source} ({method.name} adapters)")
+    return restore_occupancy(merge(model, method, copy_model=False), payload, source), sampler
+
+
 def inference_checkpoint(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> int:
     """Write a weights-only copy of ``source`` (its EMA weights as the model, no optimiser state).
 
-    The provenance (configuration, geometry, training state and command) and the occupancy
-    calibrations are kept. Returns the size of the written file in bytes.
+    Any kind of checkpoint (:func:`load_model`); peft adapters are merged, so the copy is a plain
+    model. The provenance (configuration, geometry, training state and command), the sampler and
+    the occupancy calibrations are kept. Returns the size of the written file in bytes.
     """
     payload = load_checkpoint(source)
-    weights = payload.get("ema") or payload["model"]
-    model = build_model(payload, str(source))
-    load_weights(model, weights, str(source))
-    restore_occupancy(model, payload, str(source))
+    model, _ = load_model(payload, source=str(source))
     return write_inference_checkpoint(model, payload, target)
 
 
 def write_inference_checkpoint(model: ShowerModel, payload: dict, target: str | os.PathLike[str]) -> int:
     """Write ``model`` (its weights as EMA weights) with the provenance entries of ``payload``; bytes written."""
-    save_checkpoint(target, model, ema=model.state_dict(),
-                    **{k: payload[k] for k in _INFERENCE_KEYS if k in payload and k != "model_config"})
+    save_checkpoint(target, model, ema=model.state_dict(), sampler=stored_sampler(payload),
+                    **{k: payload[k] for k in _INFERENCE_KEYS if k in payload and k not in ("model_config", "sampler")})
     return Path(target).stat().st_size

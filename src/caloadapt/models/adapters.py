@@ -1,8 +1,8 @@
 """Adaptation methods: which parameters of a pre-trained shower model are trained on the target.
 
-Every method is a choice of *parameter groups* of the point network (method.md §6), named by the
+Every method is a choice of *parameter groups* of the point network (docs/model.md §6), named by the
 module structure of :class:`~caloadapt.models.pointwise.PointwiseNet`, never by a substring of the
-parameter names (method.md §10 item 10), plus a choice for the flow:
+parameter names (docs/model.md §6), plus a choice for the flow:
 
 ==================  ==========================================================================  =========
 method              trained tensors of the point network                                        default
@@ -19,7 +19,7 @@ method              trained tensors of the point network                        
 ==================  ==========================================================================  =========
 
 (counts for the default 4 -> 128 -> 256 -> 512 -> 256 -> 128 -> 4 network, ``target="linear"``,
-all layers; method.md §4.1 and §6).
+all layers; docs/model.md §1 and §6).
 
 The peft methods are injected into the plain torch point network with
 :func:`peft.inject_adapter_in_model`, targeting the named ``nn.Linear`` submodules (``linear``,
@@ -27,7 +27,7 @@ The peft methods are injected into the plain torch point network with
 back into those Linears and returns a plain :class:`~caloadapt.models.ShowerModel` with exactly the
 original state-dict keys, so that the normal checkpoint and generation code uses it unchanged.
 
-The flow is adapted separately (``flow``): ``full`` fine-tuning (the published choice, method.md
+The flow is adapted separately (``flow``): ``full`` fine-tuning (the published choice, docs/model.md
 §6), ``frozen``, or ``bitfit`` (the bias vectors of its ``nn.Linear`` layers). PEFT is applied to
 the point network only.
 
@@ -50,9 +50,9 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..models.pointwise import PointwiseNet
-from ..models.transformer import PointTransformer
-from ..models.shower_model import ShowerModel
+from .pointwise import PointwiseNet
+from .shower_model import ShowerModel
+from .transformer import PointTransformer
 
 __all__ = [
     "METHODS",
@@ -68,7 +68,7 @@ __all__ = [
     "format_report",
 ]
 
-#: adaptation methods, in the order of method.md §6 then the peft methods
+#: adaptation methods, in the order of docs/model.md §6 then the peft methods
 METHODS: tuple[str, ...] = ("scratch", "full", "bitfit", "bitfit-context", "top-k", "lora", "dora", "ia3", "loha")
 #: methods whose adapters are injected by peft (and merged back by :func:`merge`)
 PEFT_METHODS: tuple[str, ...] = ("lora", "dora", "ia3", "loha")
@@ -88,7 +88,7 @@ class AdaptMethod:
         k: ``top-k``: number of last ConcatSquash layers trained (with the time embedding).
         rank: ``lora``, ``dora``, ``loha``: adapter rank r.
         alpha: ``lora``, ``dora``, ``loha``: scale numerator; the update is scaled by alpha / r
-            (CaloTransfer used alpha = r, method.md §6).
+            (CaloTransfer used alpha = r, docs/model.md §6).
         target: peft methods: comma-separated Linear submodules of every adapted ConcatSquash layer,
             any of ``linear`` (W, the default, as the published LoRA), ``gate`` (G) and
             ``context_bias`` (H).
@@ -228,7 +228,7 @@ def _peft_config(method: AdaptMethod, target_modules: list[str]):
         raise InputError(f"method {method.name!r} needs the peft package (pip install peft)") from None
 
     if method.name in ("lora", "dora"):
-        # A Kaiming-uniform, B zero (method.md §6); no dropout, adapters on the Linears' weights only
+        # A Kaiming-uniform, B zero (docs/model.md §6); no dropout, adapters on the Linears' weights only
         return LoraConfig(r=method.rank, lora_alpha=method.alpha, target_modules=target_modules,
                           lora_dropout=0.0, bias="none", use_dora=method.name == "dora")
     if method.name == "ia3":
@@ -343,7 +343,7 @@ def parameter_report(model: ShowerModel, trainable_names: list[str] | set[str]) 
       pre-trained tensors; for a peft model the frozen base weights);
     - ``net.adapter``: the peft adapter parameters (total = their number; 0 without adapters);
     - ``net``: all trainable point-network parameters including adapters, over the size of the
-      point network itself (504,920 by default), the denominator of method.md §6;
+      point network itself (504,920 by default), the denominator of docs/model.md §6;
     - ``flow``: the flow;
     - ``all``: everything trainable over the size of the whole model (point network + flow,
       without adapters).

@@ -1,0 +1,62 @@
+"""The representation of showers for the model: conditions, the X0 grid of the flow, point frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from caloadapt.geometry import get_geometry
+from caloadapt.models.representation import (DepthGrid, PointFrame, energy_condition, n_statistics,
+                                             points_condition, shower_statistics, statistics_to_layers)
+
+
+def test_conditions_are_fixed_geometry_independent_scales():
+    np.testing.assert_allclose(energy_condition(np.array([1e3, 1e6, 10 ** 4.5])), [0.0, 1.0, 0.5])
+    np.testing.assert_allclose(points_condition(np.array([0, 1, 20000])), [0.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("name", ["ild-ecal", "calochallenge-3"])
+def test_grid_spreading_keeps_the_sums(name):
+    geometry, grid = get_geometry(name), DepthGrid()
+    per_layer = np.random.default_rng(0).random((3, geometry.n_layers))
+    on_grid = grid.layers_to_grid(geometry, per_layer)
+    assert on_grid.shape == (3, grid.n_bins) and n_statistics(grid) == 2 * grid.n_bins + 2
+    np.testing.assert_allclose(on_grid.sum(axis=1), per_layer.sum(axis=1))
+    # back onto the layers: the sums survive, the bins behind the detector being empty
+    np.testing.assert_allclose(grid.grid_to_layers(geometry, on_grid).sum(axis=1), per_layer.sum(axis=1))
+
+
+def test_statistics_of_showers_give_back_their_hits_per_layer(simulated):
+    geometry, showers = get_geometry("ild-ecal"), simulated("ild-ecal")
+    grid = DepthGrid()
+    stats = shower_statistics(geometry, showers, np.random.default_rng(1), grid)
+    assert stats.shape == (len(showers), n_statistics(grid)) and np.all(np.isfinite(stats))
+    counts, energy, _ = statistics_to_layers(geometry, stats, showers.incident_energy_mev, grid)
+    hits = np.bincount(showers.shower_index * geometry.n_layers + geometry.layer_index(showers.points[:, 2]),
+                       minlength=len(showers) * geometry.n_layers).reshape(len(showers), -1)
+    # dequantisation noise (< 1 hit per grid bin), rounding, and grid bins shared by two layers: a few hits
+    assert np.abs(counts - hits).max() <= 3
+    np.testing.assert_allclose(counts.sum(axis=1), hits.sum(axis=1), rtol=0.1)
+    np.testing.assert_allclose(energy.sum(axis=1), showers.energy_sum_mev, rtol=0.05)
+
+
+@pytest.mark.parametrize("frame, scale", [("physical", 0.0), ("physical", 0.5), ("box", 0.0)])
+def test_point_frames_invert(simulated, frame, scale):
+    """Features and back: the same transverse position and cell energy, depth at the layer centre."""
+    geometry, showers = get_geometry("ild-ecal"), simulated("ild-ecal")
+    points_frame = PointFrame(geometry, frame, scale)
+    features = points_frame.to_features(showers)
+    assert features.shape == (len(showers.points), 4) and features.dtype == np.float32
+    layer = geometry.layer_index(showers.points[:, 2])
+    energy = np.repeat(showers.incident_energy_mev, showers.n_points)
+    back = points_frame.to_points(features, layer, energy)
+    np.testing.assert_allclose(back[:, :2], showers.points[:, :2], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(back[:, 3], showers.points[:, 3], rtol=1e-4)
+    np.testing.assert_allclose(back[:, 2], geometry.layer_centres_mm[layer])
+
+
+def test_point_frame_refuses_bad_settings():
+    geometry = get_geometry("ild-ecal")
+    for frame, scale in (("spherical", 0.0), ("physical", -1.0), ("box", 0.5)):
+        with pytest.raises(ValueError):
+            PointFrame(geometry, frame, scale)
