@@ -122,7 +122,7 @@ def test_distillation_reduces_the_one_step_error(teacher_path, ild_file, tmp_pat
     with open(tmp_path / "metrics.csv") as f:
         scores = [float(r["val_one_step"]) for r in csv.DictReader(f)]
     assert scores[-1] < scores[0]
-    assert summary["best_step"] > 0
+    assert summary["best_step"]["one_step"] > 0
 
 
 def test_resume_continues_to_the_same_result(teacher_path, ild_file, tmp_path):
@@ -134,10 +134,77 @@ def test_resume_continues_to_the_same_result(teacher_path, ild_file, tmp_path):
     assert load_checkpoint(split / "last.pt")["train_state"]["step"] == 4
     distill(model_from_checkpoint(teacher_path), ild_file, geometry, split, distill_config(), resume=True,
             progress=False)
-    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
-    for part in ("model", "ema"):
-        for key in a[part]:
-            assert torch.allclose(a[part][key], b[part][key], atol=1e-6), (part, key)
+    for name in ("last.pt", "best.pt"):
+        a, b = load_checkpoint(straight / name), load_checkpoint(split / name)
+        for part in ("model", "ema", "target"):
+            assert a[part].keys() == b[part].keys()
+            for key in a[part]:
+                assert torch.equal(a[part][key], b[part][key]), (name, part, key)
+        assert a["train_state"]["best"] == b["train_state"]["best"]
+
+    def scores(run: Path) -> list[tuple[str, ...]]:  # (the running training loss restarts with the call)
+        with open(run / "metrics.csv") as f:
+            return [(r["step"], r["val_loss"], r["val_one_step"]) for r in csv.DictReader(f)]
+
+    assert scores(straight) == scores(split) and [int(r[0]) for r in scores(split)] == [0, 3, 6]
+
+
+def test_a_distillation_is_an_ordinary_training_run(teacher_path, ild_file, tmp_path):
+    """Distillation goes through the training loop: the run folder is locked, a finished run is not
+    resumed by another distillation and a distillation from another options set is refused."""
+    from caloadapt.errors import CheckpointError, TrainingError
+    from caloadapt.train.rundir import run_lock
+
+    geometry = get_geometry("ild-ecal")
+    with run_lock(tmp_path / "held"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr("caloadapt.train.rundir._held", {})  # as if another process held it
+        with pytest.raises(TrainingError, match="another caloadapt run"):
+            distill(model_from_checkpoint(teacher_path), ild_file, geometry, tmp_path / "held", distill_config(),
+                    progress=False)
+    distill(model_from_checkpoint(teacher_path), ild_file, geometry, tmp_path / "cm", distill_config(),
+            stop_after_steps=3, progress=False)
+    with pytest.raises(CheckpointError, match="other training options"):
+        distill(model_from_checkpoint(teacher_path), ild_file, geometry, tmp_path / "cm",
+                distill_config(sigma_max=20.0), resume=True, progress=False)
+
+
+@pytest.mark.parametrize("name", ["best.pt", "last.pt"])
+def test_both_checkpoints_of_a_distillation_load_and_generate(distilled, name):
+    model, sampler = load_model(distilled[0] / name)
+    assert sampler == Sampler("consistency", 1, 0.002, 80.0, 7.0)
+    geometry = get_geometry("ild-ecal")
+    showers = model.generate(geometry, np.array([10e3, 25e3]), sampler, generator=torch.Generator().manual_seed(0))
+    assert len(showers) == 2 and np.all(np.isfinite(showers.points)) and np.all(showers.n_points > 0)
+
+
+def test_a_distilled_checkpoint_of_the_earlier_layout_loads_and_generates(distilled, teacher_path, ild_file,
+                                                                          tmp_path):
+    """Distilled checkpoints written before distillation shared the training loop (no scheduler, the
+    train state of its own loop) load and generate; resuming such a run is a one-line error."""
+    from caloadapt.errors import CheckpointError
+    from caloadapt.train import save_checkpoint
+
+    payload = load_checkpoint(distilled[0] / "last.pt")
+    model, _ = load_model(distilled[0] / "last.pt", weights="model")
+    old = {key: payload[key] for key in ("ema", "target", "geometry", "consistency", "sampler")}
+    old["optimizer"] = payload["optimizer"]
+    old["train_state"] = {"step": 6, "epoch": 2, "position": 0, "best": {"one_step": 0.5, "loss": 0.1},
+                          "best_step": 6, "final": {"one_step": 0.5, "loss": 0.1}, "wall_s": 1.0}
+    old["train_config"] = {k: v for k, v in payload["train_config"].items()
+                           if k not in ("flow_lr", "schedule", "warmup_steps", "patience", "occupancy_showers")}
+    run = tmp_path / "old"
+    run.mkdir()
+    save_checkpoint(run / "last.pt", model, **old)
+    loaded, sampler = load_model(run / "last.pt")
+    assert sampler.distilled
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, payload["ema"][key]), key
+    showers = loaded.generate(get_geometry("ild-ecal"), np.array([10e3]), sampler,
+                              generator=torch.Generator().manual_seed(0))
+    assert np.all(np.isfinite(showers.points))
+    with pytest.raises(CheckpointError, match="cannot be resumed"):
+        distill(model_from_checkpoint(teacher_path), ild_file, get_geometry("ild-ecal"), run, distill_config(),
+                resume=True, progress=False)
 
 
 def test_one_step_sampler_is_seeded_finite_and_masked(distilled):

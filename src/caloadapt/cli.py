@@ -499,7 +499,6 @@ def distill(
     from .train.distill import DistillConfig, distill as run_distill
 
     from .train import resolve_device
-    from .train.rundir import run_lock
 
     if not (np.isfinite(lr) and lr > 0):
         raise CaloadaptError(f"--lr must be a positive number, got {lr}")
@@ -509,11 +508,12 @@ def distill(
                            device=device)
     (teacher, _), geo = load_model(checkpoint), file_geometry(data, geometry)
     _claim_run(output, resume, overwrite)
-    with run_lock(output):
-        summary = run_distill(teacher, data, geo, output, config, resume=resume,
-                              checkpoint_parts={"command": " ".join(sys.argv), "teacher": str(checkpoint)})
+    # the run folder is locked by the training loop
+    summary = run_distill(teacher, data, geo, output, config, resume=resume,
+                          checkpoint_parts={"command": " ".join(sys.argv), "teacher": str(checkpoint)})
     typer.echo(f"distilled {summary['steps']} steps in {summary['wall_s']:.0f} s; best one-step validation "
-               f"error {summary['best']} (step {summary['best_step']}); model in {summary['checkpoint']}")
+               f"error {summary['best']['one_step']:.4g} (step {summary['best_step']['one_step']}); "
+               f"model in {summary['checkpoint']}")
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Training: data batches, the training loop (pre-training, from scratch, adaptation), distillation.
+"""Training: data batches, the one training loop (pre-training, from scratch, adaptation, distillation).
 
 The checkpoint format lives with the models (:mod:`caloadapt.models.checkpoint`); its functions are
 re-exported here for the callers that know them from here.

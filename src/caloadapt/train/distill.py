@@ -11,101 +11,86 @@ weights), averaged over the real points; the target follows the student by an EM
 mu = 0.95; RAdam, lr 1e-4, no scheduler, gradient clip 10. The consistency function itself is
 :class:`caloadapt.models.consistency.ConsistencyPrecond`.
 
-Only the point network is distilled; the shower flow is kept from the teacher unchanged. A
-distilled checkpoint is an ordinary caloadapt checkpoint (the student's weights in
-``denoiser.net``) with the ``consistency`` marker (noise range, grid, teacher) and the
-consistency :class:`~caloadapt.models.sampling.Sampler` of its noise range.
+Only the point network is distilled; the shower flow is kept from the teacher unchanged. The
+student is the model's own point network, so the run is an ordinary run of the training loop
+(:func:`caloadapt.train.loop.train`) with :class:`ConsistencyObjective` as what is learnt: the same
+batches, EMA, validation schedule, ``best.pt`` / ``last.pt`` / ``metrics.csv``, resume, run lock and
+signal handling as any training. A distilled checkpoint is an ordinary caloadapt checkpoint (the
+student's weights in ``denoiser.net``) with the ``consistency`` marker (noise range, grid,
+teacher), the consistency :class:`~caloadapt.models.sampling.Sampler` of its noise range and the
+target network (``target``, to resume).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import math
 import os
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from ..data.io import count_showers, read_showers
 from ..errors import CheckpointError, InputError
 from ..geometry import Geometry
-from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..models.checkpoint import load_weights
 from ..models.consistency import CONSISTENCY_KEY, ConsistencyPrecond, multistep_sigmas, sample_consistency
 from ..models.edm import karras_sigmas, sample_heun
 from ..models.fused import FusedDenoiser
 from ..models.sampling import Sampler
 from ..models.shower_model import ShowerModel
-from .data import ShowerSubset, make_batch, split_indices
-from .loop import check_run_options, resolve_device
+from .data import Batch
+from .loop import Objective, TrainConfig, resolve_device, train
 
-__all__ = ["DistillConfig", "distill"]
+__all__ = ["DistillConfig", "ConsistencyObjective", "distill"]
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(TrainConfig):
     """Options of one consistency distillation (recorded in its checkpoints as ``train_config``).
+
+    The options of :class:`~caloadapt.train.loop.TrainConfig` with the defaults of the CaloClouds II
+    consistency model, and:
 
     Attributes:
         steps: optimiser steps (the CaloClouds II consistency model was trained for about 1M).
-        batch_size: showers per step.
-        lr: learning rate (1e-4, constant).
-        optimizer: ``radam`` (CaloClouds II) or ``adam``.
-        grad_clip: maximum gradient norm (10).
+        lr: learning rate (1e-4, constant: ``schedule`` constant, no warm-up).
         target_ema: EMA decay mu of the target network (0.95).
         ema_decay: decay of the EMA of the student used for sampling (with the usual warm-up).
         n_grid: Karras grid size n of the distillation (18); i is drawn from {0 .. n-2}.
         sigma_min, sigma_max, rho: noise range and schedule (0.002, 80, 7).
-        max_points: points per shower per step.
-        n_samples, val_fraction, data_seed: the shower subset and split (as in training).
         val_max_showers, val_max_points: size of the validation set; its ``one_step`` score is the
             mean squared difference between the one-step sample and the teacher's Heun ODE
-            solution (``val_teacher_steps`` steps) from the same noise (the distillation target).
-        val_every, checkpoint_every: steps between validations / checkpoints.
-        seed: seed of the training noise.
-        device: ``auto``, ``cpu`` or ``cuda``.
+            solution (``val_teacher_steps`` steps) from the same noise (the distillation target);
+            ``best.pt`` holds the student with the lowest one.
+        occupancy_showers: 0 keeps the teacher's occupancy calibration (the flow is not distilled).
     """
 
-    steps: int = 2000
-    batch_size: int = 32
     lr: float = 1e-4
-    optimizer: str = "radam"
-    grad_clip: float = 10.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    val_max_showers: int = 256
+    val_max_points: int | None = 256
+    val_every: int = 200
+    checkpoint_every: int = 200
+    occupancy_showers: int = 0
     target_ema: float = 0.95
-    ema_decay: float = 0.999
     n_grid: int = 18
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
-    max_points: int = 1024
-    n_samples: int | None = None
-    val_fraction: float = 0.1
-    val_max_showers: int = 256
-    val_max_points: int = 256
     val_teacher_steps: int = 18
-    val_every: int = 200
-    checkpoint_every: int = 200
-    seed: int = 0
-    data_seed: int = 0
-    device: str = "auto"
 
     def __post_init__(self) -> None:
-        check_run_options(self)
+        super().__post_init__()
         if self.n_grid < 2:
             raise InputError("the distillation grid needs at least 2 noise levels")
         if not 0 < self.sigma_min < self.sigma_max:
             raise InputError("need 0 < sigma_min < sigma_max")
         if not 0 <= self.target_ema < 1:
             raise InputError(f"target_ema must be in [0, 1), got {self.target_ema!r}")
-        for name in ("val_max_points", "val_teacher_steps"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.val_teacher_steps < 1:
+            raise InputError(f"val-teacher-steps must be at least 1, got {self.val_teacher_steps}")
 
 
 def _masked_mse(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
@@ -124,16 +109,80 @@ def _teacher_heun_step(teacher: nn.Module, x: Tensor, sigma: Tensor, sigma_next:
     return x + (s_next - s) * (0.5 * d + 0.5 * d_next)
 
 
-@torch.no_grad()
-def _lerp_module(ema: nn.Module, model: nn.Module, weight: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), weight)
+class ConsistencyObjective(Objective):
+    """The consistency-distillation loss of one batch (Song et al. 2023, Algorithm 2; module docstring).
 
+    The student is ``model.denoiser.net`` under the consistency scalings; the frozen teacher
+    (an EDM denoiser) and the target network (the student's slow EMA, ``target_ema``) are held
+    here. Validation scores the model's (EMA) student: ``one_step`` against the teacher's ODE
+    solutions (computed once per validation batch) and ``loss``, the distillation loss with fixed noise.
+    """
 
-def _net_of(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The point-network entries of a ShowerModel state dict, without the ``denoiser.net.`` prefix."""
-    prefix = "denoiser.net."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    train_keys = ("loss",)
+    val_keys = ("loss", "one_step")
+    best = {"one_step": "denoiser."}
+    validate_start = True  # the teacher under the consistency scalings is the baseline
+    name = "distill"
+
+    def __init__(self, teacher: ShowerModel, config: DistillConfig, device: torch.device):
+        self.config = config
+        self.teacher = copy.deepcopy(teacher.denoiser).to(device).eval().requires_grad_(False)
+        self.target = ConsistencyPrecond.from_edm(self.teacher, config.sigma_min, copy_net=True)
+        self.grid = karras_sigmas(config.n_grid, config.sigma_min, config.sigma_max, config.rho)[:-1].to(
+            device=device, dtype=torch.float32)
+        self.references: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+
+    def _loss(self, model: ShowerModel, batch: Batch, generator: torch.Generator) -> Tensor:
+        x = (batch.points - model.point_mean) / model.point_std
+        x = torch.where(batch.mask[..., None], x, x.new_zeros(()))
+        index = torch.randint(0, self.config.n_grid - 1, (len(batch),), generator=generator, device=x.device)
+        sigma, sigma_next = self.grid[index], self.grid[index + 1]
+        x_cur = x + sigma[:, None, None] * torch.randn(x.shape, generator=generator, device=x.device)
+        with torch.no_grad():
+            x_next = _teacher_heun_step(self.teacher, x_cur, sigma, sigma_next, batch.condition, batch.mask)
+            goal = self.target(x_next, sigma_next, batch.condition, batch.mask)
+        student = ConsistencyPrecond.from_edm(model.denoiser, self.config.sigma_min)
+        return _masked_mse(student(x_cur, sigma, batch.condition, batch.mask), goal, batch.mask)
+
+    def losses(self, model, batch, generator):
+        return {"loss": self._loss(model, batch, generator)}
+
+    @torch.no_grad()
+    def after_step(self, model, step):
+        for t, p in zip(self.target.net.parameters(), model.denoiser.net.parameters()):
+            t.lerp_(p.detach(), 1 - self.config.target_ema)
+
+    @torch.no_grad()
+    def validate(self, model, batches, device):
+        config = self.config
+        noise_generator = torch.Generator(device).manual_seed(12345)  # same noise at every validation
+        loss_generator = torch.Generator(device).manual_seed(54321)
+        one_step, loss = 0.0, 0.0
+        for i, batch in enumerate(batches):
+            batch = batch.to(device)
+            noise = torch.randn(batch.points.shape, generator=noise_generator, device=device)
+            key = (id(batches), i)  # the validation batches live as long as the run
+            if key not in self.references:
+                self.references[key] = sample_heun(FusedDenoiser(self.teacher), batch.condition, mask=batch.mask,
+                                                   n_steps=config.val_teacher_steps, sigma_min=config.sigma_min,
+                                                   sigma_max=config.sigma_max, rho=config.rho, noise=noise)
+            sample = sample_consistency(model.denoiser, batch.condition, mask=batch.mask, sigma_min=config.sigma_min,
+                                        sigma_max=config.sigma_max, noise=noise)
+            one_step += float(_masked_mse(sample, self.references[key], batch.mask)) * len(batch)
+            loss += float(self._loss(model, batch, loss_generator)) * len(batch)
+        n = max(sum(len(b) for b in batches), 1)
+        return {"loss": loss / n, "one_step": one_step / n}
+
+    def checkpoint_entries(self):
+        return {"target": {k: v.detach().cpu() for k, v in self.target.net.state_dict().items()}}
+
+    def resume(self, payload, source):
+        if "target" not in payload:
+            raise CheckpointError(f"{source}: holds no target network; it is not a distillation run")
+        if "scheduler" not in payload:  # the own loop distillation had before (caloadapt 0.1) kept another state
+            raise CheckpointError(f"{source}: was written by an earlier caloadapt's distillation, which cannot be "
+                                  "resumed; distil again without --resume (its best.pt still loads and generates)")
+        load_weights(self.target.net, payload["target"], f"{source} (target network)")
 
 
 def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: Geometry,
@@ -144,8 +193,9 @@ def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: G
 
     Writes ``last.pt`` (everything to resume), ``best.pt`` (the student EMA weights with the best
     validation ``one_step`` score; what ``caloadapt generate`` should load) and ``metrics.csv`` into
-    ``out_dir``. Both checkpoints load as a :class:`ShowerModel` (student network, the teacher's
-    flow and normalisation) and carry the ``consistency`` marker.
+    ``out_dir``, as every training run does. Both checkpoints load as a :class:`ShowerModel`
+    (student network, the teacher's flow, normalisation and occupancy calibration) and carry the
+    ``consistency`` marker.
 
     Arguments:
         teacher: the trained diffusion model, with its EMA weights loaded (e.g. from
@@ -154,171 +204,27 @@ def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: G
             training or adaptation data).
         out_dir: run directory.
         config: :class:`DistillConfig`.
-        resume: continue from ``out_dir/last.pt`` (same options required).
-        checkpoint_parts: extra entries for every checkpoint (e.g. ``command``, ``teacher``).
-        stop_after_steps: end this call after that many steps (with a checkpoint).
-        progress: show a progress bar.
+        resume, checkpoint_parts, stop_after_steps, progress: as for :func:`caloadapt.train.train`
+            (``checkpoint_parts`` may name the ``teacher``).
 
     Returns:
-        Summary: ``steps``, ``best`` (validation scores), ``best_step``, ``final`` (last
-        validation), ``wall_s``, ``checkpoint`` (path of ``best.pt``).
+        The training summary (``steps``, ``best`` and ``best_step``: the best ``one_step`` score and
+        its step, ``wall_s``) with ``checkpoint``, the path of ``best.pt``.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("distillation runs in one process; start it without torchrun")
     device = resolve_device(config.device)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-
-    # data, as in training: the subset and split depend only on the data seed
-    train_idx, val_idx = split_indices(count_showers(data_path), config.n_samples, config.val_fraction,
-                                       config.data_seed)
-    subset = ShowerSubset(data_path, geometry, train_idx)
-    val_showers = read_showers(data_path, geometry, indices=val_idx[: config.val_max_showers])
-    val_rng = np.random.default_rng([config.data_seed, 1])
-    val = [make_batch(chunk, geometry, teacher.config, val_rng, config.val_max_points).to(device)
-           for chunk in val_showers.chunks(64)]
-
-    # networks: frozen teacher; student, its EMA and the target all start from the teacher's weights
-    base = copy.deepcopy(teacher).to(device).eval()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    edm = base.denoiser
-    student = ConsistencyPrecond.from_edm(edm, config.sigma_min, copy_net=True).train()
-    for p in student.parameters():
-        p.requires_grad_(True)
-    target = copy.deepcopy(student).eval().requires_grad_(False)
-    student_ema = copy.deepcopy(student).eval().requires_grad_(False)
-    optimizer = (torch.optim.RAdam if config.optimizer == "radam" else torch.optim.Adam)(
-        student.parameters(), lr=config.lr)
-    grid_sigmas = karras_sigmas(config.n_grid, config.sigma_min, config.sigma_max, config.rho)[:-1]
-    grid_sigmas = grid_sigmas.to(device=device, dtype=torch.float32)
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "best": {"one_step": math.inf, "loss": math.inf},
-                             "best_step": 0, "final": {}, "wall_s": 0.0}
-
-    last, best = out_dir / "last.pt", out_dir / "best.pt"
-    if resume and last.exists():
-        payload = load_checkpoint(last)
-        if payload.get("train_config") != asdict(config):
-            raise CheckpointError(f"{last}: was written with other distillation options; resume with the same ones")
-        student.net.load_state_dict(_net_of(payload["model"]))
-        student_ema.net.load_state_dict(_net_of(payload["ema"]))
-        target.net.load_state_dict(payload["target"])
-        optimizer.load_state_dict(payload["optimizer"])
-        state = payload["train_state"]
-        best_ema = _net_of(load_checkpoint(best)["ema"]) if best.exists() else None
-    else:
-        best_ema = None
-    best_ema = best_ema or {k: v.clone() for k, v in student_ema.net.state_dict().items()}
-
+    # the student starts as the teacher, and is the model's own point network
+    model = copy.deepcopy(teacher)
+    objective = ConsistencyObjective(teacher, config, device)
     settings = {"sigma_min": config.sigma_min, "sigma_max": config.sigma_max, "rho": config.rho,
                 "steps": [1, 2], "sigmas": multistep_sigmas(2, config.sigma_min, config.sigma_max, config.rho),
                 "n_grid": config.n_grid, "teacher": (checkpoint_parts or {}).get("teacher")}
     # the student is sampled in one step on the noise range it was distilled on
     sampler = Sampler("consistency", 1, config.sigma_min, config.sigma_max, config.rho)
-    parts = {"train_config": asdict(config), "geometry": {"name": geometry.name, "spec": geometry.spec},
-             CONSISTENCY_KEY: settings, "sampler": sampler.to_dict(), **(checkpoint_parts or {})}
-    teacher_state = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
-    skeleton = copy.deepcopy(base).cpu()  # the saved model: the teacher's flow and buffers, the student's net
-
-    def write(path: Path, ema_net: dict[str, Tensor], full: bool) -> None:
-        skeleton.denoiser.net.load_state_dict({k: v.detach().cpu() for k, v in student.net.state_dict().items()})
-        model = skeleton
-        ema = {**teacher_state, **{f"denoiser.net.{k}": v.detach().cpu().clone() for k, v in ema_net.items()}}
-        extra = {"target": {k: v.detach().cpu() for k, v in target.net.state_dict().items()},
-                 "optimizer": optimizer.state_dict()} if full else {}
-        save_checkpoint(path, model, ema=ema, train_state=state, **extra, **parts)
-
-    # validation: fixed noise; the teacher's ODE solutions are computed once
-    val_gen = torch.Generator(device).manual_seed(12345)
-    val_noise = [torch.randn(b.points.shape, generator=val_gen, device=device) for b in val]
-    with torch.inference_mode():
-        reference = [sample_heun(FusedDenoiser(edm), b.condition, mask=b.mask,
-                                 n_steps=config.val_teacher_steps,
-                                 sigma_min=config.sigma_min, sigma_max=config.sigma_max, rho=config.rho, noise=z)
-                     for b, z in zip(val, val_noise)]
-
-    def validate() -> dict[str, float]:
-        gen = torch.Generator(device).manual_seed(54321)
-        one_step, loss, n = 0.0, 0.0, 0
-        with torch.inference_mode():
-            for b, z, ref in zip(val, val_noise, reference):
-                x1 = sample_consistency(student_ema, b.condition, mask=b.mask, sigma_min=config.sigma_min,
-                                        sigma_max=config.sigma_max, noise=z)
-                one_step += float(_masked_mse(x1, ref, b.mask)) * len(b)
-                loss += float(_step_loss(b, gen, student_ema)) * len(b)
-                n += len(b)
-        return {"one_step": one_step / max(n, 1), "loss": loss / max(n, 1)}
-
-    def _step_loss(b, gen: torch.Generator, online: nn.Module) -> Tensor:
-        x = (b.points - base.point_mean) / base.point_std
-        x = torch.where(b.mask[..., None], x, x.new_zeros(()))
-        index = torch.randint(0, config.n_grid - 1, (len(b),), generator=gen, device=device)
-        sigma, sigma_next = grid_sigmas[index], grid_sigmas[index + 1]
-        x_cur = x + sigma[:, None, None] * torch.randn(x.shape, generator=gen, device=device)
-        with torch.no_grad():
-            x_next = _teacher_heun_step(edm, x_cur, sigma, sigma_next, b.condition, b.mask)
-            goal = target(x_next, sigma_next, b.condition, b.mask)
-        return _masked_mse(online(x_cur, sigma, b.condition, b.mask), goal, b.mask)
-
-    metrics_path = out_dir / "metrics.csv"
-    if not (resume and metrics_path.exists()):
-        with open(metrics_path, "w", newline="") as f:
-            csv.writer(f).writerow(["step", "epoch", "train_loss", "val_loss", "val_one_step", "wall_s"])
-        if state["step"] == 0:  # the starting point: the teacher's network under the consistency scalings
-            state["final"] = validate()
-            state["best"] = dict(state["final"])
-            with open(metrics_path, "a", newline="") as f:
-                csv.writer(f).writerow([0, 0, "", state["final"]["loss"], state["final"]["one_step"], 0.0])
-
-    bar = tqdm(total=config.steps, initial=state["step"], disable=not progress, desc="distill", unit="step")
-    started = time.perf_counter() - state["wall_s"]
-    running, n_running = 0.0, 0
-    stop = False
-    while state["step"] < config.steps and not stop:
-        for showers in subset.batches(config.batch_size, config.data_seed, state["epoch"], skip=state["position"]):
-            step = state["step"]
-            batch = make_batch(showers, geometry, teacher.config, np.random.default_rng([config.seed, step]),
-                               config.max_points).to(device)
-            gen = torch.Generator(device).manual_seed(config.seed * 1_000_003 + step * 101)
-            loss = _step_loss(batch, gen, student)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite distillation loss at step {step}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
-            optimizer.step()
-            _lerp_module(target, student, 1 - config.target_ema)
-            _lerp_module(student_ema, student, 1 - min(config.ema_decay, (1 + step) / (10 + step)))
-            state["step"] += 1
-            state["position"] += 1
-            running += float(loss.detach())
-            n_running += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{running / n_running:.4f}")
-
-            step = state["step"]
-            if stop_after_steps is not None and step >= stop_after_steps:
-                stop = True
-            if step % config.val_every == 0 or step == config.steps:
-                scores = validate()
-                state["final"] = scores
-                if scores["one_step"] < state["best"]["one_step"]:
-                    state["best"], state["best_step"] = dict(scores), step
-                    best_ema = {k: v.clone() for k, v in student_ema.net.state_dict().items()}
-                with open(metrics_path, "a", newline="") as f:
-                    csv.writer(f).writerow([step, state["epoch"], running / max(n_running, 1), scores["loss"],
-                                            scores["one_step"], round(time.perf_counter() - started, 2)])
-                running, n_running = 0.0, 0
-                write(best, best_ema, full=False)
-            if step % config.checkpoint_every == 0 or step == config.steps or stop:
-                state["wall_s"] = time.perf_counter() - started
-                write(last, student_ema.net.state_dict(), full=True)
-            if step >= config.steps or stop:
-                break
-        else:
-            state["epoch"] += 1
-            state["position"] = 0
-    bar.close()
-    if not best.exists():  # stopped before the first validation
-        write(best, best_ema, full=False)
-    return {"steps": state["step"], "best": state["best"], "best_step": state["best_step"],
-            "final": state["final"], "wall_s": time.perf_counter() - started, "checkpoint": str(best)}
+    parts = {CONSISTENCY_KEY: settings, "sampler": sampler.to_dict(), **(checkpoint_parts or {})}
+    trainable = [name for name, _ in model.named_parameters() if name.startswith("denoiser.net.")]
+    summary = train(model, data_path, geometry, out_dir, config, trainable=trainable, resume=resume,
+                    fit_normalisation=False, checkpoint_parts=parts, stop_after_steps=stop_after_steps,
+                    progress=progress, objective=objective)
+    return {**summary, "checkpoint": str(Path(out_dir) / "best.pt")}

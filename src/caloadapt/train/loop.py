@@ -1,7 +1,11 @@
-"""The training loop, shared by pre-training, training from scratch and adaptation.
+"""The training loop of every run: pre-training, training from scratch, adaptation and distillation.
 
 Read top to bottom: data subset and split, normalisation, optimiser over the trainable
 parameters only, then the loop (batch, losses, backward, clip, step, EMA, validate, checkpoint).
+What is learnt is an :class:`Objective`: the losses of one batch, the validation scores and
+which parameters each score picks for ``best.pt``. :class:`ModelLosses` (the model's own
+diffusion and flow losses) is the default; consistency distillation is
+:class:`caloadapt.train.distill.ConsistencyObjective`.
 Distributed training is plain torchrun + DistributedDataParallel; a few ``if ddp`` lines.
 """
 
@@ -32,7 +36,7 @@ from .calibrate import calibrate_occupancy
 from .data import Batch, BatchStream, DataSource, ShowerSubset, make_batch, split_indices
 from .rundir import run_lock
 
-__all__ = ["TrainConfig", "train", "resolve_device"]
+__all__ = ["TrainConfig", "train", "resolve_device", "Objective", "ModelLosses"]
 
 
 @dataclass
@@ -50,6 +54,8 @@ class TrainConfig:
         max_points: points per shower per step.
         n_samples: showers drawn from the file (None: all), ``data_seed`` picks them.
         val_fraction: share of those showers held out for validation and checkpoint choice.
+        val_max_showers, val_max_points: showers and points per shower of the validation set
+            (``val_max_points`` None: ``max_points``).
         val_every, checkpoint_every: steps between validations / checkpoints.
         patience: stop after this many validations without improvement (None: never).
         seed: seed of the initialisation and of the training noise.
@@ -72,6 +78,7 @@ class TrainConfig:
     n_samples: int | None = None
     val_fraction: float = 0.1
     val_max_showers: int = 1000
+    val_max_points: int | None = None
     val_every: int = 100
     checkpoint_every: int = 100
     patience: int | None = None
@@ -81,39 +88,36 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        check_run_options(self)
+        """One-line errors for options out of range (the command line and the Python API alike)."""
+        if self.optimizer not in {"adam", "radam"}:
+            raise InputError(f"unknown optimizer {self.optimizer!r}; expected adam or radam")
         if self.schedule not in {"cosine", "constant"}:
             raise InputError(f"unknown schedule {self.schedule!r}; expected cosine or constant")
-        if self.occupancy_showers < 0:
-            raise InputError("occupancy_showers must be >= 0 (0: no occupancy calibration)")
-        _check_positive(self, "flow_lr")
+        if self.steps < 1 or self.batch_size < 1:
+            raise InputError("steps and batch size must be positive")
+        for name in ("lr", "flow_lr", "grad_clip"):
+            _check_positive(self, name)
         if self.warmup_steps < 0:
             raise InputError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.val_fraction < 1:
+            raise InputError(f"val-fraction must be in [0, 1) (the share held out), got {self.val_fraction!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise InputError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        for name in ("max_points", "val_max_showers", "val_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.val_max_points is not None and self.val_max_points < 1:
+            raise InputError(f"val-max-points must be at least 1, got {self.val_max_points}")
+        if self.n_samples is not None and self.n_samples < 2:
+            raise InputError(f"n-samples must be at least 2 (training and validation), got {self.n_samples}")
         if self.patience is not None and self.patience < 1:
             raise InputError(f"patience must be at least 1 validation, got {self.patience}")
-
-
-def check_run_options(config) -> None:
-    """The checks the options of every run share (training and distillation): one-line errors."""
-    if config.optimizer not in {"adam", "radam"}:
-        raise InputError(f"unknown optimizer {config.optimizer!r}; expected adam or radam")
-    if config.steps < 1 or config.batch_size < 1:
-        raise InputError("steps and batch size must be positive")
-    for name in ("lr", "grad_clip"):
-        _check_positive(config, name)
-    if not 0 <= config.val_fraction < 1:
-        raise InputError(f"val-fraction must be in [0, 1) (the share held out), got {config.val_fraction!r}")
-    if not 0 <= config.ema_decay < 1:
-        raise InputError(f"ema_decay must be in [0, 1), got {config.ema_decay!r}")
-    for name in ("max_points", "val_max_showers", "val_every", "checkpoint_every"):
-        if getattr(config, name) < 1:
-            raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if config.n_samples is not None and config.n_samples < 2:
-        raise InputError(f"n-samples must be at least 2 (training and validation), got {config.n_samples}")
-    for name in ("seed", "data_seed"):
-        if not 0 <= getattr(config, name) < 2**32:
-            raise InputError(f"{name.replace('_', '-')} must be in 0..{2**32 - 1}, got {getattr(config, name)}")
-    check_device_name(config.device)
+        for name in ("seed", "data_seed"):
+            if not 0 <= getattr(self, name) < 2**32:
+                raise InputError(f"{name.replace('_', '-')} must be in 0..{2**32 - 1}, got {getattr(self, name)}")
+        if self.occupancy_showers < 0:
+            raise InputError("occupancy_showers must be >= 0 (0: no occupancy calibration)")
+        check_device_name(self.device)
 
 
 def _check_positive(config, name: str) -> None:
@@ -201,17 +205,65 @@ def _fit_normalisation(model: ShowerModel, sources: list[DataSource], subsets: l
                              "not finite; the training showers have too few distinct hits")
 
 
-@torch.no_grad()
-def _validate(model: ShowerModel, val: list[Batch], device: torch.device) -> dict[str, float]:
-    generator = torch.Generator(device).manual_seed(12345)  # same noise at every validation
-    totals = {"diffusion": 0.0, "flow": 0.0}
-    for batch in val:
-        batch = batch.to(device)
-        losses = model(batch.points, batch.mask, batch.condition, batch.statistics, generator)
-        for key in totals:
-            totals[key] += float(losses[key]) * len(batch)
-    n = sum(len(b) for b in val)
-    return {key: value / n for key, value in totals.items()}
+class Objective:
+    """What a run learns; the loop calls it and keeps everything else (data, optimiser, EMA,
+    validation schedule, checkpoints, resume) to itself.
+
+    Attributes:
+        train_keys: names of the losses :meth:`losses` returns (logged as ``train_<key>``).
+        val_keys: names of the scores :meth:`validate` returns (logged as ``val_<key>``).
+        best: score name -> prefix of the parameters that score picks for ``best.pt`` (the best
+            EMA weights of each prefix are kept separately).
+        validate_start: validate once before the first step (the starting point may be the best).
+        name: label of the progress bar.
+    """
+
+    train_keys: tuple[str, ...] = ()
+    val_keys: tuple[str, ...] = ()
+    best: dict[str, str] = {}
+    validate_start = False
+    name = "train"
+
+    def losses(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The losses of one (training) batch; their sum is minimised."""
+        raise NotImplementedError
+
+    def after_step(self, model: ShowerModel, step: int) -> None:
+        """Called after each optimiser step (e.g. to move a target network)."""
+
+    def validate(self, model: ShowerModel, batches: list[Batch], device: torch.device) -> dict[str, float]:
+        """Scores of ``model`` (holding the EMA weights) on one detector's validation batches."""
+        raise NotImplementedError
+
+    def checkpoint_entries(self) -> dict:
+        """Entries of the objective's own state, written into every checkpoint and restored by :meth:`resume`."""
+        return {}
+
+    def resume(self, payload: dict, source: str) -> None:
+        """Restore the state of :meth:`checkpoint_entries` from a checkpoint."""
+
+
+class ModelLosses(Objective):
+    """Pre-training, training from scratch and adaptation: the model's diffusion and flow losses;
+    the point network and the flow are each kept at their best validation loss."""
+
+    train_keys = val_keys = ("diffusion", "flow")
+    best = {"diffusion": "denoiser.", "flow": "flow."}
+
+    def losses(self, model, batch, generator):
+        return model(batch.points, batch.mask, batch.condition, batch.statistics, generator)
+
+    @torch.no_grad()
+    def validate(self, model, batches, device):
+        generator = torch.Generator(device).manual_seed(12345)  # same noise at every validation
+        totals = dict.fromkeys(self.val_keys, 0.0)
+        for batch in batches:
+            batch = batch.to(device)
+            losses = model(batch.points, batch.mask, batch.condition, batch.statistics, generator)
+            for key in totals:
+                totals[key] += float(losses[key]) * len(batch)
+        n = sum(len(b) for b in batches)
+        return {key: value / n for key, value in totals.items()}
 
 
 def _sources(data: str | Path | Sequence[DataSource], geometry: Geometry | None) -> list[DataSource]:
@@ -231,7 +283,7 @@ def _sources(data: str | Path | Sequence[DataSource], geometry: Geometry | None)
 def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry: Geometry | None,
           out_dir: str | Path, config: TrainConfig, *, trainable: list[str] | None = None, resume: bool = False,
           fit_normalisation: bool = True, checkpoint_parts: dict | None = None,
-          stop_after_steps: int | None = None, progress: bool = True) -> dict:
+          stop_after_steps: int | None = None, progress: bool = True, objective: Objective | None = None) -> dict:
     """Train ``model`` on showers of one or several detectors; write ``last.pt``, ``best.pt``, ``metrics.csv``.
 
     Arguments:
@@ -250,6 +302,7 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
         checkpoint_parts: extra entries written into every checkpoint (e.g. the adaptation method).
         stop_after_steps: end this call after that many steps (with a checkpoint), as a time-boxed
             job would; ``resume`` continues the run later.
+        objective: what is learnt (default :class:`ModelLosses`).
 
     Returns:
         A summary: steps, best validation losses and their steps, wall time.
@@ -262,12 +315,12 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
     with lock, deferred_termination():
         return _train(model, data, geometry, out_dir, config, trainable=trainable, resume=resume,
                       fit_normalisation=fit_normalisation, checkpoint_parts=checkpoint_parts,
-                      stop_after_steps=stop_after_steps, progress=progress)
+                      stop_after_steps=stop_after_steps, progress=progress, objective=objective or ModelLosses())
 
 
 def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | Path, config: TrainConfig, *,
            trainable: list[str] | None, resume: bool, fit_normalisation: bool, checkpoint_parts: dict | None,
-           stop_after_steps: int | None, progress: bool) -> dict:
+           stop_after_steps: int | None, progress: bool, objective: Objective) -> dict:
     ddp, rank, world = _setup_distributed()
     device = resolve_device(config.device)
     if ddp and device.type == "cuda":
@@ -289,7 +342,8 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
         subsets.append(ShowerSubset(source.path, source.geometry, train_idx))
         val_showers = read_showers(source.path, source.geometry, indices=val_idx[: config.val_max_showers])
         val_rng = np.random.default_rng([config.data_seed, 1])
-        val.append([batch_of(chunk, source, val_rng, config.max_points) for chunk in val_showers.chunks(64)])
+        val.append([batch_of(chunk, source, val_rng, config.val_max_points or config.max_points)
+                    for chunk in val_showers.chunks(64)])
 
     # parameters: the optimiser sees only the trainable ones
     names = [n for n, _ in model.named_parameters()] if trainable is None else list(trainable)
@@ -302,7 +356,7 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
     optimizer = (torch.optim.RAdam if config.optimizer == "radam" else torch.optim.Adam)(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate_factor(config))
     state = {"step": 0, "cursors": [{"epoch": 0, "position": 0} for _ in sources],
-             "best": {"diffusion": math.inf, "flow": math.inf}, "best_step": {"diffusion": 0, "flow": 0},
+             "best": dict.fromkeys(objective.best, math.inf), "best_step": dict.fromkeys(objective.best, 0),
              "stale": 0, "wall_s": 0.0}
 
     last = out_dir / "last.pt"
@@ -310,7 +364,7 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
         payload = load_checkpoint(last)
         stored, current = payload.get("train_config") or {}, asdict(config)
         # an option added since the run began (e.g. occupancy_showers) counts as given at its default
-        added = {k for k in current if k not in stored and current[k] == getattr(TrainConfig, k)}
+        added = {k for k in current if k not in stored and current[k] == getattr(type(config), k)}
         if {k: v for k, v in current.items() if k not in added} != stored:
             raise CheckpointError(f"{last}: was written with other training options; resume with the same ones")
         stored = stored_config(payload, str(last))
@@ -319,6 +373,7 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
                            if getattr(model.config, k) != getattr(stored, k)]
             raise CheckpointError(f"{last}: was written for another model ({'; '.join(differences)}); resume with "
                                   "the same model options")
+        objective.resume(payload, str(last))
         state = payload["train_state"]
         if "cursors" not in state:  # written by caloadapt 0.1 before joint training: one file, one cursor
             state["cursors"] = [{"epoch": state.pop("epoch"), "position": state.pop("position")}]
@@ -356,18 +411,29 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
     detectors = [s.geometry.name for s in sources] if len(sources) > 1 else []
     if rank == 0 and not (resume and metrics_path.exists()):
         with open(metrics_path, "w", newline="") as f:
-            csv.writer(f).writerow(["step", "epoch", "lr", "train_diffusion", "train_flow", "val_diffusion",
-                                    "val_flow", "wall_s"]
-                                   + [f"val_{key}[{name}]" for name in detectors for key in ("diffusion", "flow")])
+            csv.writer(f).writerow(["step", "epoch", "lr", *[f"train_{key}" for key in objective.train_keys],
+                                    *[f"val_{key}" for key in objective.val_keys], "wall_s"]
+                                   + [f"val_{key}[{name}]" for name in detectors for key in objective.val_keys])
 
     def save(path: Path, weights: dict) -> None:
         save_checkpoint(path, model, ema=weights, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), train_state=state, **parts)
+                        scheduler=scheduler.state_dict(), train_state=state, **objective.checkpoint_entries(),
+                        **parts)
 
-    bar = tqdm(total=config.steps, initial=state["step"], disable=not progress or rank != 0, desc="train",
+    def fresh_running() -> dict:
+        return {**dict.fromkeys(objective.train_keys, 0.0), "n": 0}
+
+    def validation_round() -> bool:
+        return _validation_round(model, ema, val, weights, device, state, best_state, config, running, metrics_path,
+                                 optimizer, time.perf_counter() - started, board, objective)
+
+    bar = tqdm(total=config.steps, initial=state["step"], disable=not progress or rank != 0, desc=objective.name,
                unit="step")
     started = time.perf_counter() - state["wall_s"]
-    running = {"diffusion": 0.0, "flow": 0.0, "n": 0}
+    running = fresh_running()
+    if objective.validate_start and state["step"] == 0 and rank == 0:
+        validation_round()
+        save(out_dir / "best.pt", best_state)
     converged = False  # early stop by patience: training is over, as at the last step
     while state["step"] < config.steps:
         step = state["step"]
@@ -379,8 +445,8 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
                          config.max_points).to(device)
         generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + step * 101 + rank)
         model.train()
-        losses = ddp_model(batch.points, batch.mask, batch.condition, batch.statistics, generator)
-        loss = losses["diffusion"] + losses["flow"]
+        losses = objective.losses(ddp_model, batch, generator)
+        loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite training loss at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
@@ -389,22 +455,20 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
         optimizer.step()
         scheduler.step()
         ema.update(model, step, names)
+        objective.after_step(model, step)
         state["step"] = step = step + 1
-        for key in ("diffusion", "flow"):
+        for key in objective.train_keys:
             running[key] += float(losses[key].detach())
         running["n"] += 1
         bar.update(1)
-        bar.set_postfix(diffusion=f"{running['diffusion'] / running['n']:.3f}",
-                        flow=f"{running['flow'] / running['n']:.3f}")
+        bar.set_postfix({key: f"{running[key] / running['n']:.3f}" for key in objective.train_keys})
 
         stop = False
         if step % config.val_every == 0 or step == config.steps:
             if rank == 0:
-                stop = converged = _validation_round(model, ema, val, weights, device, state, best_state, config,
-                                                     running, metrics_path, optimizer, time.perf_counter() - started,
-                                                     board)
+                stop = converged = validation_round()
                 save(out_dir / "best.pt", best_state)
-            running = {"diffusion": 0.0, "flow": 0.0, "n": 0}
+            running = fresh_running()
         if stop_after_steps is not None and step >= stop_after_steps:
             stop = True
         terminated = pending_termination()
@@ -445,17 +509,17 @@ def _tensorboard(out_dir: Path):
 
 
 def _validation_round(model, ema, val, weights, device, state, best_state, config, running, metrics_path,
-                      optimizer, wall_s, board) -> bool:
-    """Validate the EMA weights on every detector, keep the best flow and point network separately
-    (on the weighted mean over detectors), log. True = stop."""
+                      optimizer, wall_s, board, objective: Objective) -> bool:
+    """Validate the EMA weights on every detector, keep the best weights of each of the objective's
+    parameter groups separately (on the weighted mean over detectors), log. True = stop."""
     raw = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(ema.state)
     model.eval()
-    per_detector = [_validate(model, batches, device) for batches in val]
+    per_detector = [objective.validate(model, batches, device) for batches in val]
     model.load_state_dict(raw)
-    scores = {key: float(sum(w * d[key] for w, d in zip(weights, per_detector))) for key in ("diffusion", "flow")}
+    scores = {key: float(sum(w * d[key] for w, d in zip(weights, per_detector))) for key in objective.val_keys}
     improved = False
-    for key, prefix in (("diffusion", "denoiser."), ("flow", "flow.")):
+    for key, prefix in objective.best.items():
         if scores[key] < state["best"][key]:
             state["best"][key], state["best_step"][key] = scores[key], state["step"]
             improved = True
@@ -464,14 +528,17 @@ def _validation_round(model, ema, val, weights, device, state, best_state, confi
                     best_state[name] = value.clone()
     state["stale"] = 0 if improved else state["stale"] + 1
     n = max(running["n"], 1)
-    detail = [d[key] for d in per_detector for key in ("diffusion", "flow")] if len(val) > 1 else []
+    detail = [d[key] for d in per_detector for key in objective.val_keys] if len(val) > 1 else []
+    # before the first step there is no training loss to log
+    train_losses = [running[key] / n if running["n"] else "" for key in objective.train_keys]
     with open(metrics_path, "a", newline="") as f:
         csv.writer(f).writerow([state["step"], state["cursors"][0]["epoch"], optimizer.param_groups[0]["lr"],
-                                running["diffusion"] / n, running["flow"] / n, scores["diffusion"], scores["flow"],
-                                round(wall_s, 2), *detail])
+                                *train_losses, *[scores[key] for key in objective.val_keys], round(wall_s, 2),
+                                *detail])
     if board is not None:
-        for key in ("diffusion", "flow"):
+        for key in objective.val_keys:
             board.add_scalar(f"val/{key}", scores[key], state["step"])
+        for key in objective.train_keys if running["n"] else ():
             board.add_scalar(f"train/{key}", running[key] / n, state["step"])
         board.flush()
     return config.patience is not None and state["stale"] >= config.patience
