@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from caloadapt.data import Showers
-from caloadapt.geometry import get_geometry
+from caloadapt.geometry import Geometry, geometry_from_spec, get_geometry
 from caloadapt.simulate import simulate
 
 #: a few low incident energies in MeV: fast to simulate, still hundreds of hits per shower
@@ -28,6 +28,18 @@ def simulated():
         return cache[name]
 
     return get
+
+
+def deep_pbwo4(name: str, readout: dict) -> Geometry:
+    """Homogeneous PbWO4, 60 X0 deep in 1 X0 slices, everything visible: no leakage behind, no sampling."""
+    return geometry_from_spec({
+        "name": name, "particle": "electron",
+        "stack": [{"repeat": 300, "slabs": [{"material": "PbWO4", "thickness_mm": 0.2 * 8.903, "active": True}]}],
+        "layers": {"segmentation": "slices", "slice_mm": 8.903, "n_layers": 60},
+        "readout": readout,
+        "energy": {"visible_fraction": 1.0, "threshold_mev": 0.0},
+        "shower": {"sampling_term": 0.02},
+    })
 
 
 def make_showers(counts, *, seed: int = 0, geometry: str = "", particle: str = "electron",

@@ -10,6 +10,7 @@ from scipy.special import gammainc
 
 from caloadapt.errors import InputError
 from caloadapt.geometry import geometry_from_spec, get_geometry
+from conftest import deep_pbwo4
 from caloadapt.incidence import (MAX_INCLINATION_DEG, angles_from_local_direction, check_angles, inclination_deg,
                                  local_direction)
 from caloadapt.showers import Showers
@@ -22,14 +23,7 @@ NO_FLUCTUATIONS = SimulationSettings(fluctuations=False)
 @pytest.fixture(scope="module")
 def deep_crystal():
     """Homogeneous PbWO4, 60 X0 deep and 40 R_M wide: depth in mm is proportional to X0, nothing leaks."""
-    return geometry_from_spec({
-        "name": "deep-crystal-inclined", "particle": "electron",
-        "stack": [{"repeat": 300, "slabs": [{"material": "PbWO4", "thickness_mm": 0.2 * 8.903, "active": True}]}],
-        "layers": {"segmentation": "slices", "slice_mm": 8.903, "n_layers": 60},
-        "readout": {"kind": "planar", "pitch_mm": 10.0, "n_x": 81, "n_y": 81},
-        "energy": {"visible_fraction": 1.0, "threshold_mev": 0.0},
-        "shower": {"sampling_term": 0.02},
-    })
+    return deep_pbwo4("deep-crystal-inclined", {"kind": "planar", "pitch_mm": 10.0, "n_x": 81, "n_y": 81})
 
 
 def _weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:

@@ -7,7 +7,8 @@ import pytest
 from scipy.special import gammainc
 
 from caloadapt.errors import InputError
-from caloadapt.geometry import geometry_from_spec, get_geometry
+from caloadapt.geometry import get_geometry
+from conftest import deep_pbwo4
 from caloadapt.simulate import SimulationSettings, gflash, simulate, simulate_chunk
 from caloadapt.simulate import simulator as simulator_module
 from caloadapt.simulate.engine import STEP_X0, gflash_medium
@@ -20,14 +21,7 @@ PAR04 = "calochallenge-3"
 @pytest.fixture(scope="module")
 def deep_crystal():
     """Homogeneous PbWO4, 60 X0 deep, everything visible: no leakage, no sampling."""
-    return geometry_from_spec({
-        "name": "deep-crystal", "particle": "electron",
-        "stack": [{"repeat": 300, "slabs": [{"material": "PbWO4", "thickness_mm": 0.2 * 8.903, "active": True}]}],
-        "layers": {"segmentation": "slices", "slice_mm": 8.903, "n_layers": 60},
-        "readout": {"kind": "cylindrical", "n_r": 40, "dr_moliere": 0.25, "n_alpha": 8},
-        "energy": {"visible_fraction": 1.0, "threshold_mev": 0.0},
-        "shower": {"sampling_term": 0.02},
-    })
+    return deep_pbwo4("deep-crystal", {"kind": "cylindrical", "n_r": 40, "dr_moliere": 0.25, "n_alpha": 8})
 
 
 def _energy_weighted_depth(showers):
