@@ -51,6 +51,16 @@ def test_ranks_of_a_distributed_run_split_the_cores(monkeypatch):
     assert _threads.auto_threads() == 8
 
 
+def test_explicit_auto_overrides_omp_num_threads(monkeypatch):
+    """torchrun sets OMP_NUM_THREADS=1 for each of several ranks; --threads auto splits the cores instead."""
+    monkeypatch.setattr(_threads, "usable_cores", lambda: 8)
+    monkeypatch.setattr(_threads, "other_caloadapt_processes", lambda: 3)
+    monkeypatch.setattr(_threads, "USER_OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert _threads.auto_threads() == 1
+    assert _threads.auto_threads(respect_omp_num_threads=False) == 2
+
+
 def _fake_proc(root: Path, commands: dict[int, list[str]]) -> Path:
     for pid, argv in commands.items():
         (root / str(pid)).mkdir()

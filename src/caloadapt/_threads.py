@@ -10,7 +10,9 @@ the time of one instead of 2x. So the command line
   numpy and torch load their runtimes, unless the user chose a wait policy or spin count;
 - uses as many threads as the cores it may run on (the CPU affinity) divided among the caloadapt
   processes running there, and no more than the cores the load average leaves free (at least one);
-- leaves the count to ``OMP_NUM_THREADS`` when the user set it, and to ``--threads N`` when given.
+- leaves the count to ``OMP_NUM_THREADS`` when the user set it (and ``--threads`` is not given), and
+  to ``--threads N``; an explicit ``--threads auto`` makes the choice above even when
+  ``OMP_NUM_THREADS`` is set (torchrun sets it to 1 for each of several ranks).
 
 This module imports neither numpy nor torch at import time: it must run before they load.
 """
@@ -120,7 +122,8 @@ def split_threads(budget: int, workers: int | None, per_worker: int | None) -> t
 
 
 def parse_threads(text: str | None) -> int | None:
-    """The ``--threads`` value: ``None`` for ``auto`` (or not given), else a positive integer."""
+    """The ``--threads`` value: ``None`` for ``auto`` (or not given): the start-up choice; else a positive
+    integer."""
     from .errors import InputError
 
     if text is None or text.strip().lower() == AUTO:
@@ -134,9 +137,10 @@ def parse_threads(text: str | None) -> int | None:
     return value
 
 
-def auto_threads() -> int:
+def auto_threads(*, respect_omp_num_threads: bool = True) -> int:
     """The start-up choice on this machine: affinity, load average, other caloadapt processes and
-    the ranks of a distributed run on this node (``LOCAL_WORLD_SIZE``, set by torchrun)."""
+    the ranks of a distributed run on this node (``LOCAL_WORLD_SIZE``, set by torchrun); the user's
+    ``OMP_NUM_THREADS`` instead, when set and respected."""
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
@@ -144,15 +148,15 @@ def auto_threads() -> int:
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     sharers = max(1 + other_caloadapt_processes(), ranks)
     return choose_threads(usable_cores(), load=load, total_cpus=os.cpu_count(), sharers=sharers,
-                          omp_num_threads=USER_OMP_NUM_THREADS)
+                          omp_num_threads=USER_OMP_NUM_THREADS if respect_omp_num_threads else None)
 
 
-def apply_threads(requested: int | None) -> int:
+def apply_threads(requested: int | None, *, respect_omp_num_threads: bool = True) -> int:
     """Set torch's intra-op and inter-op pools and the BLAS pools to ``requested`` threads (``None``:
-    the start-up choice); return the number used."""
+    the start-up choice, see :func:`auto_threads`); return the number used."""
     import torch
 
-    threads = requested if requested is not None else auto_threads()
+    threads = requested if requested is not None else auto_threads(respect_omp_num_threads=respect_omp_num_threads)
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(threads)

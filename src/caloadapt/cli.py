@@ -150,15 +150,16 @@ GeometryOption = Annotated[str, typer.Option("--geometry", "-g",
 
 ThreadsOption = Annotated[Optional[str], typer.Option(
     help="CPU threads: a positive integer, or auto: the cores this process may use, shared with the other "
-         "caloadapt processes running and no more than the load leaves free (OMP_NUM_THREADS, when set, "
-         "decides instead; docs/threads.md) [default: auto]", show_default=False)]
+         "caloadapt processes running and no more than the load leaves free (docs/threads.md) [default: "
+         "OMP_NUM_THREADS when set, else auto]", show_default=False)]
 
 
 def _use_threads(threads: str | None) -> int:
-    """Apply ``--threads`` (or the start-up choice) to torch and BLAS before the command's work."""
+    """Apply ``--threads`` (or the start-up choice) to torch and BLAS before the command's work; the
+    user's OMP_NUM_THREADS counts unless ``--threads`` is given, ``auto`` included."""
     from ._threads import apply_threads, parse_threads
 
-    return apply_threads(parse_threads(threads))
+    return apply_threads(parse_threads(threads), respect_omp_num_threads=threads is None)
 
 
 @app.command()
@@ -700,14 +701,15 @@ def sweep(
     slurm_time: Annotated[int, typer.Option(help="Slurm time limit per run, minutes")] = 240,
 ) -> None:
     """Data-efficiency sweep: every method x data size x seed, evaluated; table and plot at the end."""
-    from ._threads import parse_threads, split_threads
+    from ._threads import apply_threads, parse_threads, split_threads
     from .data.io import file_geometry
     from .pretrained import default_checkpoint, resolve_checkpoint
     from .sweep import SweepSpec, run_sweep, summarise
     from .train import load_checkpoint
 
     per_run = parse_threads(threads)
-    budget = _use_threads(None)  # the cores this sweep may use now; its local workers split them
+    # the cores this sweep may use now (OMP_NUM_THREADS, when set: its limit); its local workers split them
+    budget = apply_threads(None, respect_omp_num_threads=threads is None)
     if executor == "local":
         workers, per_run = split_threads(budget, workers, per_run)
     else:  # the cluster gives each run its own cores (cpus_per_task)
