@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from ._threads import usable_cores
 
 __all__ = ["to_jsonable", "library_versions", "hardware_info", "available_bytes", "usable_cores"]
 
@@ -84,13 +85,6 @@ def _meminfo_gib(key: str) -> float | None:
 def available_bytes() -> float | None:
     gib = _meminfo_gib("MemAvailable")
     return None if gib is None else gib * 2**30
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def hardware_info() -> dict:

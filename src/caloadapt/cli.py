@@ -17,6 +17,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
+from ._threads import configure_thread_environment
+
+configure_thread_environment()  # before numpy and torch load OpenMP, which reads it once (docs/threads.md)
+
 import numpy as np
 import torch
 import typer
@@ -144,6 +148,20 @@ GeometryOption = Annotated[str, typer.Option("--geometry", "-g",
                                                   "generic-mesh) or a .yaml / binning .xml file")]
 
 
+ThreadsOption = Annotated[Optional[str], typer.Option(
+    help="CPU threads: a positive integer, or auto: the cores this process may use, shared with the other "
+         "caloadapt processes running and no more than the load leaves free (docs/threads.md) [default: "
+         "OMP_NUM_THREADS when set, else auto]", show_default=False)]
+
+
+def _use_threads(threads: str | None) -> int:
+    """Apply ``--threads`` (or the start-up choice) to torch and BLAS before the command's work; the
+    user's OMP_NUM_THREADS counts unless ``--threads`` is given, ``auto`` included."""
+    from ._threads import apply_threads, parse_threads
+
+    return apply_threads(parse_threads(threads), respect_omp_num_threads=threads is None)
+
+
 @app.command()
 @_one_line_errors
 def simulate(
@@ -170,8 +188,10 @@ def simulate(
                                                     "a uniform range 0:360 or a list; default 90")] = None,
     validate: Annotated[bool, typer.Option("--validate", help="run the physics validation table instead")] = False,
     validate_n: Annotated[int, typer.Option(min=1, help="showers per point of the validation table")] = 400,
+    threads: ThreadsOption = None,
 ) -> None:
     """Simulate showers with the embedded GFlash simulator and write them to a file."""
+    _use_threads(threads)
     from .data import ShowerWriter
     from .geometry import get_geometry
     from .incidence import NORMAL_PHI_DEG, NORMAL_THETA_DEG, check_angles
@@ -231,8 +251,10 @@ def convert(
     smear: Annotated[bool, typer.Option(help="place points from voxels uniformly inside their cells")] = False,
     seed: Annotated[int, typer.Option(help="seed of the smearing", min=0, max=MAX_SEED)] = 1,
     chunk_size: Annotated[int, typer.Option(min=1, help="showers held in memory at once")] = 1000,
+    threads: ThreadsOption = None,
 ) -> None:
     """Convert a shower file between the points, ILD and CaloChallenge layouts."""
+    _use_threads(threads)
     from .data import ShowerWriter, iter_showers
     from .data.io import file_geometry
 
@@ -357,10 +379,12 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
         occupancy_showers: Annotated[int, typer.Option(min=0, help="training showers per detector the occupancy "
                                                                    "calibration is fitted on after training (0: none)")]
         = 128,
+        threads: ThreadsOption = None,
     ) -> None:
         from .models import BACKBONES, FRAMES, ModelConfig
         from .train import TrainConfig
 
+        _use_threads(threads)
         if frame not in FRAMES:
             raise CaloadaptError(f"unknown frame {frame!r}; expected one of {', '.join(FRAMES)}")
         if backbone not in BACKBONES:
@@ -411,8 +435,10 @@ def generate(
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="output layout")] = OutputFormat.points,
     digitise: Annotated[bool, typer.Option(help="sum points into cells and apply the threshold")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Generate showers with a trained (pre-trained, adapted or distilled) model in any geometry."""
+    _use_threads(threads)
     from .data import ShowerWriter, iter_showers
     from .generate import iter_generate
     from .geometry import get_geometry
@@ -492,8 +518,10 @@ def distill(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
     overwrite: OverwriteOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Consistency distillation into a one-step (and two-step) sampler (CaloClouds II recipe)."""
+    _use_threads(threads)
     from .data.io import file_geometry
     from .models.checkpoint import load_model
     from .train.distill import DistillConfig, distill as run_distill
@@ -527,12 +555,18 @@ def benchmark(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     steps: Annotated[int, typer.Option(min=1, help="Heun/Euler steps")] = DEFAULT_STEPS,
     onnx: Annotated[bool, typer.Option(help="time the onnxruntime path")] = True,
+    threads: Annotated[Optional[str], typer.Option(
+        help="the CPU thread count timed besides one thread: a positive integer, or auto: every core this "
+             "process may use", show_default=False)] = None,
 ) -> None:
     """Milliseconds per shower of the simulator and of every generation path, at several batch sizes."""
+    from ._threads import parse_threads
     from .benchmark import format_table, run_benchmark
 
+    timed = parse_threads(threads)
+    _use_threads(None)  # the untimed set-up; each timed case sets its own thread count
     report = run_benchmark(checkpoint, output, quick=quick, device=device, distilled=distilled, n_steps=steps,
-                           onnx=onnx, log=typer.echo)
+                           onnx=onnx, threads=None if timed is None else (1, timed), log=typer.echo)
     typer.echo(format_table(report))
 
 
@@ -573,8 +607,10 @@ def finetune(
     = 128,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
     overwrite: OverwriteOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Adapt a pre-trained model to a target detector (or train the scratch baseline)."""
+    _use_threads(threads)
     from .adapt import AdaptMethod, finetune as run_finetune
     from .data.io import count_showers, file_geometry
     from .pretrained import default_checkpoint
@@ -608,8 +644,10 @@ def analyze_updates(
     pretrained: Annotated[Path, typer.Argument(help="pre-trained checkpoint")],
     finetuned: Annotated[list[Path], typer.Argument(help="one or more fine-tuned checkpoints")],
     output: Annotated[Path, typer.Option("--output", "-o", help="output directory")] = Path("updates"),
+    threads: ThreadsOption = None,
 ) -> None:
     """Singular values, effective rank and reconstruction error of the weight updates of adaptation."""
+    _use_threads(threads)
     from .adapt import analyse_checkpoints
 
     analyse_checkpoints(pretrained, finetuned if len(finetuned) > 1 else finetuned[0], output)
@@ -652,18 +690,30 @@ def sweep(
     compare_normalisation: Annotated[bool, typer.Option(help="require checkpoints in both the physical and the "
                                                              "published box frame, and compare them")] = False,
     executor: Annotated[str, typer.Option(help="local (worker processes) or slurm (submitit)")] = "local",
-    workers: Annotated[Optional[int], typer.Option(min=1, help="local worker processes (default: cores / "
-                                                               "threads)")] = None,
-    threads: Annotated[int, typer.Option(min=1, help="torch threads per run")] = 1,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="local worker processes [default: the thread "
+                                                               "choice of --threads auto / threads per run]")]
+    = None,
+    threads: Annotated[Optional[str], typer.Option(
+        help="torch threads per run: a positive integer, or auto: the cores this process may use (shared with "
+             "other caloadapt processes, less the load; docs/threads.md) split among the workers; with slurm "
+             "auto is 1 [default: auto]", show_default=False)] = None,
     slurm_partition: Annotated[Optional[str], typer.Option(help="Slurm partition")] = None,
     slurm_time: Annotated[int, typer.Option(help="Slurm time limit per run, minutes")] = 240,
 ) -> None:
     """Data-efficiency sweep: every method x data size x seed, evaluated; table and plot at the end."""
+    from ._threads import apply_threads, parse_threads, split_threads
     from .data.io import file_geometry
     from .pretrained import default_checkpoint, resolve_checkpoint
     from .sweep import SweepSpec, run_sweep, summarise
     from .train import load_checkpoint
 
+    per_run = parse_threads(threads)
+    # the cores this sweep may use now (OMP_NUM_THREADS, when set: its limit); its local workers split them
+    budget = apply_threads(None, respect_omp_num_threads=threads is None)
+    if executor == "local":
+        workers, per_run = split_threads(budget, workers, per_run)
+    else:  # the cluster gives each run its own cores (cpus_per_task)
+        per_run = per_run or 1
     checkpoints: dict[str, str] = {}
     for item in checkpoint or [f"pretrained={default_checkpoint()}"]:
         label, sep, path = item.partition("=")
@@ -678,7 +728,7 @@ def sweep(
                      geometry=geo.name if geometry is None else geometry, sizes=_csv_ints(sizes),
                      methods=tuple(m.strip() for m in _split_methods(methods)), seeds=tuple(range(seeds)),
                      steps=steps, batch_size=batch_size, max_points=max_points, n_eval=n_eval,
-                     n_steps_sampler=sampler_steps, threads=threads, lr_by_size=lr_by_size,
+                     n_steps_sampler=sampler_steps, threads=per_run, lr_by_size=lr_by_size,
                      floor=str(floor.resolve()) if floor is not None else None, patience=patience,
                      max_steps=max_steps)
     if floor is not None:
@@ -724,8 +774,10 @@ def evaluate(
     = None,
     plots: Annotated[bool, typer.Option(help="write plots")] = True,
     seed: Annotated[int, typer.Option(help="seed of bootstrap and classifier", min=0, max=MAX_SEED)] = 0,
+    threads: ThreadsOption = None,
 ) -> None:
     """Compare generated with reference showers: scores, CaloChallenge metrics, plots and a report."""
+    _use_threads(threads)
     from .data.io import file_geometry
     from .evaluate.pipeline import EvaluationOptions, run_evaluation
     from .evaluate.stream import source_geometry
@@ -773,8 +825,10 @@ def demo(
     checkpoint: Annotated[Optional[Path], typer.Option(help="pre-trained checkpoint (default: shipped)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     seed: Annotated[int, typer.Option(help="seed of data, training and generation", min=0, max=MAX_SEED)] = 0,
+    threads: ThreadsOption = None,
 ) -> None:
     """The main job: adapt the shipped model to a new detector, compare with scratch and the floor, write a report."""
+    _use_threads(threads)
     from .demo import run_demo
 
     if (target_data is None) != (reference_data is None):
@@ -800,8 +854,10 @@ def export(
                                                                        "point network for onnxruntime")]
     = ExportFormat.checkpoint,
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
+    threads: ThreadsOption = None,
 ) -> None:
     """Export a trained model: a weights-only checkpoint, or the network as ONNX (parity-checked)."""
+    _use_threads(threads)
     if format == ExportFormat.checkpoint:
         from .train import inference_checkpoint
 
@@ -831,6 +887,7 @@ def calibrate(
     n_showers: Annotated[int, typer.Option(min=1, help="training showers per detector the fit uses")] = 128,
     seed: Annotated[int, typer.Option(help="seed of the fit's generation passes")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Fit the occupancy calibration of a trained model on its training showers (found again from the
     options the checkpoint records) and write a weights-only copy that holds it."""
@@ -838,6 +895,7 @@ def calibrate(
     from .models.checkpoint import load_model
     from .train import DataSource, calibrate_occupancy, load_checkpoint, resolve_device, write_inference_checkpoint
 
+    _use_threads(threads)
     if geometry is not None and len(data) > 1:
         raise CaloadaptError("--geometry names the detector of a single file")
     payload = load_checkpoint(checkpoint)

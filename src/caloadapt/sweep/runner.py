@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -14,6 +13,7 @@ import torch
 
 from .._atomic import atomic_path
 from .._provenance import to_jsonable
+from .._threads import usable_cores
 from ..errors import InputError
 from ..models.sampling import DEFAULT_STEPS
 from .recipe import (PSEUDO_METHODS, SCRATCH_CONVERGED, ZERO_SHOT, adapt_model, adaptation_config,
@@ -203,7 +203,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: str = "local", 
 
     Arguments:
         executor: ``local`` (worker processes on this machine) or ``slurm`` (submitit job array).
-        workers: local worker processes (default: cores // threads per run).
+        workers: local worker processes (default: the usable cores // threads per run).
         slurm: submitit parameters for ``slurm`` (e.g. ``{"slurm_partition": "gpu", "timeout_min": 240}``).
     """
     out_dir = Path(out_dir)
@@ -214,7 +214,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: str = "local", 
     todo = [r for r in runs if not _finished(r, spec)]
     log(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run ({executor})")
     if executor == "local":
-        workers = workers or max(1, (os.cpu_count() or 1) // spec.threads)
+        workers = workers or max(1, usable_cores() // spec.threads)
         if workers == 1:
             for i, run in enumerate(todo):
                 log(f"[{i + 1}/{len(todo)}] {run.label}")
