@@ -255,7 +255,10 @@ class Geometry:
         The dequantisation used for training on cell-level data: voxelising the result gives
         back the same cells.
         """
-        cells = self.cell_index(showers.points)
+        return self._smear_in_cells(showers, self.cell_index(showers.points), rng)
+
+    def _smear_in_cells(self, showers: Showers, cells: np.ndarray, rng: np.random.Generator) -> Showers:
+        """:meth:`smear_hits` with the points' cell indices already known."""
         if np.any(cells < 0):
             raise InputError(f"{np.sum(cells < 0)} hits lie outside the readout of {self.name!r}")
         layer = self.cell_layer[cells]
@@ -279,7 +282,7 @@ class Geometry:
         cells = self.cell_index(showers.points)
         inside = cells >= 0
         at_centres = np.allclose(showers.points[inside, :2], self.cell_centres_mm[cells[inside], :2], atol=1e-3)
-        return self.smear_hits(showers, rng) if at_centres else showers
+        return self._smear_in_cells(showers, cells, rng) if at_centres else showers
 
     def detector_frame_points(self, showers: Showers) -> np.ndarray:
         """``(P, 4)`` float64 points of ``showers`` in the detector frame: x, y, z [mm], energy.
