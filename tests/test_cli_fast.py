@@ -73,3 +73,17 @@ def test_benchmark_quick_writes_json(trained, tmp_path):
     assert result.exit_code == 0, result.output + (result.stderr or "")
     report = json.loads(out.read_text())
     assert report and "ms" in result.output
+
+
+def test_generate_takes_the_starting_noise_level(trained, tmp_path):
+    import h5py
+
+    low = _generate(trained["model"], tmp_path / "low.h5", "--steps", "2", "--sigma-max", "5")
+    high = _generate(trained["model"], tmp_path / "high.h5", "--steps", "2", "--sigma-max", "80")
+    assert low.exit_code == 0 and high.exit_code == 0, low.output + (low.stderr or "")
+    with h5py.File(tmp_path / "low.h5") as f:
+        assert float(f.attrs["sigma_max"]) == 5.0
+    assert not np.array_equal(read_showers(tmp_path / "low.h5").points, read_showers(tmp_path / "high.h5").points)
+    bad = _generate(trained["model"], tmp_path / "bad.h5", "--sigma-max", "0.001")
+    assert bad.exit_code == 2 and "sigma_min < sigma_max" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad.h5").exists()

@@ -257,3 +257,110 @@ def test_samplers_hand_the_mask_to_an_attention_backbone(sampler):
     alone = sampler(precond, ctx, n_steps=3, noise=noise[:, :20])
     assert torch.allclose(padded[:, :20], alone, atol=1e-5)
     assert torch.all(padded[:, 20:] == 0)
+
+
+# ---------------------------------------------------------------- given (conditioning) channels
+
+
+def test_given_channel_is_returned_unchanged_and_seen_at_data_scale():
+    """A given channel has noise level 0: c_skip = 1, c_out = 0, c_in = 1 / sigma_data."""
+    torch.manual_seed(0)
+    precond = EDMPrecond(PointwiseNet(4, 2, widths=(16, 16), time_dim=8), given_channels=(2,))
+    c_skip, c_out, c_in, _ = precond.scalings(torch.tensor([0.1, 5.0, 80.0]))
+    assert torch.equal(c_skip[..., 2], torch.ones(3, 1)) and torch.equal(c_out[..., 2], torch.zeros(3, 1))
+    torch.testing.assert_close(c_in[..., 2], torch.full((3, 1), 2.0))
+    plain = tiny_denoiser()
+    torch.testing.assert_close(c_skip[..., 0], plain.scalings(torch.tensor([0.1, 5.0, 80.0]))[0][..., 0])
+    x = torch.randn(3, 7, 4)
+    out = precond(x, torch.tensor([0.1, 5.0, 80.0]), torch.randn(3, 2))
+    assert torch.equal(out[..., 2], x[..., 2])
+    assert not torch.equal(out[..., 0], x[..., 0])
+    # the buffer is not part of the state dict: checkpoints of both kinds have the same keys
+    assert set(precond.state_dict()) == set(plain.state_dict())
+    with pytest.raises(ValueError, match="distinct"):
+        EDMPrecond(PointwiseNet(4, 2, widths=(8,), time_dim=8), given_channels=(2, 2))
+
+
+class InputSpy(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.inputs = inner, []
+        self.given = inner.given
+        self.sigma_data_values = inner.sigma_data_values
+
+    def forward(self, x, sigma, context, mask=None):
+        self.inputs.append(x.clone())
+        return self.inner(x, sigma, context, mask)
+
+
+def test_loss_never_noises_nor_scores_a_given_channel():
+    torch.manual_seed(0)
+    spy = InputSpy(EDMPrecond(PointwiseNet(4, 2, widths=(16, 16), time_dim=8), given_channels=(2,)))
+    y, ctx = torch.randn(4, 9, 4), torch.randn(4, 2)
+    loss = EDMLoss()(spy, y, ctx, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(spy.inputs[0][..., 2], y[..., 2])  # clean
+    assert not torch.allclose(spy.inputs[0][..., 0], y[..., 0])  # noised
+    # changing the given channel's target-free part of the network output cannot change the loss:
+    # the loss is the same as the loss over the three generated channels alone
+    generated = [0, 1, 3]
+    with torch.no_grad():
+        again = InputSpy(spy.inner)
+        EDMLoss()(again, y, ctx, generator=torch.Generator().manual_seed(1))
+        noisy = again.inputs[0]
+        sigma = (torch.randn(4, generator=torch.Generator().manual_seed(1)) * 1.2 - 1.2).exp()
+        s = sigma.reshape(-1, 1, 1)
+        weight = (s**2 + 0.25) / (s * 0.5) ** 2
+        err = weight * (spy.inner(noisy, sigma, ctx) - y) ** 2
+    torch.testing.assert_close(loss, err[..., generated].mean())
+
+
+@pytest.mark.parametrize("kind", ["heun", "euler", "consistency-2"])
+def test_samplers_keep_the_given_values(kind):
+    from caloadapt.models.consistency import ConsistencyPrecond, sample_consistency
+    from caloadapt.models.edm import given_features
+
+    torch.manual_seed(0)
+    precond = EDMPrecond(PointwiseNet(4, 2, widths=(16, 16), time_dim=8), given_channels=(2,))
+    ctx = torch.randn(3, 2)
+    mask = torch.arange(6)[None] < torch.tensor([6, 2, 4])[:, None]
+    depth = torch.randn(3, 6, 4)
+    given = given_features(depth, precond.given)
+    assert torch.isnan(given[..., [0, 1, 3]]).all() and torch.equal(given[..., 2], depth[..., 2])
+    gen = torch.Generator().manual_seed(0)
+    if kind == "consistency-2":
+        out = sample_consistency(ConsistencyPrecond.from_edm(precond), ctx, mask=mask, n_steps=2, generator=gen,
+                                 given=given)
+    else:
+        out = (sample_heun if kind == "heun" else sample_euler)(precond, ctx, mask=mask, n_steps=4, generator=gen,
+                                                                given=given)
+    torch.testing.assert_close(out[..., 2][mask], depth[..., 2][mask], rtol=0, atol=1e-6)
+    assert (out[~mask] == 0).all()
+
+
+def test_a_given_channel_conditions_the_generated_ones():
+    """Toy: x ~ N(0, w(d)^2) with a width that grows with the given depth d; trained with d given,
+    the sampler reproduces the width of each depth it is handed."""
+    from caloadapt.models.edm import given_features
+
+    torch.manual_seed(0)
+    precond = EDMPrecond(PointwiseNet(point_dim=2, context_dim=1, widths=(64, 64), time_dim=16), given_channels=(1,))
+    opt = torch.optim.Adam(precond.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    levels = torch.tensor([-0.5, 0.0, 0.5])
+    widths = torch.tensor([0.05, 0.2, 0.6])
+    for _ in range(400):
+        which = torch.randint(0, 3, (16, 32), generator=g)
+        x = torch.stack([torch.randn(16, 32, generator=g) * widths[which], levels[which]], -1)
+        loss = EDMLoss()(precond, x, torch.zeros(16, 1), generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    depth = levels.repeat_interleave(1000).reshape(1, -1)
+    given = given_features(torch.stack([torch.zeros_like(depth), depth], -1), precond.given)
+    out = sample_heun(precond, torch.zeros(1, 1), 3000, point_dim=2, given=given,
+                      generator=torch.Generator().manual_seed(2))
+    assert torch.equal(out[..., 1], depth)
+    std = out[0, :, 0].reshape(3, 1000).std(dim=1)
+    assert std[0] < std[1] < std[2]
+    print(std)
+    torch.testing.assert_close(std, widths, rtol=0.35, atol=0.02)

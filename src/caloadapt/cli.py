@@ -366,6 +366,10 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
         transverse_scale_rm: Annotated[float, typer.Option(
             help="r0 of the radial compression r -> r0 asinh(r/r0) of the transverse position, in Moliere "
                  "radii (physical frame); 0: linear")] = 0.0,
+        depth_given: Annotated[bool, typer.Option(
+            "--depth-given/--depth-generated",
+            help="generate each point in the layer the flow gives it (its depth a condition, only x, y and "
+                 "energy diffused), or generate the depth too and sort points into layers")] = False,
         backbone: Annotated[str, typer.Option(help="point network: pointwise or transformer")] = "pointwise",
         geometry_conditioning: Annotated[Optional[bool], typer.Option(
             "--geometry-conditioning/--no-geometry-conditioning",
@@ -394,7 +398,8 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
                              checkpoint_every=val_every, seed=seed, data_seed=data_seed, device=device,
                              patience=patience, occupancy_showers=occupancy_showers)
         conditioned = len(data) > 1 if geometry_conditioning is None else geometry_conditioning
-        model_config = ModelConfig(frame=frame, transverse_scale_rm=transverse_scale_rm, backbone=backbone,
+        model_config = ModelConfig(frame=frame, transverse_scale_rm=transverse_scale_rm, depth_given=depth_given,
+                                   backbone=backbone,
                                    geometry_conditioning=conditioned,
                                    widths=_csv_ints(widths), transformer_dim=transformer_dim,
                                    transformer_depth=transformer_depth, flow_hidden=_csv_ints(flow_hidden),
@@ -425,6 +430,8 @@ def generate(
                                                                 "(e.g. the evaluation reference)")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, max=10_000, help="sampler steps [default: the checkpoint's: "
                                                              "1 for a distilled model]")] = None,
+    sigma_max: Annotated[Optional[float], typer.Option(help="noise level the sampler starts from "
+                                                            "[default: the checkpoint's]")] = None,
     sampler: Annotated[str, typer.Option(help="auto, heun, euler or consistency (auto: consistency for a "
                                               "distilled checkpoint, else heun)")] = "auto",
     engine: Annotated[str, typer.Option(help="torch, or onnxruntime (CPU; exports the network on the fly "
@@ -455,14 +462,14 @@ def generate(
                                             np.random.default_rng(seed))
     source = checkpoint if checkpoint is not None else default_checkpoint()
     model, stored = load_model(source)
-    chosen = _choose_sampler(sampler, stored).with_steps(steps)
+    chosen = _choose_sampler(sampler, stored).with_steps(steps).with_sigma_max(sigma_max)
     run_device = resolve_device(device)
     if engine == "onnxruntime":
         model, run_device = _onnx_engine(model, source, onnx), torch.device("cpu")
     elif engine != "torch":
         raise CaloadaptError(f"unknown engine {engine!r}; expected torch or onnxruntime")
     attrs = {"command": " ".join(sys.argv), "seed": seed, "sampler": chosen.kind, "steps": chosen.steps,
-             "engine": engine}
+             "sigma_max": chosen.sigma_max, "engine": engine}
     with ShowerWriter(output, format.value, geo, attrs) as writer:
         for chunk in iter_generate(model, geo, energies, chosen, particle=particle or geo.particle,
                                    seed=seed, batch_size=batch_size, digitise=digitise,
@@ -899,9 +906,11 @@ def calibrate(
     if geometry is not None and len(data) > 1:
         raise CaloadaptError("--geometry names the detector of a single file")
     payload = load_checkpoint(checkpoint)
-    model = load_model(payload, source=str(checkpoint))[0].to(resolve_device(device))
+    model, sampler = load_model(payload, source=str(checkpoint))
+    model = model.to(resolve_device(device))
     sources = [DataSource(path, file_geometry(path, geometry)) for path in data]
-    calibrate_occupancy(model, sources, payload.get("train_config"), n_showers=n_showers, seed=seed)
+    calibrate_occupancy(model, sources, payload.get("train_config"), n_showers=n_showers, seed=seed,
+                        sampler=sampler)
     size = write_inference_checkpoint(model.cpu(), payload, output)
     for name, calibration in model.occupancy.items():
         fit = calibration.fit

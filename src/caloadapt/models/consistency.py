@@ -29,7 +29,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .edm import EDMPrecond, as_sigma_data, initial_noise, karras_sigmas, zero_padding
+from .edm import (EDMPrecond, given_mask, as_sigma_data, given_scalings, impose_given, initial_noise,
+                  karras_sigmas, zero_padding)
 from .fused import FusedDenoiser
 
 __all__ = [
@@ -61,27 +62,35 @@ class ConsistencyPrecond(nn.Module):
         net: the raw network, called as ``net(x, c_noise, context, mask)``.
         sigma_data: data standard deviation (one number or one per feature).
         sigma_min: the smallest noise level, where ``f`` is the identity.
+        given_channels: feature channels that are conditions (as for ``EDMPrecond``): ``f`` returns
+            them unchanged.
     """
 
     sigma_data: Tensor
     #: what this module computes (an ONNX export records it)
     kind = "consistency"
 
-    def __init__(self, net: nn.Module, sigma_data: float | Sequence[float] = 0.5, sigma_min: float = 0.002) -> None:
+    def __init__(self, net: nn.Module, sigma_data: float | Sequence[float] = 0.5, sigma_min: float = 0.002,
+                 given_channels: Sequence[int] = ()) -> None:
         super().__init__()
         if not sigma_min > 0:
             raise ValueError(f"sigma_min must be positive, got {sigma_min}")
         self.net = net
         self.sigma_min = float(sigma_min)
         self.sigma_data_values = as_sigma_data(sigma_data)
+        self.given_channels = tuple(int(c) for c in given_channels)
         self.register_buffer("sigma_data", torch.tensor(self.sigma_data_values), persistent=False)
+        self.register_buffer("given", given_mask(self.given_channels, getattr(net, "point_dim", None)),
+                             persistent=False)
 
     @classmethod
     def from_edm(cls, denoiser: EDMPrecond, sigma_min: float = 0.002, *, copy_net: bool = False) -> ConsistencyPrecond:
         """Wrap the point network of an EDM denoiser (shared, or a deep copy with ``copy_net``)."""
         net = copy.deepcopy(denoiser.net) if copy_net else denoiser.net
-        wrapper = cls(net, denoiser.sigma_data_values, sigma_min)
-        wrapper.sigma_data = wrapper.sigma_data.to(denoiser.sigma_data.device)  # the net is already there
+        wrapper = cls(net, denoiser.sigma_data_values, sigma_min, getattr(denoiser, "given_channels", ()))
+        # the net is already there
+        wrapper.sigma_data, wrapper.given = wrapper.sigma_data.to(denoiser.sigma_data.device), wrapper.given.to(
+            denoiser.sigma_data.device)
         return wrapper
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -93,7 +102,7 @@ class ConsistencyPrecond(nn.Module):
         c_out = (s - self.sigma_min) * sd / (s**2 + sd**2).sqrt()
         c_in = 1 / (s**2 + sd**2).sqrt()
         c_noise = sigma.reshape(-1).log() / 4
-        return c_skip, c_out, c_in, c_noise
+        return (*given_scalings(c_skip, c_out, c_in, sd, self.given), c_noise)
 
     def forward(self, x: Tensor, sigma: Tensor | float, context: Tensor, mask: Tensor | None = None) -> Tensor:
         """Consistency function ``f(x; sigma)`` of shape ``(B, M, D)`` (``mask`` as for ``EDMPrecond``)."""
@@ -151,6 +160,7 @@ def sample_consistency(
     sigmas: Sequence[float] | None = None,
     fast: bool = True,
     chunk_points: int | None = None,
+    given: Tensor | None = None,
 ) -> Tensor:
     """One-step (or multistep) consistency sampler, same call style as :func:`~caloadapt.models.edm.sample_heun`.
 
@@ -171,15 +181,18 @@ def sample_consistency(
         fast: evaluate through :class:`FusedDenoiser` (fused layers, cache-sized chunks, padding
             skipped); False calls the network on the padded batch (same values up to rounding).
         chunk_points: points per network call for ``fast``.
+        given: values of the given channels, NaN elsewhere (as for ``sample_heun``); re-noising
+            leaves them as they are.
     """
     f = consistency_function(denoiser, sigma_min)
     if fast and not isinstance(f, FusedDenoiser):
         f = FusedDenoiser(f, chunk_points=chunk_points)
     levels = list(map(float, sigmas)) if sigmas is not None else multistep_sigmas(n_steps, sigma_min, sigma_max, rho)
-    x = initial_noise(context, n_points, point_dim, mask, generator, noise) * levels[0]
+    x = impose_given(initial_noise(context, n_points, point_dim, mask, generator, noise) * levels[0], given)
     batch = x.shape[0]
     x = f(x, x.new_full((batch,), levels[0]), context, mask)
     for level in levels[1:]:
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = f(x + math.sqrt(max(level**2 - sigma_min**2, 0.0)) * z, x.new_full((batch,), level), context, mask)
+        x_noisy = impose_given(x + math.sqrt(max(level**2 - sigma_min**2, 0.0)) * z, given)
+        x = f(x_noisy, x.new_full((batch,), level), context, mask)
     return zero_padding(x, mask)

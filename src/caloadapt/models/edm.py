@@ -27,6 +27,10 @@ __all__ = [
     "initial_noise",
     "zero_padding",
     "as_sigma_data",
+    "given_features",
+    "given_mask",
+    "given_scalings",
+    "impose_given",
     "DEFAULT_STEPS",
 ]
 
@@ -46,6 +50,49 @@ def as_sigma_data(sigma_data: float | Sequence[float]) -> tuple[float, ...]:
     return values
 
 
+def given_scalings(c_skip: Tensor, c_out: Tensor, c_in: Tensor, sigma_data: Tensor,
+                   given: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The scalings of a denoiser with given (never noised) feature channels.
+
+    A given channel is a condition carried along with the point, not a variable to generate: its
+    noise level is 0, so ``c_skip = 1`` and ``c_out = 0`` (the output returns it unchanged) and
+    ``c_in = 1 / sigma_data`` (the network sees it at the scale of clean data at every noise
+    level). This is the sigma -> 0 limit of the EDM scalings of that channel (Karras et al. 2022,
+    Table 1). ``given`` is a ``(D,)`` bool mask or None (nothing given).
+    """
+    if given is None or not bool(given.any()):
+        return c_skip, c_out, c_in
+    return (torch.where(given, torch.ones_like(c_skip), c_skip), torch.where(given, torch.zeros_like(c_out), c_out),
+            torch.where(given, 1 / sigma_data.to(c_in.dtype), c_in))
+
+
+def given_mask(given_channels: Sequence[int], n_features: int | None = None) -> Tensor:
+    channels = tuple(int(c) for c in given_channels)
+    if any(c < 0 for c in channels) or len(set(channels)) != len(channels):
+        raise ValueError(f"given channels must be distinct non-negative indices, got {given_channels!r}")
+    width = max(channels, default=-1) + 1 if n_features is None else n_features
+    mask = torch.zeros(width, dtype=torch.bool)
+    mask[list(channels)] = True
+    return mask
+
+
+def impose_given(x: Tensor, given: Tensor | None) -> Tensor:
+    """``x`` with the given features put in: ``given`` is ``(B, M, D)``, NaN where a feature is
+    generated and the (normalised) value where it is a condition (e.g. the depth of the layer a
+    point is generated in, ``ModelConfig.depth_given``). None: ``x`` unchanged."""
+    if given is None:
+        return x
+    return torch.where(torch.isnan(given), x, given.to(x.dtype))
+
+
+def given_features(x: Tensor, given: Tensor | None) -> Tensor | None:
+    """The ``given`` channels (a ``(D,)`` bool mask) of clean features ``x`` ``(B, M, D)``, NaN in the
+    others: what :func:`impose_given` and the samplers take; None when nothing is given."""
+    if given is None or not bool(given.any()):
+        return None
+    return torch.where(given.to(x.device), x, torch.full_like(x, float("nan")))
+
+
 class EDMPrecond(nn.Module):
     """EDM preconditioning around a raw network F (Karras et al. 2022, Table 1 and eq. 7).
 
@@ -62,17 +109,24 @@ class EDMPrecond(nn.Module):
             :class:`~caloadapt.models.transformer.PointTransformer`).
         sigma_data: standard deviation of the data, one number or one per feature (0.5 for all
             four point features in CaloClouds II, docs/model.md §2).
+        given_channels: feature channels that are conditions, never noised (:func:`given_scalings`):
+            ``(2,)`` generates each point in a known layer (its depth given, docs/fidelity.md).
     """
 
     sigma_data: Tensor
     #: what this module computes (an ONNX export records it): the denoiser D, not a consistency function
     kind = "edm"
 
-    def __init__(self, net: nn.Module, sigma_data: float | Sequence[float] = 0.5) -> None:
+    def __init__(self, net: nn.Module, sigma_data: float | Sequence[float] = 0.5,
+                 given_channels: Sequence[int] = ()) -> None:
         super().__init__()
         self.net = net
         self.sigma_data_values = as_sigma_data(sigma_data)
+        self.given_channels = tuple(int(c) for c in given_channels)
         self.register_buffer("sigma_data", torch.tensor(self.sigma_data_values), persistent=False)
+        # not in the state dict: checkpoints keep their keys; the channels come from the model config
+        self.register_buffer("given", given_mask(self.given_channels, getattr(net, "point_dim", None)),
+                             persistent=False)
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return ``(c_skip, c_out, c_in, c_noise)`` for ``sigma`` of shape ``(B,)``.
@@ -86,7 +140,7 @@ class EDMPrecond(nn.Module):
         c_out = s * sd / (s**2 + sd**2).sqrt()
         c_in = 1 / (s**2 + sd**2).sqrt()
         c_noise = sigma.reshape(-1).log() / 4
-        return c_skip, c_out, c_in, c_noise
+        return (*given_scalings(c_skip, c_out, c_in, sd, self.given), c_noise)
 
     def forward(self, x: Tensor, sigma: Tensor | float, context: Tensor, mask: Tensor | None = None) -> Tensor:
         """Denoised estimate ``D(x; sigma)`` of shape ``(B, M, D)``; ``sigma`` is ``(B,)`` or a scalar.
@@ -204,10 +258,21 @@ class EDMLoss:
         sd = torch.tensor(self.sigma_data_values, dtype=y.dtype, device=y.device)
         weight = (s**2 + sd**2) / (s * sd) ** 2  # lambda(sigma), Table 1
         n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) * s
+        # given channels (conditions, EDMPrecond.given_channels) are never noised and never scored
+        generated = _generated_channels(inner, y.shape[-1], y.device)
+        n = n * generated
         D_yn = denoiser(y + n, sigma, context, mask)
-        squared_error = torch.where(mask[..., None], weight * (D_yn - y) ** 2, y.new_zeros(()))
-        n_real = mask.sum() * y.shape[-1]
+        squared_error = torch.where(mask[..., None], weight * generated * (D_yn - y) ** 2, y.new_zeros(()))
+        n_real = mask.sum() * generated.sum()
         return squared_error.sum() / n_real.clamp_min(1)
+
+
+def _generated_channels(denoiser: nn.Module, n_features: int, device: torch.device) -> Tensor:
+    """``(D,)`` float: 1 for the features the denoiser generates, 0 for its given channels."""
+    given = getattr(denoiser, "given", None)
+    if given is None or given.numel() != n_features:
+        return torch.ones(n_features, device=device)
+    return (~given).to(device=device, dtype=torch.float32)
 
 
 def karras_sigmas(
@@ -281,6 +346,7 @@ def sample_heun(
     point_dim: int = 4,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
+    given: Tensor | None = None,
 ) -> Tensor:
     """Deterministic Heun sampler (Karras et al. 2022, Algorithm 1; Algorithm 2 with S_churn = 0).
 
@@ -301,12 +367,14 @@ def sample_heun(
         point_dim: features per point D.
         generator: torch RNG for the initial noise.
         noise: standard-normal initial noise ``(B, M, D)``; overrides ``generator``.
+        given: ``(B, M, D)`` values of the given channels of the denoiser, NaN elsewhere
+            (:func:`impose_given`); the ODE keeps them, since the denoiser returns them unchanged.
 
     Returns:
         Samples of shape ``(B, M, D)``.
     """
     sigmas = karras_sigmas(n_steps, sigma_min, sigma_max, rho).tolist()
-    x = initial_noise(context, n_points, point_dim, mask, generator, noise) * sigmas[0]
+    x = impose_given(initial_noise(context, n_points, point_dim, mask, generator, noise) * sigmas[0], given)
     batch = x.shape[0]
     for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
         # Euler step
@@ -334,6 +402,7 @@ def sample_euler(
     point_dim: int = 4,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
+    given: Tensor | None = None,
 ) -> Tensor:
     """Deterministic Euler sampler of the probability-flow ODE on :func:`karras_sigmas`.
 
@@ -341,7 +410,7 @@ def sample_euler(
     evaluations. Runs under ``torch.no_grad``. Arguments as in :func:`sample_heun`.
     """
     sigmas = karras_sigmas(n_steps, sigma_min, sigma_max, rho).tolist()
-    x = initial_noise(context, n_points, point_dim, mask, generator, noise) * sigmas[0]
+    x = impose_given(initial_noise(context, n_points, point_dim, mask, generator, noise) * sigmas[0], given)
     batch = x.shape[0]
     for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
         d_cur = (x - denoiser(x, x.new_full((batch,), t_cur), context, mask)) / t_cur

@@ -27,7 +27,7 @@ import torch
 
 from ..geometry import Geometry
 from ..showers import Showers
-from .sampling import DEFAULT_STEPS, Sampler
+from .sampling import Sampler
 
 __all__ = ["OccupancyCalibration", "fit_occupancy", "layer_counts", "stochastic_round"]
 
@@ -136,7 +136,7 @@ class OccupancyCalibration:
 FIT_POINTS_PER_HIT = (1.0, 2.0)
 
 
-def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str = "heun", n_steps: int = DEFAULT_STEPS,
+def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: Sampler = Sampler(),
                   seed: int = 0, batch_size: int = 64, check: bool = True) -> OccupancyCalibration:
     """Fit the occupancy calibration of ``model`` in ``geometry`` on its training ``showers``.
 
@@ -153,7 +153,8 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str =
     Arguments:
         model: a :class:`~caloadapt.models.ShowerModel` (its current weights are used).
         showers: training showers of ``geometry`` (never the evaluation reference).
-        sampler, n_steps: the sampler the calibration is fitted with (collisions depend on it a little).
+        sampler: the sampler the model is generated with (its checkpoint's): collisions depend on
+            how tight the generated core is, so the fit uses the same one.
     """
     energy = showers.incident_energy_mev
     if len(energy) == 0:
@@ -168,7 +169,7 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str =
             # one generator per batch: passes with one seed draw the same flow samples in every batch,
             # whatever number of points an earlier batch consumed noise for
             generator = torch.Generator(device).manual_seed(pass_seed * 1_000_003 + start)
-            raw = model.generate(geometry, energy[start:start + batch_size], Sampler(sampler, n_steps),
+            raw = model.generate(geometry, energy[start:start + batch_size], sampler,
                                  generator=generator, occupancy=calibration)
             points.append(layer_counts(raw, geometry))
             hits.append(layer_counts(geometry.digitise(raw), geometry))
@@ -179,7 +180,8 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: str =
     try:
         hits = [generate_counts(OccupancyCalibration.uniform(geometry.name, n_layers, k), seed + 1)[1]
                 for k in FIT_POINTS_PER_HIT]
-        fit = {"sampler": sampler, "n_steps": int(n_steps), "n_showers": int(len(energy)),
+        fit = {"sampler": sampler.kind, "n_steps": int(sampler.steps), "sigma_max": float(sampler.sigma_max),
+               "n_showers": int(len(energy)),
                "points_per_hit": list(FIT_POINTS_PER_HIT), "training_hits": training_hits.mean(axis=0).tolist()}
         calibration = OccupancyCalibration.from_mean_hits(geometry.name, FIT_POINTS_PER_HIT,
                                                           tuple(h.mean(axis=0) for h in hits),

@@ -162,6 +162,9 @@ class PointFrame:
     frame: str = "physical"
     #: r0 of the radial compression r -> r0 asinh(r / r0) in Moliere radii; 0 keeps the linear scale
     transverse_scale_rm: float = 0.0
+    #: depth feature at the centre of the point's layer (a condition when the layer is given,
+    #: ``ModelConfig.depth_given``) instead of the point's own depth
+    layer_depth: bool = False
 
     def __post_init__(self) -> None:
         if self.frame not in FRAMES:
@@ -170,6 +173,8 @@ class PointFrame:
             raise ValueError(f"transverse_scale_rm must be >= 0, got {self.transverse_scale_rm}")
         if self.transverse_scale_rm > 0 and self.frame != "physical":
             raise ValueError("the radial compression (transverse_scale_rm > 0) needs the physical frame")
+        if self.layer_depth and self.frame != "physical":
+            raise ValueError("a given layer depth needs the physical frame")
 
     def _compress(self, x: np.ndarray, y: np.ndarray, inverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Radial compression of (x, y) in Moliere radii (or its inverse), direction kept."""
@@ -181,6 +186,10 @@ class PointFrame:
         # d(new_r)/dr = 1 at r = 0 in both directions, so the ratio tends to 1 at the axis
         ratio = np.divide(new_r, r, out=np.ones_like(r), where=r > 0)
         return x * ratio, y * ratio
+
+    def depth_x0(self, layer: np.ndarray) -> np.ndarray:
+        """Depth feature of points in readout layers ``layer``: X0 at the layer centres."""
+        return self.geometry.stack.x0_at(self.geometry.layer_centres_mm[layer])
 
     @property
     def _half_size_mm(self) -> float:
@@ -198,7 +207,7 @@ class PointFrame:
             e_inc = np.repeat(showers.incident_energy_mev, showers.n_points)
             energy = np.log(np.maximum(deposited_equivalent_mev(g, showers, layer), 1e-12) / e_inc)
             x, y = self._compress(p[:, 0] / rm, p[:, 1] / rm)
-            features = [x, y, g.stack.x0_at(p[:, 2]), energy]
+            features = [x, y, self.depth_x0(layer) if self.layer_depth else g.stack.x0_at(p[:, 2]), energy]
         else:
             half = self._half_size_mm
             depth = depth_to_layer_units(g, p[:, 2]) / g.n_layers * 2 - 1

@@ -63,6 +63,10 @@ class Sampler:
         """The same sampler with ``steps`` steps (None: unchanged)."""
         return self if steps is None else replace(self, steps=int(steps))
 
+    def with_sigma_max(self, sigma_max: float | None) -> Sampler:
+        """The same sampler starting from noise level ``sigma_max`` (None: unchanged)."""
+        return self if sigma_max is None else replace(self, sigma_max=float(sigma_max))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -74,12 +78,14 @@ class Sampler:
         return cls(**data)
 
     def __call__(self, denoiser: nn.Module, context: Tensor, mask: Tensor, *,
-                 generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, noise: Tensor | None = None,
+                 given: Tensor | None = None) -> Tensor:
         """Sample ``(B, M, 4)`` normalised point features for the real points of ``mask`` ``(B, M)``.
 
         ``denoiser`` is an EDM denoiser ``D(x; sigma, context, mask)`` for ``heun`` / ``euler``; for
         ``consistency`` the same module holding a distilled network, or a consistency function.
+        ``given``: the values of the denoiser's given channels, NaN elsewhere (``sample_heun``).
         """
         schedule = {"n_steps": self.steps, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho}
         solver = {"heun": sample_heun, "euler": sample_euler, "consistency": sample_consistency}[self.kind]
-        return solver(denoiser, context, mask=mask, generator=generator, noise=noise, **schedule)
+        return solver(denoiser, context, mask=mask, generator=generator, noise=noise, given=given, **schedule)

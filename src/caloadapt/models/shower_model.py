@@ -41,6 +41,8 @@ __all__ = ["ModelConfig", "ShowerModel", "BACKBONES", "shower_condition", "flow_
 
 #: point networks of the diffusion model: per point (CaloClouds II) or attention between points
 BACKBONES = ("pointwise", "transformer")
+#: index of the depth among the point features (x, y, depth, energy)
+DEPTH_FEATURE = 2
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,12 @@ class ModelConfig:
         transverse_scale_rm: r0 of the radial compression of the transverse position in the
             physical frame, r -> r0 asinh(r / r0), in Moliere radii; 0 keeps the linear scale (what
             checkpoints written before the option hold).
+        depth_given: generate each point in a known layer: the flow's points per layer fix every
+            point's layer before the diffusion, whose depth feature (the layer centre, in X0) is
+            then a condition, never noised (:func:`~caloadapt.models.edm.given_scalings`); the
+            network generates x, y and energy given the depth (as AllShowers does, arXiv:2601.11716,
+            FLC-QU-hep/AllShowers ``generator.py``; docs/fidelity.md). False (and every older checkpoint): all four features are
+            generated and points are assigned to layers by their generated depth.
         backbone: point network, ``pointwise`` (CaloClouds II PointWise-Net) or ``transformer``
             (:class:`~caloadapt.models.transformer.PointTransformer`).
         geometry_conditioning: append the detector descriptor
@@ -69,6 +77,7 @@ class ModelConfig:
 
     frame: str = "physical"
     transverse_scale_rm: float = 0.0
+    depth_given: bool = False
     backbone: str = "pointwise"
     geometry_conditioning: bool = False
     grid_step_x0: float = 0.5
@@ -113,7 +122,12 @@ class ModelConfig:
 
     def point_frame(self, geometry: Geometry) -> PointFrame:
         """The map between points of ``geometry`` and this model's point features."""
-        return PointFrame(geometry, self.frame, self.transverse_scale_rm)
+        return PointFrame(geometry, self.frame, self.transverse_scale_rm, layer_depth=self.depth_given)
+
+    @property
+    def given_channels(self) -> tuple[int, ...]:
+        """Point features that are conditions of the diffusion, not generated (the depth, 2)."""
+        return (DEPTH_FEATURE,) if self.depth_given else ()
 
 
 def shower_condition(incident_energy_mev: np.ndarray, n_points: np.ndarray, geometry: Geometry,
@@ -150,7 +164,8 @@ class ShowerModel(nn.Module):
         n_stats = n_statistics(config.grid)
         self.flow = ShowerFlow(n_stats, context_dim=config.condition_dim - 1, hidden=config.flow_hidden,
                                transforms=config.flow_transforms, bins=config.flow_bins)
-        self.denoiser = EDMPrecond(_backbone(config), sigma_data=config.sigma_data)
+        self.denoiser = EDMPrecond(_backbone(config), sigma_data=config.sigma_data,
+                                   given_channels=config.given_channels)
         self.diffusion_loss = EDMLoss(config.P_mean, config.P_std, config.sigma_data)
         # normalisation of features, fixed from the pre-training data and never changed afterwards
         self.register_buffer("point_mean", torch.zeros(4))
@@ -244,16 +259,19 @@ class ShowerModel(nn.Module):
         mask = torch.arange(width, device=device)[None, :] < torch.as_tensor(n_points, device=device)[:, None]
         # the network is told the hits the shower is to have (what N meant in training), not the points
         condition[:, 1] = torch.as_tensor(points_condition(hits.sum(axis=1)), dtype=torch.float32, device=device)
+        # points of shower i fill its layers in order: counts[i, 0] in layer 0, then layer 1, ...
+        layer = np.repeat(np.tile(np.arange(geometry.n_layers), len(energy)), counts.ravel())
+        given = self._given_depth(geometry, layer, mask) if self.config.depth_given else None
         # the fused wrapper computes each shower's gates once and skips padding: same values, faster
         network = FusedDenoiser(self.denoiser if denoiser is None else denoiser)
-        x = sampler(network, condition, mask, generator=generator)
+        x = sampler(network, condition, mask, generator=generator, given=given)
         features = (x * self.point_std + self.point_mean)
         # sort real points by generated depth (padding last), then assign layers by the flow's counts
+        # (a given depth is already in that order)
         depth = torch.where(mask, features[..., 2], torch.full_like(features[..., 2], float("inf")))
         order = depth.argsort(dim=1)
         features = torch.gather(features, 1, order[..., None].expand(-1, -1, 4))
         flat = features[mask].double().cpu().numpy()  # mask is a prefix: the first n_i sorted points
-        layer = np.repeat(np.tile(np.arange(geometry.n_layers), len(energy)), counts.ravel())
         shower = np.repeat(np.arange(len(energy)), n_points)
         points = self.config.point_frame(geometry).to_points(flat, layer, energy[shower])
         _calibrate_layers(points, shower, layer, layer_energy, geometry, visible_only=False)
@@ -261,6 +279,15 @@ class ShowerModel(nn.Module):
         # last, once the points sit where they stay: the cells that will be read out carry the energy
         _calibrate_layers(points, shower, layer, layer_energy, geometry, visible_only=True)
         return Showers.from_counts(points, n_points, energy, particle=particle, geometry=geometry.name)
+
+    def _given_depth(self, geometry: Geometry, layer: np.ndarray, mask: Tensor) -> Tensor:
+        """``(B, M, 4)`` normalised given features: each real point's layer depth, NaN elsewhere."""
+        depth = self.config.point_frame(geometry).depth_x0(layer)
+        given = torch.full((*mask.shape, 4), float("nan"), dtype=torch.float32, device=mask.device)
+        normalised = (torch.as_tensor(depth, dtype=torch.float32, device=mask.device) - self.point_mean[DEPTH_FEATURE]
+                      ) / self.point_std[DEPTH_FEATURE]
+        given[..., DEPTH_FEATURE][mask] = normalised
+        return given
 
 
 def _calibrate_layers(points: np.ndarray, shower: np.ndarray, layer: np.ndarray, layer_energy: np.ndarray,

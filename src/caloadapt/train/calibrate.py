@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..data.io import count_showers, read_showers
 from ..models.occupancy import fit_occupancy
+from ..models.sampling import Sampler
 from ..models.shower_model import ShowerModel
 from ..showers import Showers
 from .data import DataSource, split_indices
@@ -39,11 +40,14 @@ def training_showers(source: DataSource, train_config: dict | None, n_showers: i
 
 
 def calibrate_occupancy(model: ShowerModel, sources: Sequence[DataSource], train_config: dict | None, *,
-                        n_showers: int = 128, seed: int = 0, progress: bool = True) -> None:
-    """Fit ``model.occupancy`` for the detector of each source on its training showers (in place)."""
+                        n_showers: int = 128, seed: int = 0, progress: bool = True,
+                        sampler: Sampler = Sampler()) -> None:
+    """Fit ``model.occupancy`` for the detector of each source on its training showers (in place),
+    generating with ``sampler`` (the one its checkpoint holds)."""
     for source in sources:
         showers = training_showers(source, train_config, n_showers)
         if progress:
             tqdm.write(f"fitting the occupancy calibration in {source.geometry.name} on {len(showers)} "
                        "training showers")
-        model.occupancy[source.geometry.name] = fit_occupancy(model, source.geometry, showers, seed=seed)
+        model.occupancy[source.geometry.name] = fit_occupancy(model, source.geometry, showers, seed=seed,
+                                                              sampler=sampler)

@@ -35,7 +35,7 @@ from ..errors import CheckpointError, InputError
 from ..geometry import Geometry
 from ..models.checkpoint import load_weights
 from ..models.consistency import CONSISTENCY_KEY, ConsistencyPrecond, multistep_sigmas, sample_consistency
-from ..models.edm import karras_sigmas, sample_heun
+from ..models.edm import given_features, karras_sigmas, sample_heun
 from ..models.fused import FusedDenoiser
 from ..models.sampling import Sampler
 from ..models.shower_model import ShowerModel
@@ -137,7 +137,9 @@ class ConsistencyObjective(Objective):
         x = torch.where(batch.mask[..., None], x, x.new_zeros(()))
         index = torch.randint(0, self.config.n_grid - 1, (len(batch),), generator=generator, device=x.device)
         sigma, sigma_next = self.grid[index], self.grid[index + 1]
-        x_cur = x + sigma[:, None, None] * torch.randn(x.shape, generator=generator, device=x.device)
+        noise = torch.randn(x.shape, generator=generator, device=x.device)
+        # given channels (a known layer's depth) are conditions: never noised
+        x_cur = x + sigma[:, None, None] * noise.masked_fill(model.denoiser.given.to(x.device), 0.0)
         with torch.no_grad():
             x_next = _teacher_heun_step(self.teacher, x_cur, sigma, sigma_next, batch.condition, batch.mask)
             goal = self.target(x_next, sigma_next, batch.condition, batch.mask)
@@ -161,13 +163,15 @@ class ConsistencyObjective(Objective):
         for i, batch in enumerate(batches):
             batch = batch.to(device)
             noise = torch.randn(batch.points.shape, generator=noise_generator, device=device)
+            given = given_features((batch.points - model.point_mean) / model.point_std, model.denoiser.given)
             key = (id(batches), i)  # the validation batches live as long as the run
             if key not in self.references:
                 self.references[key] = sample_heun(FusedDenoiser(self.teacher), batch.condition, mask=batch.mask,
                                                    n_steps=config.val_teacher_steps, sigma_min=config.sigma_min,
-                                                   sigma_max=config.sigma_max, rho=config.rho, noise=noise)
+                                                   sigma_max=config.sigma_max, rho=config.rho, noise=noise,
+                                                   given=given)
             sample = sample_consistency(model.denoiser, batch.condition, mask=batch.mask, sigma_min=config.sigma_min,
-                                        sigma_max=config.sigma_max, noise=noise)
+                                        sigma_max=config.sigma_max, noise=noise, given=given)
             one_step += float(_masked_mse(sample, self.references[key], batch.mask)) * len(batch)
             loss += float(self._loss(model, batch, loss_generator)) * len(batch)
         n = max(sum(len(b) for b in batches), 1)
