@@ -188,6 +188,14 @@ def test_calibrate_command_refits_on_the_training_split(calibrated_run, tmp_path
     refitted = model_from_checkpoint(tmp_path / "calibrated.pt").occupancy["ild-ecal"]
     # the same training showers and seed as the fit at the end of training: the same calibration
     assert refitted == model_from_checkpoint(root / "run" / "best.pt").occupancy["ild-ecal"]
+    # another starting noise level: fitted with it, and stored for generation beside the calibration
+    result = CliRunner().invoke(app, ["calibrate", "--checkpoint", str(tmp_path / "uncalibrated.pt"), "--data",
+                                      str(root / "train.h5"), "-o", str(tmp_path / "low.pt"),
+                                      "--n-showers", "36", "--device", "cpu", "--sigma-max", "5"])
+    assert result.exit_code == 0, result.output
+    model, sampler = load_model(tmp_path / "low.pt")
+    assert sampler.sigma_max == 5.0 and model.occupancy["ild-ecal"].fit["sigma_max"] == 5.0
+    assert model.occupancy["ild-ecal"] != refitted
 
 
 def test_runs_begun_before_the_calibration_resume(tmp_path):

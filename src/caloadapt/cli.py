@@ -893,6 +893,9 @@ def calibrate(
                                                                              "file (default: from the file)")] = None,
     n_showers: Annotated[int, typer.Option(min=1, help="training showers per detector the fit uses")] = 128,
     seed: Annotated[int, typer.Option(help="seed of the fit's generation passes")] = 0,
+    sigma_max: Annotated[Optional[float], typer.Option(
+        help="noise level the model is to be sampled from: the fit uses it and the written checkpoint "
+             "stores it [default: the checkpoint's]")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     threads: ThreadsOption = None,
 ) -> None:
@@ -907,11 +910,11 @@ def calibrate(
         raise CaloadaptError("--geometry names the detector of a single file")
     payload = load_checkpoint(checkpoint)
     model, sampler = load_model(payload, source=str(checkpoint))
-    model = model.to(resolve_device(device))
+    model, sampler = model.to(resolve_device(device)), sampler.with_sigma_max(sigma_max)
     sources = [DataSource(path, file_geometry(path, geometry)) for path in data]
     calibrate_occupancy(model, sources, payload.get("train_config"), n_showers=n_showers, seed=seed,
                         sampler=sampler)
-    size = write_inference_checkpoint(model.cpu(), payload, output)
+    size = write_inference_checkpoint(model.cpu(), {**payload, "sampler": sampler.to_dict()}, output)
     for name, calibration in model.occupancy.items():
         fit = calibration.fit
         if name in {s.geometry.name for s in sources} and "generated_hits" in fit:
