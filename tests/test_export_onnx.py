@@ -124,3 +124,26 @@ def test_transformer_export_takes_the_padding_mask(tmp_path):
     showers = onnx_model(model, path, threads=1).generate(get_geometry("ild-ecal"), np.array([20e3]), Sampler(steps=2),
                                                           generator=torch.Generator().manual_seed(1))
     assert len(showers) == 1 and np.all(np.isfinite(showers.points))
+
+
+def test_depth_given_export_keeps_the_given_channel(tmp_path):
+    """A depth-given model exports its given channel (returned unchanged by onnxruntime too) and
+    generates through onnxruntime the showers it generates in PyTorch."""
+    from caloadapt.models import ModelConfig
+
+    torch.manual_seed(0)
+    model = ShowerModel(ModelConfig(depth_given=True, widths=(16, 16), time_dim=8, flow_hidden=(16,),
+                                    flow_transforms=1)).eval()
+    for p in model.denoiser.net.parameters():
+        p.data.normal_(0.0, 0.3)
+    path = export_onnx(model, tmp_path / "given.onnx")
+    assert onnx_metadata(path)["given_channels"] == "2"
+    assert parity_check(model, path, n_trials=3) <= PARITY_TOLERANCE
+    x = torch.randn(2, 9, 4)
+    out = OnnxDenoiser(path, threads=1)(x, torch.tensor([3.0, 0.2]), torch.randn(2, model.net.context_dim))
+    torch.testing.assert_close(out[..., 2], x[..., 2], rtol=0, atol=1e-6)
+    geometry, energies = get_geometry("ild-ecal"), np.array([15e3, 25e3])
+    runs = [m.generate(geometry, energies, Sampler(steps=3), generator=torch.Generator().manual_seed(1))
+            for m in (model, onnx_model(model, path, threads=1))]
+    np.testing.assert_array_equal(runs[0].n_points, runs[1].n_points)
+    np.testing.assert_allclose(runs[0].points, runs[1].points, rtol=1e-3, atol=1e-3)

@@ -90,6 +90,8 @@ def _exported_module(model: ShowerModel | nn.Module, consistency: dict | None) -
             "sigma_data": ",".join(repr(v) for v in module.sigma_data_values),
             "point_dim": str(module.net.point_dim), "context_dim": str(module.net.context_dim),
             "mask": str(int(_takes_mask(module))),
+            # features that are conditions (the layer's depth of a depth-given model), not generated
+            "given_channels": ",".join(str(c) for c in getattr(module, "given_channels", ())),
             "caloadapt_version": __version__, "torch_version": torch.__version__}
     if consistency.get("sigmas"):
         meta["sigmas"] = ",".join(repr(float(s)) for s in consistency["sigmas"])
