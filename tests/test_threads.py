@@ -61,6 +61,20 @@ def test_explicit_auto_overrides_omp_num_threads(monkeypatch):
     assert _threads.auto_threads(respect_omp_num_threads=False) == 2
 
 
+def test_the_users_omp_num_threads_decides_without_scanning_the_processes(monkeypatch):
+    def scan():
+        raise AssertionError("the process table was read although OMP_NUM_THREADS decides")
+
+    monkeypatch.setattr(_threads, "other_caloadapt_processes", scan)
+    monkeypatch.setattr(_threads, "USER_OMP_NUM_THREADS", "3,1")
+    assert _threads.auto_threads() == 3
+    monkeypatch.setattr(_threads, "USER_OMP_NUM_THREADS", "zero")  # not a count: the machine decides
+    monkeypatch.setattr(_threads, "other_caloadapt_processes", lambda: 0)
+    monkeypatch.setattr(_threads, "usable_cores", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert _threads.auto_threads() == 4
+
+
 def _fake_proc(root: Path, commands: dict[int, list[str]]) -> Path:
     for pid, argv in commands.items():
         (root / str(pid)).mkdir()

@@ -84,6 +84,18 @@ def other_caloadapt_processes(proc: Path = Path("/proc")) -> int:
     return count
 
 
+def _positive_threads(omp_num_threads: str | None) -> int | None:
+    """The thread count an ``OMP_NUM_THREADS`` value asks for, or None (unset, empty, not a positive
+    integer); OpenMP allows a list per nesting level, whose first entry counts."""
+    if omp_num_threads is None:
+        return None
+    try:
+        value = int(omp_num_threads.split(",")[0])
+    except ValueError:
+        return None
+    return value if value >= 1 else None
+
+
 def choose_threads(usable: int, *, load: float | None = None, total_cpus: int | None = None,
                    sharers: int = 1, omp_num_threads: str | None = None) -> int:
     """The number of threads for one caloadapt process.
@@ -98,13 +110,9 @@ def choose_threads(usable: int, *, load: float | None = None, total_cpus: int | 
 
     Returns ``usable // sharers``, at most the CPUs the load leaves free, and at least 1.
     """
-    if omp_num_threads is not None:
-        try:
-            value = int(omp_num_threads.split(",")[0])  # OpenMP allows a list per nesting level
-        except ValueError:
-            value = 0
-        if value >= 1:
-            return value
+    value = _positive_threads(omp_num_threads)
+    if value is not None:
+        return value
     share = usable // max(1, sharers)
     if load is not None:
         # the load average counts runnable tasks over the whole machine; our share of it is the
@@ -140,7 +148,9 @@ def parse_threads(text: str | None) -> int | None:
 def auto_threads(*, respect_omp_num_threads: bool = True) -> int:
     """The start-up choice on this machine: affinity, load average, other caloadapt processes and
     the ranks of a distributed run on this node (``LOCAL_WORLD_SIZE``, set by torchrun); the user's
-    ``OMP_NUM_THREADS`` instead, when set and respected."""
+    ``OMP_NUM_THREADS`` instead, when set and respected (then nothing else is looked at)."""
+    if respect_omp_num_threads and _positive_threads(USER_OMP_NUM_THREADS) is not None:
+        return _positive_threads(USER_OMP_NUM_THREADS)
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
