@@ -58,8 +58,9 @@ class ModelConfig:
             point's layer before the diffusion, whose depth feature (the layer centre, in X0) is
             then a condition, never noised (:func:`~caloadapt.models.edm.given_scalings`); the
             network generates x, y and energy given the depth (as AllShowers does, arXiv:2601.11716,
-            FLC-QU-hep/AllShowers ``generator.py``; docs/fidelity.md). False (and every older checkpoint): all four features are
-            generated and points are assigned to layers by their generated depth.
+            FLC-QU-hep/AllShowers ``generator.py``; docs/fidelity.md). False (and every older
+            checkpoint): all four features are generated and points are assigned to layers by their
+            generated depth.
         backbone: point network, ``pointwise`` (CaloClouds II PointWise-Net) or ``transformer``
             (:class:`~caloadapt.models.transformer.PointTransformer`).
         geometry_conditioning: append the detector descriptor
