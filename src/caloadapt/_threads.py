@@ -149,8 +149,9 @@ def auto_threads(*, respect_omp_num_threads: bool = True) -> int:
     """The start-up choice on this machine: affinity, load average, other caloadapt processes and
     the ranks of a distributed run on this node (``LOCAL_WORLD_SIZE``, set by torchrun); the user's
     ``OMP_NUM_THREADS`` instead, when set and respected (then nothing else is looked at)."""
-    if respect_omp_num_threads and _positive_threads(USER_OMP_NUM_THREADS) is not None:
-        return _positive_threads(USER_OMP_NUM_THREADS)
+    user = _positive_threads(USER_OMP_NUM_THREADS) if respect_omp_num_threads else None
+    if user is not None:
+        return user
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):

@@ -67,6 +67,8 @@ def given_scalings(c_skip: Tensor, c_out: Tensor, c_in: Tensor, sigma_data: Tens
 
 
 def given_mask(given_channels: Sequence[int], n_features: int | None = None) -> Tensor:
+    """``(n_features,)`` bool mask of ``given_channels`` (width: the last given channel + 1 when
+    ``n_features`` is None)."""
     channels = tuple(int(c) for c in given_channels)
     if any(c < 0 for c in channels) or len(set(channels)) != len(channels):
         raise ValueError(f"given channels must be distinct non-negative indices, got {given_channels!r}")
@@ -270,8 +272,10 @@ class EDMLoss:
 def _generated_channels(denoiser: nn.Module, n_features: int, device: torch.device) -> Tensor:
     """``(D,)`` float: 1 for the features the denoiser generates, 0 for its given channels."""
     given = getattr(denoiser, "given", None)
-    if given is None or given.numel() != n_features:
+    if given is None or not bool(given.any()):
         return torch.ones(n_features, device=device)
+    if given.numel() != n_features:  # a mask of another width would silently noise a condition
+        raise ValueError(f"the denoiser's given-channel mask has {given.numel()} entries for {n_features} features")
     return (~given).to(device=device, dtype=torch.float32)
 
 
