@@ -87,3 +87,55 @@ def test_a_depth_given_model_generates_each_point_in_the_layer_the_flow_gives_it
         for got, want in zip(rows, per_shower):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     assert all(np.all(np.diff(layer[showers.offsets[i]:showers.offsets[i + 1]]) >= 0) for i in range(2))
+
+
+def test_a_shower_depth_conditioned_model_is_told_the_flows_longitudinal_centre(tmp_path):
+    """With ``shower_depth_condition`` training batches carry each shower's energy-weighted mean layer
+    depth (X0 / 20), the flow is not told it (it generates the layer energies), and in generation the
+    network is handed the depth of the flow's own layer energies."""
+    import torch
+
+    from caloadapt.data import read_showers, write_showers
+    from caloadapt.models import ModelConfig, ShowerModel
+    from caloadapt.simulate import simulate
+    from caloadapt.train import TrainConfig, train
+    from caloadapt.train.data import make_batch
+
+    geometry = get_geometry("ild-ecal")
+    data = tmp_path / "ild.h5"
+    write_showers(data, simulate(geometry, "photon", np.array([10e3, 20e3, 40e3, 80e3] * 3), seed=3))
+    config = ModelConfig(depth_given=True, shower_depth_condition=True, widths=(16, 16), time_dim=8,
+                         flow_hidden=(16,), flow_transforms=1)
+    assert config.condition_dim == 3
+
+    showers = read_showers(data, geometry)
+    batch = make_batch(showers, geometry, config, np.random.default_rng(0), max_points=32)
+    depth_x0 = geometry.stack.x0_at(showers.points[:, 2])  # hits sit at layer centres
+    weight = showers.points[:, 3]
+    expected = np.bincount(showers.shower_index, weight * depth_x0) / np.bincount(showers.shower_index, weight)
+    np.testing.assert_allclose(batch.condition[:, 2].numpy(), expected / 20.0, rtol=1e-5)
+    assert 0.2 < expected.mean() / 20.0 < 0.6  # ILD photons peak near 7 X0
+    torch.manual_seed(0)
+    train(ShowerModel(config), data, geometry, tmp_path / "run",
+          TrainConfig(steps=3, batch_size=4, max_points=32, val_every=3, checkpoint_every=3, warmup_steps=1,
+                      device="cpu", occupancy_showers=0), progress=False)
+    model, sampler = load_model(tmp_path / "run" / "best.pt")
+    assert model.config.shower_depth_condition
+
+    flow_layers, contexts = [], []
+    sample_layers = model._sample_layers
+    model._sample_layers = lambda *a: flow_layers.append(sample_layers(*a)) or flow_layers[-1]
+    inner = model.denoiser
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, sigma, context, mask=None):
+            contexts.append(context.clone())
+            return inner(x, sigma, context, mask)
+
+    model.generate(geometry, np.array([15e3, 60e3]), sampler.with_steps(1), occupancy=None,
+                   generator=torch.Generator().manual_seed(0), denoiser=Spy())
+    _, (_, layer_energy, _) = flow_layers[0]
+    layer_depth = geometry.stack.x0_at(geometry.layer_centres_mm)
+    want = sorted(layer_energy @ layer_depth / layer_energy.sum(axis=1) / 20.0)
+    for context in contexts:  # the fast path may hand the showers in another order
+        np.testing.assert_allclose(sorted(context[:, 2].numpy()), want, rtol=1e-5)

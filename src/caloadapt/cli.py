@@ -370,6 +370,10 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
             "--depth-given/--depth-generated",
             help="generate each point in the layer the flow gives it (its depth a condition, only x, y and "
                  "energy diffused), or generate the depth too and sort points into layers")] = False,
+        shower_depth_condition: Annotated[bool, typer.Option(
+            "--shower-depth-condition/--no-shower-depth-condition",
+            help="tell the point network each shower's longitudinal centre of gravity (from the flow's layer "
+                 "energies), so the lateral width can follow the shower's own age")] = False,
         backbone: Annotated[str, typer.Option(help="point network: pointwise or transformer")] = "pointwise",
         geometry_conditioning: Annotated[Optional[bool], typer.Option(
             "--geometry-conditioning/--no-geometry-conditioning",
@@ -399,7 +403,7 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
                              patience=patience, occupancy_showers=occupancy_showers)
         conditioned = len(data) > 1 if geometry_conditioning is None else geometry_conditioning
         model_config = ModelConfig(frame=frame, transverse_scale_rm=transverse_scale_rm, depth_given=depth_given,
-                                   backbone=backbone,
+                                   shower_depth_condition=shower_depth_condition, backbone=backbone,
                                    geometry_conditioning=conditioned,
                                    widths=_csv_ints(widths), transformer_dim=transformer_dim,
                                    transformer_depth=transformer_depth, flow_hidden=_csv_ints(flow_hidden),

@@ -7,7 +7,8 @@ What is exported is the per-point function the samplers call, ``(x, sigma, conte
   ``f(x; sigma, context)`` (used by the one-step sampler).
 
 Inputs ``x`` float32 ``(batch, points, 4)``, ``sigma`` float32 ``(batch,)``, ``context`` float32
-``(batch, C)`` (C = 2, or 2 + the descriptor size for a geometry-conditioned model), and for the
+``(batch, C)`` (C = 2, + 1 with the shower-depth condition, + the descriptor size for a
+geometry-conditioned model), and for the
 transformer backbone ``mask`` bool ``(batch, points)`` (True for real points); output ``out``
 float32 ``(batch, points, 4)``; ``batch`` and ``points`` are dynamic.
 The kind and noise range are stored in the model's metadata (``caloadapt.kind``, ...), so

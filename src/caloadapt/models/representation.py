@@ -35,7 +35,8 @@ from ..geometry.layer_units import depth_to_layer_units
 from ..showers import Showers
 
 __all__ = ["FRAMES", "DepthGrid", "PointFrame", "shower_statistics", "statistics_to_layers",
-           "energy_condition", "points_condition", "n_statistics"]
+           "energy_condition", "points_condition", "shower_depth_condition", "layer_energy_depth_x0",
+           "n_statistics"]
 
 FRAMES = ("physical", "box")
 #: small offsets that keep empty grid bins away from ln(0); dequantisation noise is added on top
@@ -51,6 +52,19 @@ def energy_condition(incident_energy_mev: np.ndarray) -> np.ndarray:
 def points_condition(n_points: np.ndarray) -> np.ndarray:
     """Normalised number of points: ln(N) / ln(20000)."""
     return np.log(np.maximum(np.asarray(n_points, np.float64), 1.0)) / np.log(20000.0)
+
+
+def shower_depth_condition(depth_x0: np.ndarray) -> np.ndarray:
+    """Normalised longitudinal centre of gravity of a shower: depth / 20 X0 (fixed, any detector)."""
+    return np.asarray(depth_x0, np.float64) / 20.0
+
+
+def layer_energy_depth_x0(geometry: Geometry, layer_energy: np.ndarray) -> np.ndarray:
+    """``(N,)`` energy-weighted mean depth [X0] of showers given their ``(N, n_layers)`` layer energies,
+    each layer at its centre (the flow's layer energies in generation, the data's in training)."""
+    depth = geometry.stack.x0_at(geometry.layer_centres_mm)
+    total = layer_energy.sum(axis=1)
+    return np.divide(layer_energy @ depth, total, out=np.zeros_like(total, dtype=np.float64), where=total > 0)
 
 
 @dataclass(frozen=True)

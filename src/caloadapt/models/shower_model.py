@@ -32,8 +32,8 @@ from .flow import ShowerFlow
 from .fused import FusedDenoiser
 from .occupancy import OccupancyCalibration
 from .pointwise import PointwiseNet
-from .representation import (DepthGrid, PointFrame, energy_condition, n_statistics, points_condition,
-                             statistics_to_layers)
+from .representation import (DepthGrid, PointFrame, energy_condition, layer_energy_depth_x0, n_statistics,
+                             points_condition, shower_depth_condition, statistics_to_layers)
 from .sampling import Sampler
 from .transformer import PointTransformer
 
@@ -61,6 +61,13 @@ class ModelConfig:
             FLC-QU-hep/AllShowers ``generator.py``; docs/fidelity.md). False (and every older
             checkpoint): all four features are generated and points are assigned to layers by their
             generated depth.
+        shower_depth_condition: tell the point network the shower's longitudinal centre of gravity
+            (energy-weighted mean layer depth in X0; from the flow's layer energies in generation), so
+            that a pointwise network can make a late shower narrow at a given depth as the
+            simulation does (the radial profile is a function of the depth in units of the shower's
+            own depth scale, tau = t / T: GFlash, Grindhammer and Peters, hep-ex/0001020; without it
+            the core radius of generated showers follows the longitudinal profile the wrong way,
+            docs/fidelity.md). False (and every older checkpoint): energy and points only.
         backbone: point network, ``pointwise`` (CaloClouds II PointWise-Net) or ``transformer``
             (:class:`~caloadapt.models.transformer.PointTransformer`).
         geometry_conditioning: append the detector descriptor
@@ -79,6 +86,7 @@ class ModelConfig:
     frame: str = "physical"
     transverse_scale_rm: float = 0.0
     depth_given: bool = False
+    shower_depth_condition: bool = False
     backbone: str = "pointwise"
     geometry_conditioning: bool = False
     grid_step_x0: float = 0.5
@@ -114,8 +122,9 @@ class ModelConfig:
 
     @property
     def condition_dim(self) -> int:
-        """Width of the point network's shower condition: energy, points (+ the detector descriptor)."""
-        return 2 + (DESCRIPTOR_DIM if self.geometry_conditioning else 0)
+        """Width of the point network's shower condition: energy, points (+ shower depth, + the
+        detector descriptor)."""
+        return 2 + self.shower_depth_condition + (DESCRIPTOR_DIM if self.geometry_conditioning else 0)
 
     @property
     def grid(self) -> DepthGrid:
@@ -132,20 +141,25 @@ class ModelConfig:
 
 
 def shower_condition(incident_energy_mev: np.ndarray, n_points: np.ndarray, geometry: Geometry,
-                     geometry_conditioning: bool) -> np.ndarray:
-    """``(N, C)`` condition of the point network: energy, points (+ the descriptor of ``geometry``)."""
+                     config: ModelConfig, shower_depth_x0: np.ndarray | None = None) -> np.ndarray:
+    """``(N, C)`` condition of the point network: energy, points (+ the shower's depth in X0, a
+    placeholder 0 when not given, + the descriptor of ``geometry``), as ``config`` asks."""
     columns = [energy_condition(incident_energy_mev)[:, None], points_condition(n_points)[:, None]]
-    if geometry_conditioning:
+    if config.shower_depth_condition:
+        depth = np.zeros(len(columns[0])) if shower_depth_x0 is None else shower_depth_x0
+        columns.append(shower_depth_condition(depth)[:, None])
+    if config.geometry_conditioning:
         columns.append(np.broadcast_to(geometry_descriptor(geometry), (len(columns[0]), DESCRIPTOR_DIM)))
     return np.concatenate(columns, axis=1)
 
 
-def flow_condition(condition: Tensor) -> Tensor:
+def flow_condition(condition: Tensor, config: ModelConfig) -> Tensor:
     """The flow's condition: the energy (+ descriptor) columns of the point network's condition.
 
-    The flow predicts the number of points, so it must not be told it.
+    The flow predicts the number of points and the layer energies (hence the shower's depth), so
+    it must not be told them.
     """
-    return torch.cat([condition[:, :1], condition[:, 2:]], dim=1)
+    return torch.cat([condition[:, :1], condition[:, 2 + config.shower_depth_condition:]], dim=1)
 
 
 def _backbone(config: ModelConfig) -> nn.Module:
@@ -163,7 +177,7 @@ class ShowerModel(nn.Module):
         super().__init__()
         self.config = config
         n_stats = n_statistics(config.grid)
-        self.flow = ShowerFlow(n_stats, context_dim=config.condition_dim - 1, hidden=config.flow_hidden,
+        self.flow = ShowerFlow(n_stats, context_dim=config.condition_dim - 1 - config.shower_depth_condition, hidden=config.flow_hidden,
                                transforms=config.flow_transforms, bins=config.flow_bins)
         self.denoiser = EDMPrecond(_backbone(config), sigma_data=config.sigma_data,
                                    given_channels=config.given_channels)
@@ -213,7 +227,7 @@ class ShowerModel(nn.Module):
         x = (points - self.point_mean) / self.point_std
         diffusion = self.diffusion_loss(self.denoiser, x, condition, mask, generator)
         s = (statistics - self.stats_mean) / self.stats_std
-        flow = -self.flow.log_prob(s, flow_condition(condition)).mean() / s.shape[1]
+        flow = -self.flow.log_prob(s, flow_condition(condition, self.config)).mean() / s.shape[1]
         return {"diffusion": diffusion, "flow": flow}
 
     # -- generation --------------------------------------------------------------------------
@@ -221,10 +235,9 @@ class ShowerModel(nn.Module):
                        ) -> tuple[Tensor, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The point network's condition (its points column still a placeholder) and the flow's
         hits per layer, cell energy per layer and centre of gravity (:func:`statistics_to_layers`)."""
-        condition = torch.as_tensor(shower_condition(energy, np.ones_like(energy), geometry,
-                                                     self.config.geometry_conditioning),
+        condition = torch.as_tensor(shower_condition(energy, np.ones_like(energy), geometry, self.config),
                                     dtype=torch.float32, device=self.point_mean.device)
-        stats = self.flow.sample(flow_condition(condition), generator=generator) * self.stats_std + self.stats_mean
+        stats = self.flow.sample(flow_condition(condition, self.config), generator=generator) * self.stats_std + self.stats_mean
         return condition, statistics_to_layers(geometry, stats.double().cpu().numpy(), energy, self.config.grid)
 
     @torch.no_grad()
@@ -260,6 +273,9 @@ class ShowerModel(nn.Module):
         mask = torch.arange(width, device=device)[None, :] < torch.as_tensor(n_points, device=device)[:, None]
         # the network is told the hits the shower is to have (what N meant in training), not the points
         condition[:, 1] = torch.as_tensor(points_condition(hits.sum(axis=1)), dtype=torch.float32, device=device)
+        if self.config.shower_depth_condition:
+            depth = shower_depth_condition(layer_energy_depth_x0(geometry, layer_energy))
+            condition[:, 2] = torch.as_tensor(depth, dtype=torch.float32, device=device)
         # points of shower i fill its layers in order: counts[i, 0] in layer 0, then layer 1, ...
         layer = np.repeat(np.tile(np.arange(geometry.n_layers), len(energy)), counts.ravel())
         given = self._given_depth(geometry, layer, mask) if self.config.depth_given else None
