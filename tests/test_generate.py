@@ -106,7 +106,7 @@ def test_a_shower_depth_conditioned_model_is_told_the_flows_longitudinal_centre(
     write_showers(data, simulate(geometry, "photon", np.array([10e3, 20e3, 40e3, 80e3] * 3), seed=3))
     config = ModelConfig(depth_given=True, shower_depth_condition=True, widths=(16, 16), time_dim=8,
                          flow_hidden=(16,), flow_transforms=1)
-    assert config.condition_dim == 3
+    assert config.condition_dim == 3 and config.flow_condition_dim == 1
 
     showers = read_showers(data, geometry)
     batch = make_batch(showers, geometry, config, np.random.default_rng(0), max_points=32)

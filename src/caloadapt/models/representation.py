@@ -36,7 +36,7 @@ from ..showers import Showers
 
 __all__ = ["FRAMES", "DepthGrid", "PointFrame", "shower_statistics", "statistics_to_layers",
            "energy_condition", "points_condition", "shower_depth_condition", "layer_energy_depth_x0",
-           "n_statistics"]
+           "shower_depth_x0", "n_statistics"]
 
 FRAMES = ("physical", "box")
 #: small offsets that keep empty grid bins away from ln(0); dequantisation noise is added on top
@@ -65,6 +65,15 @@ def layer_energy_depth_x0(geometry: Geometry, layer_energy: np.ndarray) -> np.nd
     depth = geometry.stack.x0_at(geometry.layer_centres_mm)
     total = layer_energy.sum(axis=1)
     return np.divide(layer_energy @ depth, total, out=np.zeros_like(total, dtype=np.float64), where=total > 0)
+
+
+def shower_depth_x0(geometry: Geometry, showers: Showers) -> np.ndarray:
+    """``(N,)`` energy-weighted mean layer depth [X0] of data showers (cell energies, each point at
+    its layer's centre): what :func:`layer_energy_depth_x0` gives for the flow's layer energies."""
+    n, n_layers = len(showers), geometry.n_layers
+    flat = showers.shower_index * n_layers + _hit_layers(geometry, showers)
+    layer_energy = np.bincount(flat, showers.points[:, 3].astype(np.float64), n * n_layers)
+    return layer_energy_depth_x0(geometry, layer_energy.reshape(n, n_layers))
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,11 @@ class ModelConfig:
         return 2 + self.shower_depth_condition + (DESCRIPTOR_DIM if self.geometry_conditioning else 0)
 
     @property
+    def flow_condition_dim(self) -> int:
+        """Width of the flow's condition (:func:`flow_condition`): energy (+ the detector descriptor)."""
+        return self.condition_dim - 1 - self.shower_depth_condition
+
+    @property
     def grid(self) -> DepthGrid:
         return DepthGrid(self.grid_step_x0, self.grid_depth_x0)
 
@@ -177,7 +182,7 @@ class ShowerModel(nn.Module):
         super().__init__()
         self.config = config
         n_stats = n_statistics(config.grid)
-        self.flow = ShowerFlow(n_stats, context_dim=config.condition_dim - 1 - config.shower_depth_condition, hidden=config.flow_hidden,
+        self.flow = ShowerFlow(n_stats, context_dim=config.flow_condition_dim, hidden=config.flow_hidden,
                                transforms=config.flow_transforms, bins=config.flow_bins)
         self.denoiser = EDMPrecond(_backbone(config), sigma_data=config.sigma_data,
                                    given_channels=config.given_channels)
@@ -237,7 +242,8 @@ class ShowerModel(nn.Module):
         hits per layer, cell energy per layer and centre of gravity (:func:`statistics_to_layers`)."""
         condition = torch.as_tensor(shower_condition(energy, np.ones_like(energy), geometry, self.config),
                                     dtype=torch.float32, device=self.point_mean.device)
-        stats = self.flow.sample(flow_condition(condition, self.config), generator=generator) * self.stats_std + self.stats_mean
+        stats = self.flow.sample(flow_condition(condition, self.config), generator=generator)
+        stats = stats * self.stats_std + self.stats_mean
         return condition, statistics_to_layers(geometry, stats.double().cpu().numpy(), energy, self.config.grid)
 
     @torch.no_grad()

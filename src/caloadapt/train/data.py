@@ -17,7 +17,7 @@ import torch
 from ..data.io import read_showers
 from ..errors import InputError
 from ..geometry import Geometry
-from ..models.representation import layer_energy_depth_x0, shower_statistics
+from ..models.representation import shower_depth_x0, shower_statistics
 from ..models.shower_model import ModelConfig, shower_condition
 from ..showers import Showers
 
@@ -73,12 +73,7 @@ def make_batch(showers: Showers, geometry: Geometry, config: ModelConfig, rng: n
         chosen = rng.choice(n, k, replace=False) if n > k else np.arange(n)
         points[i, :k] = features[start + chosen]
         mask[i, :k] = True
-    depth = None
-    if config.shower_depth_condition:
-        layer = geometry.layer_index(showers.points[:, 2])
-        flat = showers.shower_index * geometry.n_layers + layer
-        layer_energy = np.bincount(flat, showers.points[:, 3].astype(np.float64), len(showers) * geometry.n_layers)
-        depth = layer_energy_depth_x0(geometry, layer_energy.reshape(len(showers), geometry.n_layers))
+    depth = shower_depth_x0(geometry, showers) if config.shower_depth_condition else None
     condition = shower_condition(showers.incident_energy_mev, counts, geometry, config, depth)
     return Batch(torch.from_numpy(points), torch.from_numpy(mask),
                  torch.as_tensor(condition, dtype=torch.float32), torch.as_tensor(statistics, dtype=torch.float32))
