@@ -191,10 +191,11 @@ def test_calibrate_command_refits_on_the_training_split(calibrated_run, tmp_path
     # another starting noise level: fitted with it, and stored for generation beside the calibration
     result = CliRunner().invoke(app, ["calibrate", "--checkpoint", str(tmp_path / "uncalibrated.pt"), "--data",
                                       str(root / "train.h5"), "-o", str(tmp_path / "low.pt"),
-                                      "--n-showers", "36", "--device", "cpu", "--sigma-max", "5"])
+                                      "--n-showers", "36", "--device", "cpu", "--sigma-max", "5", "--steps", "7"])
     assert result.exit_code == 0, result.output
     model, sampler = load_model(tmp_path / "low.pt")
-    assert sampler.sigma_max == 5.0 and model.occupancy["ild-ecal"].fit["sigma_max"] == 5.0
+    fit = model.occupancy["ild-ecal"].fit
+    assert (sampler.sigma_max, sampler.steps) == (5.0, 7) and (fit["sigma_max"], fit["n_steps"]) == (5.0, 7)
     assert model.occupancy["ild-ecal"] != refitted
 
 

@@ -77,6 +77,7 @@ def tiny_run(ild_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     result = CliRunner().invoke(app, ["train", "--data", str(ild_file), "-o", str(out), *TINY_RUN])
     assert result.exit_code == 0, result.stderr
+    assert (out / "loss_curves.png").is_file() and "loss_curves.png" in result.stdout
     return out
 
 

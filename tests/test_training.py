@@ -15,13 +15,15 @@ from typer.testing import CliRunner
 
 from caloadapt.cli import app
 from caloadapt.data import read_showers, write_showers
-from caloadapt.errors import CheckpointError
+from caloadapt.errors import CheckpointError, TrainingError
+from caloadapt.evaluate.plots import loss_curves
 from caloadapt.generate import iter_generate
 from caloadapt.geometry import get_geometry
 from caloadapt.models import ModelConfig, Sampler, ShowerModel
 from caloadapt.models.representation import DepthGrid, shower_statistics, statistics_to_layers
 from caloadapt.simulate import simulate
 from caloadapt.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+from caloadapt.train.rundir import read_history
 
 TINY = ModelConfig(widths=(32, 32), time_dim=16, flow_hidden=(32,), flow_transforms=2)
 
@@ -68,6 +70,17 @@ def test_losses_decrease_on_a_small_simulated_set(trained_run):
     assert [int(r["step"]) for r in rows] == [20, 40, 60]
     assert float(rows[-1]["val_flow"]) < float(rows[0]["val_flow"])
     assert float(rows[-1]["val_diffusion"]) < float(rows[0]["val_diffusion"])
+
+
+def test_history_is_read_back_and_plotted(trained_run, tmp_path):
+    rows = _metrics(trained_run)
+    history = read_history(trained_run)
+    assert history["step"] == [20.0, 40.0, 60.0]
+    assert history["val_diffusion"] == [float(r["val_diffusion"]) for r in rows]
+    assert loss_curves(history, tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "metrics.csv").write_text("step,train_flow\n20,abc\n")
+    with pytest.raises(TrainingError, match="not a number"):
+        read_history(tmp_path)
 
 
 def test_checkpoint_holds_everything_to_continue(trained_run):

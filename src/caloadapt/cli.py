@@ -332,10 +332,15 @@ def _run_training(data: list[Path], data_weight: list[float] | None, output: Pat
         raise CaloadaptError(f"cannot build the model: {err}") from None
     summary = train(torch_model, sources, None, output, config, resume=resume,
                     checkpoint_parts={"command": " ".join(sys.argv)})
+    if summary["rank"] != 0:  # one report (and one plot) per distributed training, from rank 0
+        return
+    from .evaluate.plots import loss_curves
+    from .train.rundir import LOSS_CURVES, read_history
+    loss_curves(read_history(output), output / LOSS_CURVES)
     typer.echo(f"trained {summary['steps']} steps in {summary['wall_s']:.0f} s; best validation: "
                f"diffusion {summary['best']['diffusion']:.4f} (step {summary['best_step']['diffusion']}), "
                f"flow {summary['best']['flow']:.4f} (step {summary['best_step']['flow']}); "
-               f"checkpoints in {output}")
+               f"checkpoints and {LOSS_CURVES} in {output}")
 
 
 def _training_command(name: str, help_text: str, default_steps: int, default_val_fraction: float):
@@ -687,7 +692,8 @@ def sweep(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     max_points: Annotated[int, typer.Option(min=1)] = 512,
     n_eval: Annotated[int, typer.Option(min=2, help="reference and generated showers compared per run")] = 1000,
-    sampler_steps: Annotated[int, typer.Option(min=1, help="sampler steps at generation")] = DEFAULT_STEPS,
+    sampler_steps: Annotated[Optional[int], typer.Option(
+        min=1, help="sampler steps at generation [default: each checkpoint's own sampler's]")] = None,
     floor: Annotated[Optional[Path], typer.Option(help="a second sample of the reference source (ideally at its "
                                                        "energies: simulate --energies-from): G_floor and G / G_floor "
                                                        "in every result and the summary")] = None,
@@ -900,6 +906,9 @@ def calibrate(
     sigma_max: Annotated[Optional[float], typer.Option(
         help="noise level the model is to be sampled from: the fit uses it and the written checkpoint "
              "stores it [default: the checkpoint's]")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        min=1, max=10000, help="sampler steps the model is to be sampled with: the fit uses them and the "
+                               "written checkpoint stores them [default: the checkpoint's]")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     threads: ThreadsOption = None,
 ) -> None:
@@ -914,7 +923,7 @@ def calibrate(
         raise CaloadaptError("--geometry names the detector of a single file")
     payload = load_checkpoint(checkpoint)
     model, sampler = load_model(payload, source=str(checkpoint))
-    model, sampler = model.to(resolve_device(device)), sampler.with_sigma_max(sigma_max)
+    model, sampler = model.to(resolve_device(device)), sampler.with_sigma_max(sigma_max).with_steps(steps)
     sources = [DataSource(path, file_geometry(path, geometry)) for path in data]
     calibrate_occupancy(model, sources, payload.get("train_config"), n_showers=n_showers, seed=seed,
                         sampler=sampler)

@@ -14,7 +14,8 @@ so importing this module changes no global matplotlib state.
 - :func:`average_shower_polar`: the average shower of a few layers as polar images (CaloChallenge
   ``avg`` mode);
 - :func:`event_display`: 3D scatter (depth, x, y) of a few showers, coloured and sized by energy;
-- :func:`score_summary`, :func:`separation_power_bars`: bar charts of the scores.
+- :func:`score_summary`, :func:`separation_power_bars`: bar charts of the scores;
+- :func:`loss_curves`: training and validation losses of a training run against the step.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .observables import ShowerObservables
 
 __all__ = ["OBSERVABLE_AXES", "histogram_with_ratio", "longitudinal_profile", "radial_profile",
            "energy_bin_panels", "average_shower_polar", "event_display", "score_summary",
-           "separation_power_bars", "hep_style"]
+           "separation_power_bars", "loss_curves", "hep_style"]
 
 #: observable -> (axis label with unit, log x, log y) of its histogram
 OBSERVABLE_AXES: dict[str, tuple[str, bool, bool]] = {
@@ -424,6 +425,29 @@ def separation_power_bars(summary: Mapping[str, float], by_energy: Mapping[str, 
         ax = figure.add_subplot()
         _grouped_bars(ax, families, data)
         ax.set_ylabel("Separation power")
+        return _save(figure, path)
+
+
+def loss_curves(history: Mapping[str, Sequence[float]], path: str | os.PathLike[str]) -> Path:
+    """Training and validation losses against the optimiser step, one panel per loss term.
+
+    ``history``: the columns of a run's ``metrics.csv`` (``step``, ``train_<term>``, ``val_<term>``
+    and, for a joint training, ``val_<term>_<detector>``); the terms are those with a ``train_`` column.
+    """
+    step = np.asarray(history["step"], np.float64)
+    terms = [name[len("train_"):] for name in history if name.startswith("train_")]
+    with hep_style():
+        figure = _figure((5.0 * max(len(terms), 1), 4.2), layout="constrained")
+        for i, term in enumerate(terms):
+            ax = figure.add_subplot(1, len(terms), i + 1)
+            for name in (f"train_{term}", *[n for n in history if n == f"val_{term}" or
+                                            n.startswith(f"val_{term}_")]):
+                values = np.asarray(history[name], np.float64)
+                shown = np.isfinite(values)
+                ax.plot(step[shown], values[shown], marker="o", ms=2.5, label=name.replace("_", " ", 1))
+            ax.set_xlabel("Optimiser step")
+            ax.set_ylabel(f"{term} loss")
+            ax.legend()
         return _save(figure, path)
 
 

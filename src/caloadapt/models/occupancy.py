@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..geometry import Geometry
 from ..showers import Showers
@@ -137,7 +138,8 @@ FIT_POINTS_PER_HIT = (1.0, 2.0)
 
 
 def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: Sampler = Sampler(),
-                  seed: int = 0, batch_size: int = 64, check: bool = True) -> OccupancyCalibration:
+                  seed: int = 0, batch_size: int = 64, check: bool = True,
+                  progress: bool = False) -> OccupancyCalibration:
     """Fit the occupancy calibration of ``model`` in ``geometry`` on its training ``showers``.
 
     1. The model generates showers at the training energies twice, with one and with two
@@ -155,6 +157,7 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: Sampl
         showers: training showers of ``geometry`` (never the evaluation reference).
         sampler: the sampler the model is generated with (its checkpoint's): collisions depend on
             how tight the generated core is, so the fit uses the same one.
+        progress: a progress bar over the generation passes (showers generated).
     """
     energy = showers.incident_energy_mev
     if len(energy) == 0:
@@ -162,6 +165,9 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: Sampl
     training_hits = layer_counts(geometry.digitise(showers), geometry)
     n_layers = geometry.n_layers
     device = model.point_mean.device
+    n_passes = len(FIT_POINTS_PER_HIT) + check
+    bar = tqdm(total=n_passes * len(energy), disable=not progress, desc=f"occupancy fit {geometry.name}",
+               unit="shower", leave=False)
 
     def generate_counts(calibration: OccupancyCalibration, pass_seed: int) -> tuple[np.ndarray, np.ndarray]:
         points, hits = [], []
@@ -173,6 +179,7 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: Sampl
                                  generator=generator, occupancy=calibration)
             points.append(layer_counts(raw, geometry))
             hits.append(layer_counts(geometry.digitise(raw), geometry))
+            bar.update(len(raw))
         return np.concatenate(points), np.concatenate(hits)
 
     was_training = model.training
@@ -190,5 +197,6 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: Sampl
             _, hits = generate_counts(calibration, seed + 2)
             fit["generated_hits"] = hits.mean(axis=0).tolist()
     finally:
+        bar.close()
         model.train(was_training)
     return calibration

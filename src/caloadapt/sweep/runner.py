@@ -15,7 +15,6 @@ from .._atomic import atomic_path
 from .._provenance import to_jsonable
 from .._threads import usable_cores
 from ..errors import InputError
-from ..models.sampling import DEFAULT_STEPS
 from .recipe import (PSEUDO_METHODS, SCRATCH_CONVERGED, ZERO_SHOT, adapt_model, adaptation_config,
                      converged_max_steps, is_converged, parse_method, whole_model_parameters)
 
@@ -39,7 +38,7 @@ class SweepSpec:
             rates at every size (False: at a short fixed budget the table's lower rates for large D
             would measure the budget, not the data; :mod:`caloadapt.adapt.defaults`).
         n_eval: generated and reference showers compared per run.
-        n_steps_sampler: sampler steps at generation.
+        n_steps_sampler: sampler steps at generation (None: each checkpoint's own sampler's).
         threads: torch threads per run.
         floor: optional second sample of the reference source (independent of ``reference``, ideally
             at its incident energies: ``caloadapt simulate --energies-from``); its first ``n_eval``
@@ -63,7 +62,7 @@ class SweepSpec:
     val_fraction: float = 0.2
     val_every: int = 100
     n_eval: int = 1000
-    n_steps_sampler: int = DEFAULT_STEPS
+    n_steps_sampler: int | None = None
     threads: int = 1
     lr_by_size: bool = True
     floor: str | None = None

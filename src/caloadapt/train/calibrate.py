@@ -50,4 +50,4 @@ def calibrate_occupancy(model: ShowerModel, sources: Sequence[DataSource], train
             tqdm.write(f"fitting the occupancy calibration in {source.geometry.name} on {len(showers)} "
                        "training showers")
         model.occupancy[source.geometry.name] = fit_occupancy(model, source.geometry, showers, seed=seed,
-                                                              sampler=sampler)
+                                                              sampler=sampler, progress=progress)

@@ -305,7 +305,8 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
         objective: what is learnt (default :class:`ModelLosses`).
 
     Returns:
-        A summary: steps, best validation losses and their steps, wall time.
+        A summary: steps, best validation losses and their steps, wall time, and the distributed rank
+        of this process (0 without DDP).
 
     The run folder is locked for the run (see :func:`caloadapt.train.rundir.run_lock`). Under the
     command line, SIGTERM / SIGHUP end the run after the current step with ``last.pt`` written
@@ -496,7 +497,7 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
     if ddp:
         dist.barrier()
     return {"steps": state["step"], "best": state["best"], "best_step": state["best_step"],
-            "wall_s": time.perf_counter() - started}
+            "wall_s": time.perf_counter() - started, "rank": rank}
 
 
 def _tensorboard(out_dir: Path):

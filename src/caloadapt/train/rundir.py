@@ -10,8 +10,10 @@ training starts: refuse a folder that already holds a run unless ``--resume`` (c
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import fcntl
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -19,11 +21,14 @@ from pathlib import Path
 
 from ..errors import TrainingError
 
-__all__ = ["LOCK_NAME", "RUN_FILES", "run_lock", "claim_run_directory", "prepare_run_directory"]
+__all__ = ["LOCK_NAME", "RUN_FILES", "LOSS_CURVES", "run_lock", "claim_run_directory", "prepare_run_directory",
+           "read_history"]
 
 LOCK_NAME = ".caloadapt.lock"
 #: files a training run writes into its folder (the sign that a folder holds a run)
-RUN_FILES = ("last.pt", "best.pt", "model.pt", "metrics.csv", "parameters.json")
+RUN_FILES = ("last.pt", "best.pt", "model.pt", "metrics.csv", "parameters.json", "loss_curves.png")
+#: the plot of ``metrics.csv`` the command line writes at the end of a training
+LOSS_CURVES = "loss_curves.png"
 
 #: folders locked by this process: resolved path -> (file descriptor, depth); nested use is allowed
 _held: dict[str, list[int]] = {}
@@ -123,3 +128,27 @@ def claim_run_directory(out_dir: str | os.PathLike[str], *, resume: bool, overwr
                     path.unlink()
         return f"overwriting the run in {out_dir} (removed {', '.join(found)})"
     return f"new run in {out_dir}"
+
+
+def read_history(out_dir: str | os.PathLike[str]) -> dict[str, list[float]]:
+    """The columns of a run's ``metrics.csv`` (column name -> values, NaN where a row left it empty).
+
+    Raises:
+        TrainingError: no ``metrics.csv`` in the folder, or a row that is not numbers.
+    """
+    path = Path(out_dir) / "metrics.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError as err:
+        raise TrainingError(f"cannot read {path}: {err.strerror or err}") from None
+    if not rows:
+        raise TrainingError(f"{path} is empty")
+    header, body = rows[0], rows[1:]
+    try:
+        values = [[float(v) if v != "" else math.nan for v in row] for row in body]
+    except ValueError:
+        raise TrainingError(f"{path} holds a value that is not a number") from None
+    if any(len(row) != len(header) for row in values):
+        raise TrainingError(f"{path} has rows of another width than its header")
+    return {name: [row[i] for row in values] for i, name in enumerate(header)}
