@@ -19,7 +19,6 @@ from caloadapt.data import write_showers
 from caloadapt.errors import CheckpointError
 from caloadapt.geometry import DESCRIPTOR_DIM, geometry_descriptor, get_geometry
 from caloadapt.models import ModelConfig, PointTransformer, PointwiseNet, Sampler, ShowerModel, load_model
-from caloadapt.pretrained import default_checkpoint
 from caloadapt.simulate import simulate
 from caloadapt.train import (DataSource, TrainConfig, load_checkpoint, make_batch, model_from_checkpoint,
                              train)
@@ -74,11 +73,15 @@ def test_conditioning_on_and_off_give_the_documented_shapes(backbone, two_detect
         assert all(torch.isfinite(v) for v in losses.values())
 
 
-def test_existing_single_detector_checkpoints_keep_working():
-    payload = load_checkpoint(default_checkpoint())
+def test_existing_single_detector_checkpoints_keep_working(tmp_path):
+    from caloadapt.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "model.pt", ShowerModel(ModelConfig(**TINY)))
+    payload = load_checkpoint(tmp_path / "model.pt")
     # a checkpoint as caloadapt 0.1 wrote it before these options (and the occupancy calibration) existed
-    newer = ("geometry_conditioning", "transverse_scale_rm", "backbone", "transformer_dim", "transformer_depth",
-             "transformer_heads", "transformer_inducing")
+    newer = ("geometry_conditioning", "transverse_scale_rm", "depth_given", "shower_depth_condition", "backbone",
+             "transformer_dim", "transformer_depth", "transformer_heads", "transformer_inducing")
     payload = {**{k: v for k, v in payload.items() if k != "occupancy"},
                "model_config": {k: v for k, v in payload["model_config"].items() if k not in newer}}
     model = model_from_checkpoint(payload)
