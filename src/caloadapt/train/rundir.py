@@ -25,10 +25,10 @@ __all__ = ["LOCK_NAME", "RUN_FILES", "LOSS_CURVES", "run_lock", "claim_run_direc
            "read_history"]
 
 LOCK_NAME = ".caloadapt.lock"
-#: files a training run writes into its folder (the sign that a folder holds a run)
-RUN_FILES = ("last.pt", "best.pt", "model.pt", "metrics.csv", "parameters.json", "loss_curves.png")
 #: the plot of ``metrics.csv`` the command line writes at the end of a training
 LOSS_CURVES = "loss_curves.png"
+#: files a training run writes into its folder (the sign that a folder holds a run)
+RUN_FILES = ("last.pt", "best.pt", "model.pt", "metrics.csv", "parameters.json", LOSS_CURVES)
 
 #: folders locked by this process: resolved path -> (file descriptor, depth); nested use is allowed
 _held: dict[str, list[int]] = {}
