@@ -335,6 +335,30 @@ def test_finetune_run_records_counts_and_writes_a_loadable_model(tiny_model, tmp
     assert again["steps"] == 4
 
 
+def test_finetune_keeps_the_pretrained_sampler_for_calibration_and_generation(tiny_model, tmp_path, monkeypatch):
+    # the occupancy calibration is a property of the sampler it was fitted with: a fine-tuned model must be
+    # calibrated and generated with its pre-trained model's sampler, not the default one
+    import caloadapt.train.calibrate as calibrate
+    data = tmp_path / "ds3.h5"
+    energies = np.exp(np.random.default_rng(3).uniform(np.log(1e3), np.log(10e3), 12))
+    write_showers(data, simulate("calochallenge-3", "electron", energies, seed=4), format="calochallenge")
+    own = Sampler("euler", 3, sigma_max=5.0)
+    assert own != Sampler()
+    pretrained = tmp_path / "pretrained.pt"
+    save_checkpoint(pretrained, tiny_model, ema=tiny_model.state_dict(), sampler=own)
+    used = []
+    real_fit = calibrate.fit_occupancy
+    monkeypatch.setattr(calibrate, "fit_occupancy",
+                        lambda *args, sampler, **kw: used.append(sampler) or real_fit(*args, sampler=sampler, **kw))
+    config = TrainConfig(steps=2, batch_size=4, max_points=64, val_every=2, checkpoint_every=2, warmup_steps=1,
+                         device="cpu", val_max_showers=4, val_fraction=0.25, occupancy_showers=3)
+    summary = finetune(pretrained, data, get_geometry("calochallenge-3"), tmp_path / "run", AdaptMethod("bitfit"),
+                       config, progress=False, log=None)
+    assert used == [own]
+    for path in (summary["model"], tmp_path / "run" / "best.pt", tmp_path / "run" / "last.pt"):
+        assert load_model(path)[1] == own, path
+
+
 def test_learning_rate_rules():
     from caloadapt.adapt.defaults import adaptation_learning_rates
 

@@ -57,7 +57,7 @@ class DemoSettings:
     steps: int = 250              # training steps per method (the same budget for all)
     batch_size: int = 16
     max_points: int = 256
-    sampler_steps: int = 8
+    sampler_steps: int | None = None  # None: the pre-trained checkpoint's own sampler (its calibration's)
     n_bootstrap: int = 20
     classifier: str = "cpu"
     fpd_kpd: bool | None = None   # the evaluation's rule: only with >= 10000 showers per sample
@@ -156,14 +156,13 @@ def run_demo(out: str | Path = "caloadapt-demo", *, quick: bool = False, target_
         t0 = time.perf_counter()
         summary, model, sampler = adapt_model(pretrained, target, geometry, run_dir, method, config, progress=True)
         train_s = time.perf_counter() - t0
-        log(f"[{text}] generating {len(reference_showers)} showers ({settings.sampler_steps} sampler steps)")
+        sampler = sampler.with_steps(settings.sampler_steps)
+        log(f"[{text}] generating {len(reference_showers)} showers ({sampler.steps} {sampler.kind} steps)")
         t0 = time.perf_counter()
         generated = out / "generated" / f"{name}.h5"
         with ShowerWriter(generated, "calochallenge", geometry) as writer:
-            for chunk in iter_generate(model, geometry, reference_showers.incident_energy_mev,
-                                       sampler.with_steps(settings.sampler_steps), seed=seed,
-                                       device=resolve_device(device),
-                                       progress=True):
+            for chunk in iter_generate(model, geometry, reference_showers.incident_energy_mev, sampler, seed=seed,
+                                       device=resolve_device(device), progress=True):
                 writer.append(chunk)
         generate_s = time.perf_counter() - t0
         log(f"[{text}] evaluating against the held-out reference" + (" and the floor" if floor else ""))

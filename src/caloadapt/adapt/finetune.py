@@ -65,7 +65,7 @@ def finetune(pretrained: str | os.PathLike[str], data_path: str | os.PathLike[st
         merged checkpoint).
     """
     out_dir = Path(out_dir)
-    base, _ = load_model(pretrained)
+    base, sampler = load_model(pretrained)  # the adapted model is generated as its pre-trained model was
     base.occupancy = {}  # calibrations belong to the weights they were fitted with; training fits the target's
     model, names = prepare(base, method, seed=config.seed)
     rows = parameter_report(model, names)
@@ -80,11 +80,12 @@ def finetune(pretrained: str | os.PathLike[str], data_path: str | os.PathLike[st
              **(checkpoint_parts or {})}
     summary = train(model, data_path, geometry, out_dir, config, trainable=names, resume=resume,
                     fit_normalisation=False, checkpoint_parts=parts, stop_after_steps=stop_after_steps,
-                    progress=progress)
+                    progress=progress, sampler=sampler)
     if int(os.environ.get("RANK", "0")) == 0:
         payload = load_checkpoint(out_dir / "best.pt")
         merged, _ = load_model(payload, "ema", str(out_dir / "best.pt"))
         keep = {k: payload[k] for k in ("train_config", "train_state", "geometry", "trainable") if k in payload}
         state = {k: v.detach().clone() for k, v in merged.state_dict().items()}
-        save_checkpoint(out_dir / "model.pt", merged.to(torch.device("cpu")), ema=state, **keep, **parts)
+        save_checkpoint(out_dir / "model.pt", merged.to(torch.device("cpu")), ema=state, sampler=sampler, **keep,
+                        **parts)
     return {**summary, "parameters": rows, "whole_model": whole_model(rows), "model": str(out_dir / "model.pt")}

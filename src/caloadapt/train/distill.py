@@ -226,9 +226,9 @@ def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: G
                 "n_grid": config.n_grid, "teacher": (checkpoint_parts or {}).get("teacher")}
     # the student is sampled in one step on the noise range it was distilled on
     sampler = Sampler("consistency", 1, config.sigma_min, config.sigma_max, config.rho)
-    parts = {CONSISTENCY_KEY: settings, "sampler": sampler.to_dict(), **(checkpoint_parts or {})}
+    parts = {CONSISTENCY_KEY: settings, **(checkpoint_parts or {})}
     trainable = [name for name, _ in model.named_parameters() if name.startswith("denoiser.net.")]
     summary = train(model, data_path, geometry, out_dir, config, trainable=trainable, resume=resume,
                     fit_normalisation=False, checkpoint_parts=parts, stop_after_steps=stop_after_steps,
-                    progress=progress, objective=objective)
+                    progress=progress, objective=objective, sampler=sampler)
     return {**summary, "checkpoint": str(Path(out_dir) / "best.pt")}

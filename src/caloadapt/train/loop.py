@@ -31,6 +31,7 @@ from ..errors import CheckpointError, InputError, TrainingError
 from ..geometry import Geometry
 from ..models.checkpoint import load_checkpoint, load_weights, save_checkpoint, stored_config
 from ..models.representation import shower_statistics
+from ..models.sampling import Sampler
 from ..models.shower_model import ShowerModel
 from .calibrate import calibrate_occupancy
 from .data import Batch, BatchStream, DataSource, ShowerSubset, make_batch, split_indices
@@ -283,7 +284,8 @@ def _sources(data: str | Path | Sequence[DataSource], geometry: Geometry | None)
 def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry: Geometry | None,
           out_dir: str | Path, config: TrainConfig, *, trainable: list[str] | None = None, resume: bool = False,
           fit_normalisation: bool = True, checkpoint_parts: dict | None = None,
-          stop_after_steps: int | None = None, progress: bool = True, objective: Objective | None = None) -> dict:
+          stop_after_steps: int | None = None, progress: bool = True, objective: Objective | None = None,
+          sampler: Sampler | None = None) -> dict:
     """Train ``model`` on showers of one or several detectors; write ``last.pt``, ``best.pt``, ``metrics.csv``.
 
     Arguments:
@@ -303,6 +305,9 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
         stop_after_steps: end this call after that many steps (with a checkpoint), as a time-boxed
             job would; ``resume`` continues the run later.
         objective: what is learnt (default :class:`ModelLosses`).
+        sampler: the sampler the trained model is to be generated with (default :class:`Sampler()`):
+            stored in every checkpoint and used for the occupancy calibration, whose hit counts
+            depend on it (a fine-tuned model keeps its pre-trained model's sampler).
 
     Returns:
         A summary: steps, best validation losses and their steps, wall time, and the distributed rank
@@ -316,12 +321,13 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
     with lock, deferred_termination():
         return _train(model, data, geometry, out_dir, config, trainable=trainable, resume=resume,
                       fit_normalisation=fit_normalisation, checkpoint_parts=checkpoint_parts,
-                      stop_after_steps=stop_after_steps, progress=progress, objective=objective or ModelLosses())
+                      stop_after_steps=stop_after_steps, progress=progress, objective=objective or ModelLosses(),
+                      sampler=sampler or Sampler())
 
 
 def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | Path, config: TrainConfig, *,
            trainable: list[str] | None, resume: bool, fit_normalisation: bool, checkpoint_parts: dict | None,
-           stop_after_steps: int | None, progress: bool, objective: Objective) -> dict:
+           stop_after_steps: int | None, progress: bool, objective: Objective, sampler: Sampler) -> dict:
     ddp, rank, world = _setup_distributed()
     device = resolve_device(config.device)
     if ddp and device.type == "cuda":
@@ -418,8 +424,8 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
 
     def save(path: Path, weights: dict) -> None:
         save_checkpoint(path, model, ema=weights, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), train_state=state, **objective.checkpoint_entries(),
-                        **parts)
+                        scheduler=scheduler.state_dict(), train_state=state, sampler=sampler,
+                        **objective.checkpoint_entries(), **parts)
 
     def fresh_running() -> dict:
         return {**dict.fromkeys(objective.train_keys, 0.0), "n": 0}
@@ -490,7 +496,7 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
         raw = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best_state)  # the weights that best.pt (and every copy of it) holds
         calibrate_occupancy(model, sources, asdict(config), n_showers=config.occupancy_showers, seed=config.seed,
-                            progress=progress)
+                            progress=progress, sampler=sampler)
         model.load_state_dict(raw)
         save(out_dir / "best.pt", best_state)
         save(last, ema.state)
