@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from caloadapt.benchmark import SCHEMA, format_table, run_benchmark
+from caloadapt.benchmark import REFERENCE_POINTS, SCHEMA, format_table, run_benchmark
 
 HAS_ONNX = all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
 
@@ -38,17 +38,18 @@ def test_quick_benchmark_writes_json_with_all_cases(checkpoints, tmp_path):
 
     rows = report["results"]
     cases = {r["case"] for r in rows}
-    expected = {"simulator", "heun", "euler", "one_step"} | ({"onnx_one_step"} if HAS_ONNX else set())
+    expected = {"simulator", "reference_net", "heun", "euler", "one_step"} | ({"onnx_one_step"} if HAS_ONNX else set())
     assert expected <= cases
     for row in rows:
         assert "skipped" not in row, row
         assert row["batch_size"] in (1, 8) and row["threads"] == 1 and row["device"] == "cpu"
         assert _stats_ok(row["ms_per_shower"]) and _stats_ok(row["showers_per_s"])
-        assert row["repeats"] >= 1 and row["mean_hits"] > 0
+        assert row["repeats"] >= 1 and (row["case"] == "reference_net" or row["mean_hits"] > 0)
         if row["case"] != "simulator":
             assert row["mean_points"] > 0
     nfe = {r["case"]: r["nfe"] for r in rows}
-    assert nfe["heun"] == 5 and nfe["euler"] == 3 and nfe["one_step"] == 1
+    assert nfe["heun"] == 5 and nfe["euler"] == 3 and nfe["one_step"] == 1 and nfe["reference_net"] == 1
+    assert {r["mean_points"] for r in rows if r["case"] == "reference_net"} == {REFERENCE_POINTS}
 
     scan = report["energy_scan"]
     assert scan["geometry"] == "calochallenge-3" and scan["particle"] == "electron"
@@ -56,10 +57,18 @@ def test_quick_benchmark_writes_json_with_all_cases(checkpoints, tmp_path):
     assert {r["case"] for r in scan["results"]} >= {"simulator", "heun", "one_step"}
 
     summary = report["summary"]
-    assert summary["target_ms"] == 10.0 and summary["one_step_best"]["ms_per_shower"] > 0
+    assert summary["target_ms"] == 2.0 and summary["one_step_best"]["ms_per_shower"] > 0
     assert summary["one_step_over_simulator"] > 0
+    # the ratio to the reference network is of the two medians of this run, batch by batch
+    ms = {(r["case"], r["batch_size"]): r["ms_per_shower"]["median"] for r in rows}
+    for batch in (1, 8):
+        assert summary["one_step_speedup_over_reference"][str(batch)] == pytest.approx(
+            ms["reference_net", batch] / ms["one_step", batch])
+    assert summary["one_step_targets"]["batch 1: <= 5 ms/shower"] == (ms["one_step", 1] <= 5.0)
+    assert summary["one_step_targets"]["batch 100: <= 2 ms/shower"] is False  # batch 100 not measured
     table = format_table(report)
     assert "one-step, 1 CPU thread" in table and "simulator" in table and "calochallenge-3" in table
+    assert "reference network" in table and "reference_net" in table
     assert lines  # progress went to the log
 
 

@@ -87,3 +87,19 @@ def test_generate_takes_the_starting_noise_level(trained, tmp_path):
     bad = _generate(trained["model"], tmp_path / "bad.h5", "--sigma-max", "0.001")
     assert bad.exit_code == 2 and "sigma_min < sigma_max" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad.h5").exists()
+
+
+def test_distill_sizes_the_student_and_refuses_a_wrong_size(trained, tmp_path):
+    def distil(out: Path, *size: str):
+        return runner.invoke(app, ["distill", "--checkpoint", str(trained["model"]), "--data", str(trained["data"]),
+                                   "-o", str(out), "--steps", "2", "--batch-size", "4", "--max-points", "32",
+                                   "--val-every", "2", "--device", "cpu", *size])
+
+    result = distil(tmp_path / "small", "--student-widths", "8")
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    assert torch.load(tmp_path / "small" / "best.pt", weights_only=True)["model_config"]["widths"] in ((8,), [8])
+    for size, message in ((("--student-widths", "8,x"), "integers"), (("--student-widths", "8,0"), "positive"),
+                          (("--student-dim", "32"), "transformer student")):
+        refused = distil(tmp_path / "bad", *size)
+        assert refused.exit_code == 2 and message in refused.stderr, refused.stderr
+        assert not (tmp_path / "bad").exists()

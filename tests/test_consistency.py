@@ -324,3 +324,43 @@ def test_generate_uses_the_noise_range_the_model_was_distilled_on(teacher_path, 
     assert np.allclose(written.points, ours.points.astype(written.points.dtype))
     assert not (np.array_equal(default_range.n_points, ours.n_points)
                 and np.allclose(default_range.points, ours.points))
+
+
+def test_a_smaller_student_is_distilled_saved_and_resumed(teacher_path, ild_file, tmp_path):
+    """A pointwise student narrower than the teacher: its own size in the checkpoint (fewer parameters),
+    the teacher's flow and normalisation, a one-step error that falls from its fresh start, and a
+    resumed run that ends where an uninterrupted one does."""
+    geometry, teacher = get_geometry("ild-ecal"), model_from_checkpoint(teacher_path)
+    config = distill_config(steps=30, lr=3e-3, val_every=15, checkpoint_every=15, student_widths=(16,))
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    distill(teacher, ild_file, geometry, straight, config, progress=False)
+    distill(teacher, ild_file, geometry, split, config, stop_after_steps=15, progress=False)
+    distill(teacher, ild_file, geometry, split, config, resume=True, progress=False)
+
+    student, sampler = load_model(straight / "best.pt")
+    assert sampler.distilled and student.config.widths == (16,) and teacher.config.widths == (32, 32)
+    settings = load_checkpoint(straight / "best.pt")["consistency"]
+    assert settings["student_parameters"] == sum(p.numel() for p in student.denoiser.net.parameters())
+    assert settings["student_parameters"] < settings["teacher_parameters"]
+    for key, value in teacher.state_dict().items():
+        if not key.startswith("denoiser."):
+            assert torch.equal(value, student.state_dict()[key]), key
+    with open(straight / "metrics.csv") as f:
+        scores = [float(r["val_one_step"]) for r in csv.DictReader(f)]
+    assert scores[-1] < scores[0]
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
+    for part in ("model", "ema", "target"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    showers = student.generate(geometry, np.array([20e3, 30e3]), sampler, generator=torch.Generator().manual_seed(0))
+    assert len(showers) == 2 and np.all(np.isfinite(showers.points))
+
+
+def test_a_student_sized_for_the_other_backbone_is_refused(teacher_path):
+    from caloadapt.errors import InputError
+
+    teacher = model_from_checkpoint(teacher_path)
+    with pytest.raises(InputError, match="transformer student"):
+        distill_config(student_dim=32).student_config(teacher.config)
+    with pytest.raises(InputError, match="positive"):
+        distill_config(student_widths=(16, 0))

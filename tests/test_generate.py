@@ -139,3 +139,21 @@ def test_a_shower_depth_conditioned_model_is_told_the_flows_longitudinal_centre(
     want = sorted(layer_energy @ layer_depth / layer_energy.sum(axis=1) / 20.0)
     for context in contexts:  # the fast path may hand the showers in another order
         np.testing.assert_allclose(sorted(context[:, 2].numpy()), want, rtol=1e-5)
+
+
+def test_the_centre_of_gravity_shift_ignores_points_beyond_the_readout():
+    """A stray point far outside the readout (never read out) must not drag the shower after it."""
+    from caloadapt.models.shower_model import _shift_centre_of_gravity
+
+    geometry = get_geometry("ild-ecal")
+    rm = geometry.layer_moliere_radius_mm[3]
+    inside = np.array([[4.0, 0.0], [-2.0, 0.0], [-2.0, 0.0]])  # centre of gravity on the axis
+    stray = [[1.5 * geometry.readout.max_radius_mm, 0.0]]
+    points = np.zeros((4, 4))
+    points[:, :2] = np.concatenate([inside, stray])
+    points[:, 2] = geometry.layer_centres_mm[3]
+    points[:, 3] = [1.0, 1.0, 1.0, 0.5]
+    cog = np.array([[0.5, 0.0]])  # the flow's centre, Moliere units
+    _shift_centre_of_gravity(points, np.zeros(4, np.int64), np.full(4, 3), cog, geometry)
+    np.testing.assert_allclose(points[:3, 0], inside[:, 0] + 0.5 * rm)
+    np.testing.assert_allclose(points[:3, 1], 0.0)

@@ -109,3 +109,38 @@ def test_bad_inputs_raise():
         flow.log_prob(torch.randn(2, 4), torch.rand(2, 1))
     with pytest.raises(ValueError, match="n_features"):
         ShowerFlow(1)
+
+
+def test_masked_weights_kept_without_gradients_follow_every_change_of_the_weights():
+    """The masked layers keep mask * weight between gradient-free calls (the sampling cost at batch 1);
+    they must compute what a fresh product gives after an optimiser step, a state-dict load and a
+    change of dtype, inside and outside inference mode, and keep zuko's state dict."""
+    import zuko
+
+    flow = small_flow(n_features=4)
+    layers = [m for m in flow.modules() if isinstance(m, zuko.nn.MaskedLinear)]
+    assert layers and all(type(m) is not zuko.nn.MaskedLinear for m in layers)
+    x, context = torch.randn(6, 4), torch.rand(6, 1)
+
+    def agree() -> None:
+        with torch.no_grad():
+            cached = flow.log_prob(x, context)
+        with torch.inference_mode():
+            in_inference = flow.log_prob(x, context)
+        fresh = flow.log_prob(x, context).detach()  # with gradients: the product is formed anew
+        torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+        torch.testing.assert_close(in_inference, fresh, rtol=0, atol=0)
+
+    agree()
+    optimizer = torch.optim.SGD(flow.parameters(), lr=0.1)
+    (-flow.log_prob(x, context).mean()).backward()
+    optimizer.step()
+    agree()
+    flow.load_state_dict(small_flow(n_features=4, permutation_seed=42).state_dict())
+    agree()
+    flow.double()
+    x = x.double()
+    context = context.double()
+    agree()
+    keys = {k for k in flow.state_dict()}
+    assert keys == set(small_flow(n_features=4).state_dict()) and any(k.endswith(".mask") for k in keys)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from caloadapt.geometry import get_geometry
-from caloadapt.models.representation import (DepthGrid, PointFrame, energy_condition, n_statistics,
+from caloadapt.models.representation import (OUTSIDE_BOUND, DepthGrid, PointFrame, energy_condition, n_statistics,
                                              points_condition, shower_statistics, statistics_to_layers)
 
 
@@ -60,3 +60,26 @@ def test_point_frame_refuses_bad_settings():
     for frame, scale in (("spherical", 0.0), ("physical", -1.0), ("box", 0.5)):
         with pytest.raises(ValueError):
             PointFrame(geometry, frame, scale)
+
+
+@pytest.mark.parametrize("name", ["ild-ecal", "calochallenge-3"])
+def test_far_generated_points_are_bounded_and_stay_outside_the_readout(name):
+    """The inverse compression r0 sinh(u / r0) turns u a little too large into metres: such points are
+    pulled in to OUTSIDE_BOUND x the readout's reach, along their direction, and are still not read out."""
+    geometry = get_geometry(name)
+    frame = PointFrame(geometry, "physical", 0.2)
+    reach = geometry.readout.max_radius_mm
+    u = np.array([0.1, 0.5, 1.5, 3.0, 30.0])  # compressed radius in R_M units; 3.0 is ~1e6 R_M uncompressed
+    direction = np.array([0.6, 0.8])
+    features = np.zeros((len(u), 4))
+    features[:, :2] = u[:, None] * direction
+    features[:, 3] = -5.0
+    layer = np.full(len(u), geometry.n_layers // 2)
+    points = frame.to_points(features, layer, np.full(len(u), 5e4))
+    r = np.hypot(points[:, 0], points[:, 1])
+    unbounded = 0.2 * np.sinh(u / 0.2) * geometry.layer_moliere_radius_mm[layer]
+    assert np.all(np.isfinite(points)) and r.max() <= OUTSIDE_BOUND * reach * (1 + 1e-12)
+    near = unbounded <= OUTSIDE_BOUND * reach
+    np.testing.assert_allclose(r[near], unbounded[near], rtol=1e-9)  # untouched where it was inside the bound
+    np.testing.assert_allclose(points[~near, :2] / r[~near, None], np.tile(direction, (int((~near).sum()), 1)))
+    assert np.all((geometry.cell_index(points[:, :3]) >= 0) == (unbounded <= reach))

@@ -534,9 +534,17 @@ def distill(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
     overwrite: OverwriteOption = False,
+    student_widths: Annotated[Optional[str], typer.Option(
+        help="hidden widths of a smaller pointwise student, e.g. 64,128,64 (default: the teacher's)",
+        show_default=False)] = None,
+    student_dim: Annotated[Optional[int], typer.Option(min=8, help="width of a transformer student",
+                                                       show_default=False)] = None,
+    student_depth: Annotated[Optional[int], typer.Option(min=1, help="blocks of a transformer student",
+                                                         show_default=False)] = None,
     threads: ThreadsOption = None,
 ) -> None:
-    """Consistency distillation into a one-step (and two-step) sampler (CaloClouds II recipe)."""
+    """Consistency distillation into a one-step (and two-step) sampler (CaloClouds II recipe); the student
+    can be smaller than the teacher."""
     _use_threads(threads)
     from .data.io import file_geometry
     from .models.checkpoint import load_model
@@ -549,8 +557,10 @@ def distill(
     resolve_device(device)
     config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, max_points=max_points, n_samples=n_samples,
                            val_every=val_every, checkpoint_every=val_every, seed=seed, data_seed=data_seed,
-                           device=device)
+                           device=device, student_widths=None if student_widths is None else _csv_ints(student_widths),
+                           student_dim=student_dim, student_depth=student_depth)
     (teacher, _), geo = load_model(checkpoint), file_geometry(data, geometry)
+    config.student_config(teacher.config)  # a student of the wrong backbone fails before the run folder is made
     _claim_run(output, resume, overwrite)
     # the run folder is locked by the training loop
     summary = run_distill(teacher, data, geo, output, config, resume=resume,

@@ -64,6 +64,11 @@ class PlanarReadout:
         return np.full(self.n_layers, self.n_x * self.n_y, np.int64)
 
     @property
+    def max_radius_mm(self) -> float:
+        """Distance of the farthest cell corner from the axis: no point beyond it is read out."""
+        return float(np.hypot(self.x_min_mm, self.y_min_mm))
+
+    @property
     def layer_offsets(self) -> np.ndarray:
         return _offsets(self.cells_per_layer)
 
@@ -137,6 +142,11 @@ class CylindricalReadout:
     @property
     def cells_per_layer(self) -> np.ndarray:
         return np.where(self.n_r > 0, self.n_r * np.asarray(self.n_alpha), 0).astype(np.int64)
+
+    @property
+    def max_radius_mm(self) -> float:
+        """Outermost ring edge of any layer: no point beyond it is read out."""
+        return float(max(edges[-1] for edges in self.r_edges_mm))
 
     @property
     def layer_offsets(self) -> np.ndarray:

@@ -8,6 +8,10 @@ this module only sees ``n_features`` standardised numbers.
 It replaces the pyro ``HybridTanH`` flow of CaloClouds II / CaloTransfer (docs/model.md §4) by a
 zuko neural spline flow made of coupling transforms (``passes=2``), so that sampling costs two
 hyper-network passes per transform instead of one per feature.
+
+zuko's masked layers multiply each weight matrix by its mask at every call. Without gradients the
+masked weights are computed once and kept until the weights change (:class:`_CachedMaskedLinear`):
+at batch 1 that product was most of the flow's sampling time (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -20,6 +24,35 @@ import zuko
 from torch import Tensor, nn
 
 __all__ = ["ShowerFlow"]
+
+
+class _CachedMaskedLinear(zuko.nn.MaskedLinear):
+    """zuko's masked linear layer, keeping ``mask * weight`` while no gradient is taken.
+
+    The product is recomputed whenever the weight or the mask is modified in place (an optimiser
+    step, ``load_state_dict``), replaced (a move to another device) or a gradient is wanted, so the
+    layer computes exactly what zuko's does.
+    """
+
+    _masked: tuple[tuple, Tensor] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        # torch counts in-place modifications of a tensor in ``_version``
+        key = (self.weight._version, self.weight.data_ptr(), self.mask._version, self.mask.data_ptr())
+        if self._masked is None or self._masked[0] != key:
+            self._masked = (key, self.mask * self.weight)
+        return torch.nn.functional.linear(x, self._masked[1], self.bias)
+
+
+def _cache_masked_weights(network: nn.Module) -> None:
+    """Make zuko's masked linear layers in ``network`` :class:`_CachedMaskedLinear` in place: the
+    subclass adds only behaviour, so each layer keeps its parameters, buffers and state dict, and
+    no layer is rebuilt (which would draw random numbers and change every later initialisation)."""
+    for layer in network.modules():
+        if type(layer) is zuko.nn.MaskedLinear:
+            layer.__class__ = _CachedMaskedLinear
 
 
 class ShowerFlow(nn.Module):
@@ -93,6 +126,8 @@ class ShowerFlow(nn.Module):
             )
             for order in orders
         ]
+        for layer in layers:
+            _cache_masked_weights(layer.hyper)
         base = zuko.flows.UnconditionalDistribution(
             zuko.distributions.DiagNormal, torch.zeros(n_features), torch.ones(n_features), buffer=True
         )

@@ -34,7 +34,7 @@ from ..geometry import Geometry, PlanarReadout
 from ..geometry.layer_units import depth_to_layer_units
 from ..showers import Showers
 
-__all__ = ["FRAMES", "DepthGrid", "PointFrame", "shower_statistics", "statistics_to_layers",
+__all__ = ["FRAMES", "OUTSIDE_BOUND", "DepthGrid", "PointFrame", "shower_statistics", "statistics_to_layers",
            "energy_condition", "points_condition", "shower_depth_condition", "layer_energy_depth_x0",
            "shower_depth_x0", "n_statistics"]
 
@@ -42,6 +42,11 @@ FRAMES = ("physical", "box")
 #: small offsets that keep empty grid bins away from ln(0); dequantisation noise is added on top
 ENERGY_FLOOR = 1e-5
 COUNT_FLOOR = 1.0
+#: generated points are kept within this multiple of the readout's reach (``readout.max_radius_mm``).
+#: A point beyond the readout is never read out, so the bound changes no cell; it stops a sampler
+#: error far from the core, which the inverse compression r0 sinh(u / r0) amplifies exponentially,
+#: from placing points metres from the axis (docs/fidelity.md, "Few sampler steps fail").
+OUTSIDE_BOUND = 2.0
 
 
 def energy_condition(incident_energy_mev: np.ndarray) -> np.ndarray:
@@ -256,4 +261,7 @@ class PointFrame:
             half = self._half_size_mm
             x, y = f[:, 0] * half, f[:, 1] * half
             energy = np.exp(np.minimum(f[:, 3], np.log(incident_energy_mev))) * g.energy.calibration
-        return np.stack([x, y, g.layer_centres_mm[layer], energy], axis=1)
+        r = np.hypot(x, y)
+        bound = OUTSIDE_BOUND * g.readout.max_radius_mm
+        shrink = np.divide(bound, r, out=np.ones_like(r), where=r > bound)
+        return np.stack([x * shrink, y * shrink, g.layer_centres_mm[layer], energy], axis=1)

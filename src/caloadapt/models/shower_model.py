@@ -37,7 +37,7 @@ from .representation import (DepthGrid, PointFrame, energy_condition, layer_ener
 from .sampling import Sampler
 from .transformer import PointTransformer
 
-__all__ = ["ModelConfig", "ShowerModel", "BACKBONES", "shower_condition", "flow_condition"]
+__all__ = ["ModelConfig", "ShowerModel", "BACKBONES", "shower_condition", "flow_condition", "point_network"]
 
 #: point networks of the diffusion model: per point (CaloClouds II) or attention between points
 BACKBONES = ("pointwise", "transformer")
@@ -167,7 +167,8 @@ def flow_condition(condition: Tensor, config: ModelConfig) -> Tensor:
     return torch.cat([condition[:, :1], condition[:, 2 + config.shower_depth_condition:]], dim=1)
 
 
-def _backbone(config: ModelConfig) -> nn.Module:
+def point_network(config: ModelConfig) -> nn.Module:
+    """A freshly initialised point network of the backbone and size ``config`` asks for."""
     if config.backbone == "transformer":
         return PointTransformer(point_dim=4, context_dim=config.condition_dim, dim=config.transformer_dim,
                                 depth=config.transformer_depth, heads=config.transformer_heads,
@@ -184,7 +185,7 @@ class ShowerModel(nn.Module):
         n_stats = n_statistics(config.grid)
         self.flow = ShowerFlow(n_stats, context_dim=config.flow_condition_dim, hidden=config.flow_hidden,
                                transforms=config.flow_transforms, bins=config.flow_bins)
-        self.denoiser = EDMPrecond(_backbone(config), sigma_data=config.sigma_data,
+        self.denoiser = EDMPrecond(point_network(config), sigma_data=config.sigma_data,
                                    given_channels=config.given_channels)
         self.diffusion_loss = EDMLoss(config.P_mean, config.P_std, config.sigma_data)
         # normalisation of features, fixed from the pre-training data and never changed afterwards
@@ -338,10 +339,14 @@ def _calibrate_layers(points: np.ndarray, shower: np.ndarray, layer: np.ndarray,
 
 def _shift_centre_of_gravity(points: np.ndarray, shower: np.ndarray, layer: np.ndarray, cog: np.ndarray,
                              geometry: Geometry) -> None:
-    """Shift showers transversally so their energy-weighted centre (Moliere units) is the flow's."""
+    """Shift showers transversally so their energy-weighted centre (Moliere units) is the flow's.
+
+    The centre is that of the points within the readout's reach, as the flow learnt it from showers
+    that were read out: a stray point far outside would otherwise drag the whole shower after it.
+    """
     n = len(cog)
     rm = geometry.layer_moliere_radius_mm[layer]
-    weight = points[:, 3]
+    weight = np.where(np.hypot(points[:, 0], points[:, 1]) <= geometry.readout.max_radius_mm, points[:, 3], 0.0)
     total = np.maximum(np.bincount(shower, weight, n), 1e-12)
     for k in (0, 1):
         current = np.bincount(shower, weight * points[:, k] / rm, n) / total

@@ -12,7 +12,12 @@ mu = 0.95; RAdam, lr 1e-4, no scheduler, gradient clip 10. The consistency funct
 :class:`caloadapt.models.consistency.ConsistencyPrecond`.
 
 Only the point network is distilled; the shower flow is kept from the teacher unchanged. The
-student is the model's own point network, so the run is an ordinary run of the training loop
+student may be smaller than the teacher (``student_widths`` for the pointwise network,
+``student_dim`` / ``student_depth`` for the transformer): the teacher's widths are a choice, and
+a one-step sampler's cost is one evaluation of the student. A student of the teacher's size starts
+from the teacher's weights (Song et al. 2023); a smaller one cannot and starts from a fresh
+initialisation, so it needs more steps. The student is the distilled model's own point network,
+so the run is an ordinary run of the training loop
 (:func:`caloadapt.train.loop.train`) with :class:`ConsistencyObjective` as what is learnt: the same
 batches, EMA, validation schedule, ``best.pt`` / ``last.pt`` / ``metrics.csv``, resume, run lock and
 signal handling as any training. A distilled checkpoint is an ordinary caloadapt checkpoint (the
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,14 +40,14 @@ from ..errors import CheckpointError, InputError
 from ..geometry import Geometry
 from ..models.checkpoint import load_weights
 from ..models.consistency import CONSISTENCY_KEY, ConsistencyPrecond, multistep_sigmas, sample_consistency
-from ..models.edm import given_features, karras_sigmas, sample_heun
+from ..models.edm import EDMPrecond, given_features, karras_sigmas, sample_heun
 from ..models.fused import FusedDenoiser
 from ..models.sampling import Sampler
-from ..models.shower_model import ShowerModel
+from ..models.shower_model import ModelConfig, ShowerModel, point_network
 from .data import Batch
 from .loop import Objective, TrainConfig, resolve_device, train
 
-__all__ = ["DistillConfig", "ConsistencyObjective", "distill"]
+__all__ = ["DistillConfig", "ConsistencyObjective", "distill", "student_model"]
 
 
 @dataclass
@@ -64,6 +69,8 @@ class DistillConfig(TrainConfig):
             solution (``val_teacher_steps`` steps) from the same noise (the distillation target);
             ``best.pt`` holds the student with the lowest one.
         occupancy_showers: 0 keeps the teacher's occupancy calibration (the flow is not distilled).
+        student_widths: hidden widths of a pointwise student (None: the teacher's).
+        student_dim, student_depth: width and blocks of a transformer student (None: the teacher's).
     """
 
     lr: float = 1e-4
@@ -80,6 +87,9 @@ class DistillConfig(TrainConfig):
     sigma_max: float = 80.0
     rho: float = 7.0
     val_teacher_steps: int = 18
+    student_widths: tuple[int, ...] | None = None
+    student_dim: int | None = None
+    student_depth: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,6 +101,21 @@ class DistillConfig(TrainConfig):
             raise InputError(f"target_ema must be in [0, 1), got {self.target_ema!r}")
         if self.val_teacher_steps < 1:
             raise InputError(f"val-teacher-steps must be at least 1, got {self.val_teacher_steps}")
+        sizes = [*(self.student_widths or ()), self.student_dim or 1, self.student_depth or 1]
+        if self.student_widths == () or any(int(n) < 1 for n in sizes):
+            raise InputError("the student's widths, width and depth must be positive integers")
+
+    def student_config(self, teacher: ModelConfig) -> ModelConfig:
+        """The model settings of the student: the teacher's, with the point network's size asked for."""
+        if teacher.backbone == "pointwise" and (self.student_dim or self.student_depth):
+            raise InputError("--student-dim/--student-depth size a transformer student; the teacher is pointwise "
+                             "(use --student-widths)")
+        if teacher.backbone == "transformer" and self.student_widths:
+            raise InputError("--student-widths sizes a pointwise student; the teacher is a transformer "
+                             "(use --student-dim/--student-depth)")
+        return replace(teacher, widths=tuple(self.student_widths or teacher.widths),
+                       transformer_dim=self.student_dim or teacher.transformer_dim,
+                       transformer_depth=self.student_depth or teacher.transformer_depth)
 
 
 def _masked_mse(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
@@ -124,10 +149,10 @@ class ConsistencyObjective(Objective):
     validate_start = True  # the teacher under the consistency scalings is the baseline
     name = "distill"
 
-    def __init__(self, teacher: ShowerModel, config: DistillConfig, device: torch.device):
+    def __init__(self, teacher: ShowerModel, student: ShowerModel, config: DistillConfig, device: torch.device):
         self.config = config
         self.teacher = copy.deepcopy(teacher.denoiser).to(device).eval().requires_grad_(False)
-        self.target = ConsistencyPrecond.from_edm(self.teacher, config.sigma_min, copy_net=True)
+        self.target = ConsistencyPrecond.from_edm(student.denoiser, config.sigma_min, copy_net=True).to(device)
         self.grid = karras_sigmas(config.n_grid, config.sigma_min, config.sigma_max, config.rho)[:-1].to(
             device=device, dtype=torch.float32)
         self.references: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
@@ -189,6 +214,20 @@ class ConsistencyObjective(Objective):
         load_weights(self.target.net, payload["target"], f"{source} (target network)")
 
 
+def student_model(teacher: ShowerModel, config: DistillConfig) -> ShowerModel:
+    """The model to distil into: a copy of the teacher (flow, normalisation, calibration) whose point
+    network is the teacher's own when the student has its size, and a fresh one of the student's size
+    otherwise (same seed, same initialisation)."""
+    student = copy.deepcopy(teacher)
+    settings = config.student_config(teacher.config)
+    if settings != teacher.config:
+        torch.manual_seed(config.seed)
+        student.config = settings
+        student.denoiser = EDMPrecond(point_network(settings), sigma_data=settings.sigma_data,
+                                      given_channels=settings.given_channels).to(teacher.point_mean.device)
+    return student
+
+
 def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: Geometry,
             out_dir: str | os.PathLike[str], config: DistillConfig = DistillConfig(), *, resume: bool = False,
             checkpoint_parts: dict | None = None, stop_after_steps: int | None = None,
@@ -218,12 +257,13 @@ def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: G
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("distillation runs in one process; start it without torchrun")
     device = resolve_device(config.device)
-    # the student starts as the teacher, and is the model's own point network
-    model = copy.deepcopy(teacher)
-    objective = ConsistencyObjective(teacher, config, device)
+    model = student_model(teacher, config)
+    objective = ConsistencyObjective(teacher, model, config, device)
     settings = {"sigma_min": config.sigma_min, "sigma_max": config.sigma_max, "rho": config.rho,
                 "steps": [1, 2], "sigmas": multistep_sigmas(2, config.sigma_min, config.sigma_max, config.rho),
-                "n_grid": config.n_grid, "teacher": (checkpoint_parts or {}).get("teacher")}
+                "n_grid": config.n_grid, "teacher": (checkpoint_parts or {}).get("teacher"),
+                "teacher_parameters": sum(p.numel() for p in teacher.denoiser.net.parameters()),
+                "student_parameters": sum(p.numel() for p in model.denoiser.net.parameters())}
     # the student is sampled in one step on the noise range it was distilled on
     sampler = Sampler("consistency", 1, config.sigma_min, config.sigma_max, config.rho)
     parts = {CONSISTENCY_KEY: settings, **(checkpoint_parts or {})}
