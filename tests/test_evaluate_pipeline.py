@@ -344,3 +344,45 @@ def test_helpers():
     for key in whole.per_shower:
         np.testing.assert_allclose(joined.per_shower[key], whole.per_shower[key], rtol=1e-12)
     assert not math.isnan(joined.per_shower["depth_cog_mm"].sum())
+
+
+def test_theta_bins():
+    from caloadapt.evaluate.energy_bins import theta_bin_label, theta_bin_masks
+
+    theta = np.array([40.0, 59.9, 60.0, 90.0, 139.0, 140.0])
+    bins = theta_bin_masks(theta)
+    assert [(low, high) for low, high, _ in bins] == [(40, 60), (60, 80), (80, 100), (100, 120), (120, 140)]
+    assert [int(mask.sum()) for _, _, mask in bins] == [2, 1, 1, 0, 2]  # the last bin is closed
+    assert theta_bin_label(40, 60) == "theta 40-60 deg"
+    assert [(low, high) for low, high, _ in theta_bin_masks(np.full(3, 90.0))] == [(80, 100)]
+    with pytest.raises(InputError):
+        theta_bin_masks(theta, 0.0)
+
+
+def test_inclined_samples_are_scored_per_theta_bin_beside_the_floor(tmp_path):
+    """Inclined reference, generated and floor samples: every theta bin of 20 degrees is scored for the
+    model and the floor, with the ratio; a sample tilted the wrong way is far from the reference in its
+    bins; normal-incidence samples have no theta table."""
+    geometry, energies = "ild-ecal", np.full(12, 20e3)
+    theta = np.repeat([50.0, 70.0, 130.0], 4)
+    paths = {}
+    for name, seed, angles in (("reference", 1, theta), ("floor", 2, theta), ("mirrored", 3, 180.0 - theta[::-1])):
+        paths[name] = tmp_path / f"{name}.h5"
+        write_showers(paths[name], simulate(geometry, "photon", energies, theta_deg=angles, seed=seed))
+    options = _options(plots=False, classifier="none", fpd_kpd=False)
+    # the mirror image of theta = 50, 70, 130 is 130, 110, 50: the 60-80 bin of the reference has no partner
+    metrics = run_evaluation(paths["mirrored"], paths["reference"], geometry, tmp_path / "out", options,
+                             floor=paths["floor"])
+    labels = {"theta 40-60 deg", "theta 60-80 deg", "theta 120-140 deg"}
+    assert set(metrics["floor"]["calotransfer_by_theta"]) == labels
+    assert set(metrics["calotransfer_by_theta"]) == {"theta 40-60 deg", "theta 120-140 deg"}
+    ratios = metrics["ratio_to_floor"]["geometric_mean_by_theta"]
+    assert set(ratios) == {"theta 40-60 deg", "theta 120-140 deg"} and all(r > 0 for r in ratios.values())
+    assert set(metrics["summary"]["geometric_mean_by_theta"]) == {"theta 40-60 deg", "theta 120-140 deg"}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## By incidence angle" in report and "theta 40-60 deg" in report
+    normal = tmp_path / "normal.h5"
+    write_showers(normal, simulate(geometry, "photon", energies, seed=4))
+    plain = run_evaluation(normal, normal, geometry, tmp_path / "plain", options)
+    assert plain["calotransfer_by_theta"] == {} and "By incidence angle" not in (tmp_path / "plain" / "report.md"
+                                                                                 ).read_text()

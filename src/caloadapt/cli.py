@@ -162,6 +162,34 @@ def _use_threads(threads: str | None) -> int:
     return apply_threads(parse_threads(threads), respect_omp_num_threads=threads is None)
 
 
+def _file_incidence(path: Path, n: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Incident energies (MeV) and incidence angles (degrees) of the first ``n`` (None: all) showers of a file."""
+    from .data.io import iter_showers
+
+    chunks = list(iter_showers(path, chunk_size=10_000, stop=n))
+    return tuple(np.concatenate([getattr(c, key) for c in chunks]) if chunks else np.zeros(0)
+                 for key in ("incident_energy_mev", "theta_deg", "phi_deg"))
+
+
+def _incidence_angles(n: int, theta: str | None, phi: str | None, seed: int, geo, incoming=None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Checked incidence angles of ``n`` showers: drawn from ``--theta`` / ``--phi`` when given, else
+    those of the ``--energies-from`` showers (``incoming``: their theta and phi; a floor sample or a
+    generation for a file's showers is for the same particles), else normal incidence."""
+    from .incidence import NORMAL_PHI_DEG, NORMAL_THETA_DEG, check_angles
+    from .simulate import sample_angles_deg
+
+    # the angles have their own random stream, so asking for them never changes the energies
+    rng = np.random.default_rng([seed, 1])
+    angles = []
+    for name, text, normal, index in (("theta", theta, NORMAL_THETA_DEG, 0), ("phi", phi, NORMAL_PHI_DEG, 1)):
+        if text is not None:
+            angles.append(sample_angles_deg(n, text, name, rng))
+        else:
+            angles.append(incoming[index][:n] if incoming is not None else np.full(n, normal))
+    return check_angles(*angles, geo.barrel_sides)
+
+
 @app.command()
 @_one_line_errors
 def simulate(
@@ -194,9 +222,7 @@ def simulate(
     _use_threads(threads)
     from .data import ShowerWriter
     from .geometry import get_geometry
-    from .incidence import NORMAL_PHI_DEG, NORMAL_THETA_DEG, check_angles
-    from .simulate import (SimulationSettings, iter_simulate, parse_energy_range, sample_angles_deg,
-                           sample_incident_energies)
+    from .simulate import SimulationSettings, iter_simulate, parse_energy_range, sample_incident_energies
 
     if validate:
         from .simulate.validate import format_table, validation_table
@@ -211,24 +237,15 @@ def simulate(
         raise CaloadaptError("missing --output / -o: where to write the showers")
     geo = get_geometry(geometry)
     particle = particle or geo.particle
-    # the angles have their own random stream, so asking for them never changes the energies
-    angle_rng = np.random.default_rng([seed, 1])
-    theta_deg = sample_angles_deg(n, theta, "theta", angle_rng) if theta is not None else np.full(n, NORMAL_THETA_DEG)
-    phi_deg = sample_angles_deg(n, phi, "phi", angle_rng) if phi is not None else np.full(n, NORMAL_PHI_DEG)
+    incoming = None
     if energies_from is not None:
-        from .data.io import iter_showers
-
-        incoming = [(c.incident_energy_mev, c.theta_deg, c.phi_deg) for c in iter_showers(energies_from, stop=n)]
-        energies = np.concatenate([e for e, _, _ in incoming])
+        energies, *incoming = _file_incidence(energies_from, n)
         if len(energies) < n:
             raise CaloadaptError(f"{energies_from}: holds {len(energies)} showers, fewer than --n {n}")
-        # a floor sample for the file's showers: same particles, so the same directions too
-        theta_deg = theta_deg if theta is not None else np.concatenate([t for _, t, _ in incoming])
-        phi_deg = phi_deg if phi is not None else np.concatenate([p for _, _, p in incoming])
     else:
         energies = sample_incident_energies(n, parse_energy_range(energy), spectrum.value,
                                             np.random.default_rng(seed))
-    theta_deg, phi_deg = check_angles(theta_deg, phi_deg, geo.barrel_sides)
+    theta_deg, phi_deg = _incidence_angles(n, theta, phi, seed, geo, incoming)
     settings = SimulationSettings(mode=mode)
     attrs = {"command": " ".join(sys.argv), "seed": seed, "simulator_mode": mode,
              **({"energies_from": str(energies_from)} if energies_from is not None
@@ -379,6 +396,10 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
             "--shower-depth-condition/--no-shower-depth-condition",
             help="tell the point network each shower's longitudinal centre of gravity (from the flow's layer "
                  "energies), so the lateral width can follow the shower's own age")] = False,
+        angle_conditioning: Annotated[bool, typer.Option(
+            "--angle-conditioning/--no-angle-conditioning",
+            help="tell the flow and the point network each shower's incidence direction (train on inclined "
+                 "showers, caloadapt simulate --theta/--phi)")] = False,
         backbone: Annotated[str, typer.Option(help="point network: pointwise or transformer")] = "pointwise",
         geometry_conditioning: Annotated[Optional[bool], typer.Option(
             "--geometry-conditioning/--no-geometry-conditioning",
@@ -408,7 +429,8 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
                              patience=patience, occupancy_showers=occupancy_showers)
         conditioned = len(data) > 1 if geometry_conditioning is None else geometry_conditioning
         model_config = ModelConfig(frame=frame, transverse_scale_rm=transverse_scale_rm, depth_given=depth_given,
-                                   shower_depth_condition=shower_depth_condition, backbone=backbone,
+                                   shower_depth_condition=shower_depth_condition,
+                                   angle_conditioning=angle_conditioning, backbone=backbone,
                                    geometry_conditioning=conditioned,
                                    widths=_csv_ints(widths), transformer_dim=transformer_dim,
                                    transformer_depth=transformer_depth, flow_hidden=_csv_ints(flow_hidden),
@@ -436,7 +458,13 @@ def generate(
     energy: Annotated[str, typer.Option(help="GeV: 50, a range 1:1000 or a list")] = "1:1000",
     spectrum: Annotated[Spectrum, typer.Option(help="incident-energy spectrum")] = Spectrum.log_uniform,
     energies_from: Annotated[Optional[Path], typer.Option(help="take the incident energies of this shower file "
-                                                                "(e.g. the evaluation reference)")] = None,
+                                                                "(e.g. the evaluation reference), and its "
+                                                                "incidence angles unless --theta / --phi are "
+                                                                "given")] = None,
+    theta: Annotated[Optional[str], typer.Option(help="polar angle to the beam axis, degrees, as for simulate "
+                                                      "(a model trained with --angle-conditioning); default 90")] = None,
+    phi: Annotated[Optional[str], typer.Option(help="azimuth around the beam axis, degrees, as for simulate; "
+                                                    "default 90")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, max=10_000, help="sampler steps [default: the checkpoint's: "
                                                              "1 for a distilled model]")] = None,
     sigma_max: Annotated[Optional[float], typer.Option(help="noise level the sampler starts from "
@@ -455,7 +483,7 @@ def generate(
 ) -> None:
     """Generate showers with a trained (pre-trained, adapted or distilled) model in any geometry."""
     _use_threads(threads)
-    from .data import ShowerWriter, iter_showers
+    from .data import ShowerWriter
     from .generate import iter_generate
     from .geometry import get_geometry
     from .pretrained import default_checkpoint
@@ -464,11 +492,14 @@ def generate(
     from .train import resolve_device
 
     geo = get_geometry(geometry)
+    incoming = None
     if energies_from is not None:
-        energies = np.concatenate([c.incident_energy_mev for c in iter_showers(energies_from, chunk_size=10_000)])
+        energies, *incoming = _file_incidence(energies_from)
     else:
         energies = sample_incident_energies(n, parse_energy_range(energy), spectrum.value,
                                             np.random.default_rng(seed))
+    theta_deg, phi_deg = _incidence_angles(len(energies), theta, phi, seed, geo, incoming)
+    inclined = None if np.all(theta_deg == 90.0) and np.all(phi_deg == 90.0) else (theta_deg, phi_deg)
     source = checkpoint if checkpoint is not None else default_checkpoint()
     model, stored = load_model(source)
     chosen = _choose_sampler(sampler, stored).with_steps(steps).with_sigma_max(sigma_max)
@@ -481,8 +512,8 @@ def generate(
              "sigma_max": chosen.sigma_max, "engine": engine}
     with ShowerWriter(output, format.value, geo, attrs) as writer:
         for chunk in iter_generate(model, geo, energies, chosen, particle=particle or geo.particle,
-                                   seed=seed, batch_size=batch_size, digitise=digitise,
-                                   device=run_device, progress=True):
+                                   seed=seed, batch_size=batch_size, digitise=digitise, device=run_device,
+                                   progress=True, **dict(zip(("theta_deg", "phi_deg"), inclined or (None, None)))):
             writer.append(chunk)
     typer.echo(f"wrote {len(energies)} generated showers in {geo.name} to {output} ({format.value})")
 

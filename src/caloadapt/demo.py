@@ -162,7 +162,8 @@ def run_demo(out: str | Path = "caloadapt-demo", *, quick: bool = False, target_
         generated = out / "generated" / f"{name}.h5"
         with ShowerWriter(generated, "calochallenge", geometry) as writer:
             for chunk in iter_generate(model, geometry, reference_showers.incident_energy_mev, sampler, seed=seed,
-                                       device=resolve_device(device), progress=True):
+                                       device=resolve_device(device), progress=True,
+                                       theta_deg=reference_showers.theta_deg, phi_deg=reference_showers.phi_deg):
                 writer.append(chunk)
         generate_s = time.perf_counter() - t0
         log(f"[{text}] evaluating against the held-out reference" + (" and the floor" if floor else ""))

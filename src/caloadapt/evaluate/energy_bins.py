@@ -1,4 +1,4 @@
-"""Incident-energy bins: the decades of the CaloChallenge ``avg-E`` mode.
+"""Incident-energy bins (the decades of the CaloChallenge ``avg-E`` mode) and incidence-angle bins.
 
 The official evaluation (CaloChallenge/homepage ``code/evaluate.py``, mode ``avg-E``) splits
 Datasets 2 and 3 into the decades 10^3-10^4, 10^4-10^5 and 10^5-10^6 MeV of incident energy and
@@ -15,7 +15,8 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["ENERGY_DECADES_MEV", "energy_bin_masks", "energy_bin_label"]
+__all__ = ["ENERGY_DECADES_MEV", "energy_bin_masks", "energy_bin_label", "THETA_BIN_DEG", "theta_bin_masks",
+           "theta_bin_label"]
 
 #: decade edges of incident energy in MeV for Datasets 2 and 3: 1 GeV, 10 GeV, 100 GeV, 1 TeV
 ENERGY_DECADES_MEV: tuple[float, ...] = (1e3, 1e4, 1e5, 1e6)
@@ -48,3 +49,30 @@ def energy_bin_masks(incident_energy_mev: np.ndarray,
 def energy_bin_label(low_mev: float, high_mev: float) -> str:
     """A short label of an energy bin in GeV, e.g. ``'1-10 GeV'``."""
     return f"{low_mev / 1e3:g}-{high_mev / 1e3:g} GeV"
+
+
+#: width of the bins of the polar angle theta in which inclined showers are scored, degrees
+THETA_BIN_DEG = 20.0
+
+
+def theta_bin_masks(theta_deg: np.ndarray, width_deg: float = THETA_BIN_DEG
+                    ) -> list[tuple[float, float, np.ndarray]]:
+    """Masks of the showers in bins of ``width_deg`` of the polar angle theta (degrees).
+
+    The edges are multiples of the width covering the angles present; each bin is ``[low, high)``
+    except the last, which is closed. Normal incidence (theta 90) falls in the bin starting at 80
+    with the default width. Returns ``[(low_deg, high_deg, mask), ...]`` as :func:`energy_bin_masks`.
+    """
+    theta = np.asarray(theta_deg, dtype=np.float64).reshape(-1)
+    if not width_deg > 0:
+        raise InputError(f"the theta bin width must be positive, got {width_deg}")
+    if theta.size == 0:
+        return []
+    low = np.floor(theta.min() / width_deg) * width_deg
+    n_bins = max(int(np.ceil((theta.max() - low) / width_deg)), 1)
+    return energy_bin_masks(theta, low + width_deg * np.arange(n_bins + 1))
+
+
+def theta_bin_label(low_deg: float, high_deg: float) -> str:
+    """A short label of a theta bin, e.g. ``'theta 40-60 deg'``."""
+    return f"theta {low_deg:g}-{high_deg:g} deg"

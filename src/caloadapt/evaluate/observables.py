@@ -44,7 +44,8 @@ from .distances import (
     kl_divergence,
     normalised_wasserstein,
 )
-from .energy_bins import ENERGY_DECADES_MEV, energy_bin_label, energy_bin_masks
+from .energy_bins import (ENERGY_DECADES_MEV, THETA_BIN_DEG, energy_bin_label, energy_bin_masks, theta_bin_label,
+                          theta_bin_masks)
 
 __all__ = [
     "CellLayout",
@@ -55,6 +56,7 @@ __all__ = [
     "ScoreTable",
     "calotransfer_scores",
     "calotransfer_scores_by_energy",
+    "calotransfer_scores_by_theta",
     "PER_SHOWER_OBSERVABLES",
     "SCORE_ROWS",
     "PUBLISHED_SCORED",
@@ -166,6 +168,8 @@ class ShowerObservables:
         layer_hits: ``(N, n_layers)`` number of hits per layer.
         cell_energy_mev: energies of all hit cells of all showers, pooled, in MeV.
         cell_shower_index: shower index (row) of each entry of ``cell_energy_mev``.
+        theta_deg: ``(N,)`` polar angle of incidence in degrees (docs/inclined.md); None: every
+            shower at normal incidence.
     """
 
     incident_energy_mev: np.ndarray
@@ -175,6 +179,12 @@ class ShowerObservables:
     cell_energy_mev: np.ndarray
     cell_shower_index: np.ndarray
     n_cells: int = field(default=0)
+    theta_deg: np.ndarray | None = None
+
+    @property
+    def inclined(self) -> bool:
+        """Whether any shower came in at another polar angle than normal incidence (90 degrees)."""
+        return self.theta_deg is not None and bool(np.any(self.theta_deg != 90.0))
 
     @property
     def n_showers(self) -> int:
@@ -199,6 +209,7 @@ class ShowerObservables:
             cell_energy_mev=self.cell_energy_mev[keep_cells],
             cell_shower_index=new_index[self.cell_shower_index[keep_cells]],
             n_cells=self.n_cells,
+            theta_deg=None if self.theta_deg is None else self.theta_deg[mask],
         )
 
 
@@ -469,6 +480,41 @@ def calotransfer_scores(reference: ShowerObservables, generated: ShowerObservabl
     )
 
 
+def _scores_in_bins(reference: ShowerObservables, generated: ShowerObservables, ref_bins, gen_bins, label,
+                    **options) -> dict[str, ScoreTable]:
+    """:func:`calotransfer_scores` in matching bins (label(low, high) -> table); bins with fewer than 2
+    showers in either sample are left out."""
+    tables = {}
+    for (low, high, ref_mask), (_, _, gen_mask) in zip(ref_bins, gen_bins, strict=True):
+        if ref_mask.sum() < 2 or gen_mask.sum() < 2:
+            continue
+        tables[label(low, high)] = calotransfer_scores(reference.select(ref_mask), generated.select(gen_mask),
+                                                       **options)
+    return tables
+
+
+def calotransfer_scores_by_theta(reference: ShowerObservables, generated: ShowerObservables, *,
+                                 width_deg: float = THETA_BIN_DEG, n_bootstrap: int = 50, seed: int = 0,
+                                 scored: Sequence[str] = PUBLISHED_SCORED,
+                                 kl_bins: int = 30) -> dict[str, ScoreTable]:
+    """:func:`calotransfer_scores` separately in bins of the polar angle of incidence (the reference's
+    bins of ``width_deg``, :func:`~caloadapt.evaluate.energy_bins.theta_bin_masks`); empty when the
+    reference is at normal incidence. Showers without angles count as normal incidence.
+
+    Returns:
+        theta-bin label (e.g. ``'theta 40-60 deg'``) -> :class:`ScoreTable`, in increasing theta.
+    """
+    if not reference.inclined:
+        return {}
+    ref_theta = reference.theta_deg
+    gen_theta = generated.theta_deg if generated.theta_deg is not None else np.full(generated.n_showers, 90.0)
+    ref_bins = theta_bin_masks(ref_theta, width_deg)
+    edges = [low for low, _, _ in ref_bins] + [ref_bins[-1][1]]
+    gen_bins = energy_bin_masks(gen_theta, edges)
+    return _scores_in_bins(reference, generated, ref_bins, gen_bins, theta_bin_label, n_bootstrap=n_bootstrap,
+                           seed=seed, scored=scored, kl_bins=kl_bins)
+
+
 def calotransfer_scores_by_energy(reference: ShowerObservables, generated: ShowerObservables, *,
                                   edges_mev: Sequence[float] = ENERGY_DECADES_MEV,
                                   closed_last: bool = True, n_bootstrap: int = 50, seed: int = 0,
@@ -485,11 +531,5 @@ def calotransfer_scores_by_energy(reference: ShowerObservables, generated: Showe
     """
     ref_bins = energy_bin_masks(reference.incident_energy_mev, edges_mev, closed_last=closed_last)
     gen_bins = energy_bin_masks(generated.incident_energy_mev, edges_mev, closed_last=closed_last)
-    tables = {}
-    for (low, high, ref_mask), (_, _, gen_mask) in zip(ref_bins, gen_bins, strict=True):
-        if ref_mask.sum() < 2 or gen_mask.sum() < 2:
-            continue
-        tables[energy_bin_label(low, high)] = calotransfer_scores(
-            reference.select(ref_mask), generated.select(gen_mask), n_bootstrap=n_bootstrap, seed=seed,
-            scored=scored, kl_bins=kl_bins)
-    return tables
+    return _scores_in_bins(reference, generated, ref_bins, gen_bins, energy_bin_label, n_bootstrap=n_bootstrap,
+                           seed=seed, scored=scored, kl_bins=kl_bins)

@@ -96,6 +96,7 @@ from .observables import (
     ShowerObservables,
     calotransfer_scores,
     calotransfer_scores_by_energy,
+    calotransfer_scores_by_theta,
     layout_of,
 )
 from .physics_distance import frechet_physics_distance, kernel_physics_distance
@@ -345,8 +346,9 @@ def _summary(metrics: dict) -> dict:
     physics = metrics.get("fpd_kpd") or {}
     for key in ("fpd_x1e3", "fpd_error_x1e3", "kpd_x1e3", "kpd_error_x1e3"):
         summary[key] = physics.get(key)
-    summary["geometric_mean_by_energy"] = {label: t["geometric_mean"]
-                                           for label, t in (metrics.get("calotransfer_by_energy") or {}).items()}
+    for kind in ("energy", "theta"):
+        summary[f"geometric_mean_by_{kind}"] = {
+            label: t["geometric_mean"] for label, t in (metrics.get(f"calotransfer_by_{kind}") or {}).items()}
     cc = metrics.get("calochallenge") or {}
     if cc.get("separation_power_summary"):
         summary["separation_power_summary"] = cc["separation_power_summary"]
@@ -378,6 +380,9 @@ def _compare(ref: SampleSummary, gen: SampleSummary, role: str, *, options: Eval
             by_energy = {label: tab.as_dict() for label, tab in calotransfer_scores_by_energy(
                 ref.observables, gen.observables, n_bootstrap=options.n_bootstrap, seed=options.seed).items()}
         timing[f"{key}scores_by_energy"] = time.perf_counter() - t
+    with _warnings_to_notes(notes, f"{tag}scores by theta"):
+        by_theta = {label: tab.as_dict() for label, tab in calotransfer_scores_by_theta(
+            ref.observables, gen.observables, n_bootstrap=options.n_bootstrap, seed=options.seed).items()}
 
     # -- CaloChallenge separation powers ------------------------------------------------------------
     calochallenge = None
@@ -435,7 +440,7 @@ def _compare(ref: SampleSummary, gen: SampleSummary, role: str, *, options: Eval
             notes.append(f"FPD/KPD {reason}")
         if run:
             timing[f"{key}fpd_kpd"] = fpd_kpd.pop("_seconds")
-    return {"calotransfer": table.as_dict(), "calotransfer_by_energy": by_energy,
+    return {"calotransfer": table.as_dict(), "calotransfer_by_energy": by_energy, "calotransfer_by_theta": by_theta,
             "calochallenge": calochallenge, "classifier": classifier, "fpd_kpd": fpd_kpd,
             "observables": _observable_summary(ref.observables, gen.observables)}
 
@@ -512,9 +517,11 @@ def ratios_to_floor(model: dict, floor: dict) -> dict:
     for measure in ("wasserstein", "kl"):
         out[measure] = {row: _ratio(score.get(measure), (f_table["scores"].get(row) or {}).get(measure))
                         for row, score in m_table["scores"].items()}
-    out["geometric_mean_by_energy"] = {
-        label: _ratio(t["geometric_mean"], (floor["calotransfer_by_energy"].get(label) or {}).get("geometric_mean"))
-        for label, t in (model.get("calotransfer_by_energy") or {}).items()}
+    for kind in ("energy", "theta"):
+        floor_tables = floor.get(f"calotransfer_by_{kind}") or {}
+        out[f"geometric_mean_by_{kind}"] = {
+            label: _ratio(t["geometric_mean"], (floor_tables.get(label) or {}).get("geometric_mean"))
+            for label, t in (model.get(f"calotransfer_by_{kind}") or {}).items()}
     for level in ("low_level", "high_level"):
         out[f"jsd_{level}"] = _ratio((model["classifier"].get(level) or {}).get("jsd"),
                                      (floor["classifier"].get(level) or {}).get("jsd"))

@@ -167,9 +167,10 @@ def _headline(section: Mapping) -> list[tuple[str, str, object]]:
                      if "fpd_x1e3" in physics else f"skipped: {physics.get('fpd_skipped')}", "fpd_x1e3"))
         rows.append(("KPD x 10^3", _pm(physics.get("kpd_x1e3"), physics.get("kpd_error_x1e3"))
                      if "kpd_x1e3" in physics else f"skipped: {physics.get('kpd_skipped')}", "kpd_x1e3"))
-    for label, value in (summary.get("geometric_mean_by_energy") or {}).items():
-        rows.append((f"geometric mean of normalised W1, {label}", _number(value),
-                     ("geometric_mean_by_energy", label)))
+    for kind in ("energy", "theta"):
+        for label, value in (summary.get(f"geometric_mean_by_{kind}") or {}).items():
+            rows.append((f"geometric mean of normalised W1, {label}", _number(value),
+                         (f"geometric_mean_by_{kind}", label)))
     return rows
 
 
@@ -268,6 +269,21 @@ def _build(metrics: Mapping, plot_links: Mapping[str, str]) -> Document:
             rows.append(row)
         doc.table(["incident energy", "N reference", "N generated", "geometric mean W1", "geometric mean KL"]
                   + (["floor geometric mean W1", "model / floor"] if floor else []) + sep_columns, rows)
+
+    by_theta = metrics.get("calotransfer_by_theta") or {}
+    if by_theta:
+        doc.heading(2, "By incidence angle")
+        rows = []
+        for label, t in by_theta.items():
+            row = [label, str(t.get("n_reference")), str(t.get("n_generated")),
+                   _pm(t.get("geometric_mean"), t.get("geometric_mean_std")), _number(t.get("kl_geometric_mean"))]
+            if floor:
+                floor_t = ((floor.get("calotransfer_by_theta") or {}).get(label)) or {}
+                row += [_pm(floor_t.get("geometric_mean"), floor_t.get("geometric_mean_std")),
+                        _number((ratios.get("geometric_mean_by_theta") or {}).get(label), 3)]
+            rows.append(row)
+        doc.table(["polar angle", "N reference", "N generated", "geometric mean W1", "geometric mean KL"]
+                  + (["floor geometric mean W1", "model / floor"] if floor else []), rows)
 
     # CaloChallenge
     if cc or any("auc" in (classifier.get(k) or {}) for k in ("low_level", "high_level")) or physics:

@@ -83,6 +83,8 @@ def concatenate_observables(parts: Sequence[ShowerObservables]) -> ShowerObserva
         cell_shower_index=np.concatenate([p.cell_shower_index.astype(index_dtype, copy=False)
                                           + index_dtype.type(s) for p, s in zip(parts, starts, strict=True)]),
         n_cells=parts[0].n_cells,
+        theta_deg=None if all(p.theta_deg is None for p in parts) else np.concatenate(
+            [np.full(p.n_showers, 90.0) if p.theta_deg is None else p.theta_deg for p in parts]),
     )
 
 
@@ -223,7 +225,7 @@ def stream_sample(path: str | os.PathLike[str], target: Geometry, *, chunk_size:
             particle = chunk.particle
             if chunk.geometry != target.name:  # same physical frame: voxelise into the target
                 chunk = Showers(chunk.points, chunk.offsets, chunk.incident_energy_mev, chunk.particle,
-                                target.name)
+                                target.name, dict(chunk.meta))
             voxels, outside = target.voxelise(chunk, threshold=True, return_outside=True)
             voxels[voxels < threshold] = 0.0
             incident = chunk.incident_energy_mev
@@ -247,7 +249,8 @@ def stream_sample(path: str | os.PathLike[str], target: Geometry, *, chunk_size:
             n_showers_with_cells += keep_showers
             obs_parts.append(dataclasses.replace(
                 obs, cell_energy_mev=cell_energy.astype(np.float32),  # lossless: float32 voxels
-                cell_shower_index=cell_index.astype(np.int32 if n_used < 2**31 else np.int64)))
+                cell_shower_index=cell_index.astype(np.int32 if n_used < 2**31 else np.int64),
+                theta_deg=chunk.theta_deg if "theta_deg" in chunk.meta else None))
             if binning is not None:
                 feature_parts.append(high_level_features(voxels, binning, threshold_mev=threshold,
                                                          chunk_size=max(len(voxels), 1)))

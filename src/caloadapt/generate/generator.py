@@ -18,8 +18,10 @@ __all__ = ["iter_generate"]
 
 def iter_generate(model: ShowerModel, geometry: Geometry, incident_energy_mev: np.ndarray, sampler: Sampler = Sampler(),
                   *, particle: str = "electron", seed: int = 0, batch_size: int = 64, digitise: bool = True,
-                  device: torch.device | str = "cpu", progress: bool = False) -> Iterator[Showers]:
-    """Generate showers batch by batch, in the order of ``incident_energy_mev`` (MeV).
+                  device: torch.device | str = "cpu", progress: bool = False, theta_deg: np.ndarray | None = None,
+                  phi_deg: np.ndarray | None = None) -> Iterator[Showers]:
+    """Generate showers batch by batch, in the order of ``incident_energy_mev`` (MeV), at the incidence
+    angles ``theta_deg``, ``phi_deg`` (one per shower; normal incidence when not given).
 
     ``sampler`` is usually the checkpoint's own (:func:`caloadapt.models.checkpoint.load_model`).
     With ``digitise`` the points are summed into the geometry's cells and cut at its threshold
@@ -32,6 +34,8 @@ def iter_generate(model: ShowerModel, geometry: Geometry, incident_energy_mev: n
     with tqdm(total=len(energy), unit="shower", disable=not progress, desc=f"generate {geometry.name}") as bar:
         for start in range(0, len(energy), batch_size):
             chunk = energy[start:start + batch_size]
-            showers = model.generate(geometry, chunk, sampler, generator=generator, particle=particle)
+            angles = {name: None if values is None else np.asarray(values, np.float64)[start:start + batch_size]
+                      for name, values in (("theta_deg", theta_deg), ("phi_deg", phi_deg))}
+            showers = model.generate(geometry, chunk, sampler, generator=generator, particle=particle, **angles)
             yield geometry.digitise(showers) if digitise else showers
             bar.update(len(chunk))

@@ -163,6 +163,12 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: Sampl
     if len(energy) == 0:
         raise ValueError("no training showers to fit the occupancy calibration on")
     training_hits = layer_counts(geometry.digitise(showers), geometry)
+
+    def angles(rows: slice) -> dict:  # the training showers' directions, for a model told them
+        if not model.config.angle_conditioning:
+            return {}
+        return {"theta_deg": showers.theta_deg[rows], "phi_deg": showers.phi_deg[rows]}
+
     n_layers = geometry.n_layers
     device = model.point_mean.device
     n_passes = len(FIT_POINTS_PER_HIT) + check
@@ -176,7 +182,7 @@ def fit_occupancy(model, geometry: Geometry, showers: Showers, *, sampler: Sampl
             # whatever number of points an earlier batch consumed noise for
             generator = torch.Generator(device).manual_seed(pass_seed * 1_000_003 + start)
             raw = model.generate(geometry, energy[start:start + batch_size], sampler,
-                                 generator=generator, occupancy=calibration)
+                                 generator=generator, occupancy=calibration, **angles(slice(start, start + batch_size)))
             points.append(layer_counts(raw, geometry))
             hits.append(layer_counts(geometry.digitise(raw), geometry))
             bar.update(len(raw))

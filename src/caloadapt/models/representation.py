@@ -20,7 +20,17 @@ the layer's extent; back-mapping integrates the grid over each layer of the targ
 a flow trained on 30 layers serves 45.
 
 **Conditioning** never changes meaning between pre-training and fine-tuning (a flaw of the
-reference): ``ln(E_inc / 1 GeV) / ln(1000)`` and ``ln(N) / ln(20000)``, fixed constants.
+reference): ``ln(E_inc / 1 GeV) / ln(1000)`` and ``ln(N) / ln(20000)``, fixed constants; the
+incidence direction enters as the transverse components (d_x, d_y) of the particle's unit
+direction in the shower frame (0, 0 at normal incidence), as CaloClouds-3 conditions on the local
+direction (docs/inclined.md).
+
+**Along the shower axis.** An inclined shower's axis crosses depth z at z (d_x, d_y) / d_z
+(docs/inclined.md). Transverse positions and the centre of gravity are taken relative to the axis
+at the point's depth (:func:`axis_slope`), so the network and the flow see a shower centred on
+its axis whatever its angle, and generation puts the points back along the axis
+(:func:`along_axis`): the shift of the centre of gravity from layer to layer, tan(inclination) x
+depth, is applied, not learnt. At normal incidence the slope is exactly 0 and nothing changes.
 """
 
 from __future__ import annotations
@@ -32,11 +42,12 @@ import numpy as np
 
 from ..geometry import Geometry, PlanarReadout
 from ..geometry.layer_units import depth_to_layer_units
+from ..incidence import local_direction
 from ..showers import Showers
 
 __all__ = ["FRAMES", "OUTSIDE_BOUND", "DepthGrid", "PointFrame", "shower_statistics", "statistics_to_layers",
            "energy_condition", "points_condition", "shower_depth_condition", "layer_energy_depth_x0",
-           "shower_depth_x0", "n_statistics"]
+           "shower_depth_x0", "n_statistics", "direction_condition", "axis_slope", "along_axis"]
 
 FRAMES = ("physical", "box")
 #: small offsets that keep empty grid bins away from ln(0); dequantisation noise is added on top
@@ -62,6 +73,43 @@ def points_condition(n_points: np.ndarray) -> np.ndarray:
 def shower_depth_condition(depth_x0: np.ndarray) -> np.ndarray:
     """Normalised longitudinal centre of gravity of a shower: depth / 20 X0 (fixed, any detector)."""
     return np.asarray(depth_x0, np.float64) / 20.0
+
+
+def direction_condition(geometry: Geometry, theta_deg: np.ndarray, phi_deg: np.ndarray) -> np.ndarray:
+    """``(N, 2)`` condition of the incidence direction: (d_x, d_y) of the unit direction in the shower
+    frame of ``geometry`` (its barrel faces decide phi's share, docs/inclined.md); (0, 0) at normal
+    incidence."""
+    return local_direction(theta_deg, phi_deg, geometry.barrel_sides)[:, :2]
+
+
+def axis_slope(geometry: Geometry, theta_deg: np.ndarray, phi_deg: np.ndarray) -> np.ndarray:
+    """``(N, 2)`` transverse displacement of each shower's axis per mm of depth, (d_x, d_y) / d_z.
+
+    Zero at normal incidence, and in a mesh that follows the particle, whose showers are held in
+    the particle's own frame (``readout.along_particle``, docs/inclined.md).
+    """
+    theta_deg = np.asarray(theta_deg, np.float64)
+    if geometry.readout.along_particle:
+        return np.zeros((len(theta_deg), 2))
+    direction = local_direction(theta_deg, phi_deg, geometry.barrel_sides)
+    return direction[:, :2] / direction[:, 2:3]
+
+
+def along_axis(points: np.ndarray, slope: np.ndarray, sign: float = 1.0) -> np.ndarray:
+    """``points`` (P, >= 3, mm) with ``sign`` x the axis position at their depth added to x and y
+    (``slope`` per point, :func:`axis_slope`): -1 takes detector-frame points to axis-relative ones,
+    +1 brings them back. A copy, unless every slope is 0."""
+    if not np.any(slope):
+        return points
+    moved = np.array(points, dtype=np.float64)
+    moved[:, :2] += sign * slope * moved[:, 2:3]
+    return moved
+
+
+def _axis_relative(geometry: Geometry, showers: Showers) -> np.ndarray:
+    """``(P, 4)`` float64 points with x, y taken from the shower's axis at their depth."""
+    slope = axis_slope(geometry, showers.theta_deg, showers.phi_deg)[showers.shower_index]
+    return along_axis(showers.points.astype(np.float64), slope, -1.0)
 
 
 def layer_energy_depth_x0(geometry: Geometry, layer_energy: np.ndarray) -> np.ndarray:
@@ -162,7 +210,8 @@ def shower_statistics(geometry: Geometry, showers: Showers, rng: np.random.Gener
     weight = showers.points[:, 3].astype(np.float64)
     total = np.maximum(np.bincount(index, weight, n), 1e-12)
     rm = geometry.layer_moliere_radius_mm[layer]
-    cog = [np.bincount(index, weight * showers.points[:, k] / rm, n) / total for k in (0, 1)]
+    position = _axis_relative(geometry, showers)  # centre of gravity about the axis
+    cog = [np.bincount(index, weight * position[:, k] / rm, n) / total for k in (0, 1)]
     return np.concatenate([log_energy, log_count, np.stack(cog, axis=1)], axis=1)
 
 
@@ -227,8 +276,9 @@ class PointFrame:
         return float(max(e[-1] for e in readout.r_edges_mm if len(e) > 1))
 
     def to_features(self, showers: Showers) -> np.ndarray:
-        """``(P, 4)`` float32 features of the points of ``showers`` (at their current positions)."""
-        g, p = self.geometry, showers.points.astype(np.float64)
+        """``(P, 4)`` float32 features of the points of ``showers`` (at their current positions, x and y
+        about the shower's axis)."""
+        g, p = self.geometry, _axis_relative(self.geometry, showers)
         layer = _hit_layers(g, showers)
         if self.frame == "physical":
             rm = g.layer_moliere_radius_mm[layer]
@@ -244,7 +294,8 @@ class PointFrame:
         return np.stack(features, axis=1).astype(np.float32)
 
     def to_points(self, features: np.ndarray, layer: np.ndarray, incident_energy_mev: np.ndarray) -> np.ndarray:
-        """``(P, 4)`` points (x, y mm; z at the layer centre; cell energy MeV) from features.
+        """``(P, 4)`` points (x, y mm about the shower's axis; z at the layer centre; cell energy MeV)
+        from features (:func:`along_axis` puts them on an inclined axis).
 
         ``layer`` is the readout layer each point was assigned to; ``incident_energy_mev`` is per point.
         """

@@ -24,16 +24,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..geometry import Geometry
 from ..geometry.descriptor import DESCRIPTOR_DIM, geometry_descriptor
+from ..incidence import NORMAL_PHI_DEG, NORMAL_THETA_DEG, check_angles
 from ..showers import Showers
 from .edm import EDMLoss, EDMPrecond
 from .flow import ShowerFlow
 from .fused import FusedDenoiser
 from .occupancy import OccupancyCalibration
 from .pointwise import PointwiseNet
-from .representation import (DepthGrid, PointFrame, energy_condition, layer_energy_depth_x0, n_statistics,
-                             points_condition, shower_depth_condition, statistics_to_layers)
+from .representation import (DepthGrid, PointFrame, along_axis, axis_slope, direction_condition, energy_condition,
+                             layer_energy_depth_x0, n_statistics, points_condition, shower_depth_condition,
+                             statistics_to_layers)
 from .sampling import Sampler
 from .transformer import PointTransformer
 
@@ -68,6 +71,12 @@ class ModelConfig:
             own depth scale, tau = t / T: GFlash, Grindhammer and Peters, hep-ex/0001020; without it
             the core radius of generated showers follows the longitudinal profile the wrong way,
             docs/fidelity.md). False (and every older checkpoint): energy and points only.
+        angle_conditioning: tell the flow and the point network the incidence direction ((d_x, d_y)
+            of the particle's unit direction in the shower frame, as CaloClouds-3 conditions on the
+            local direction, arXiv:2511.01460; docs/inclined.md). Whatever this setting, points and
+            the centre of gravity are taken about the shower's axis, so the shift of an inclined
+            shower from layer to layer is applied, not learnt. False (and every older checkpoint):
+            the model generates normal incidence only.
         backbone: point network, ``pointwise`` (CaloClouds II PointWise-Net) or ``transformer``
             (:class:`~caloadapt.models.transformer.PointTransformer`).
         geometry_conditioning: append the detector descriptor
@@ -87,6 +96,7 @@ class ModelConfig:
     transverse_scale_rm: float = 0.0
     depth_given: bool = False
     shower_depth_condition: bool = False
+    angle_conditioning: bool = False
     backbone: str = "pointwise"
     geometry_conditioning: bool = False
     grid_step_x0: float = 0.5
@@ -123,12 +133,14 @@ class ModelConfig:
     @property
     def condition_dim(self) -> int:
         """Width of the point network's shower condition: energy, points (+ shower depth, + the
-        detector descriptor)."""
-        return 2 + self.shower_depth_condition + (DESCRIPTOR_DIM if self.geometry_conditioning else 0)
+        incidence direction, + the detector descriptor)."""
+        return (2 + self.shower_depth_condition + 2 * self.angle_conditioning
+                + (DESCRIPTOR_DIM if self.geometry_conditioning else 0))
 
     @property
     def flow_condition_dim(self) -> int:
-        """Width of the flow's condition (:func:`flow_condition`): energy (+ the detector descriptor)."""
+        """Width of the flow's condition (:func:`flow_condition`): energy (+ the incidence direction, + the
+        detector descriptor)."""
         return self.condition_dim - 1 - self.shower_depth_condition
 
     @property
@@ -146,20 +158,25 @@ class ModelConfig:
 
 
 def shower_condition(incident_energy_mev: np.ndarray, n_points: np.ndarray, geometry: Geometry,
-                     config: ModelConfig, shower_depth_x0: np.ndarray | None = None) -> np.ndarray:
+                     config: ModelConfig, shower_depth_x0: np.ndarray | None = None,
+                     angles_deg: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``(N, C)`` condition of the point network: energy, points (+ the shower's depth in X0, a
-    placeholder 0 when not given, + the descriptor of ``geometry``), as ``config`` asks."""
+    placeholder 0 when not given, + the incidence direction of ``angles_deg`` = (theta, phi), normal
+    incidence when not given, + the descriptor of ``geometry``), as ``config`` asks."""
     columns = [energy_condition(incident_energy_mev)[:, None], points_condition(n_points)[:, None]]
+    n = len(columns[0])
     if config.shower_depth_condition:
-        depth = np.zeros(len(columns[0])) if shower_depth_x0 is None else shower_depth_x0
+        depth = np.zeros(n) if shower_depth_x0 is None else shower_depth_x0
         columns.append(shower_depth_condition(depth)[:, None])
+    if config.angle_conditioning:
+        columns.append(np.zeros((n, 2)) if angles_deg is None else direction_condition(geometry, *angles_deg))
     if config.geometry_conditioning:
         columns.append(np.broadcast_to(geometry_descriptor(geometry), (len(columns[0]), DESCRIPTOR_DIM)))
     return np.concatenate(columns, axis=1)
 
 
 def flow_condition(condition: Tensor, config: ModelConfig) -> Tensor:
-    """The flow's condition: the energy (+ descriptor) columns of the point network's condition.
+    """The flow's condition: the energy (+ direction, + descriptor) columns of the point network's condition.
 
     The flow predicts the number of points and the layer energies (hence the shower's depth), so
     it must not be told them.
@@ -237,11 +254,13 @@ class ShowerModel(nn.Module):
         return {"diffusion": diffusion, "flow": flow}
 
     # -- generation --------------------------------------------------------------------------
-    def _sample_layers(self, geometry: Geometry, energy: np.ndarray, generator: torch.Generator | None
+    def _sample_layers(self, geometry: Geometry, energy: np.ndarray, generator: torch.Generator | None,
+                       angles_deg: tuple[np.ndarray, np.ndarray] | None = None
                        ) -> tuple[Tensor, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The point network's condition (its points column still a placeholder) and the flow's
         hits per layer, cell energy per layer and centre of gravity (:func:`statistics_to_layers`)."""
-        condition = torch.as_tensor(shower_condition(energy, np.ones_like(energy), geometry, self.config),
+        condition = torch.as_tensor(shower_condition(energy, np.ones_like(energy), geometry, self.config,
+                                                     angles_deg=angles_deg),
                                     dtype=torch.float32, device=self.point_mean.device)
         stats = self.flow.sample(flow_condition(condition, self.config), generator=generator)
         stats = stats * self.stats_std + self.stats_mean
@@ -250,10 +269,14 @@ class ShowerModel(nn.Module):
     @torch.no_grad()
     def generate(self, geometry: Geometry, incident_energy_mev: np.ndarray, sampler: Sampler = Sampler(), *,
                  generator: torch.Generator | None = None, particle: str = "electron", max_points: int = 40_000,
-                 occupancy: OccupancyCalibration | None | str = "auto", denoiser: nn.Module | None = None) -> Showers:
+                 occupancy: OccupancyCalibration | None | str = "auto", denoiser: nn.Module | None = None,
+                 theta_deg: np.ndarray | float | None = None, phi_deg: np.ndarray | float | None = None) -> Showers:
         """Generate one batch of showers in ``geometry`` (points at layer centres, cell energies MeV).
 
         Arguments:
+            theta_deg, phi_deg: incidence angles per shower (or one for all; docs/inclined.md), normal
+                incidence when not given; the showers carry them. Only a model trained with
+                ``angle_conditioning`` generates other angles.
             sampler: how the point cloud is sampled (a checkpoint's own comes with
                 :func:`caloadapt.models.checkpoint.load_model`; a distilled model needs its
                 consistency sampler).
@@ -264,7 +287,8 @@ class ShowerModel(nn.Module):
         """
         device = self.point_mean.device
         energy = np.asarray(incident_energy_mev, np.float64)
-        condition, (hits, layer_energy, cog) = self._sample_layers(geometry, energy, generator)
+        angles, meta = self._incidence(geometry, len(energy), theta_deg, phi_deg)
+        condition, (hits, layer_energy, cog) = self._sample_layers(geometry, energy, generator, angles)
         calibration = self.occupancy.get(geometry.name) if occupancy == "auto" else occupancy
         if calibration is not None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device
@@ -276,7 +300,8 @@ class ShowerModel(nn.Module):
         n_points = counts.sum(axis=1)
         width = int(n_points.max(initial=0))
         if width == 0:
-            return Showers.from_counts(np.zeros((0, 4)), n_points, energy, particle=particle, geometry=geometry.name)
+            return Showers.from_counts(np.zeros((0, 4)), n_points, energy, particle=particle, geometry=geometry.name,
+                                       meta=meta)
         mask = torch.arange(width, device=device)[None, :] < torch.as_tensor(n_points, device=device)[:, None]
         # the network is told the hits the shower is to have (what N meant in training), not the points
         condition[:, 1] = torch.as_tensor(points_condition(hits.sum(axis=1)), dtype=torch.float32, device=device)
@@ -300,9 +325,24 @@ class ShowerModel(nn.Module):
         points = self.config.point_frame(geometry).to_points(flat, layer, energy[shower])
         _calibrate_layers(points, shower, layer, layer_energy, geometry, visible_only=False)
         _shift_centre_of_gravity(points, shower, layer, cog, geometry)
+        if angles is not None:  # about the axis so far: onto the inclined axis
+            points = along_axis(points, axis_slope(geometry, *angles)[shower])
         # last, once the points sit where they stay: the cells that will be read out carry the energy
         _calibrate_layers(points, shower, layer, layer_energy, geometry, visible_only=True)
-        return Showers.from_counts(points, n_points, energy, particle=particle, geometry=geometry.name)
+        return Showers.from_counts(points, n_points, energy, particle=particle, geometry=geometry.name, meta=meta)
+
+    def _incidence(self, geometry: Geometry, n: int, theta_deg, phi_deg
+                   ) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict[str, np.ndarray]]:
+        """Checked ``(theta, phi)`` arrays of ``n`` showers (None at normal incidence) and the showers' meta."""
+        if theta_deg is None and phi_deg is None:
+            return None, {}
+        theta, phi = check_angles(NORMAL_THETA_DEG if theta_deg is None else theta_deg,
+                                  NORMAL_PHI_DEG if phi_deg is None else phi_deg, geometry.barrel_sides)
+        theta, phi = (np.array(np.broadcast_to(a, (n,))) for a in (theta, phi))
+        if not self.config.angle_conditioning and np.any(direction_condition(geometry, theta, phi)):
+            raise InputError("this model was trained without angle conditioning and generates normal incidence "
+                             "only (theta = phi = 90 degrees); pre-train with --angle-conditioning on inclined showers")
+        return (theta, phi), {"theta_deg": theta, "phi_deg": phi}
 
     def _given_depth(self, geometry: Geometry, layer: np.ndarray, mask: Tensor) -> Tensor:
         """``(B, M, 4)`` normalised given features: each real point's layer depth, NaN elsewhere."""

@@ -153,7 +153,8 @@ def run_one(run: RunSpec) -> dict:
     reference = read_showers(spec.reference, geometry, stop=spec.n_eval)
     generated = Showers.concatenate(list(iter_generate(model, geometry, reference.incident_energy_mev,
                                                        sampler.with_steps(spec.n_steps_sampler), seed=run.seed,
-                                                       particle=reference.particle)))
+                                                       particle=reference.particle, theta_deg=reference.theta_deg,
+                                                       phi_deg=reference.phi_deg)))
     table = score_showers(generated, reference, geometry, seed=run.seed)
     result = {"pretrained": run.pretrained, "backbone": model.config.backbone,
               "geometry_conditioning": model.config.geometry_conditioning,

@@ -74,7 +74,8 @@ def make_batch(showers: Showers, geometry: Geometry, config: ModelConfig, rng: n
         points[i, :k] = features[start + chosen]
         mask[i, :k] = True
     depth = shower_depth_x0(geometry, showers) if config.shower_depth_condition else None
-    condition = shower_condition(showers.incident_energy_mev, counts, geometry, config, depth)
+    condition = shower_condition(showers.incident_energy_mev, counts, geometry, config, depth,
+                                 (showers.theta_deg, showers.phi_deg))
     return Batch(torch.from_numpy(points), torch.from_numpy(mask),
                  torch.as_tensor(condition, dtype=torch.float32), torch.as_tensor(statistics, dtype=torch.float32))
 
