@@ -386,3 +386,20 @@ def test_inclined_samples_are_scored_per_theta_bin_beside_the_floor(tmp_path):
     plain = run_evaluation(normal, normal, geometry, tmp_path / "plain", options)
     assert plain["calotransfer_by_theta"] == {} and "By incidence angle" not in (tmp_path / "plain" / "report.md"
                                                                                  ).read_text()
+
+
+def test_the_event_display_is_told_each_showers_direction(tmp_path):
+    from caloadapt.evaluate.stream import stream_sample
+    from caloadapt.geometry import get_geometry
+    from caloadapt.incidence import local_direction
+
+    geometry = get_geometry("ild-ecal")
+    path = tmp_path / "inclined.h5"
+    theta, phi = np.array([50.0, 90.0, 120.0]), np.array([90.0, 90.0, 100.0])
+    write_showers(path, simulate(geometry, "photon", np.full(3, 20e3), theta_deg=theta, phi_deg=phi, seed=1))
+    sample = stream_sample(path, geometry, n_examples=2)
+    np.testing.assert_allclose(sample.examples_direction, local_direction(theta[:2], phi[:2], 8))
+    np.testing.assert_array_equal(sample.observables.theta_deg, theta)
+    metrics = run_evaluation(path, path, geometry, tmp_path / "out",
+                             _options(classifier="none", fpd_kpd=False, n_event_display=2))
+    assert (tmp_path / "out" / "plots" / "event_display.png").is_file()

@@ -826,7 +826,8 @@ def _make_plots(ref: SampleSummary, gen: SampleSummary, target: Geometry,
     if options.n_event_display > 0:
         jobs.append(("event_display", plots.event_display,
                      (ref.examples_mev, ref.examples_incident_mev, gen.examples_mev, gen.examples_incident_mev,
-                      target.cell_centres_mm, plot_dir / "event_display.png"), {"labels": labels}))
+                      target.cell_centres_mm, plot_dir / "event_display.png"),
+                     {"labels": labels, "directions": (ref.examples_direction, gen.examples_direction)}))
     paths = {}
     iterable: Iterable = tqdm(jobs, desc="plots", unit="plot", disable=not options.progress, leave=False)
     for name, function, args, kwargs in iterable:

@@ -317,13 +317,17 @@ def average_shower_polar(reference_mean_mev, generated_mean_mev, binning, path: 
 
 def event_display(reference_voxels_mev, reference_incident_mev, generated_voxels_mev, generated_incident_mev,
                   cell_centres_mm, path: str | os.PathLike[str], *,
-                  labels: Sequence[str] = ("Reference", "Generated")) -> Path:
+                  labels: Sequence[str] = ("Reference", "Generated"),
+                  directions: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
     """3D display of a few showers: hit cells at (depth, x, y), coloured and sized by energy.
 
     Args:
         reference_voxels_mev, generated_voxels_mev: ``(k, n_cells)`` voxelised showers.
         reference_incident_mev, generated_incident_mev: ``(k,)`` incident energies.
         cell_centres_mm: ``(n_cells, 3)`` cell centres (x, y, depth).
+        directions: ``(k, 3)`` unit directions (x, y, depth) of the reference's and the generated
+            showers: the particle's axis is drawn through the impact point, and an inclined
+            shower's angle to the layer normal is given in its title.
 
     Raises:
         ValueError: no shower to show.
@@ -345,6 +349,7 @@ def event_display(reference_voxels_mev, reference_incident_mev, generated_voxels
     with hep_style():
         figure = _figure((3.6 * n_cols + 1.0, 7.0))
         scatter = None
+        depth_max = float(centres[:, 2].max())
         for i, (voxels, energies, label) in enumerate(((ref, reference_incident_mev, labels[0]),
                                                        (gen, generated_incident_mev, labels[1]))):
             for j in range(n_cols):
@@ -356,7 +361,16 @@ def event_display(reference_voxels_mev, reference_incident_mev, generated_voxels
                     scatter = ax.scatter(centres[cells, 2], centres[cells, 0], centres[cells, 1],
                                          c=np.log10(e[cells]) if cells.size else [], s=size, cmap="inferno_r",
                                          vmin=vmin, vmax=vmax, alpha=0.8, linewidths=0)
-                    ax.set_title(f"{label}: {float(energies[j]) / 1e3:.1f} GeV, {cells.size} hits", fontsize=9)
+                    title = f"{label}: {float(energies[j]) / 1e3:.1f} GeV, {cells.size} hits"
+                    if directions is not None and j < len(directions[i]):
+                        d = np.asarray(directions[i][j], np.float64)
+                        reach = depth_max / d[2]  # along the axis to the back of the readout
+                        ax.plot([0.0, reach * d[2]], [0.0, reach * d[0]], [0.0, reach * d[1]], color="tab:blue",
+                                linewidth=1.0, linestyle="--")
+                        inclination = float(np.degrees(np.arccos(np.clip(d[2], -1.0, 1.0))))
+                        if inclination > 0.05:
+                            title += f", {inclination:.0f} deg"
+                    ax.set_title(title, fontsize=9)
                 ax.set_xlabel("Depth [mm]", fontsize=8, labelpad=-2)
                 ax.set_ylabel("x [mm]", fontsize=8, labelpad=-2)
                 ax.set_zlabel("y [mm]", fontsize=8, labelpad=-2)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..data.io import count_showers, detect_format, file_geometry, iter_showers
 from ..errors import InputError
 from ..geometry import Geometry
+from ..incidence import local_direction
 from ..showers import ENERGY, Showers
 from .calochallenge import CaloChallengeBinning, HighLevelFeatures, high_level_features, low_level_vector
 from .energy_bins import ENERGY_DECADES_MEV, energy_bin_masks
@@ -114,7 +115,9 @@ class SampleSummary:
             in the last row, over all showers.
         voxel_counts: ``(n_bins + 1,)`` showers summed in each row.
         radial_edges_mm: radial bin edges; radial_energy_mev: ``(n, n_r)`` energy per radial bin.
-        examples_mev: ``(k, n_cells)`` first showers (event display); examples_incident_mev: ``(k,)``.
+        examples_mev: ``(k, n_cells)`` first showers (event display); examples_incident_mev: ``(k,)``;
+            examples_direction: ``(k, 3)`` their unit direction in the shower frame of the target
+            (its axis: (0, 0, 1) at normal incidence and in a mesh along the particle).
         energy_total_mev, energy_outside_mev: point energy read, and the part outside the target
             readout.
         n_showers_with_cells: the first showers whose hit cells are pooled (``max_cells``).
@@ -136,6 +139,7 @@ class SampleSummary:
     radial_energy_mev: np.ndarray
     examples_mev: np.ndarray
     examples_incident_mev: np.ndarray
+    examples_direction: np.ndarray
     energy_total_mev: float
     energy_outside_mev: float
     n_showers_with_cells: int = 0
@@ -217,6 +221,7 @@ def stream_sample(path: str | os.PathLike[str], target: Geometry, *, chunk_size:
     sums = np.zeros((n_bins + 1, target.n_cells))
     counts = np.zeros(n_bins + 1, dtype=np.int64)
     obs_parts, feature_parts, low_parts, radial_parts, example_parts, example_energy = [], [], [], [], [], []
+    example_direction = []
     n_seen, total_energy, outside_energy, particle = 0, 0.0, 0.0, "electron"
     n_cells_kept, n_showers_with_cells, cells_full = 0, 0, False
     with tqdm(total=n_used, unit="shower", desc=f"read {label or path.name}", disable=not progress,
@@ -270,6 +275,9 @@ def stream_sample(path: str | os.PathLike[str], target: Geometry, *, chunk_size:
             if take:
                 example_parts.append(voxels[:take].copy())
                 example_energy.append(incident[:take].copy())
+                example_direction.append(np.tile([0.0, 0.0, 1.0], (take, 1)) if target.readout.along_particle else
+                                         local_direction(chunk.theta_deg[:take], chunk.phi_deg[:take],
+                                                         target.barrel_sides))
             n_seen += len(voxels)
             bar.update(len(voxels))
     if n_seen == 0:
@@ -284,6 +292,7 @@ def stream_sample(path: str | os.PathLike[str], target: Geometry, *, chunk_size:
         radial_edges_mm=radial_edges, radial_energy_mev=np.concatenate(radial_parts),
         examples_mev=np.concatenate(example_parts) if example_parts else np.zeros((0, n_cells), np.float32),
         examples_incident_mev=np.concatenate(example_energy) if example_energy else np.zeros(0),
+        examples_direction=np.concatenate(example_direction) if example_direction else np.zeros((0, 3)),
         energy_total_mev=total_energy, energy_outside_mev=outside_energy,
         n_showers_with_cells=n_showers_with_cells,
     )
