@@ -84,17 +84,24 @@ def test_the_condition_holds_the_direction_only_when_asked():
     assert ModelConfig(angle_conditioning=True).flow_condition_dim == 3  # energy and direction
 
 
-def test_an_angular_model_trains_and_generates_showers_along_their_axis(inclined, tmp_path):
+@pytest.fixture(scope="module")
+def angular_model(inclined, tmp_path_factory) -> Path:
+    """A tiny angle-conditioned model trained for a few steps on the inclined showers."""
+    path, _ = inclined
+    out = tmp_path_factory.mktemp("angular_run")
+    torch.manual_seed(0)
+    train(ShowerModel(ModelConfig(angle_conditioning=True, **TINY)), path, get_geometry("ild-ecal"), out,
+          TrainConfig(steps=3, batch_size=2, max_points=64, val_every=3, checkpoint_every=3, warmup_steps=1,
+                      device="cpu", occupancy_showers=2), progress=False)
+    return out / "best.pt"
+
+
+def test_an_angular_model_trains_and_generates_showers_along_their_axis(angular_model, tmp_path):
     """Trained on inclined showers (a few steps), the model is told the direction and generates at the
     angles asked for: the showers carry them and every point is moved onto the axis, by tan(i) x its
     depth; a checkpoint without angle conditioning refuses inclined generation with a clear error."""
-    path, _ = inclined
     geometry = get_geometry("ild-ecal")
-    torch.manual_seed(0)
-    train(ShowerModel(ModelConfig(angle_conditioning=True, **TINY)), path, geometry, tmp_path / "run",
-          TrainConfig(steps=3, batch_size=2, max_points=64, val_every=3, checkpoint_every=3, warmup_steps=1,
-                      device="cpu", occupancy_showers=2), progress=False)
-    model, sampler = load_model(tmp_path / "run" / "best.pt")
+    model, sampler = load_model(angular_model)
     assert model.config.angle_conditioning and geometry.name in model.occupancy
     theta = np.array([50.0, 130.0])
     contexts = []
@@ -126,7 +133,17 @@ def test_an_angular_model_trains_and_generates_showers_along_their_axis(inclined
                                np.c_[slope * showers.points[:, 2:3], np.zeros(len(slope))], atol=1e-3)
     assert np.abs(slope[:, 1]).max() == pytest.approx(np.tan(np.radians(40.0)))
 
-    plain, plain_sampler = load_model(tmp_path / "run" / "best.pt")
+    # the exported network takes the direction with the rest of the condition: the same showers
+    pytest.importorskip("onnxruntime")
+    from caloadapt.export.onnx import export_onnx, onnx_model
+
+    view = onnx_model(model, export_onnx(model, tmp_path / "net.onnx"), threads=1)
+    through_onnx = view.generate(geometry, np.full(2, 30e3), sampler.with_steps(3), theta_deg=theta, phi_deg=90.0,
+                                 generator=torch.Generator().manual_seed(0), particle="photon")
+    np.testing.assert_array_equal(through_onnx.n_points, showers.n_points)
+    np.testing.assert_allclose(through_onnx.points[:, :3], showers.points[:, :3], atol=0.05)
+
+    plain, plain_sampler = load_model(angular_model)
     object.__setattr__(plain.config, "angle_conditioning", False)  # as a checkpoint without the option
     with pytest.raises(InputError, match="without angle conditioning"):
         plain.generate(geometry, np.full(2, 30e3), plain_sampler.with_steps(2), theta_deg=theta)
@@ -146,3 +163,17 @@ def test_generate_takes_the_angles_of_the_reference_and_refuses_them_for_a_norma
                                  "--energy", "20", "--theta", "90", "--device", "cpu", "-o", str(tmp_path / "ok.h5")])
     assert normal.exit_code == 0, normal.output + (normal.stderr or "")
     assert len(read_showers(tmp_path / "ok.h5")) == 2
+
+
+def test_the_benchmark_times_inclined_showers_with_an_angular_model_only(tiny_checkpoints, angular_model, tmp_path):
+    from caloadapt.benchmark import run_benchmark
+
+    report = run_benchmark(angular_model, tmp_path / "a.json", quick=True, device="cpu", threads=(1,), theta_deg=50.0,
+                           n_steps=2, repeats=1, batch_sizes=(2,), scan_energies_gev=(1.0,), scan_batch=1, onnx=False)
+    assert report["settings"]["theta_deg"] == 50.0
+    assert {"simulator", "heun"} <= {r["case"] for r in report["results"] if "ms_per_shower" in r}
+
+    with pytest.raises(InputError, match="without angle conditioning"):
+        run_benchmark(tiny_checkpoints[0], tmp_path / "b.json", quick=True, device="cpu", threads=(1,),
+                      theta_deg=50.0, onnx=False)
+    assert not (tmp_path / "b.json").exists()

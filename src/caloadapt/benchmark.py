@@ -64,20 +64,23 @@ _QUICK = {"batch_sizes": (1, 8), "repeats": 3, "warmup": 1, "budget_s": 20.0,
 
 # -- the cases ---------------------------------------------------------------------------------------------------
 
-def _simulator_run(geometry, particle: str, energy_mev: np.ndarray) -> Callable[[], dict]:
+def _simulator_run(geometry, particle: str, energy_mev: np.ndarray, angles: dict | None = None) -> Callable[[], dict]:
+    """One timed simulation; ``angles``: ``theta_deg`` / ``phi_deg`` of the showers (none: normal incidence)."""
     from .simulate import simulate
 
     counter = iter(range(10**9))
 
     def run() -> dict:
-        hits = simulate(geometry, particle, energy_mev, seed=next(counter))
+        hits = simulate(geometry, particle, energy_mev, seed=next(counter), **(angles or {}))
         return {"mean_hits": float(hits.n_points.mean())}
     return run
 
 
 def _model_run(model, geometry, particle: str, energy_mev: np.ndarray, *, sampler: str, n_steps: int,
-               device: torch.device, settings: Sampler | None, denoiser=None) -> Callable[[], dict]:
-    """One timed generation; ``settings``: the distilled checkpoint's sampler for ``consistency``."""
+               device: torch.device, settings: Sampler | None, denoiser=None,
+               angles: dict | None = None) -> Callable[[], dict]:
+    """One timed generation; ``settings``: the distilled checkpoint's sampler for ``consistency``;
+    ``angles`` as for :func:`_simulator_run`."""
     chosen = settings.with_steps(n_steps) if sampler == "consistency" and settings is not None else Sampler(sampler,
                                                                                                            n_steps)
     generator = torch.Generator(device).manual_seed(0)
@@ -86,7 +89,7 @@ def _model_run(model, geometry, particle: str, energy_mev: np.ndarray, *, sample
     def run() -> dict:
         with torch.inference_mode():
             showers = model.generate(geometry, energy_mev, chosen, generator=generator, particle=particle,
-                                     denoiser=denoiser)
+                                     denoiser=denoiser, **(angles or {}))
             hits = geometry.digitise(showers)
         sync()
         return {"mean_points": float(showers.n_points.mean()), "mean_hits": float(hits.n_points.mean())}
@@ -160,7 +163,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
                   device: str = "auto", distilled: str | os.PathLike[str] | None = None,
                   batch_sizes: Sequence[int] | None = None, threads: Sequence[int] | None = None,
                   n_steps: int = 13, repeats: int | None = None, warmup: int | None = None,
-                  budget_s: float | None = None, energy_gev: float = 50.0,
+                  budget_s: float | None = None, energy_gev: float = 50.0, theta_deg: float = 90.0,
                   scan_energies_gev: Sequence[float] | None = None, scan_batch: int | None = None,
                   onnx: bool = True, simulator: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """Measure generation speed; write the results as JSON and :func:`format_table`'s text beside it
@@ -180,6 +183,8 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
         budget_s: time budget per measurement; larger batches estimated to exceed it are skipped
             (default 120 s; quick 20 s).
         energy_gev: incident energy of the ILD photons of the main table (50 GeV).
+        theta_deg: their polar angle of incidence (90: normal incidence; another angle needs a model
+            trained with angle conditioning, docs/inclined.md).
         scan_energies_gev, scan_batch: the calochallenge-3 electron energy scan (1, 10, 100,
             1000 GeV at batch 100, one thread; quick 1, 10 GeV at batch 8).
         onnx: include the onnxruntime case (needs onnx, onnxscript, onnxruntime).
@@ -218,6 +223,11 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
         raise InputError(f"unknown device {device!r}; expected auto, cpu or cuda")
 
     model, checkpoint_name, one_step, notes = _load_models(checkpoint, distilled)
+    if theta_deg != 90.0 and not model.config.angle_conditioning:
+        from .errors import InputError
+
+        raise InputError(f"--theta {theta_deg:g}: {checkpoint_name} was trained without angle conditioning and "
+                         "generates normal incidence only (theta 90)")
     hardware = hardware_info()
     ild, ds3 = get_geometry("ild-ecal"), get_geometry("calochallenge-3")
     ild_particle = "photon"
@@ -261,6 +271,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
             except Exception as err:  # noqa: BLE001 - the other cases still run
                 notes.append(f"ONNX case skipped: {type(err).__name__}: {err}")
         energy = float(energy_gev)
+        angles = {} if theta_deg == 90.0 else {"theta_deg": float(theta_deg), "phi_deg": 90.0}
 
         def model_cases(dev: torch.device):
             cases = [("heun", "heun", n_steps, model), ("euler", "euler", n_steps, model)]
@@ -278,7 +289,8 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
                         if simulator and dev.type == "cpu":
                             row = _row("simulator", "numpy", "cpu", n_threads, batch, None, None, energy, ild.name,
                                        ild_particle)
-                            results.append(measure(row, lambda: _simulator_run(ild, ild_particle, energies), None))
+                            results.append(measure(row, lambda: _simulator_run(ild, ild_particle, energies, angles),
+                                                   None))
                         row = _row("reference_net", "torch", dev.type, n_threads, batch, None, None, energy,
                                    ild.name, ild_particle)
                         row["nfe"] = 1
@@ -289,11 +301,13 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
                             settings = one_step[1] if sampler == "consistency" else None
                             results.append(measure(row, lambda m=m, sampler=sampler, steps=steps, settings=settings:
                                                    _model_run(m, ild, ild_particle, energies, sampler=sampler,
-                                                              n_steps=steps, device=dev, settings=settings), m))
+                                                              n_steps=steps, device=dev, settings=settings,
+                                                              angles=angles), m))
                         if dev.type == "cpu":
                             for name, path in onnx_files.items():
                                 results.append(measure(*_onnx_case(name, path, model, one_step, n_threads, batch,
-                                                                   n_steps, energy, ild, ild_particle, energies)))
+                                                                   n_steps, energy, ild, ild_particle, energies,
+                                                                   angles)))
 
         # energy scan: calochallenge-3 electrons, one thread
         scan_rows: list[dict] = []
@@ -326,7 +340,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
         "checkpoint": {"path": checkpoint_name, "model_config": model.config.to_dict(),
                        "distilled": None if one_step is None else one_step[2],
                        "consistency": None if one_step is None else one_step[1].to_dict()},
-        "settings": {"geometry": ild.name, "particle": ild_particle, "energy_gev": energy_gev,
+        "settings": {"geometry": ild.name, "particle": ild_particle, "energy_gev": energy_gev, "theta_deg": theta_deg,
                      "batch_sizes": list(batch_sizes), "threads": list(threads),
                      "devices": [d.type for d in devices], "n_steps": n_steps, "repeats": repeats, "warmup": warmup,
                      "budget_s": budget_s, "scan_energies_gev": list(scan_energies), "scan_batch": scan_batch,
@@ -346,7 +360,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
     return report
 
 
-def _onnx_case(name, path, model, one_step, n_threads, batch, n_steps, energy, geometry, particle, energies):
+def _onnx_case(name, path, model, one_step, n_threads, batch, n_steps, energy, geometry, particle, energies, angles):
     from .export.onnx import onnx_model
 
     base = one_step[0] if name == "one_step" else model
@@ -357,7 +371,7 @@ def _onnx_case(name, path, model, one_step, n_threads, batch, n_steps, energy, g
         view = onnx_model(base.cpu(), path, threads=n_threads)
         return _model_run(view, geometry, particle, energies, sampler=sampler, n_steps=steps,
                           device=torch.device("cpu"), settings=one_step[1] if one_step else None,
-                          denoiser=view.denoiser)
+                          denoiser=view.denoiser, angles=angles)
     return row, make_run, base
 
 
@@ -424,7 +438,7 @@ def format_table(results: dict) -> str:
     gpus = ", ".join(g["name"] for g in hw.get("gpus") or []) or "none"
     s = results["settings"]
     lines = [f"caloadapt benchmark ({'quick' if results.get('quick') else 'full'}): {s['geometry']} {s['particle']}s "
-             f"at {s['energy_gev']:g} GeV; N = {s['n_steps']} sampler steps",
+             f"at {s['energy_gev']:g} GeV, theta {s.get('theta_deg', 90.0):g} deg; N = {s['n_steps']} sampler steps",
              f"CPU: {hw['cpu_model']} ({hw['usable_cores']} usable of {hw['logical_cores']} logical cores), "
              f"GPU: {gpus}; load average {hw.get('load_average')}; torch {results['versions']['torch']}, "
              f"onnxruntime {results['versions'].get('onnxruntime')}",

@@ -612,6 +612,8 @@ def benchmark(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     steps: Annotated[int, typer.Option(min=1, help="Heun/Euler steps")] = DEFAULT_STEPS,
     onnx: Annotated[bool, typer.Option(help="time the onnxruntime path")] = True,
+    theta: Annotated[float, typer.Option(help="polar angle of incidence of the ILD photons, degrees (another "
+                                              "than 90 needs a model trained with --angle-conditioning)")] = 90.0,
     threads: Annotated[Optional[str], typer.Option(
         help="the CPU thread count timed besides one thread: a positive integer, or auto: every core this "
              "process may use", show_default=False)] = None,
@@ -623,7 +625,8 @@ def benchmark(
     timed = parse_threads(threads)
     _use_threads(None)  # the untimed set-up; each timed case sets its own thread count
     report = run_benchmark(checkpoint, output, quick=quick, device=device, distilled=distilled, n_steps=steps,
-                           onnx=onnx, threads=None if timed is None else (1, timed), log=typer.echo)
+                           onnx=onnx, threads=None if timed is None else (1, timed), theta_deg=theta,
+                           log=typer.echo)
     typer.echo(format_table(report))
 
 
