@@ -251,39 +251,27 @@ def _build(metrics: Mapping, plot_links: Mapping[str, str]) -> Document:
         doc.table(["observable", "W1 / std", "bootstrap std", *(["floor W1 / std", "model / floor"] if floor else []),
                    "KL [nats]", "in mean", "compares"], rows)
 
-    by_energy = metrics.get("calotransfer_by_energy") or {}
     cc = metrics.get("calochallenge") or {}
-    if by_energy:
-        doc.heading(2, "By incident energy")
-        sep_by_energy = cc.get("separation_power_summary_by_energy") or {}
-        sep_columns = ["sep E total", "sep E layer", "sep cell"] if sep_by_energy else []
+    sep_by_energy = cc.get("separation_power_summary_by_energy") or {}
+    for kind, title, column, extra in (("energy", "By incident energy", "incident energy", sep_by_energy),
+                                       ("theta", "By incidence angle", "polar angle", {})):
+        tables = metrics.get(f"calotransfer_by_{kind}") or {}
+        if not tables:
+            continue
+        doc.heading(2, title)
+        extra_columns = ["sep E total", "sep E layer", "sep cell"] if extra else []
         rows = []
-        for label, t in by_energy.items():
+        for label, t in tables.items():
             row = [label, str(t.get("n_reference")), str(t.get("n_generated")),
                    _pm(t.get("geometric_mean"), t.get("geometric_mean_std")), _number(t.get("kl_geometric_mean"))]
             if floor:
-                floor_t = ((floor.get("calotransfer_by_energy") or {}).get(label)) or {}
+                floor_t = ((floor.get(f"calotransfer_by_{kind}") or {}).get(label)) or {}
                 row += [_pm(floor_t.get("geometric_mean"), floor_t.get("geometric_mean_std")),
-                        _number((ratios.get("geometric_mean_by_energy") or {}).get(label), 3)]
-            row += [_number((sep_by_energy.get(label) or {}).get(c)) for c in sep_columns]
+                        _number((ratios.get(f"geometric_mean_by_{kind}") or {}).get(label), 3)]
+            row += [_number((extra.get(label) or {}).get(c)) for c in extra_columns]
             rows.append(row)
-        doc.table(["incident energy", "N reference", "N generated", "geometric mean W1", "geometric mean KL"]
-                  + (["floor geometric mean W1", "model / floor"] if floor else []) + sep_columns, rows)
-
-    by_theta = metrics.get("calotransfer_by_theta") or {}
-    if by_theta:
-        doc.heading(2, "By incidence angle")
-        rows = []
-        for label, t in by_theta.items():
-            row = [label, str(t.get("n_reference")), str(t.get("n_generated")),
-                   _pm(t.get("geometric_mean"), t.get("geometric_mean_std")), _number(t.get("kl_geometric_mean"))]
-            if floor:
-                floor_t = ((floor.get("calotransfer_by_theta") or {}).get(label)) or {}
-                row += [_pm(floor_t.get("geometric_mean"), floor_t.get("geometric_mean_std")),
-                        _number((ratios.get("geometric_mean_by_theta") or {}).get(label), 3)]
-            rows.append(row)
-        doc.table(["polar angle", "N reference", "N generated", "geometric mean W1", "geometric mean KL"]
-                  + (["floor geometric mean W1", "model / floor"] if floor else []), rows)
+        doc.table([column, "N reference", "N generated", "geometric mean W1", "geometric mean KL"]
+                  + (["floor geometric mean W1", "model / floor"] if floor else []) + extra_columns, rows)
 
     # CaloChallenge
     if cc or any("auc" in (classifier.get(k) or {}) for k in ("low_level", "high_level")) or physics:
