@@ -99,7 +99,8 @@ def test_distill_sizes_the_student_and_refuses_a_wrong_size(trained, tmp_path):
     assert result.exit_code == 0, result.output + (result.stderr or "")
     assert torch.load(tmp_path / "small" / "best.pt", weights_only=True)["model_config"]["widths"] in ((8,), [8])
     for size, message in ((("--student-widths", "8,x"), "integers"), (("--student-widths", "8,0"), "positive"),
-                          (("--student-dim", "32"), "transformer student")):
+                          (("--student-dim", "32"), "transformer student"),
+                          (("--student-flow-hidden", "8,x"), "integers"), (("--student-flow-transforms", "0"), "greater than or equal to 1")):
         refused = distil(tmp_path / "bad", *size)
         assert refused.exit_code == 2 and message in refused.stderr, refused.stderr
         assert not (tmp_path / "bad").exists()

@@ -364,3 +364,27 @@ def test_a_student_sized_for_the_other_backbone_is_refused(teacher_path):
         distill_config(student_dim=32).student_config(teacher.config)
     with pytest.raises(InputError, match="positive"):
         distill_config(student_widths=(16, 0))
+
+
+def test_a_student_with_a_smaller_flow_trains_it_by_likelihood_and_is_recalibrated(teacher_path, ild_file, tmp_path):
+    """A student flow of another size starts fresh and learns the showers' statistics beside the
+    distillation (its validation likelihood improves), its weights move while the teacher's flow is
+    not copied, and the occupancy calibration is fitted again for it."""
+    geometry, teacher = get_geometry("ild-ecal"), model_from_checkpoint(teacher_path)
+    config = distill_config(steps=30, lr=3e-3, flow_lr=3e-3, val_every=15, checkpoint_every=15,
+                            student_flow_transforms=1, student_flow_hidden=(8,))
+    summary = distill(teacher, ild_file, geometry, tmp_path, config, progress=False)
+    student, sampler = load_model(tmp_path / "best.pt")
+    assert (student.config.flow_transforms, student.config.flow_hidden) == (1, (8,))
+    assert student.config.widths == teacher.config.widths  # the point network keeps the teacher's size
+    settings = load_checkpoint(tmp_path / "best.pt")["consistency"]
+    assert settings["student_flow_parameters"] == sum(p.numel() for p in student.flow.parameters())
+    assert settings["student_flow_parameters"] < settings["teacher_flow_parameters"]
+    with open(tmp_path / "metrics.csv") as f:
+        flow_nll = [float(r["val_flow"]) for r in csv.DictReader(f)]
+    assert len(flow_nll) == 3 and flow_nll[-1] < flow_nll[0]
+    assert summary["best_step"]["flow"] > 0
+    fit = student.occupancy[geometry.name].fit
+    assert fit["sampler"] == "consistency" and fit["n_showers"] > 0  # fitted again, with the student's sampler
+    showers = student.generate(geometry, np.array([20e3]), sampler, generator=torch.Generator().manual_seed(0))
+    assert len(showers) == 1 and np.all(np.isfinite(showers.points))

@@ -572,6 +572,11 @@ def distill(
                                                        show_default=False)] = None,
     student_depth: Annotated[Optional[int], typer.Option(min=1, help="blocks of a transformer student",
                                                          show_default=False)] = None,
+    student_flow_transforms: Annotated[Optional[int], typer.Option(
+        min=1, help="coupling transforms of a smaller student flow, trained beside the distillation",
+        show_default=False)] = None,
+    student_flow_hidden: Annotated[Optional[str], typer.Option(
+        help="hyper-network widths of a smaller student flow, e.g. 64,64", show_default=False)] = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Consistency distillation into a one-step (and two-step) sampler (CaloClouds II recipe); the student
@@ -589,7 +594,9 @@ def distill(
     config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, max_points=max_points, n_samples=n_samples,
                            val_every=val_every, checkpoint_every=val_every, seed=seed, data_seed=data_seed,
                            device=device, student_widths=None if student_widths is None else _csv_ints(student_widths),
-                           student_dim=student_dim, student_depth=student_depth)
+                           student_dim=student_dim, student_depth=student_depth,
+                           student_flow_transforms=student_flow_transforms,
+                           student_flow_hidden=None if student_flow_hidden is None else _csv_ints(student_flow_hidden))
     (teacher, _), geo = load_model(checkpoint), file_geometry(data, geometry)
     config.student_config(teacher.config)  # a student of the wrong backbone fails before the run folder is made
     _claim_run(output, resume, overwrite)

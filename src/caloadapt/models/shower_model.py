@@ -40,7 +40,7 @@ from .representation import (DepthGrid, PointFrame, along_axis, axis_slope, dire
 from .sampling import Sampler
 from .transformer import PointTransformer
 
-__all__ = ["ModelConfig", "ShowerModel", "BACKBONES", "shower_condition", "flow_condition", "point_network"]
+__all__ = ["ModelConfig", "ShowerModel", "BACKBONES", "shower_condition", "flow_condition"]
 
 #: point networks of the diffusion model: per point (CaloClouds II) or attention between points
 BACKBONES = ("pointwise", "transformer")
@@ -184,8 +184,7 @@ def flow_condition(condition: Tensor, config: ModelConfig) -> Tensor:
     return torch.cat([condition[:, :1], condition[:, 2 + config.shower_depth_condition:]], dim=1)
 
 
-def point_network(config: ModelConfig) -> nn.Module:
-    """A freshly initialised point network of the backbone and size ``config`` asks for."""
+def _backbone(config: ModelConfig) -> nn.Module:
     if config.backbone == "transformer":
         return PointTransformer(point_dim=4, context_dim=config.condition_dim, dim=config.transformer_dim,
                                 depth=config.transformer_depth, heads=config.transformer_heads,
@@ -202,7 +201,7 @@ class ShowerModel(nn.Module):
         n_stats = n_statistics(config.grid)
         self.flow = ShowerFlow(n_stats, context_dim=config.flow_condition_dim, hidden=config.flow_hidden,
                                transforms=config.flow_transforms, bins=config.flow_bins)
-        self.denoiser = EDMPrecond(point_network(config), sigma_data=config.sigma_data,
+        self.denoiser = EDMPrecond(_backbone(config), sigma_data=config.sigma_data,
                                    given_channels=config.given_channels)
         self.diffusion_loss = EDMLoss(config.P_mean, config.P_std, config.sigma_data)
         # normalisation of features, fixed from the pre-training data and never changed afterwards
@@ -249,9 +248,12 @@ class ShowerModel(nn.Module):
         """
         x = (points - self.point_mean) / self.point_std
         diffusion = self.diffusion_loss(self.denoiser, x, condition, mask, generator)
+        return {"diffusion": diffusion, "flow": self.flow_loss(condition, statistics)}
+
+    def flow_loss(self, condition: Tensor, statistics: Tensor) -> Tensor:
+        """The flow's negative log-likelihood per statistic of one batch (``forward``'s ``flow``)."""
         s = (statistics - self.stats_mean) / self.stats_std
-        flow = -self.flow.log_prob(s, flow_condition(condition, self.config)).mean() / s.shape[1]
-        return {"diffusion": diffusion, "flow": flow}
+        return -self.flow.log_prob(s, flow_condition(condition, self.config)).mean() / s.shape[1]
 
     # -- generation --------------------------------------------------------------------------
     def _sample_layers(self, geometry: Geometry, energy: np.ndarray, generator: torch.Generator | None,

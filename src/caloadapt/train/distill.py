@@ -16,8 +16,12 @@ student may be smaller than the teacher (``student_widths`` for the pointwise ne
 ``student_dim`` / ``student_depth`` for the transformer): the teacher's widths are a choice, and
 a one-step sampler's cost is one evaluation of the student. A student of the teacher's size starts
 from the teacher's weights (Song et al. 2023); a smaller one cannot and starts from a fresh
-initialisation, so it needs more steps. The student is the distilled model's own point network,
-so the run is an ordinary run of the training loop
+initialisation, so it needs more steps. At small batches the flow costs more than a small point
+network, so the student can have a smaller flow too (``student_flow_transforms``,
+``student_flow_hidden``): it is trained from a fresh initialisation by maximum likelihood on the
+same showers, beside the distillation (the teacher's flow is a density, not a map to imitate), and
+the occupancy calibration is fitted again at the end for it. The student is the distilled model's
+own point network, so the run is an ordinary run of the training loop
 (:func:`caloadapt.train.loop.train`) with :class:`ConsistencyObjective` as what is learnt: the same
 batches, EMA, validation schedule, ``best.pt`` / ``last.pt`` / ``metrics.csv``, resume, run lock and
 signal handling as any training. A distilled checkpoint is an ordinary caloadapt checkpoint (the
@@ -40,14 +44,17 @@ from ..errors import CheckpointError, InputError
 from ..geometry import Geometry
 from ..models.checkpoint import load_weights
 from ..models.consistency import CONSISTENCY_KEY, ConsistencyPrecond, multistep_sigmas, sample_consistency
-from ..models.edm import EDMPrecond, given_features, karras_sigmas, sample_heun
+from ..models.edm import given_features, karras_sigmas, sample_heun
 from ..models.fused import FusedDenoiser
 from ..models.sampling import Sampler
-from ..models.shower_model import ModelConfig, ShowerModel, point_network
+from ..models.shower_model import ModelConfig, ShowerModel
 from .data import Batch
 from .loop import Objective, TrainConfig, resolve_device, train
 
 __all__ = ["DistillConfig", "ConsistencyObjective", "distill", "student_model"]
+
+#: training showers per detector the occupancy calibration of a student with its own flow is fitted on
+STUDENT_FLOW_OCCUPANCY_SHOWERS = 128
 
 
 @dataclass
@@ -71,6 +78,8 @@ class DistillConfig(TrainConfig):
         occupancy_showers: 0 keeps the teacher's occupancy calibration (the flow is not distilled).
         student_widths: hidden widths of a pointwise student (None: the teacher's).
         student_dim, student_depth: width and blocks of a transformer student (None: the teacher's).
+        student_flow_transforms, student_flow_hidden: coupling transforms and hyper-network widths of
+            a student flow trained beside the distillation (None: the teacher's flow, kept).
     """
 
     lr: float = 1e-4
@@ -90,6 +99,8 @@ class DistillConfig(TrainConfig):
     student_widths: tuple[int, ...] | None = None
     student_dim: int | None = None
     student_depth: int | None = None
+    student_flow_transforms: int | None = None
+    student_flow_hidden: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,9 +112,10 @@ class DistillConfig(TrainConfig):
             raise InputError(f"target_ema must be in [0, 1), got {self.target_ema!r}")
         if self.val_teacher_steps < 1:
             raise InputError(f"val-teacher-steps must be at least 1, got {self.val_teacher_steps}")
-        sizes = [*(self.student_widths or ()), self.student_dim or 1, self.student_depth or 1]
-        if self.student_widths == () or any(int(n) < 1 for n in sizes):
-            raise InputError("the student's widths, width and depth must be positive integers")
+        sizes = [*(self.student_widths or ()), self.student_dim or 1, self.student_depth or 1,
+                 *(self.student_flow_hidden or ()), self.student_flow_transforms or 1]
+        if self.student_widths == () or self.student_flow_hidden == () or any(int(n) < 1 for n in sizes):
+            raise InputError("the student's widths, width, depth and flow sizes must be positive integers")
 
     def student_config(self, teacher: ModelConfig) -> ModelConfig:
         """The model settings of the student: the teacher's, with the point network's size asked for."""
@@ -115,7 +127,14 @@ class DistillConfig(TrainConfig):
                              "(use --student-dim/--student-depth)")
         return replace(teacher, widths=tuple(self.student_widths or teacher.widths),
                        transformer_dim=self.student_dim or teacher.transformer_dim,
-                       transformer_depth=self.student_depth or teacher.transformer_depth)
+                       transformer_depth=self.student_depth or teacher.transformer_depth,
+                       flow_transforms=self.student_flow_transforms or teacher.flow_transforms,
+                       flow_hidden=tuple(self.student_flow_hidden or teacher.flow_hidden))
+
+    def trains_flow(self, teacher: ModelConfig) -> bool:
+        """Whether the student has a flow of its own (another size than the teacher's)."""
+        student = self.student_config(teacher)
+        return (student.flow_transforms, student.flow_hidden) != (teacher.flow_transforms, teacher.flow_hidden)
 
 
 def _masked_mse(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
@@ -141,6 +160,8 @@ class ConsistencyObjective(Objective):
     (an EDM denoiser) and the target network (the student's slow EMA, ``target_ema``) are held
     here. Validation scores the model's (EMA) student: ``one_step`` against the teacher's ODE
     solutions (computed once per validation batch) and ``loss``, the distillation loss with fixed noise.
+    A student flow of its own adds its negative log-likelihood ``flow``, trained and kept at its best
+    validation value as in any training.
     """
 
     train_keys = ("loss",)
@@ -151,6 +172,10 @@ class ConsistencyObjective(Objective):
 
     def __init__(self, teacher: ShowerModel, student: ShowerModel, config: DistillConfig, device: torch.device):
         self.config = config
+        self.flow = config.trains_flow(teacher.config)
+        if self.flow:
+            self.train_keys, self.val_keys = ("loss", "flow"), ("loss", "one_step", "flow")
+            self.best = {"one_step": "denoiser.", "flow": "flow."}
         self.teacher = copy.deepcopy(teacher.denoiser).to(device).eval().requires_grad_(False)
         self.target = ConsistencyPrecond.from_edm(student.denoiser, config.sigma_min, copy_net=True).to(device)
         self.grid = karras_sigmas(config.n_grid, config.sigma_min, config.sigma_max, config.rho)[:-1].to(
@@ -172,7 +197,10 @@ class ConsistencyObjective(Objective):
         return _masked_mse(student(x_cur, sigma, batch.condition, batch.mask), goal, batch.mask)
 
     def losses(self, model, batch, generator):
-        return {"loss": self._loss(model, batch, generator)}
+        losses = {"loss": self._loss(model, batch, generator)}
+        if self.flow:
+            losses["flow"] = model.flow_loss(batch.condition, batch.statistics)
+        return losses
 
     @torch.no_grad()
     def after_step(self, model, step):
@@ -184,7 +212,7 @@ class ConsistencyObjective(Objective):
         config = self.config
         noise_generator = torch.Generator(device).manual_seed(12345)  # same noise at every validation
         loss_generator = torch.Generator(device).manual_seed(54321)
-        one_step, loss = 0.0, 0.0
+        one_step, loss, flow = 0.0, 0.0, 0.0
         for i, batch in enumerate(batches):
             batch = batch.to(device)
             noise = torch.randn(batch.points.shape, generator=noise_generator, device=device)
@@ -199,8 +227,10 @@ class ConsistencyObjective(Objective):
                                         sigma_max=config.sigma_max, noise=noise, given=given)
             one_step += float(_masked_mse(sample, self.references[key], batch.mask)) * len(batch)
             loss += float(self._loss(model, batch, loss_generator)) * len(batch)
+            if self.flow:
+                flow += float(model.flow_loss(batch.condition, batch.statistics)) * len(batch)
         n = max(sum(len(b) for b in batches), 1)
-        return {"loss": loss / n, "one_step": one_step / n}
+        return {"loss": loss / n, "one_step": one_step / n, **({"flow": flow / n} if self.flow else {})}
 
     def checkpoint_entries(self):
         return {"target": {k: v.detach().cpu() for k, v in self.target.net.state_dict().items()}}
@@ -217,14 +247,19 @@ class ConsistencyObjective(Objective):
 def student_model(teacher: ShowerModel, config: DistillConfig) -> ShowerModel:
     """The model to distil into: a copy of the teacher (flow, normalisation, calibration) whose point
     network is the teacher's own when the student has its size, and a fresh one of the student's size
-    otherwise (same seed, same initialisation)."""
+    otherwise (same seed, same initialisation); the same for the flow."""
     student = copy.deepcopy(teacher)
     settings = config.student_config(teacher.config)
-    if settings != teacher.config:
-        torch.manual_seed(config.seed)
-        student.config = settings
-        student.denoiser = EDMPrecond(point_network(settings), sigma_data=settings.sigma_data,
-                                      given_channels=settings.given_channels).to(teacher.point_mean.device)
+    if settings == teacher.config:
+        return student
+    torch.manual_seed(config.seed)
+    fresh = ShowerModel(settings).to(teacher.point_mean.device)
+    student.config = settings
+    if (settings.widths, settings.transformer_dim, settings.transformer_depth) != (
+            teacher.config.widths, teacher.config.transformer_dim, teacher.config.transformer_depth):
+        student.denoiser = fresh.denoiser
+    if config.trains_flow(teacher.config):
+        student.flow = fresh.flow
     return student
 
 
@@ -262,12 +297,17 @@ def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: G
     settings = {"sigma_min": config.sigma_min, "sigma_max": config.sigma_max, "rho": config.rho,
                 "steps": [1, 2], "sigmas": multistep_sigmas(2, config.sigma_min, config.sigma_max, config.rho),
                 "n_grid": config.n_grid, "teacher": (checkpoint_parts or {}).get("teacher"),
-                "teacher_parameters": sum(p.numel() for p in teacher.denoiser.net.parameters()),
-                "student_parameters": sum(p.numel() for p in model.denoiser.net.parameters())}
+                **{f"{who}_{part}parameters": sum(p.numel() for p in getattr(m, module).parameters())
+                   for who, m in (("teacher", teacher), ("student", model))
+                   for part, module in (("", "denoiser"), ("flow_", "flow"))}}
     # the student is sampled in one step on the noise range it was distilled on
     sampler = Sampler("consistency", 1, config.sigma_min, config.sigma_max, config.rho)
     parts = {CONSISTENCY_KEY: settings, **(checkpoint_parts or {})}
-    trainable = [name for name, _ in model.named_parameters() if name.startswith("denoiser.net.")]
+    trained = ("denoiser.net.", "flow.") if objective.flow else ("denoiser.net.",)
+    trainable = [name for name, _ in model.named_parameters() if name.startswith(trained)]
+    if objective.flow and config.occupancy_showers == 0:
+        # the calibration corrects the flow's own bias per layer: a new flow needs its own
+        config = replace(config, occupancy_showers=STUDENT_FLOW_OCCUPANCY_SHOWERS)
     summary = train(model, data_path, geometry, out_dir, config, trainable=trainable, resume=resume,
                     fit_normalisation=False, checkpoint_parts=parts, stop_after_steps=stop_after_steps,
                     progress=progress, objective=objective, sampler=sampler)
