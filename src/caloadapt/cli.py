@@ -557,6 +557,7 @@ def distill(
     steps: Annotated[int, typer.Option(min=1, help="distillation steps")] = 2000,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     lr: Annotated[float, typer.Option(help="learning rate")] = 1e-4,
+    flow_lr: Annotated[float, typer.Option(help="learning rate of a student flow of its own")] = 1e-3,
     max_points: Annotated[int, typer.Option(min=1, help="points per shower per step")] = 1024,
     n_samples: Annotated[Optional[int], typer.Option(help="showers drawn from the file (default all)")] = None,
     val_every: Annotated[int, typer.Option(min=1)] = 200,
@@ -588,10 +589,12 @@ def distill(
 
     from .train import resolve_device
 
-    if not (np.isfinite(lr) and lr > 0):
-        raise CaloadaptError(f"--lr must be a positive number, got {lr}")
+    for name, value in (("--lr", lr), ("--flow-lr", flow_lr)):
+        if not (np.isfinite(value) and value > 0):
+            raise CaloadaptError(f"{name} must be a positive number, got {value}")
     resolve_device(device)
-    config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, max_points=max_points, n_samples=n_samples,
+    config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, flow_lr=flow_lr, max_points=max_points,
+                           n_samples=n_samples,
                            val_every=val_every, checkpoint_every=val_every, seed=seed, data_seed=data_seed,
                            device=device, student_widths=None if student_widths is None else _csv_ints(student_widths),
                            student_dim=student_dim, student_depth=student_depth,
