@@ -11,8 +11,8 @@ weights), averaged over the real points; the target follows the student by an EM
 mu = 0.95; RAdam, lr 1e-4, no scheduler, gradient clip 10. The consistency function itself is
 :class:`caloadapt.models.consistency.ConsistencyPrecond`.
 
-Only the point network is distilled; the shower flow is kept from the teacher unchanged. The
-student may be smaller than the teacher (``student_widths`` for the pointwise network,
+The point network is distilled; the shower flow is the teacher's, unless the student has a flow of
+its own (below). The student may be smaller than the teacher (``student_widths`` for the pointwise network,
 ``student_dim`` / ``student_depth`` for the transformer): the teacher's widths are a choice, and
 a one-step sampler's cost is one evaluation of the student. A student of the teacher's size starts
 from the teacher's weights (Song et al. 2023); a smaller one cannot and starts from a fresh
@@ -75,7 +75,8 @@ class DistillConfig(TrainConfig):
             mean squared difference between the one-step sample and the teacher's Heun ODE
             solution (``val_teacher_steps`` steps) from the same noise (the distillation target);
             ``best.pt`` holds the student with the lowest one.
-        occupancy_showers: 0 keeps the teacher's occupancy calibration (the flow is not distilled).
+        occupancy_showers: 0 keeps the teacher's occupancy calibration; a student with a flow of its own
+            is calibrated again on ``STUDENT_FLOW_OCCUPANCY_SHOWERS`` showers then.
         student_widths: hidden widths of a pointwise student (None: the teacher's).
         student_dim, student_depth: width and blocks of a transformer student (None: the teacher's).
         student_flow_transforms, student_flow_hidden: coupling transforms and hyper-network widths of
@@ -118,7 +119,8 @@ class DistillConfig(TrainConfig):
             raise InputError("the student's widths, width, depth and flow sizes must be positive integers")
 
     def student_config(self, teacher: ModelConfig) -> ModelConfig:
-        """The model settings of the student: the teacher's, with the point network's size asked for."""
+        """The model settings of the student: the teacher's, with the point network's and the flow's
+        sizes asked for."""
         if teacher.backbone == "pointwise" and (self.student_dim or self.student_depth):
             raise InputError("--student-dim/--student-depth size a transformer student; the teacher is pointwise "
                              "(use --student-widths)")
