@@ -261,3 +261,19 @@ def test_a_spot_carries_the_visible_fraction_of_the_layer_it_lands_in():
     ratio = _landing_correction(ild, axis, spot)
     assert f_vis[22] < 0.7 * f_vis[18]  # the ILD stack-2 plates are twice as thick
     np.testing.assert_array_equal(ratio, [1.0, f_vis[22] / f_vis[18], 1.0, 1.0])
+
+
+def test_inclined_spots_lie_in_the_readout_layers_and_digitise_to_the_hits():
+    """An inclined shower's lateral spread reaches in front of the first layer and behind the last: a
+    spot file keeps only the spots in readout layers (the others' energy counted as outside), and
+    digitising it gives the hit file of the same seed, outside energy included."""
+    geometry = get_geometry("ild-ecal")
+    energies, theta = np.full(6, 40e3), np.full(6, 40.0)  # 50 degrees to the layer normal
+    spots = simulate(geometry, "photon", energies, theta_deg=theta, seed=3, level="spots")
+    hits = simulate(geometry, "photon", energies, theta_deg=theta, seed=3)
+    assert np.all(geometry.layer_index(spots.points[:, 2]) >= 0)
+    assert np.all(spots.meta["outside_energy_mev"] >= 0) and spots.meta["outside_energy_mev"].sum() > 0
+    again = geometry.digitise(spots)
+    np.testing.assert_array_equal(again.offsets, hits.offsets)
+    np.testing.assert_allclose(again.points, hits.points, rtol=1e-6)
+    np.testing.assert_allclose(again.meta["outside_energy_mev"], hits.meta["outside_energy_mev"], rtol=1e-9)

@@ -243,8 +243,9 @@ class Geometry:
         hit_shower, hit_cell = np.divmod(unique_key[keep], self.n_cells)
         points = np.concatenate([self.cell_centres_mm[hit_cell], energy[keep, None]], axis=1)
         meta = dict(showers.meta)
-        meta["outside_energy_mev"] = np.bincount(shower[~inside], weights=showers.points[~inside, ENERGY],
-                                                 minlength=len(showers))
+        # added to what already missed the readout (spots dropped in front of or behind its layers)
+        meta["outside_energy_mev"] = meta.get("outside_energy_mev", 0.0) + np.bincount(
+            shower[~inside], weights=showers.points[~inside, ENERGY], minlength=len(showers))
         return Showers.from_counts(points, np.bincount(hit_shower, minlength=len(showers)),
                                    showers.incident_energy_mev, particle=showers.particle, geometry=self.name,
                                    meta=meta)

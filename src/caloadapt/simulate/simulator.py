@@ -86,8 +86,27 @@ def iter_simulate(geometry: Geometry | str, particle: str, incident_energy_mev: 
             rng = np.random.default_rng(stream)
             rows = slice(start, start + chunk)
             spots = simulate_chunk(geometry, particle, energy[rows], rng, settings, grid, theta[rows], phi[rows])
-            yield spots if level == "spots" else geometry.digitise(spots)
+            yield _in_readout_layers(geometry, spots) if level == "spots" else geometry.digitise(spots)
             bar.update(len(spots))
+
+
+def _in_readout_layers(geometry: Geometry, spots: Showers) -> Showers:
+    """The spots whose depth lies in a readout layer, the others' energy in ``outside_energy_mev``.
+
+    An inclined shower's lateral spread reaches in front of the first readout layer and behind the
+    last (docs/inclined.md), where nothing is read out; the digitised hits never held such spots,
+    and a spot file must not either.
+    """
+    inside = geometry.layer_index(spots.points[:, 2]) >= 0
+    if inside.all():
+        return spots
+    shower = spots.shower_index
+    meta = dict(spots.meta)
+    meta["outside_energy_mev"] = meta.get("outside_energy_mev", 0.0) + np.bincount(
+        shower[~inside], weights=spots.points[~inside, 3], minlength=len(spots))
+    return Showers.from_counts(spots.points[inside], np.bincount(shower[inside], minlength=len(spots)),
+                               spots.incident_energy_mev, particle=spots.particle, geometry=spots.geometry,
+                               meta=meta)
 
 
 def simulate(geometry: Geometry | str, particle: str, incident_energy_mev: np.ndarray, **kwargs) -> Showers:
