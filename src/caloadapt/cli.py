@@ -499,7 +499,9 @@ def generate(
         energies = sample_incident_energies(n, parse_energy_range(energy), spectrum.value,
                                             np.random.default_rng(seed))
     theta_deg, phi_deg = _incidence_angles(len(energies), theta, phi, seed, geo, incoming)
-    inclined = None if np.all(theta_deg == 90.0) and np.all(phi_deg == 90.0) else (theta_deg, phi_deg)
+    # showers at normal incidence are generated (and written) as before angles existed
+    normal = np.all(theta_deg == 90.0) and np.all(phi_deg == 90.0)
+    angles = {} if normal else {"theta_deg": theta_deg, "phi_deg": phi_deg}
     source = checkpoint if checkpoint is not None else default_checkpoint()
     model, stored = load_model(source)
     chosen = _choose_sampler(sampler, stored).with_steps(steps).with_sigma_max(sigma_max)
@@ -513,7 +515,7 @@ def generate(
     with ShowerWriter(output, format.value, geo, attrs) as writer:
         for chunk in iter_generate(model, geo, energies, chosen, particle=particle or geo.particle,
                                    seed=seed, batch_size=batch_size, digitise=digitise, device=run_device,
-                                   progress=True, **dict(zip(("theta_deg", "phi_deg"), inclined or (None, None)))):
+                                   progress=True, **angles):
             writer.append(chunk)
     typer.echo(f"wrote {len(energies)} generated showers in {geo.name} to {output} ({format.value})")
 
