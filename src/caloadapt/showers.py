@@ -145,6 +145,16 @@ class Showers:
         """``(N,)`` sum of point energies of each shower, in MeV."""
         return np.bincount(self.shower_index, weights=self.points[:, ENERGY], minlength=len(self))
 
+    def meta_with_outside(self, missed: np.ndarray, shower_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """A copy of ``meta`` whose ``outside_energy_mev`` adds the energy of the points where ``missed``
+        (``(P,)`` bool) to what already missed the readout (e.g. spots dropped in front of its layers);
+        ``shower_index``: :attr:`shower_index`, when the caller has it already."""
+        index = self.shower_index if shower_index is None else shower_index
+        meta = dict(self.meta)
+        meta["outside_energy_mev"] = meta.get("outside_energy_mev", 0.0) + np.bincount(
+            index[missed], weights=self.points[missed, ENERGY], minlength=len(self))
+        return meta
+
     def shower(self, i: int) -> np.ndarray:
         """The ``(n_i, 4)`` points of shower ``i`` (a view)."""
         return self.points[self.offsets[i]:self.offsets[i + 1]]

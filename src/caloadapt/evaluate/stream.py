@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 from ..data.io import count_showers, detect_format, file_geometry, iter_showers
 from ..errors import InputError
 from ..geometry import Geometry
-from ..incidence import local_direction
 from ..showers import ENERGY, Showers
 from .calochallenge import CaloChallengeBinning, HighLevelFeatures, high_level_features, low_level_vector
 from .energy_bins import ENERGY_DECADES_MEV, energy_bin_masks
@@ -275,9 +274,7 @@ def stream_sample(path: str | os.PathLike[str], target: Geometry, *, chunk_size:
             if take:
                 example_parts.append(voxels[:take].copy())
                 example_energy.append(incident[:take].copy())
-                example_direction.append(np.tile([0.0, 0.0, 1.0], (take, 1)) if target.readout.along_particle else
-                                         local_direction(chunk.theta_deg[:take], chunk.phi_deg[:take],
-                                                         target.barrel_sides))
+                example_direction.append(target.axis_direction(chunk.theta_deg[:take], chunk.phi_deg[:take]))
             n_seen += len(voxels)
             bar.update(len(voxels))
     if n_seen == 0:

@@ -31,11 +31,12 @@ def iter_generate(model: ShowerModel, geometry: Geometry, incident_energy_mev: n
     energy = np.asarray(incident_energy_mev, np.float64)
     model = model.to(device).eval()
     generator = torch.Generator(device).manual_seed(seed)
+    angles = {name: np.asarray(values, np.float64) for name, values in (("theta_deg", theta_deg),
+                                                                          ("phi_deg", phi_deg)) if values is not None}
     with tqdm(total=len(energy), unit="shower", disable=not progress, desc=f"generate {geometry.name}") as bar:
         for start in range(0, len(energy), batch_size):
             chunk = energy[start:start + batch_size]
-            angles = {name: None if values is None else np.asarray(values, np.float64)[start:start + batch_size]
-                      for name, values in (("theta_deg", theta_deg), ("phi_deg", phi_deg))}
-            showers = model.generate(geometry, chunk, sampler, generator=generator, particle=particle, **angles)
+            showers = model.generate(geometry, chunk, sampler, generator=generator, particle=particle,
+                                     **{name: values[start:start + batch_size] for name, values in angles.items()})
             yield geometry.digitise(showers) if digitise else showers
             bar.update(len(chunk))

@@ -242,13 +242,9 @@ class Geometry:
         keep = energy >= self.energy.threshold_mev
         hit_shower, hit_cell = np.divmod(unique_key[keep], self.n_cells)
         points = np.concatenate([self.cell_centres_mm[hit_cell], energy[keep, None]], axis=1)
-        meta = dict(showers.meta)
-        # added to what already missed the readout (spots dropped in front of or behind its layers)
-        meta["outside_energy_mev"] = meta.get("outside_energy_mev", 0.0) + np.bincount(
-            shower[~inside], weights=showers.points[~inside, ENERGY], minlength=len(showers))
         return Showers.from_counts(points, np.bincount(hit_shower, minlength=len(showers)),
                                    showers.incident_energy_mev, particle=showers.particle, geometry=self.name,
-                                   meta=meta)
+                                   meta=showers.meta_with_outside(~inside, shower))
 
     def smear_hits(self, showers: Showers, rng: np.random.Generator) -> Showers:
         """Move each hit uniformly inside its cell (area-correct; depth over the layer extent).
@@ -284,6 +280,16 @@ class Geometry:
         inside = cells >= 0
         at_centres = np.allclose(showers.points[inside, :2], self.cell_centres_mm[cells[inside], :2], atol=1e-3)
         return self._smear_in_cells(showers, cells, rng) if at_centres else showers
+
+    def axis_direction(self, theta_deg: np.ndarray, phi_deg: np.ndarray) -> np.ndarray:
+        """``(N, 3)`` unit direction of each shower's axis in this geometry's shower frame (x, y, depth).
+
+        The particle's direction (:func:`caloadapt.incidence.local_direction` on this barrel's faces),
+        except in a mesh along the particle, whose frame is the particle's own: (0, 0, 1) there.
+        """
+        if self.readout.along_particle:
+            return np.tile([0.0, 0.0, 1.0], (len(np.atleast_1d(theta_deg)), 1))
+        return local_direction(theta_deg, phi_deg, self.barrel_sides)
 
     def detector_frame_points(self, showers: Showers) -> np.ndarray:
         """``(P, 4)`` float64 points of ``showers`` in the detector frame: x, y, z [mm], energy.

@@ -88,10 +88,7 @@ def axis_slope(geometry: Geometry, theta_deg: np.ndarray, phi_deg: np.ndarray) -
     Zero at normal incidence, and in a mesh that follows the particle, whose showers are held in
     the particle's own frame (``readout.along_particle``, docs/inclined.md).
     """
-    theta_deg = np.asarray(theta_deg, np.float64)
-    if geometry.readout.along_particle:
-        return np.zeros((len(theta_deg), 2))
-    direction = local_direction(theta_deg, phi_deg, geometry.barrel_sides)
+    direction = geometry.axis_direction(theta_deg, phi_deg)
     return direction[:, :2] / direction[:, 2:3]
 
 

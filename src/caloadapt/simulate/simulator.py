@@ -101,12 +101,9 @@ def _in_readout_layers(geometry: Geometry, spots: Showers) -> Showers:
     if inside.all():
         return spots
     shower = spots.shower_index
-    meta = dict(spots.meta)
-    meta["outside_energy_mev"] = meta.get("outside_energy_mev", 0.0) + np.bincount(
-        shower[~inside], weights=spots.points[~inside, 3], minlength=len(spots))
     return Showers.from_counts(spots.points[inside], np.bincount(shower[inside], minlength=len(spots)),
                                spots.incident_energy_mev, particle=spots.particle, geometry=spots.geometry,
-                               meta=meta)
+                               meta=spots.meta_with_outside(~inside, shower))
 
 
 def simulate(geometry: Geometry | str, particle: str, incident_energy_mev: np.ndarray, **kwargs) -> Showers:
