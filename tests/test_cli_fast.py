@@ -104,3 +104,28 @@ def test_distill_sizes_the_student_and_refuses_a_wrong_size(trained, tmp_path):
         refused = distil(tmp_path / "bad", *size)
         assert refused.exit_code == 2 and message in refused.stderr, refused.stderr
         assert not (tmp_path / "bad").exists()
+
+
+def test_distill_starts_from_the_teachers_noise_level(trained, tmp_path):
+    """The student learns the map from the noise level its teacher is sampled from, unless told another."""
+    from caloadapt.models.checkpoint import load_checkpoint, load_model
+
+    teacher = tmp_path / "teacher.pt"
+    payload = load_checkpoint(trained["model"])
+    payload["sampler"] = {**payload["sampler"], "sigma_max": 5.0, "steps": 30}
+    torch.save(payload, teacher)
+
+    def distil(out: Path, *extra: str):
+        return runner.invoke(app, ["distill", "--checkpoint", str(teacher), "--data", str(trained["data"]),
+                                   "-o", str(out), "--steps", "1", "--batch-size", "4", "--max-points", "32",
+                                   "--val-every", "1", "--device", "cpu", *extra])
+
+    for out, extra, sigma_max in ((tmp_path / "own", (), 5.0), (tmp_path / "told", ("--sigma-max", "20"), 20.0)):
+        result = distil(out, *extra)
+        assert result.exit_code == 0, result.output + (result.stderr or "")
+        sampler = load_model(out / "best.pt")[1]
+        assert sampler.distilled and sampler.sigma_max == sigma_max
+    for value in ("0.001", "0", "-1", "nan"):
+        refused = distil(tmp_path / "bad", "--sigma-max", value)
+        assert refused.exit_code == 2 and "sigma" in refused.stderr and "Traceback" not in refused.stderr
+        assert not (tmp_path / "bad").exists()

@@ -568,6 +568,9 @@ def distill(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
     overwrite: OverwriteOption = False,
+    sigma_max: Annotated[Optional[float], typer.Option(
+        help="largest noise level distilled, where the one-step sampler starts (default: the teacher's sampler's)",
+        show_default=False)] = None,
     student_widths: Annotated[Optional[str], typer.Option(
         help="hidden widths of a smaller pointwise student, e.g. 64,128,64 (default: the teacher's)",
         show_default=False)] = None,
@@ -591,18 +594,22 @@ def distill(
 
     from .train import resolve_device
 
-    for name, value in (("--lr", lr), ("--flow-lr", flow_lr)):
+    for name, value in (("--lr", lr), ("--flow-lr", flow_lr),
+                        ("--sigma-max", 1.0 if sigma_max is None else sigma_max)):
         if not (np.isfinite(value) and value > 0):
             raise CaloadaptError(f"{name} must be a positive number, got {value}")
     resolve_device(device)
+    (teacher, teacher_sampler), geo = load_model(checkpoint), file_geometry(data, geometry)
+    # the student learns the map from the noise level the teacher is sampled from: above it the teacher
+    # was not calibrated, and the Heun steps of the distillation grid would be spent where they do not matter
     config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, flow_lr=flow_lr, max_points=max_points,
-                           n_samples=n_samples,
-                           val_every=val_every, checkpoint_every=val_every, seed=seed, data_seed=data_seed,
+                           sigma_max=teacher_sampler.sigma_max if sigma_max is None else sigma_max,
+                           n_samples=n_samples, val_every=val_every, checkpoint_every=val_every, seed=seed,
+                           data_seed=data_seed,
                            device=device, student_widths=None if student_widths is None else _csv_ints(student_widths),
                            student_dim=student_dim, student_depth=student_depth,
                            student_flow_transforms=student_flow_transforms,
                            student_flow_hidden=None if student_flow_hidden is None else _csv_ints(student_flow_hidden))
-    (teacher, _), geo = load_model(checkpoint), file_geometry(data, geometry)
     config.student_config(teacher.config)  # a student of the wrong backbone fails before the run folder is made
     _claim_run(output, resume, overwrite)
     # the run folder is locked by the training loop
