@@ -179,11 +179,11 @@ class Geometry:
         """Global cell index of each ``(x, y, z)`` point in mm, -1 outside the readout."""
         points = np.asarray(points)
         layer = self.layer_index(points[:, Z])
-        inside = layer >= 0
-        local = np.full(len(points), -1, np.int64)
-        local[inside] = self.readout.local_index(layer[inside], points[inside, X], points[inside, Y])
-        ok = local >= 0
-        return np.where(ok, self.readout.layer_offsets[np.maximum(layer, 0)] + local, -1)
+        # every point is looked up (in layer 0 if it is outside the layers): cheaper than selecting
+        # those inside first, and the answer for a point outside the layers is dropped below
+        in_layer = np.maximum(layer, 0)
+        local = self.readout.local_index(in_layer, points[:, X], points[:, Y])
+        return np.where((layer >= 0) & (local >= 0), self.readout.layer_offsets[in_layer] + local, -1)
 
     def voxelise(self, showers: Showers, *, sparse: bool = False, threshold: bool = False,
                  return_outside: bool = False):

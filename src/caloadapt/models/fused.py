@@ -7,12 +7,18 @@ showers, skipping padding. It gives the same values as the wrapped module up to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from .pointwise import ConcatSquashLinear, PointwiseNet, TimeEmbedding
 
-__all__ = ["FusedDenoiser"]
+__all__ = ["FusedDenoiser", "CPU_CHUNK_POINTS"]
+
+#: points per network call on the CPU: a few showers of a few thousand points, whose activations
+#: still fit a core's cache; fewer calls share the cost of each call's small per-shower work
+CPU_CHUNK_POINTS = 16384
 
 
 def _fusable(net: nn.Module) -> bool:
@@ -23,30 +29,39 @@ def _fusable(net: nn.Module) -> bool:
                     for layer in net.layers))
 
 
-def _fused_pointwise(net: nn.Module, x: Tensor, c_noise: Tensor, context: Tensor) -> Tensor:
-    """``PointwiseNet.forward`` with fewer passes over the activations (memory-bound on CPU).
+def _shower_constants(net: nn.Module, c_noise: Tensor, context: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per shower and layer of a ``PointwiseNet``: the gate ``g = sigmoid(G ctx + g0)`` and the
+    output shift ``b * g + H ctx``, each ``(S, out)``; computed once for all showers of a batch."""
+    ctx = torch.cat([net.time_embedding(c_noise), context.to(c_noise.dtype)], dim=-1)  # (S, C)
+    constants = []
+    for layer in net.layers:
+        gate = torch.sigmoid(layer.gate(ctx))
+        constants.append((gate, torch.addcmul(layer.context_bias(ctx), layer.linear.bias, gate)))
+    return constants
 
-    Each layer computes ``(W h + b) * g + H ctx`` with the per-shower gate ``g`` and context bias:
 
-    - showers with at least as many points as the layer has inputs: the gate and bias are folded
-      into per-shower weights, ``h (W^T * g) + (b * g + H ctx)``, one ``baddbmm``;
+def _fused_pointwise(net: nn.Module, h: Tensor, constants: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``PointwiseNet.forward`` of points ``h`` (S, M, in) with fewer passes over the activations
+    (memory-bound on CPU), given the showers' :func:`_shower_constants`.
+
+    Each layer computes ``(W h + b) * g + H ctx`` = ``(W h) * g + shift``:
+
+    - showers with at least as many points as the layer has inputs: the gate is folded into
+      per-shower weights, ``h (W^T * g) + shift``, one ``baddbmm``;
     - smaller showers (where building per-shower weights would cost more than it saves):
-      ``addcmul(H ctx, W h + b, g)``;
+      ``addcmul(shift, W h, g)``;
 
     followed by an in-place leaky-ReLU. Same values up to float rounding.
     """
-    ctx = torch.cat([net.time_embedding(c_noise), context.to(x.dtype)], dim=-1)  # (S, C)
-    h = x
-    points = x.shape[1]
+    points = h.shape[1]
     last = len(net.layers) - 1
-    for i, layer in enumerate(net.layers):
-        gate = torch.sigmoid(layer.gate(ctx))  # (S, out)
-        shift = layer.context_bias(ctx)  # (S, out)
+    for i, (layer, (gate, shift)) in enumerate(zip(net.layers, constants)):
         if points >= layer.linear.in_features:
             weight = layer.linear.weight.t().unsqueeze(0) * gate.unsqueeze(1)  # (S, in, out)
-            h = torch.baddbmm(torch.addcmul(shift, layer.linear.bias, gate).unsqueeze(1), h, weight)
+            h = torch.baddbmm(shift.unsqueeze(1), h, weight)
         else:
-            h = torch.addcmul(shift.unsqueeze(1), layer.linear(h), gate.unsqueeze(1))
+            h = torch.addcmul(shift.unsqueeze(1), torch.nn.functional.linear(h, layer.linear.weight),
+                              gate.unsqueeze(1))
         if i < last:
             h = torch.nn.functional.leaky_relu_(h, net.negative_slope)
     return h
@@ -65,7 +80,7 @@ class FusedDenoiser(nn.Module):
 
     Arguments:
         denoiser: the module to evaluate (must have ``scalings(sigma)`` and ``net`` for fusion).
-        chunk_points: points per network call (default 2048 on CPU, 2^21 on CUDA).
+        chunk_points: points per network call (default ``CPU_CHUNK_POINTS`` on CPU, 2^21 on CUDA).
     """
 
     def __init__(self, denoiser: nn.Module, chunk_points: int | None = None) -> None:
@@ -75,11 +90,20 @@ class FusedDenoiser(nn.Module):
         self.fusable = hasattr(denoiser, "scalings") and _fusable(getattr(denoiser, "net", None))
         self.kind = getattr(denoiser, "kind", "edm")
 
-    def _evaluate(self, x: Tensor, sigma: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
-        if not self.fusable or x.device.type != "cpu":  # GPUs: the plain network (bandwidth is ample there)
-            return self.inner(x, sigma, context, mask)
-        c_skip, c_out, c_in, c_noise = self.inner.scalings(sigma)
-        return torch.addcmul(c_skip * x, c_out, _fused_pointwise(self.inner.net, c_in * x, c_noise, context))
+    def _showers(self, sigma: Tensor, context: Tensor) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """What the showers of one call share, computed once (the preconditioning's scalings and the
+        layers' gates and shifts), as a function evaluating the points of the showers ``index``
+        (``x`` of shape (len(index), M, D)); None where the wrapped module must be called."""
+        if not self.fusable or sigma.device.type != "cpu":  # GPUs: the plain network (bandwidth is ample)
+            return None
+        c_skip, c_out, c_in, c_noise = self.inner.scalings(sigma)  # (S, 1, D) or (S, 1, 1) each
+        constants = _shower_constants(self.inner.net, c_noise, context)
+
+        def evaluate(x: Tensor, index: Tensor) -> Tensor:
+            chunk = [(gate[index], shift[index]) for gate, shift in constants]
+            network = _fused_pointwise(self.inner.net, c_in[index] * x, chunk)
+            return torch.addcmul(c_skip[index] * x, c_out[index], network)
+        return evaluate
 
     def forward(self, x: Tensor, sigma: Tensor | float, context: Tensor, mask: Tensor | None = None) -> Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
@@ -87,7 +111,7 @@ class FusedDenoiser(nn.Module):
         mask = mask if mask is not None and mask.shape == (batch, width) else None
         if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
             return self.inner(x, sigma, context, mask)
-        chunk = self.chunk_points or (2**21 if x.device.type == "cuda" else 2048)
+        chunk = self.chunk_points or (2**21 if x.device.type == "cuda" else CPU_CHUNK_POINTS)
         if mask is not None:
             counts = mask.sum(dim=1)
             prefix = torch.arange(width, device=x.device)[None, :] < counts[:, None]
@@ -95,12 +119,14 @@ class FusedDenoiser(nn.Module):
                 counts = None
         else:
             counts = None
+        evaluate = self._showers(sigma, context)
+        if evaluate is None:
+            def evaluate(x_part: Tensor, index: Tensor) -> Tensor:
+                part_mask = None if mask is None else mask[index, :x_part.shape[1]]
+                return self.inner(x_part, sigma[index], context[index], part_mask)
         if counts is None:  # no usable mask: equal-width chunks of whole showers
-            if batch * width <= chunk:
-                return self._evaluate(x, sigma, context, mask)
             step = max(1, chunk // max(width, 1))
-            return torch.cat([self._evaluate(x[i:i + step], sigma[i:i + step], context[i:i + step],
-                                             None if mask is None else mask[i:i + step])
+            return torch.cat([evaluate(x[i:i + step], torch.arange(i, min(i + step, batch), device=x.device))
                               for i in range(0, batch, step)])
         order = counts.argsort(descending=True)
         sorted_counts = counts[order]
@@ -114,5 +140,5 @@ class FusedDenoiser(nn.Module):
             if m == 0:
                 continue
             index = order[start:stop]
-            out[index, :m] = self._evaluate(x[index, :m], sigma[index], context[index], mask[index, :m])
+            out[index, :m] = evaluate(x[index, :m], index)
         return out.masked_fill_(~mask[..., None], 0.0)

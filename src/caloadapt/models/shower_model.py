@@ -317,11 +317,12 @@ class ShowerModel(nn.Module):
         network = FusedDenoiser(self.denoiser if denoiser is None else denoiser)
         x = sampler(network, condition, mask, generator=generator, given=given)
         features = (x * self.point_std + self.point_mean)
-        # sort real points by generated depth (padding last), then assign layers by the flow's counts
-        # (a given depth is already in that order)
-        depth = torch.where(mask, features[..., 2], torch.full_like(features[..., 2], float("inf")))
-        order = depth.argsort(dim=1)
-        features = torch.gather(features, 1, order[..., None].expand(-1, -1, 4))
+        # sort real points by generated depth (padding last), then assign layers by the flow's counts;
+        # a given depth is the layer's, already in that order
+        if given is None:
+            depth = torch.where(mask, features[..., 2], torch.full_like(features[..., 2], float("inf")))
+            order = depth.argsort(dim=1)
+            features = torch.gather(features, 1, order[..., None].expand(-1, -1, 4))
         flat = features[mask].double().cpu().numpy()  # mask is a prefix: the first n_i sorted points
         shower = np.repeat(np.arange(len(energy)), n_points)
         points = self.config.point_frame(geometry).to_points(flat, layer, energy[shower])
@@ -366,17 +367,22 @@ def _calibrate_layers(points: np.ndarray, shower: np.ndarray, layer: np.ndarray,
     calibration has spread it over more points).
     """
     key = shower * geometry.n_layers + layer
-    selected = np.ones(len(points), bool)
+    energy = points[:, 3]
+    target = layer_energy.ravel()
     if visible_only:
         cell = geometry.cell_index(points[:, :3])
         inside = np.flatnonzero(cell >= 0)
         _, inverse = np.unique(shower[inside] * geometry.n_cells + cell[inside], return_inverse=True)
-        selected[:] = False
-        selected[inside] = np.bincount(inverse, points[inside, 3])[inverse] >= geometry.energy.threshold_mev
-    target = layer_energy.ravel()
-    held = np.bincount(key[selected], points[selected, 3], minlength=target.size)
+        selected = np.zeros(len(points), bool)
+        selected[inside] = np.bincount(inverse, energy[inside])[inverse] >= geometry.energy.threshold_mev
+        held = np.bincount(key, np.where(selected, energy, 0.0), minlength=target.size)
+    else:
+        held = np.bincount(key, energy, minlength=target.size)
     scale = np.divide(target, held, out=np.ones_like(target), where=held > 0)
-    points[selected, 3] *= scale[key[selected]]
+    factor = scale[key]
+    if visible_only:
+        factor[~selected] = 1.0
+    energy *= factor
 
 
 def _shift_centre_of_gravity(points: np.ndarray, shower: np.ndarray, layer: np.ndarray, cog: np.ndarray,
@@ -388,7 +394,8 @@ def _shift_centre_of_gravity(points: np.ndarray, shower: np.ndarray, layer: np.n
     """
     n = len(cog)
     rm = geometry.layer_moliere_radius_mm[layer]
-    weight = np.where(np.hypot(points[:, 0], points[:, 1]) <= geometry.readout.max_radius_mm, points[:, 3], 0.0)
+    squared = points[:, 0] ** 2 + points[:, 1] ** 2
+    weight = np.where(squared <= geometry.readout.max_radius_mm ** 2, points[:, 3], 0.0)
     total = np.maximum(np.bincount(shower, weight, n), 1e-12)
     for k in (0, 1):
         current = np.bincount(shower, weight * points[:, k] / rm, n) / total
