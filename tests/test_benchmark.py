@@ -38,18 +38,20 @@ def test_quick_benchmark_writes_json_with_all_cases(checkpoints, tmp_path):
 
     rows = report["results"]
     cases = {r["case"] for r in rows}
-    expected = {"simulator", "reference_net", "heun", "euler", "one_step"} | ({"onnx_one_step"} if HAS_ONNX else set())
+    expected = {"simulator", "reference_net", "reference_net_fused", "heun", "euler", "one_step"} | (
+        {"onnx_one_step"} if HAS_ONNX else set())
     assert expected <= cases
     for row in rows:
         assert "skipped" not in row, row
         assert row["batch_size"] in (1, 8) and row["threads"] == 1 and row["device"] == "cpu"
         assert _stats_ok(row["ms_per_shower"]) and _stats_ok(row["showers_per_s"])
-        assert row["repeats"] >= 1 and (row["case"] == "reference_net" or row["mean_hits"] > 0)
+        assert row["repeats"] >= 1 and (row["case"].startswith("reference_net") or row["mean_hits"] > 0)
         if row["case"] != "simulator":
             assert row["mean_points"] > 0
     nfe = {r["case"]: r["nfe"] for r in rows}
-    assert nfe["heun"] == 5 and nfe["euler"] == 3 and nfe["one_step"] == 1 and nfe["reference_net"] == 1
-    assert {r["mean_points"] for r in rows if r["case"] == "reference_net"} == {REFERENCE_POINTS}
+    assert nfe["heun"] == 5 and nfe["euler"] == 3 and nfe["one_step"] == 1
+    assert nfe["reference_net"] == nfe["reference_net_fused"] == 1
+    assert {r["mean_points"] for r in rows if r["case"].startswith("reference_net")} == {REFERENCE_POINTS}
 
     scan = report["energy_scan"]
     assert scan["geometry"] == "calochallenge-3" and scan["particle"] == "electron"
@@ -62,8 +64,9 @@ def test_quick_benchmark_writes_json_with_all_cases(checkpoints, tmp_path):
     # the ratio to the reference network is of the two medians of this run, batch by batch
     ms = {(r["case"], r["batch_size"]): r["ms_per_shower"]["median"] for r in rows}
     for batch in (1, 8):
-        assert summary["one_step_speedup_over_reference"][str(batch)] == pytest.approx(
-            ms["reference_net", batch] / ms["one_step", batch])
+        for case, key in (("reference_net", "one_step_speedup_over_reference"),
+                          ("reference_net_fused", "one_step_speedup_over_reference_fused")):
+            assert summary[key][str(batch)] == pytest.approx(ms[case, batch] / ms["one_step", batch])
     assert summary["one_step_targets"]["batch 1: <= 5 ms/shower"] == (ms["one_step", 1] <= 5.0)
     assert summary["one_step_targets"]["batch 100: <= 2 ms/shower"] is False  # batch 100 not measured
     table = format_table(report)
