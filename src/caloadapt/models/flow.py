@@ -92,6 +92,27 @@ class _RQSTransform(zuko.transforms.MonotonicRQSTransform):
         self.vertical = knots(heights)
         self.derivatives = torch.exp(F.pad(derivatives / (1 + abs(derivatives / log_slope)), (1, 1), value=0))
 
+    def inverse(self, y: Tensor) -> Tensor:
+        """``x`` with ``spline(x) = y``: zuko's inverse (the root of the rational quadratic in the bin
+        that holds ``y``, Durkan et al. 2019, section 3.1 and appendix A.3; the identity outside
+        ``[-bound, bound]``), with one gather for the knots of both ends of every bin instead of six.
+        """
+        n_bins = self.horizontal.shape[-1] - 1
+        k = torch.sum(self.vertical < y[..., None], dim=-1) - 1  # bin of y: -1 below, n_bins above
+        inside = (k >= 0) & (k < n_bins)
+        ends = k.clamp(0, n_bins - 1)[..., None] + torch.arange(2, device=y.device)  # (..., 2): k and k + 1
+        knots = torch.stack((self.horizontal, self.vertical, self.derivatives), dim=-1)  # (..., n_bins + 1, 3)
+        at_ends = knots.expand(*k.shape, n_bins + 1, 3).gather(-2, ends[..., None].expand(*ends.shape, 3))
+        (x0, y0, d0), (x1, y1, d1) = at_ends[..., 0, :].unbind(-1), at_ends[..., 1, :].unbind(-1)
+        slope = (y1 - y0) / (x1 - x0)
+        height = inside * (y - y0)
+        curvature = d0 + d1 - 2 * slope
+        a = (y1 - y0) * (slope - d0) + height * curvature
+        b = (y1 - y0) * d0 - height * curvature
+        c = -slope * height
+        z = 2 * c / (-b - (b * b - 4 * a * c).sqrt())
+        return torch.where(inside, x0 + z * (x1 - x0), y)
+
 
 class ShowerFlow(nn.Module):
     """Conditional neural spline flow with coupling transforms (zuko ``NSF`` with ``passes=2``).
@@ -211,9 +232,25 @@ class ShowerFlow(nn.Module):
         context = self._check_context(context)
         if generator is None and seed is not None:
             generator = torch.Generator(device=context.device).manual_seed(seed)
-        dist = self.flow(context)
-        base = dist.base.base_dist  # Normal(loc, scale) of the DiagNormal base
+        base = self.flow.base().base_dist  # Normal(loc, scale) of the DiagNormal base
         eps = torch.randn(
             (context.shape[0], self.n_features), generator=generator, device=context.device, dtype=base.loc.dtype
         )
-        return dist.transform.inv(base.loc + base.scale * eps)
+        return self._invert(base.loc + base.scale * eps, context)
+
+    def _invert(self, y: Tensor, context: Tensor) -> Tensor:
+        """The flow's inverse map of base samples ``y`` (B, n_features): what
+        ``self(context).transform.inv(y)`` computes, without building zuko's transform objects (at
+        batch 1 building them cost more than the arithmetic).
+
+        Each coupling transform is inverted as zuko does it: starting from 0, every pass evaluates
+        the hyper-network on the current estimate and inverts the splines, and after ``passes``
+        passes every half of the features has seen its final conditioning."""
+        x = y
+        for transform in reversed(self.flow.transform.transforms):
+            y, x = x, torch.zeros_like(x)
+            for _ in range(transform.passes):
+                phi = transform.hyper(torch.cat([x, context.to(x.dtype)], dim=-1)).unflatten(-1, (-1, transform.total))
+                spline = transform.univariate(*phi.split([math.prod(s) for s in transform.shapes], dim=-1))
+                x = spline.inverse(y)
+        return x
