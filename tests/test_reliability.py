@@ -22,6 +22,7 @@ from caloadapt._atomic import atomic_path
 from caloadapt.cli import app
 from caloadapt.data import read_showers, write_showers
 from caloadapt.errors import CheckpointError, OutputError
+from caloadapt.pretrained import SHIPPED_CHECKPOINTS
 from caloadapt.simulate import simulate
 from caloadapt.train import load_checkpoint
 
@@ -139,10 +140,19 @@ def test_package_loads_checkpoints_weights_only():
     assert all("weights_only=True" in line for _, line in calls), calls
 
 
-@pytest.mark.parametrize("name", ["ild-photons", "multi-detector"])
+@pytest.mark.parametrize("name", list(SHIPPED_CHECKPOINTS))
 def test_shipped_checkpoints_load_weights_only(name):
+    """Every shipped model loads by name as data, and generates a finite shower with its own sampler."""
+    from caloadapt.geometry import get_geometry
+    from caloadapt.models.checkpoint import load_model
+
     payload = load_checkpoint(name)
     assert payload["format"] == "caloadapt-checkpoint" and payload["model"]
+    model, sampler = load_model(name)
+    geometry = get_geometry("ild-ecal")
+    showers = model.eval().generate(geometry, np.array([20e3]), sampler.with_steps(min(sampler.steps, 2)),
+                                    generator=torch.Generator().manual_seed(0), particle="photon")
+    assert showers.n_points[0] > 0 and np.all(np.isfinite(showers.points))
 
 
 def test_plain_extra_entries_stay_loadable(tiny_run, tmp_path):
