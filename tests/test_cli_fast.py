@@ -69,10 +69,13 @@ def test_onnx_export_and_onnxruntime_generation(trained, tmp_path):
 def test_benchmark_quick_writes_json(trained, tmp_path):
     out = tmp_path / "bench.json"
     result = runner.invoke(app, ["benchmark", "--quick", "--checkpoint", str(trained["model"]), "--distilled",
-                                 str(trained["distilled"]), "--device", "cpu", "-o", str(out), "--no-onnx"])
+                                 str(trained["distilled"]), "--device", "cpu", "-o", str(out), "--no-onnx",
+                                 "--budget-s", "30"])
     assert result.exit_code == 0, result.output + (result.stderr or "")
     report = json.loads(out.read_text())
-    assert report and "ms" in result.output
+    assert report and "ms" in result.output and report["settings"]["budget_s"] == 30.0
+    refused = runner.invoke(app, ["benchmark", "--quick", "--budget-s", "0", "-o", str(tmp_path / "no.json")])
+    assert refused.exit_code == 2 and "--budget-s" in refused.stderr and not (tmp_path / "no.json").exists()
 
 
 def test_generate_takes_the_starting_noise_level(trained, tmp_path):

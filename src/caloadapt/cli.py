@@ -636,6 +636,9 @@ def benchmark(
     threads: Annotated[Optional[str], typer.Option(
         help="the CPU thread count timed besides one thread: a positive integer, or auto: every core this "
              "process may use", show_default=False)] = None,
+    budget_s: Annotated[Optional[float], typer.Option(
+        "--budget-s", min=1.0, help="seconds one measurement may take; a batch estimated to take longer is "
+                                    "skipped (default 120, quick 20)", show_default=False)] = None,
 ) -> None:
     """Milliseconds per shower of the simulator and of every generation path, at several batch sizes."""
     from ._threads import parse_threads
@@ -645,7 +648,7 @@ def benchmark(
     _use_threads(None)  # the untimed set-up; each timed case sets its own thread count
     report = run_benchmark(checkpoint, output, quick=quick, device=device, distilled=distilled, n_steps=steps,
                            onnx=onnx, threads=None if timed is None else (1, timed), theta_deg=theta,
-                           log=typer.echo)
+                           budget_s=budget_s, log=typer.echo)
     typer.echo(format_table(report))
 
 

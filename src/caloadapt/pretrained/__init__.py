@@ -3,7 +3,9 @@
 - ``ild-photons``: single-detector model, ILD-like Si-W ECAL photons 10-90 GeV (the default);
 - ``multi-detector``: geometry-conditioned model pre-trained jointly on four detectors of the
   built-in family (``caloadapt.geometry.DETECTOR_FAMILY`` except ``pb-scintillator``, which is
-  held out as the adaptation target of the sweep in the README).
+  held out as the adaptation target of the sweep in the README);
+- ``ild-photons-1step``: ``ild-photons`` distilled into a one-step student (a 64-64 point network,
+  the teacher's flow), for fast generation (``caloadapt generate --checkpoint ild-photons-1step``).
 
 How each was made (command, data, training cost) is recorded in the README and inside the
 checkpoint (``command``, ``train_config``, ``train_state``). Wherever a checkpoint path is
@@ -21,7 +23,8 @@ __all__ = ["PRETRAINED_NAME", "SHIPPED_CHECKPOINTS", "default_checkpoint", "ship
            "resolve_checkpoint"]
 
 #: shipped models: name -> file in this package
-SHIPPED_CHECKPOINTS = {"ild-photons": "ild-photons.pt", "multi-detector": "multi-detector.pt"}
+SHIPPED_CHECKPOINTS = {"ild-photons": "ild-photons.pt", "multi-detector": "multi-detector.pt",
+                       "ild-photons-1step": "ild-photons-1step.pt"}
 PRETRAINED_NAME = SHIPPED_CHECKPOINTS["ild-photons"]
 
 
