@@ -132,3 +132,27 @@ def test_distill_starts_from_the_teachers_noise_level(trained, tmp_path):
         refused = distil(tmp_path / "bad", "--sigma-max", value)
         assert refused.exit_code == 2 and "sigma" in refused.stderr and "Traceback" not in refused.stderr
         assert not (tmp_path / "bad").exists()
+
+
+def test_distill_chooses_a_small_student_for_a_wide_teacher(trained, tmp_path):
+    """Without --student-widths a pointwise teacher wider than DEFAULT_STUDENT_WIDTHS gets that student and the
+    learning rate of a fresh start; 'teacher' keeps the teacher's size, its weights and the warm-start rate."""
+    from caloadapt.train.distill import DEFAULT_STUDENT_WIDTHS, FRESH_STUDENT_LR, DistillConfig
+
+    torch.manual_seed(0)
+    wide = ModelConfig(widths=(96, 96), time_dim=8, flow_hidden=(16,), flow_transforms=1)
+    train(ShowerModel(wide), trained["data"], get_geometry("ild-ecal"), tmp_path / "wide",
+          TrainConfig(steps=1, batch_size=8, max_points=64, val_every=1, checkpoint_every=1, device="cpu",
+                      val_max_showers=8), progress=False)
+
+    def distil(out: Path, *extra: str) -> dict:
+        result = runner.invoke(app, ["distill", "--checkpoint", str(tmp_path / "wide" / "best.pt"), "--data",
+                                     str(trained["data"]), "-o", str(out), "--steps", "1", "--batch-size", "4",
+                                     "--max-points", "32", "--val-every", "1", "--device", "cpu", *extra])
+        assert result.exit_code == 0, result.output + (result.stderr or "")
+        return torch.load(out / "best.pt", weights_only=True)
+
+    small, same = distil(tmp_path / "small"), distil(tmp_path / "same", "--student-widths", "teacher")
+    assert tuple(small["model_config"]["widths"]) == DEFAULT_STUDENT_WIDTHS
+    assert small["train_config"]["lr"] == FRESH_STUDENT_LR
+    assert tuple(same["model_config"]["widths"]) == (96, 96) and same["train_config"]["lr"] == DistillConfig.lr

@@ -558,7 +558,9 @@ def distill(
     geometry: Annotated[Optional[str], typer.Option("--geometry", "-g", help="geometry of the data")] = None,
     steps: Annotated[int, typer.Option(min=1, help="distillation steps")] = 2000,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    lr: Annotated[float, typer.Option(help="learning rate")] = 1e-4,
+    lr: Annotated[Optional[float], typer.Option(
+        help="learning rate (default: 1e-4 for a student of the teacher's size, which starts from the teacher's "
+             "weights; 5e-4 for a smaller one, which starts fresh)", show_default=False)] = None,
     flow_lr: Annotated[float, typer.Option(help="learning rate of a student flow of its own")] = 1e-3,
     max_points: Annotated[int, typer.Option(min=1, help="points per shower per step")] = 1024,
     n_samples: Annotated[Optional[int], typer.Option(help="showers drawn from the file (default all)")] = None,
@@ -572,8 +574,8 @@ def distill(
         help="largest noise level distilled, where the one-step sampler starts (default: the teacher's sampler's)",
         show_default=False)] = None,
     student_widths: Annotated[Optional[str], typer.Option(
-        help="hidden widths of a smaller pointwise student, e.g. 64,128,64 (default: the teacher's)",
-        show_default=False)] = None,
+        help="hidden widths of a pointwise student, e.g. 64,128,64, or 'teacher' for the teacher's (default: "
+             "64,64 where that is smaller than the teacher; docs/speed.md)", show_default=False)] = None,
     student_dim: Annotated[Optional[int], typer.Option(min=8, help="width of a transformer student",
                                                        show_default=False)] = None,
     student_depth: Annotated[Optional[int], typer.Option(min=1, help="blocks of a transformer student",
@@ -590,27 +592,34 @@ def distill(
     _use_threads(threads)
     from .data.io import file_geometry
     from .models.checkpoint import load_model
-    from .train.distill import DistillConfig, distill as run_distill
+    from .train.distill import FRESH_STUDENT_LR, DistillConfig, default_student_widths, distill as run_distill
 
     from .train import resolve_device
 
-    for name, value in (("--lr", lr), ("--flow-lr", flow_lr),
+    for name, value in (("--lr", 1.0 if lr is None else lr), ("--flow-lr", flow_lr),
                         ("--sigma-max", 1.0 if sigma_max is None else sigma_max)):
         if not (np.isfinite(value) and value > 0):
             raise CaloadaptError(f"{name} must be a positive number, got {value}")
     resolve_device(device)
     (teacher, teacher_sampler), geo = load_model(checkpoint), file_geometry(data, geometry)
+    if student_widths is None:
+        widths = default_student_widths(teacher.config) if not (student_dim or student_depth) else None
+    else:
+        widths = None if student_widths.strip() == "teacher" else _csv_ints(student_widths)
     # the student learns the map from the noise level the teacher is sampled from: above it the teacher
     # was not calibrated, and the Heun steps of the distillation grid would be spent where they do not matter
-    config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, flow_lr=flow_lr, max_points=max_points,
+    config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr or DistillConfig.lr, flow_lr=flow_lr,
+                           max_points=max_points,
                            sigma_max=teacher_sampler.sigma_max if sigma_max is None else sigma_max,
                            n_samples=n_samples, val_every=val_every, checkpoint_every=val_every, seed=seed,
-                           data_seed=data_seed,
-                           device=device, student_widths=None if student_widths is None else _csv_ints(student_widths),
+                           data_seed=data_seed, device=device, student_widths=widths,
                            student_dim=student_dim, student_depth=student_depth,
                            student_flow_transforms=student_flow_transforms,
                            student_flow_hidden=None if student_flow_hidden is None else _csv_ints(student_flow_hidden))
-    config.student_config(teacher.config)  # a student of the wrong backbone fails before the run folder is made
+    student = config.student_config(teacher.config)  # a student of the wrong backbone fails before the run folder
+    size = ("widths", "transformer_dim", "transformer_depth")
+    if lr is None and any(getattr(student, k) != getattr(teacher.config, k) for k in size):
+        config = dataclasses.replace(config, lr=FRESH_STUDENT_LR)  # a fresh student, not a warm start
     _claim_run(output, resume, overwrite)
     # the run folder is locked by the training loop
     summary = run_distill(teacher, data, geo, output, config, resume=resume,

@@ -51,10 +51,30 @@ from ..models.shower_model import ModelConfig, ShowerModel
 from .data import Batch
 from .loop import Objective, TrainConfig, resolve_device, train
 
-__all__ = ["DistillConfig", "ConsistencyObjective", "distill", "student_model"]
+__all__ = ["DistillConfig", "ConsistencyObjective", "distill", "student_model", "DEFAULT_STUDENT_WIDTHS",
+           "FRESH_STUDENT_LR", "default_student_widths"]
 
 #: training showers per detector the occupancy calibration of a student with its own flow is fitted on
 STUDENT_FLOW_OCCUPANCY_SHOWERS = 128
+#: widths of a pointwise student when none is asked for, and the learning rate of a student that starts
+#: from a fresh initialisation: distilled from the shipped ILD model in 4,000 steps, this student (with the
+#: teacher's flow) is as good as the teacher with 13 Heun steps (docs/speed.md, "Students tried")
+DEFAULT_STUDENT_WIDTHS = (64, 64)
+FRESH_STUDENT_LR = 5e-4
+
+
+def _multiply_adds_per_point(widths: tuple[int, ...], point_dim: int = 4) -> int:
+    sizes = (point_dim, *widths, point_dim)
+    return sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def default_student_widths(teacher: ModelConfig) -> tuple[int, ...] | None:
+    """The pointwise student's widths when none is asked for: :data:`DEFAULT_STUDENT_WIDTHS` where it
+    costs less per point than the teacher, else None (the teacher's size, starting from its weights)."""
+    if teacher.backbone != "pointwise":
+        return None
+    cheaper = _multiply_adds_per_point(DEFAULT_STUDENT_WIDTHS) < _multiply_adds_per_point(tuple(teacher.widths))
+    return DEFAULT_STUDENT_WIDTHS if cheaper else None
 
 
 @dataclass
