@@ -163,6 +163,18 @@ def test_generate_takes_the_angles_of_the_reference_and_refuses_them_for_a_norma
                                  "--energy", "20", "--theta", "90", "--device", "cpu", "-o", str(tmp_path / "ok.h5")])
     assert normal.exit_code == 0, normal.output + (normal.stderr or "")
     assert len(read_showers(tmp_path / "ok.h5")) == 2
+    # --n with --energies-from takes the file's first n showers, as simulate does; more than it holds is refused
+    source = read_showers(path)
+    first = runner.invoke(app, ["generate", "--checkpoint", str(tiny_checkpoints[0]), "-g", "ild-ecal", "--n", "2",
+                                "--energies-from", str(path), "--theta", "90", "--phi", "90", "--steps", "2",
+                                "--device", "cpu", "-o", str(tmp_path / "first.h5")])
+    assert first.exit_code == 0, first.output + (first.stderr or "")
+    np.testing.assert_array_equal(read_showers(tmp_path / "first.h5").incident_energy_mev,
+                                  source.incident_energy_mev[:2])
+    too_many = runner.invoke(app, ["generate", "--checkpoint", str(tiny_checkpoints[0]), "-g", "ild-ecal", "--n",
+                                   str(len(source) + 1), "--energies-from", str(path), "--theta", "90", "--phi", "90",
+                                   "--device", "cpu", "-o", str(tmp_path / "many.h5")])
+    assert too_many.exit_code == 2 and "fewer than --n" in too_many.stderr and not (tmp_path / "many.h5").exists()
 
 
 def test_the_benchmark_times_inclined_showers_with_an_angular_model_only(tiny_checkpoints, angular_model, tmp_path):

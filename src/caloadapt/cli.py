@@ -454,11 +454,14 @@ def generate(
     geometry: GeometryOption = "calochallenge-3",
     particle: Annotated[Optional[str], typer.Option(help="particle recorded in the file "
                                                          "[default: the geometry's]")] = None,
-    n: Annotated[int, typer.Option("--n", "-n", min=1, help="number of showers")] = 1000,
+    n: Annotated[Optional[int], typer.Option("--n", "-n", min=1, help="number of showers [default: 1000; with "
+                                                                      "--energies-from: all of the file's]",
+                                             show_default=False)] = None,
     energy: Annotated[str, typer.Option(help="GeV: 50, a range 1:1000 or a list")] = "1:1000",
     spectrum: Annotated[Spectrum, typer.Option(help="incident-energy spectrum")] = Spectrum.log_uniform,
     energies_from: Annotated[Optional[Path], typer.Option(help="take the incident energies of this shower file "
-                                                                "(e.g. the evaluation reference), and its "
+                                                                "(its first --n showers; e.g. the evaluation "
+                                                                "reference), and its "
                                                                 "incidence angles unless --theta / --phi are "
                                                                 "given")] = None,
     theta: Annotated[Optional[str], typer.Option(help="polar angle to the beam axis, degrees, as for simulate "
@@ -494,9 +497,11 @@ def generate(
     geo = get_geometry(geometry)
     incoming = None
     if energies_from is not None:
-        energies, *incoming = _file_incidence(energies_from)
+        energies, *incoming = _file_incidence(energies_from, n)
+        if n is not None and len(energies) < n:
+            raise CaloadaptError(f"{energies_from}: holds {len(energies)} showers, fewer than --n {n}")
     else:
-        energies = sample_incident_energies(n, parse_energy_range(energy), spectrum.value,
+        energies = sample_incident_energies(1000 if n is None else n, parse_energy_range(energy), spectrum.value,
                                             np.random.default_rng(seed))
     theta_deg, phi_deg = _incidence_angles(len(energies), theta, phi, seed, geo, incoming)
     # showers at normal incidence are generated (and written) as before angles existed
