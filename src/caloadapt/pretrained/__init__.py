@@ -5,7 +5,9 @@
   built-in family (``caloadapt.geometry.DETECTOR_FAMILY`` except ``pb-scintillator``, which is
   held out as the adaptation target of the sweep in the README);
 - ``ild-photons-1step``: ``ild-photons`` distilled into a one-step student (a 64-64 point network,
-  the teacher's flow), for fast generation (``caloadapt generate --checkpoint ild-photons-1step``).
+  the teacher's flow), for fast generation (``caloadapt generate --checkpoint ild-photons-1step``);
+- ``ild-photons-angular``: the ``ild-photons`` recipe with angle conditioning, on photons arriving at
+  theta 40-140 and phi 0-360 degrees (``caloadapt generate --checkpoint ild-photons-angular --theta ...``).
 
 How each was made (command, data, training cost) is recorded in the README and inside the
 checkpoint (``command``, ``train_config``, ``train_state``). Wherever a checkpoint path is
@@ -24,7 +26,7 @@ __all__ = ["PRETRAINED_NAME", "SHIPPED_CHECKPOINTS", "default_checkpoint", "ship
 
 #: shipped models: name -> file in this package
 SHIPPED_CHECKPOINTS = {"ild-photons": "ild-photons.pt", "multi-detector": "multi-detector.pt",
-                       "ild-photons-1step": "ild-photons-1step.pt"}
+                       "ild-photons-1step": "ild-photons-1step.pt", "ild-photons-angular": "ild-photons-angular.pt"}
 PRETRAINED_NAME = SHIPPED_CHECKPOINTS["ild-photons"]
 
 
