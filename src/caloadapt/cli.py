@@ -608,7 +608,7 @@ def distill(
     resolve_device(device)
     (teacher, teacher_sampler), geo = load_model(checkpoint), file_geometry(data, geometry)
     if student_widths is None:
-        widths = default_student_widths(teacher.config) if not (student_dim or student_depth) else None
+        widths = default_student_widths(teacher.config)  # with --student-dim, student_config says what is wrong
     else:
         widths = None if student_widths.strip() == "teacher" else _csv_ints(student_widths)
     # the student learns the map from the noise level the teacher is sampled from: above it the teacher

@@ -76,7 +76,8 @@ class _RQSTransform(zuko.transforms.MonotonicRQSTransform):
     The unconstrained widths and heights are softly bounded (``u / (1 + |2u / ln(slope)|)``),
     normalised over the bins and summed into knots on ``[-bound, bound]``; the derivatives are
     softly bounded (``u / (1 + |u / ln(slope)|)``) and exponentiated, with slope 1 at both ends.
-    Sampling and densities are zuko's (the knots are all the transform keeps).
+    Densities are zuko's (the knots are all the transform keeps); the inverse is its own
+    (:meth:`_inverse`), for zuko's ``inv`` and the flow's sampling alike.
     """
 
     def __init__(self, widths: Tensor, heights: Tensor, derivatives: Tensor, bound: float = 5.0,
@@ -92,9 +93,9 @@ class _RQSTransform(zuko.transforms.MonotonicRQSTransform):
         self.vertical = knots(heights)
         self.derivatives = torch.exp(F.pad(derivatives / (1 + abs(derivatives / log_slope)), (1, 1), value=0))
 
-    def inverse(self, y: Tensor) -> Tensor:
+    def _inverse(self, y: Tensor) -> Tensor:
         """``x`` with ``spline(x) = y``: zuko's inverse (the root of the rational quadratic in the bin
-        that holds ``y``, Durkan et al. 2019, section 3.1 and appendix A.3; the identity outside
+        that holds ``y``, Durkan et al. 2019, section 3.1 and appendix A; the identity outside
         ``[-bound, bound]``), with one gather for the knots of both ends of every bin instead of six.
         """
         n_bins = self.horizontal.shape[-1] - 1
@@ -252,5 +253,5 @@ class ShowerFlow(nn.Module):
             for _ in range(transform.passes):
                 phi = transform.hyper(torch.cat([x, context.to(x.dtype)], dim=-1)).unflatten(-1, (-1, transform.total))
                 spline = transform.univariate(*phi.split([math.prod(s) for s in transform.shapes], dim=-1))
-                x = spline.inverse(y)
+                x = spline._inverse(y)  # without the caching and checks of torch's Transform.inv
         return x
