@@ -115,6 +115,34 @@ class _RQSTransform(zuko.transforms.MonotonicRQSTransform):
         return torch.where(inside, x0 + z * (x1 - x0), y)
 
 
+class _CouplingHalves:
+    """The two halves of a coupling transform's features and, for each, the rows of the
+    hyper-network's last layer that give its spline parameters (masked, without gradient).
+
+    zuko's ``MaskedAutoregressiveTransform`` with ``passes=2`` gives feature ``i`` the degree
+    ``order[i] // ceil(features / 2)``: degree 0 is transformed given the context only, degree 1
+    given the context and the degree-0 features; the last layer's rows ``i * total ... (i + 1) *
+    total - 1`` are feature ``i``'s parameters. The sliced weights are cut again whenever the layer's
+    weight, mask or bias changes (same rule as :class:`_CachedMaskedLinear`)."""
+
+    def __init__(self, transform: zuko.flows.MaskedAutoregressiveTransform) -> None:
+        *self.hidden_layers, self.layer = transform.hyper
+        self.features = [torch.nonzero(transform.order == degree).flatten() for degree in (0, 1)]
+        self.rows = [(f[:, None] * transform.total + torch.arange(transform.total)).flatten() for f in self.features]
+        self._cut: tuple[tuple, list[tuple[Tensor, Tensor, Tensor]]] | None = None
+
+    def passes(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """``(features, weight, bias)`` of the first pass, then of the second."""
+        layer = self.layer
+        key = tuple((t._version, t.data_ptr()) for t in (layer.weight, layer.mask, layer.bias))
+        if self._cut is None or self._cut[0] != key:
+            with torch.no_grad():
+                weight = layer.mask * layer.weight
+                self._cut = (key, [(f.to(weight.device), weight[r], layer.bias[r])
+                                   for f, r in zip(self.features, self.rows)])
+        return self._cut[1]
+
+
 class ShowerFlow(nn.Module):
     """Conditional neural spline flow with coupling transforms (zuko ``NSF`` with ``passes=2``).
 
@@ -193,6 +221,7 @@ class ShowerFlow(nn.Module):
             zuko.distributions.DiagNormal, torch.zeros(n_features), torch.ones(n_features), buffer=True
         )
         self.flow = zuko.flows.Flow(layers, base)
+        self._halves: list[_CouplingHalves] | None = None
 
     def _check_context(self, context: Tensor) -> Tensor:
         if context.ndim == 1 and self.context_dim == 1:
@@ -244,14 +273,26 @@ class ShowerFlow(nn.Module):
         ``self(context).transform.inv(y)`` computes, without building zuko's transform objects (at
         batch 1 building them cost more than the arithmetic).
 
-        Each coupling transform is inverted as zuko does it: starting from 0, every pass evaluates
-        the hyper-network on the current estimate and inverts the splines, and after ``passes``
-        passes every half of the features has seen its final conditioning."""
+        zuko inverts a coupling transform with two passes over all features: the first pass (from
+        ``x = 0``) gets the first half right, the second the rest. The first half's spline parameters
+        depend on the context only, so each pass here evaluates the output rows of the half it
+        inverts and no more (:class:`_CouplingHalves`): the same numbers for half the work of the
+        last layer and of the splines."""
+        context = context.to(y.dtype)
         x = y
-        for transform in reversed(self.flow.transform.transforms):
+        for transform, halves in zip(reversed(self.flow.transform.transforms), reversed(self._coupling_halves())):
             y, x = x, torch.zeros_like(x)
-            for _ in range(transform.passes):
-                phi = transform.hyper(torch.cat([x, context.to(x.dtype)], dim=-1)).unflatten(-1, (-1, transform.total))
+            for features, weight, bias in halves.passes():
+                hidden = torch.cat([x, context], dim=-1)
+                for layer in halves.hidden_layers:
+                    hidden = layer(hidden)
+                phi = F.linear(hidden, weight, bias).unflatten(-1, (-1, transform.total))
                 spline = transform.univariate(*phi.split([math.prod(s) for s in transform.shapes], dim=-1))
-                x = spline._inverse(y)  # without the caching and checks of torch's Transform.inv
+                x[:, features] = spline._inverse(y[:, features])  # without torch's Transform.inv checks
         return x
+
+    def _coupling_halves(self) -> list[_CouplingHalves]:
+        transforms = self.flow.transform.transforms
+        if self._halves is None or any(h.layer is not t.hyper[-1] for h, t in zip(self._halves, transforms)):
+            self._halves = [_CouplingHalves(transform) for transform in transforms]
+        return self._halves
