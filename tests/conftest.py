@@ -84,3 +84,26 @@ def tiny_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
             DistillConfig(steps=2, batch_size=8, max_points=64, val_every=2, checkpoint_every=2, device="cpu",
                           val_max_showers=4, val_max_points=32, val_teacher_steps=3), progress=False)
     return root / "run" / "best.pt", root / "cm" / "best.pt"
+
+
+#: incident energies of the generation tests [MeV]
+ENERGIES_MEV = np.array([12e3, 30e3, 18e3, 25e3, 15e3])
+
+
+def same_hits(a, b) -> None:
+    """Two batches of hits are the same (cells, energies up to float32 rounding, meta)."""
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    np.testing.assert_array_equal(a.points[:, :3], b.points[:, :3])
+    # the hits path scales the cells' sums, digitise sums the scaled points: float32 rounding apart
+    np.testing.assert_allclose(a.points[:, 3], b.points[:, 3], rtol=1e-5)
+    assert a.meta.keys() == b.meta.keys()
+    for key in a.meta:
+        np.testing.assert_allclose(a.meta[key], b.meta[key], rtol=1e-6)  # float64 points or float32 ones
+
+
+def generate_both_ways(model, geometry, sampler, **angles):
+    """The hits ``model.generate`` makes itself, and those ``geometry.digitise`` makes of its points."""
+    hits = model.generate(geometry, ENERGIES_MEV, sampler, generator=torch.Generator().manual_seed(3),
+                          digitise=True, **angles)
+    points = model.generate(geometry, ENERGIES_MEV, sampler, generator=torch.Generator().manual_seed(3), **angles)
+    return hits, geometry.digitise(points)

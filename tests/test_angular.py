@@ -20,6 +20,7 @@ from caloadapt.models.representation import (DepthGrid, PointFrame, along_axis, 
 from caloadapt.models.shower_model import shower_condition
 from caloadapt.simulate import simulate
 from caloadapt.train import TrainConfig, train
+from conftest import generate_both_ways, same_hits
 
 TINY = dict(widths=(16, 16), time_dim=8, flow_hidden=(16,), flow_transforms=1, depth_given=True,
             transverse_scale_rm=0.2)
@@ -132,6 +133,10 @@ def test_an_angular_model_trains_and_generates_showers_along_their_axis(angular_
     np.testing.assert_allclose(showers.points[:, :3] - about_axis.points[:, :3],
                                np.c_[slope * showers.points[:, 2:3], np.zeros(len(slope))], atol=1e-3)
     assert np.abs(slope[:, 1]).max() == pytest.approx(np.tan(np.radians(40.0)))
+
+    # hits generated directly (one grouping into cells) are the digitised points, inclined too
+    same_hits(*generate_both_ways(model, geometry, sampler.with_steps(3), theta_deg=np.linspace(45, 135, 5),
+                                   phi_deg=np.linspace(0, 300, 5)))
 
     # the exported network takes the direction with the rest of the condition: the same showers
     pytest.importorskip("onnxruntime")

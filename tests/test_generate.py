@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from caloadapt.generate import iter_generate
 from caloadapt.geometry import get_geometry
 from caloadapt.models import Sampler, load_model
-
-ENERGIES_MEV = np.array([12e3, 30e3, 18e3, 25e3, 15e3])
-
+from conftest import ENERGIES_MEV, generate_both_ways, same_hits
 
 def test_batches_come_in_order_and_repeat_with_the_seed(tiny_checkpoints):
     model, sampler = load_model(tiny_checkpoints[0])
@@ -42,6 +41,16 @@ def test_digitised_showers_are_cells_above_threshold(tiny_checkpoints):
     for i in range(len(hits)):  # one point per hit cell
         one = cells[hits.offsets[i]:hits.offsets[i + 1]]
         assert len(np.unique(one)) == len(one)
+
+
+@pytest.mark.parametrize("name", ["ild-ecal", "calochallenge-3"])
+def test_generating_hits_directly_gives_the_digitised_points(tiny_checkpoints, name):
+    """generate(digitise=True) groups the points into cells once (for the last energy calibration and the
+    hits): the same hits, and the same energy outside the readout, as digitising the generated points."""
+    model, sampler = load_model(tiny_checkpoints[0])
+    hits, digitised = generate_both_ways(model, get_geometry(name), sampler.with_steps(2))
+    assert len(hits.points) > 0 and "outside_energy_mev" in hits.meta
+    same_hits(hits, digitised)
 
 
 def test_a_depth_given_model_generates_each_point_in_the_layer_the_flow_gives_it(tmp_path):

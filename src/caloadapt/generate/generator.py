@@ -36,7 +36,6 @@ def iter_generate(model: ShowerModel, geometry: Geometry, incident_energy_mev: n
     with tqdm(total=len(energy), unit="shower", disable=not progress, desc=f"generate {geometry.name}") as bar:
         for start in range(0, len(energy), batch_size):
             chunk = energy[start:start + batch_size]
-            showers = model.generate(geometry, chunk, sampler, generator=generator, particle=particle,
-                                     **{name: values[start:start + batch_size] for name, values in angles.items()})
-            yield geometry.digitise(showers) if digitise else showers
+            yield model.generate(geometry, chunk, sampler, generator=generator, particle=particle, digitise=digitise,
+                                 **{name: values[start:start + batch_size] for name, values in angles.items()})
             bar.update(len(chunk))

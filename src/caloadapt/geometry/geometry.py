@@ -233,18 +233,34 @@ class Geometry:
 
         ``meta['outside_energy_mev']`` records the energy of points that missed the readout.
         """
-        cells = self.cell_index(showers.points)
-        inside = cells >= 0
         shower = showers.shower_index
-        key = shower[inside] * self.n_cells + cells[inside]
-        unique_key, inverse = np.unique(key, return_inverse=True)
-        energy = np.bincount(inverse, weights=showers.points[inside, ENERGY], minlength=len(unique_key))
-        keep = energy >= self.energy.threshold_mev
-        hit_shower, hit_cell = np.divmod(unique_key[keep], self.n_cells)
-        points = np.concatenate([self.cell_centres_mm[hit_cell], energy[keep, None]], axis=1)
-        return Showers.from_counts(points, np.bincount(hit_shower, minlength=len(showers)),
-                                   showers.incident_energy_mev, particle=showers.particle, geometry=self.name,
-                                   meta=showers.meta_with_outside(~inside, shower))
+        inside, keys, inverse = self.group_into_cells(showers.points, shower)
+        energy = np.bincount(inverse, weights=showers.points[inside, ENERGY], minlength=len(keys))
+        return self.hits_from_cells(keys, energy, showers.incident_energy_mev, showers.particle,
+                                    showers.meta_with_outside(~inside, shower))
+
+    def group_into_cells(self, points: np.ndarray, shower: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The cells that ``(x, y, z, ...)`` points of showers ``shower`` (``(P,)`` index) fall in.
+
+        Returns ``inside`` (``(P,)`` bool: the point is in the readout), ``keys`` (the distinct
+        ``shower * n_cells + cell`` of those points, sorted) and ``inverse`` (each inside point's
+        position in ``keys``): ``np.bincount(inverse, energy[inside])`` are the cell energies.
+        """
+        cells = self.cell_index(points)
+        inside = cells >= 0
+        keys, inverse = np.unique(shower[inside] * self.n_cells + cells[inside], return_inverse=True)
+        return inside, keys, inverse
+
+    def hits_from_cells(self, keys: np.ndarray, cell_energy_mev: np.ndarray, incident_energy_mev: np.ndarray,
+                        particle: str, meta: dict[str, np.ndarray]) -> Showers:
+        """:meth:`digitise`'s hits from the cells :meth:`group_into_cells` found (``keys``) and their
+        energies in MeV, cut at the threshold here; ``meta`` is the showers' (with the energy that
+        missed the readout)."""
+        keep = cell_energy_mev >= self.energy.threshold_mev
+        hit_shower, hit_cell = np.divmod(keys[keep], self.n_cells)
+        points = np.concatenate([self.cell_centres_mm[hit_cell], cell_energy_mev[keep, None]], axis=1)
+        return Showers.from_counts(points, np.bincount(hit_shower, minlength=len(incident_energy_mev)),
+                                   incident_energy_mev, particle=particle, geometry=self.name, meta=meta)
 
     def smear_hits(self, showers: Showers, rng: np.random.Generator) -> Showers:
         """Move each hit uniformly inside its cell (area-correct; depth over the layer extent).

@@ -255,10 +255,10 @@ class PointFrame:
         r0 = self.transverse_scale_rm
         if r0 == 0:
             return x, y
-        r = np.sqrt(x * x + y * y)  # np.hypot guards against overflow at ten times the cost
-        new_r = r0 * np.sinh(np.minimum(r / r0, 50.0)) if inverse else r0 * np.arcsinh(r / r0)
-        # d(new_r)/dr = 1 at r = 0 in both directions, so the ratio tends to 1 at the axis
-        ratio = np.divide(new_r, r, out=np.ones_like(r), where=r > 0)
+        # np.hypot guards against overflow at ten times the cost; u > 0 keeps the axis finite:
+        # new_r / r = sinh(u) / u (arcsinh(u) / u) is exactly 1 in floating point for tiny u
+        u = np.maximum(np.sqrt(x * x + y * y) / r0, 1e-30)
+        ratio = np.sinh(np.minimum(u, 50.0)) / u if inverse else np.arcsinh(u) / u
         return x * ratio, y * ratio
 
     def depth_x0(self, layer: np.ndarray) -> np.ndarray:
@@ -291,13 +291,16 @@ class PointFrame:
         return np.stack(features, axis=1).astype(np.float32)
 
     def to_points(self, features: np.ndarray, layer: np.ndarray, incident_energy_mev: np.ndarray) -> np.ndarray:
-        """``(P, 4)`` points (x, y mm about the shower's axis; z at the layer centre; cell energy MeV)
-        from features (:func:`along_axis` puts them on an inclined axis).
+        """``(P, 4)`` column-major points (x, y mm about the shower's axis; z at the layer centre; cell
+        energy MeV) from features (:func:`along_axis` puts them on an inclined axis).
 
         ``layer`` is the readout layer each point was assigned to; ``incident_energy_mev`` is per point.
         """
         g = self.geometry
         f = np.asarray(features, np.float64)
+        # the points are filled column by column, column-major (as ShowerModel.generate hands over the
+        # features): every column operation here and after runs over contiguous memory
+        points = np.empty((4, len(f))).T
         # a cell never holds more than the incident energy: clip the log energy before exp
         if self.frame == "physical":
             rm = g.layer_moliere_radius_mm[layer]
@@ -309,10 +312,8 @@ class PointFrame:
             half = self._half_size_mm
             x, y = f[:, 0] * half, f[:, 1] * half
             energy = np.exp(np.minimum(f[:, 3], np.log(incident_energy_mev))) * g.energy.calibration
-        r = np.sqrt(x * x + y * y)
         bound = OUTSIDE_BOUND * g.readout.max_radius_mm
-        shrink = np.divide(bound, r, out=np.ones_like(r), where=r > bound)
-        points = np.empty((len(f), 4))
+        shrink = bound / np.maximum(np.sqrt(x * x + y * y), bound)  # 1 inside the bound
         np.multiply(x, shrink, out=points[:, 0])
         np.multiply(y, shrink, out=points[:, 1])
         points[:, 2] = g.layer_centres_mm[layer]

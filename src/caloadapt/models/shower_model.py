@@ -272,7 +272,8 @@ class ShowerModel(nn.Module):
     def generate(self, geometry: Geometry, incident_energy_mev: np.ndarray, sampler: Sampler = Sampler(), *,
                  generator: torch.Generator | None = None, particle: str = "electron", max_points: int = 40_000,
                  occupancy: OccupancyCalibration | None | str = "auto", denoiser: nn.Module | None = None,
-                 theta_deg: np.ndarray | float | None = None, phi_deg: np.ndarray | float | None = None) -> Showers:
+                 theta_deg: np.ndarray | float | None = None, phi_deg: np.ndarray | float | None = None,
+                 digitise: bool = False) -> Showers:
         """Generate one batch of showers in ``geometry`` (points at layer centres, cell energies MeV).
 
         Arguments:
@@ -286,6 +287,8 @@ class ShowerModel(nn.Module):
                 None generates as many points as the flow asks for hits, or give a calibration.
             denoiser: evaluate this module instead of the model's own (e.g. an ONNX session,
                 :class:`caloadapt.export.onnx.OnnxDenoiser`).
+            digitise: return the hits, what ``geometry.digitise`` makes of the points (the points
+                are grouped into cells once, for the last calibration and the hits alike).
         """
         device = self.point_mean.device
         energy = np.asarray(incident_energy_mev, np.float64)
@@ -302,8 +305,9 @@ class ShowerModel(nn.Module):
         n_points = counts.sum(axis=1)
         width = int(n_points.max(initial=0))
         if width == 0:
-            return Showers.from_counts(np.zeros((0, 4)), n_points, energy, particle=particle, geometry=geometry.name,
-                                       meta=meta)
+            empty = Showers.from_counts(np.zeros((0, 4)), n_points, energy, particle=particle, geometry=geometry.name,
+                                        meta=meta)
+            return geometry.digitise(empty) if digitise else empty
         mask = torch.arange(width, device=device)[None, :] < torch.as_tensor(n_points, device=device)[:, None]
         # the network is told the hits the shower is to have (what N meant in training), not the points
         condition[:, 1] = torch.as_tensor(points_condition(hits.sum(axis=1)), dtype=torch.float32, device=device)
@@ -323,15 +327,24 @@ class ShowerModel(nn.Module):
             depth = torch.where(mask, features[..., 2], torch.full_like(features[..., 2], float("inf")))
             order = depth.argsort(dim=1)
             features = torch.gather(features, 1, order[..., None].expand(-1, -1, 4))
-        flat = features[mask].double().cpu().numpy()  # mask is a prefix: the first n_i sorted points
+        # mask is a prefix: the first n_i sorted points; column-major (P, 4), as to_points fills its points
+        flat = features[mask].T.contiguous().double().cpu().numpy().T
         shower = np.repeat(np.arange(len(energy)), n_points)
         points = self.config.point_frame(geometry).to_points(flat, layer, energy[shower])
-        _calibrate_layers(points, shower, layer, layer_energy, geometry, visible_only=False)
+        _scale_layers(points[:, 3], shower * geometry.n_layers + layer, layer_energy)
         _shift_centre_of_gravity(points, shower, layer, cog, geometry)
         if angles is not None:  # about the axis so far: onto the inclined axis
             points = along_axis(points, axis_slope(geometry, *angles)[shower])
         # last, once the points sit where they stay: the cells that will be read out carry the energy
-        _calibrate_layers(points, shower, layer, layer_energy, geometry, visible_only=True)
+        inside, keys, inverse = geometry.group_into_cells(points, shower)
+        cell_energy = np.bincount(inverse, points[inside, 3], len(keys))
+        factor = _visible_cell_scale(geometry, keys, cell_energy, layer_energy)
+        if digitise:  # the cells are grouped already: no second grouping in geometry.digitise
+            missed = ~inside
+            outside = np.bincount(shower[missed], points[missed, 3], len(energy))
+            return geometry.hits_from_cells(keys, cell_energy * factor, energy, particle,
+                                            {**meta, "outside_energy_mev": outside})
+        points[inside, 3] *= factor[inverse]
         return Showers.from_counts(points, n_points, energy, particle=particle, geometry=geometry.name, meta=meta)
 
     def _incidence(self, geometry: Geometry, n: int, theta_deg, phi_deg
@@ -357,32 +370,30 @@ class ShowerModel(nn.Module):
         return given
 
 
-def _calibrate_layers(points: np.ndarray, shower: np.ndarray, layer: np.ndarray, layer_energy: np.ndarray,
-                      geometry: Geometry, *, visible_only: bool) -> None:
-    """Scale point energies so each (shower, layer) holds the flow's layer energy (in place).
-
-    With ``visible_only`` only the points in cells at or above the readout threshold count and
-    are scaled: the flow's layer energy is what such cells held in the training hits, and the
-    cells below threshold vanish on digitisation (about 1 % of the energy once the occupancy
-    calibration has spread it over more points).
-    """
-    key = shower * geometry.n_layers + layer
-    energy = points[:, 3]
+def _scale_layers(energy: np.ndarray, shower_layer: np.ndarray, layer_energy: np.ndarray) -> None:
+    """Scale ``energy`` (in place) so each (shower, layer) holds the flow's ``layer_energy`` (N, L);
+    ``shower_layer`` is each point's ``shower * L + layer``."""
     target = layer_energy.ravel()
-    if visible_only:
-        cell = geometry.cell_index(points[:, :3])
-        inside = np.flatnonzero(cell >= 0)
-        _, inverse = np.unique(shower[inside] * geometry.n_cells + cell[inside], return_inverse=True)
-        selected = np.zeros(len(points), bool)
-        selected[inside] = np.bincount(inverse, energy[inside])[inverse] >= geometry.energy.threshold_mev
-        held = np.bincount(key, np.where(selected, energy, 0.0), minlength=target.size)
-    else:
-        held = np.bincount(key, energy, minlength=target.size)
+    held = np.bincount(shower_layer, energy, minlength=target.size)
+    energy *= np.divide(target, held, out=np.ones_like(target), where=held > 0)[shower_layer]
+
+
+def _visible_cell_scale(geometry: Geometry, keys: np.ndarray, cell_energy: np.ndarray,
+                        layer_energy: np.ndarray) -> np.ndarray:
+    """The factor of each cell (``keys`` and energies of :meth:`Geometry.group_into_cells`) that makes
+    the cells at or above the readout threshold of each (shower, layer) hold the flow's layer energy.
+
+    The flow's layer energy is what such cells held in the training hits, and the cells below
+    threshold vanish on digitisation (about 1 % of the energy once the occupancy calibration has
+    spread it over more points): those keep their energy (factor 1).
+    """
+    visible = cell_energy >= geometry.energy.threshold_mev
+    cell_shower, cell = np.divmod(keys, geometry.n_cells)
+    shower_layer = cell_shower * geometry.n_layers + geometry.cell_layer[cell]
+    target = layer_energy.ravel()
+    held = np.bincount(shower_layer[visible], cell_energy[visible], minlength=target.size)
     scale = np.divide(target, held, out=np.ones_like(target), where=held > 0)
-    factor = scale[key]
-    if visible_only:
-        factor[~selected] = 1.0
-    energy *= factor
+    return np.where(visible, scale[shower_layer], 1.0)
 
 
 def _shift_centre_of_gravity(points: np.ndarray, shower: np.ndarray, layer: np.ndarray, cog: np.ndarray,
