@@ -156,3 +156,52 @@ def test_distill_chooses_a_small_student_for_a_wide_teacher(trained, tmp_path):
     assert tuple(small["model_config"]["widths"]) == DEFAULT_STUDENT_WIDTHS
     assert small["train_config"]["lr"] == FRESH_STUDENT_LR
     assert tuple(same["model_config"]["widths"]) == (96, 96) and same["train_config"]["lr"] == DistillConfig.lr
+
+
+def test_train_flow_trains_the_flow_alone_and_can_give_a_student_a_smaller_flow(trained, tmp_path):
+    """train-flow changes the flow and nothing else (the point network, the feature normalisation, the
+    sampler), validates on the showers the checkpoint's run held out, and resumes; with a size it puts a
+    new flow of that size beside the student's point network; the result generates."""
+    from caloadapt.models import load_model
+    from caloadapt.train import load_checkpoint
+
+    def run(checkpoint, out, *extra):
+        return runner.invoke(app, ["train-flow", "--checkpoint", str(checkpoint), "--data", str(trained["data"]),
+                                   "-o", str(out), "--steps", "4", "--batch-size", "4", "--val-every", "2",
+                                   "--occupancy-showers", "0", "--device", "cpu", *extra])
+
+    result = run(trained["model"], tmp_path / "more")
+    assert result.exit_code == 0, result.output
+    before, before_sampler = load_model(trained["model"])
+    after, after_sampler = load_model(tmp_path / "more" / "best.pt")
+    assert after_sampler == before_sampler and after.config == before.config
+    old, new = before.state_dict(), after.state_dict()
+    for key in old:
+        if not key.startswith("flow."):
+            assert torch.equal(old[key], new[key]), key
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("flow.") and old[k].is_floating_point())
+    ran, here = load_checkpoint(trained["model"])["train_config"], load_checkpoint(tmp_path / "more" / "last.pt")
+    assert {k: here["train_config"][k] for k in ("val_fraction", "data_seed", "n_samples")} == {
+        k: ran[k] for k in ("val_fraction", "data_seed", "n_samples")}
+    assert here["train_config"]["flow_lr"] == 3e-4 and list(here["trainable"]) == [
+        n for n, _ in after.named_parameters() if n.startswith("flow.")]
+    resumed = runner.invoke(app, ["train-flow", "--checkpoint", str(trained["model"]), "--data", str(trained["data"]),
+                                  "-o", str(tmp_path / "more"), "--steps", "6", "--batch-size", "4", "--val-every",
+                                  "2", "--occupancy-showers", "0", "--device", "cpu", "--resume"])
+    assert resumed.exit_code != 0 and "other training options" in resumed.output  # --steps changed
+
+    result = run(trained["distilled"], tmp_path / "small", "--flow-transforms", "2", "--flow-hidden", "8,8")
+    assert result.exit_code == 0, result.output
+    student, _ = load_model(trained["distilled"])
+    small, small_sampler = load_model(tmp_path / "small" / "best.pt")
+    assert small_sampler.kind == "consistency" and small.config.flow_transforms == 2
+    assert small.config.flow_hidden == (8, 8) and load_checkpoint(tmp_path / "small" / "last.pt")["train_config"][
+        "flow_lr"] == 1e-3
+    for key, value in student.state_dict().items():
+        if not key.startswith("flow."):
+            assert torch.equal(value, small.state_dict()[key]), key
+    assert sum(p.numel() for p in small.flow.parameters()) != sum(p.numel() for p in student.flow.parameters())
+    assert _generate(tmp_path / "small" / "best.pt", tmp_path / "small.h5").exit_code == 0
+
+    bad = run(trained["model"], tmp_path / "bad", "--flow-lr", "-1")
+    assert bad.exit_code == 2 and "--flow-lr must be a positive number" in bad.output

@@ -634,6 +634,68 @@ def distill(
                f"model in {summary['checkpoint']}")
 
 
+@app.command("train-flow")
+@_one_line_errors
+def train_flow(
+    checkpoint: Annotated[Path, typer.Option(help="trained checkpoint (a path or a shipped model's name): its point "
+                                                  "network is kept, its flow trained")],
+    data: Annotated[Path, typer.Option("--data", help="showers to train on (the model's training data)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="run directory")],
+    geometry: Annotated[Optional[str], typer.Option("--geometry", "-g", help="geometry of the data")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 2000,
+    batch_size: Annotated[int, typer.Option(min=1, help="showers per step")] = 128,
+    flow_lr: Annotated[Optional[float], typer.Option(
+        help="peak learning rate (default: 3e-4 to go on training the checkpoint's flow, 1e-3 for a new one)",
+        show_default=False)] = None,
+    flow_transforms: Annotated[Optional[int], typer.Option(
+        min=1, help="a new flow with this many coupling transforms, trained from scratch", show_default=False)] = None,
+    flow_hidden: Annotated[Optional[str], typer.Option(
+        help="a new flow with these hyper-network widths, e.g. 64,64", show_default=False)] = None,
+    n_samples: Annotated[Optional[int], typer.Option(help="showers drawn from the file [default: the checkpoint's "
+                                                          "run's, else all]", show_default=False)] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        help="share held out for validation [default: the checkpoint's run's, so that its validation showers "
+             "stay unseen; else 0.05]", show_default=False)] = None,
+    data_seed: Annotated[Optional[int], typer.Option(
+        min=0, max=MAX_SEED, help="seed of the data subset and split [default: the checkpoint's run's, else 0]",
+        show_default=False)] = None,
+    val_every: Annotated[int, typer.Option(min=1, help="steps between validations/checkpoints")] = 250,
+    seed: Annotated[int, typer.Option(help="seed of a new flow's initialisation", min=0, max=MAX_SEED)] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    occupancy_showers: Annotated[int, typer.Option(min=0, help="training showers the occupancy calibration is "
+                                                               "fitted on after training (0: none)")] = 128,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
+    overwrite: OverwriteOption = False,
+    threads: ThreadsOption = None,
+) -> None:
+    """Train a model's flow by itself (its point network kept): further, or a new flow of another size."""
+    _use_threads(threads)
+    from .data.io import file_geometry
+    from .train import TrainConfig, load_checkpoint, resolve_device
+    from .train.flow_training import train_flow as run_train_flow
+
+    resolve_device(device)
+    new_flow = flow_transforms is not None or flow_hidden is not None
+    lr = flow_lr if flow_lr is not None else (1e-3 if new_flow else 3e-4)
+    if not (np.isfinite(lr) and lr > 0):
+        raise CaloadaptError(f"--flow-lr must be a positive number, got {lr}")
+    ran = load_checkpoint(checkpoint).get("train_config") or {}
+    geo = file_geometry(data, geometry)
+    # only the per-shower statistics are learnt: one point per shower is read for the batch's shape
+    config = TrainConfig(steps=steps, batch_size=batch_size, flow_lr=lr, max_points=1, val_max_points=1,
+                         n_samples=n_samples if n_samples is not None else ran.get("n_samples"),
+                         val_fraction=val_fraction if val_fraction is not None else ran.get("val_fraction", 0.05),
+                         data_seed=data_seed if data_seed is not None else ran.get("data_seed", 0),
+                         val_every=val_every, checkpoint_every=val_every, seed=seed, device=device,
+                         occupancy_showers=occupancy_showers)
+    _claim_run(output, resume, overwrite)
+    summary = run_train_flow(checkpoint, data, geo, output, config, flow_transforms=flow_transforms,
+                             flow_hidden=None if flow_hidden is None else _csv_ints(flow_hidden), resume=resume,
+                             checkpoint_parts={"command": " ".join(sys.argv)})
+    typer.echo(f"trained the flow {summary['steps']} steps in {summary['wall_s']:.0f} s; best validation "
+               f"{summary['best']['flow']:.4f} (step {summary['best_step']['flow']}); model in {output / 'best.pt'}")
+
+
 @app.command()
 @_one_line_errors
 def benchmark(

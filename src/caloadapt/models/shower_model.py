@@ -232,7 +232,7 @@ class ShowerModel(nn.Module):
 
     # -- training ----------------------------------------------------------------------------
     def forward(self, points: Tensor, mask: Tensor, condition: Tensor, statistics: Tensor,
-                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+                generator: torch.Generator | None = None, *, diffusion: bool = True) -> dict[str, Tensor]:
         """Training losses of one batch.
 
         Arguments:
@@ -242,10 +242,14 @@ class ShowerModel(nn.Module):
                 :func:`shower_condition`.
             statistics: ``(B, S)`` flow inputs (un-normalised).
             generator: torch RNG for the noise draws.
+            diffusion: also the point network's loss (False: the flow's alone, e.g. to train the flow
+                by itself through a distributed wrapper, which sees only ``forward``).
 
         Returns:
             ``diffusion``: masked EDM loss; ``flow``: negative log-likelihood per statistic.
         """
+        if not diffusion:
+            return {"flow": self.flow_loss(condition, statistics)}
         x = (points - self.point_mean) / self.point_std
         diffusion = self.diffusion_loss(self.denoiser, x, condition, mask, generator)
         return {"diffusion": diffusion, "flow": self.flow_loss(condition, statistics)}
