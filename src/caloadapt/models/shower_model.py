@@ -320,7 +320,8 @@ class ShowerModel(nn.Module):
             condition[:, 2] = torch.as_tensor(depth, dtype=torch.float32, device=device)
         # points of shower i fill its layers in order: counts[i, 0] in layer 0, then layer 1, ...
         layer = np.repeat(np.tile(np.arange(geometry.n_layers), len(energy)), counts.ravel())
-        given = self._given_depth(geometry, layer, mask) if self.config.depth_given else None
+        sizes = n_points.tolist()
+        given = self._given_depth(geometry, layer, sizes, width) if self.config.depth_given else None
         # the fused wrapper computes each shower's gates once and skips padding: same values, faster
         network = FusedDenoiser(self.denoiser if denoiser is None else denoiser)
         x = sampler(network, condition, mask, generator=generator, given=given)
@@ -331,8 +332,9 @@ class ShowerModel(nn.Module):
             depth = torch.where(mask, features[..., 2], torch.full_like(features[..., 2], float("inf")))
             order = depth.argsort(dim=1)
             features = torch.gather(features, 1, order[..., None].expand(-1, -1, 4))
-        # mask is a prefix: the first n_i sorted points; column-major (P, 4), as to_points fills its points
-        flat = features[mask].T.contiguous().double().cpu().numpy().T
+        # the mask is a prefix: the first n_i (sorted) points, taken as slices (a boolean mask costs ten times
+        # more on the CPU); column-major (P, 4), as to_points fills its points
+        flat = torch.cat([features[i, :k] for i, k in enumerate(sizes)]).cpu().numpy().astype(np.float64, order="F")
         shower = np.repeat(np.arange(len(energy)), n_points)
         points = self.config.point_frame(geometry).to_points(flat, layer, energy[shower])
         _scale_layers(points[:, 3], shower * geometry.n_layers + layer, layer_energy)
@@ -364,13 +366,16 @@ class ShowerModel(nn.Module):
                              "only (theta = phi = 90 degrees); pre-train with --angle-conditioning on inclined showers")
         return (theta, phi), {"theta_deg": theta, "phi_deg": phi}
 
-    def _given_depth(self, geometry: Geometry, layer: np.ndarray, mask: Tensor) -> Tensor:
-        """``(B, M, 4)`` normalised given features: each real point's layer depth, NaN elsewhere."""
+    def _given_depth(self, geometry: Geometry, layer: np.ndarray, sizes: list[int], width: int) -> Tensor:
+        """``(B, width, 4)`` normalised given features: each real point's layer depth (the first ``sizes[i]``
+        points of shower ``i``), NaN elsewhere."""
+        device = self.point_mean.device
         depth = self.config.point_frame(geometry).depth_x0(layer)
-        given = torch.full((*mask.shape, 4), float("nan"), dtype=torch.float32, device=mask.device)
-        normalised = (torch.as_tensor(depth, dtype=torch.float32, device=mask.device) - self.point_mean[DEPTH_FEATURE]
+        normalised = (torch.as_tensor(depth, dtype=torch.float32, device=device) - self.point_mean[DEPTH_FEATURE]
                       ) / self.point_std[DEPTH_FEATURE]
-        given[..., DEPTH_FEATURE][mask] = normalised
+        given = torch.full((len(sizes), width, 4), float("nan"), dtype=torch.float32, device=device)
+        given[..., DEPTH_FEATURE] = torch.nn.utils.rnn.pad_sequence(normalised.split(sizes), batch_first=True,
+                                                                    padding_value=float("nan"))
         return given
 
 
