@@ -90,7 +90,8 @@ class _RQSTransform(zuko.transforms.MonotonicRQSTransform):
             return bound * (2 * _over_bins(torch.cumsum, F.pad(fractions, (1, 0), value=0)) - 1)
 
         # both knot sets in one pass: at batch 1 the flow's cost is the number of tensor operations
-        self.horizontal, self.vertical = knots(torch.stack((widths, heights), dim=-2)).unbind(-2)
+        # (stacked in front: the bins must stay next to the statistics for _over_bins)
+        self.horizontal, self.vertical = knots(torch.stack((widths, heights))).unbind(0)
         self.derivatives = torch.exp(F.pad(derivatives / (1 + abs(derivatives / log_slope)), (1, 1), value=0))
 
     def _inverse(self, y: Tensor) -> Tensor:
