@@ -580,7 +580,7 @@ def distill(
         show_default=False)] = None,
     student_widths: Annotated[Optional[str], typer.Option(
         help="hidden widths of a pointwise student, e.g. 64,128,64, or 'teacher' for the teacher's (default: "
-             "64,64 where that is smaller than the teacher; docs/speed.md)", show_default=False)] = None,
+             "32,32 where that is smaller than the teacher; docs/speed.md)", show_default=False)] = None,
     student_dim: Annotated[Optional[int], typer.Option(min=8, help="width of a transformer student",
                                                        show_default=False)] = None,
     student_depth: Annotated[Optional[int], typer.Option(min=1, help="blocks of a transformer student",

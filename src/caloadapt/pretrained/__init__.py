@@ -4,7 +4,7 @@
 - ``multi-detector``: geometry-conditioned model pre-trained jointly on four detectors of the
   built-in family (``caloadapt.geometry.DETECTOR_FAMILY`` except ``pb-scintillator``, which is
   held out as the adaptation target of the sweep in the README);
-- ``ild-photons-1step``: ``ild-photons`` distilled into a one-step student (a 64-64 point network,
+- ``ild-photons-1step``: ``ild-photons`` distilled into a one-step student (a 32-32 point network,
   the teacher's flow), for fast generation (``caloadapt generate --checkpoint ild-photons-1step``);
 - ``ild-photons-angular``: the ``ild-photons`` recipe with angle conditioning, on photons arriving at
   theta 40-140 and phi 0-360 degrees (``caloadapt generate --checkpoint ild-photons-angular --theta ...``).

@@ -58,8 +58,9 @@ __all__ = ["DistillConfig", "ConsistencyObjective", "distill", "student_model", 
 STUDENT_FLOW_OCCUPANCY_SHOWERS = 128
 #: widths of a pointwise student when none is asked for, and the learning rate of a student that starts
 #: from a fresh initialisation: distilled from the shipped ILD model in 4,000 steps, this student (with the
-#: teacher's flow) is as good as the teacher with 13 Heun steps (docs/speed.md, "Students tried")
-DEFAULT_STUDENT_WIDTHS = (64, 64)
+#: teacher's flow) is as good as the teacher with 13 Heun steps, and as a 64-64 student at about half the
+#: network's cost (docs/speed.md, "Students tried")
+DEFAULT_STUDENT_WIDTHS = (32, 32)
 FRESH_STUDENT_LR = 5e-4
 
 
