@@ -57,6 +57,11 @@ def test_onnx_export_and_onnxruntime_generation(trained, tmp_path):
                                  "-o", str(tmp_path / "net.onnx")])
     assert result.exit_code == 0, result.output + (result.stderr or "")
     assert "dynamic batch and points" in result.output
+    for distilled in (False, True):  # one line, never the exporters' own prints (a whole graph, for the student)
+        out = tmp_path / f"quiet-{distilled}.onnx"
+        quiet = runner.invoke(app, ["export", "--checkpoint", str(trained["distilled" if distilled else "model"]),
+                                    "-f", "onnx", "-o", str(out)])
+        assert quiet.exit_code == 0 and quiet.output.strip().count("\n") == 0, quiet.output
     torch_run = _generate(trained["model"], tmp_path / "torch.h5", "--steps", "2")
     onnx_run = _generate(trained["model"], tmp_path / "ort.h5", "--steps", "2", "--engine", "onnxruntime",
                          "--onnx", str(tmp_path / "net.onnx"))

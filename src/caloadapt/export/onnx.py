@@ -105,12 +105,15 @@ def _exported_module(model: ShowerModel | nn.Module, consistency: dict | None) -
 @contextlib.contextmanager
 def _quiet() -> None:
     """Silence the exporters' progress prints, warnings and log lines."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript",
+                                                    "torch.fx.experimental.symbolic_shapes")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # stderr too: when the torch.export path meets a data-dependent shape it prints its whole graph there
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
