@@ -252,14 +252,20 @@ class PointFrame:
 
     def _compress(self, x: np.ndarray, y: np.ndarray, inverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Radial compression of (x, y) in Moliere radii (or its inverse), direction kept."""
+        ratio, _ = self._radial_ratio(x, y, inverse)
+        return x * ratio, y * ratio
+
+    def _radial_ratio(self, x: np.ndarray, y: np.ndarray, inverse: bool) -> tuple[np.ndarray | float, np.ndarray]:
+        """The factor :meth:`_compress` multiplies (x, y) by (1 without compression), and their radius."""
+        # np.hypot guards against overflow at ten times the cost
+        r = np.sqrt(x * x + y * y)
         r0 = self.transverse_scale_rm
         if r0 == 0:
-            return x, y
-        # np.hypot guards against overflow at ten times the cost; u > 0 keeps the axis finite:
-        # new_r / r = sinh(u) / u (arcsinh(u) / u) is exactly 1 in floating point for tiny u
-        u = np.maximum(np.sqrt(x * x + y * y) / r0, 1e-30)
-        ratio = np.sinh(np.minimum(u, 50.0)) / u if inverse else np.arcsinh(u) / u
-        return x * ratio, y * ratio
+            return 1.0, r
+        # u > 0 keeps the axis finite: new_r / r = sinh(u) / u (arcsinh(u) / u) is exactly 1 in
+        # floating point for tiny u
+        u = np.maximum(r / r0, 1e-30)
+        return (np.sinh(np.minimum(u, 50.0)) / u if inverse else np.arcsinh(u) / u), r
 
     def depth_x0(self, layer: np.ndarray) -> np.ndarray:
         """Depth feature of points in readout layers ``layer``: X0 at the layer centres."""
@@ -302,20 +308,21 @@ class PointFrame:
         # features): every column operation here and after runs over contiguous memory
         points = np.empty((4, len(f))).T
         # a cell never holds more than the incident energy: clip the log energy before exp
+        # x and y in mm are the features times one factor per point, found from the features' radius
         if self.frame == "physical":
-            rm = g.layer_moliere_radius_mm[layer]
-            x, y = self._compress(f[:, 0], f[:, 1], inverse=True)
-            x, y = x * rm, y * rm
+            ratio, radius = self._radial_ratio(f[:, 0], f[:, 1], inverse=True)
+            scale = ratio * g.layer_moliere_radius_mm[layer]
             fraction = np.exp(np.clip(f[:, 3], -50.0, 0.0))
             energy = fraction * incident_energy_mev * g.energy.calibration * g.layer_visible_fraction[layer]
         else:
-            half = self._half_size_mm
-            x, y = f[:, 0] * half, f[:, 1] * half
+            _, radius = self._radial_ratio(f[:, 0], f[:, 1], inverse=True)
+            scale = np.full(len(f), self._half_size_mm)
             energy = np.exp(np.minimum(f[:, 3], np.log(incident_energy_mev))) * g.energy.calibration
         bound = OUTSIDE_BOUND * g.readout.max_radius_mm
-        shrink = bound / np.maximum(np.sqrt(x * x + y * y), bound)  # 1 inside the bound
-        np.multiply(x, shrink, out=points[:, 0])
-        np.multiply(y, shrink, out=points[:, 1])
+        radius *= scale
+        scale *= bound / np.maximum(radius, bound)  # points beyond the bound are pulled onto it
+        np.multiply(f[:, 0], scale, out=points[:, 0])
+        np.multiply(f[:, 1], scale, out=points[:, 1])
         points[:, 2] = g.layer_centres_mm[layer]
         points[:, 3] = energy
         return points
