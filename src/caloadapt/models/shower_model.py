@@ -414,9 +414,10 @@ def _shift_centre_of_gravity(points: np.ndarray, shower: np.ndarray, layer: np.n
     """
     n = len(cog)
     rm = geometry.layer_moliere_radius_mm[layer]
-    squared = points[:, 0] ** 2 + points[:, 1] ** 2
-    weight = np.where(squared <= geometry.readout.max_radius_mm ** 2, points[:, 3], 0.0)
+    x, y = points[:, 0], points[:, 1]  # views: shifted in place
+    weight = np.where(x * x + y * y <= geometry.readout.max_radius_mm ** 2, points[:, 3], 0.0)
     total = np.maximum(np.bincount(shower, weight, n), 1e-12)
-    for k in (0, 1):
-        current = np.bincount(shower, weight * points[:, k] / rm, n) / total
-        points[:, k] += (cog[:, k] - current)[shower] * rm
+    weight /= rm  # each point's coordinate in Moliere radii, weighted
+    for k, coordinate in enumerate((x, y)):
+        current = np.bincount(shower, weight * coordinate, n) / total
+        coordinate += (cog[:, k] - current)[shower] * rm
