@@ -52,6 +52,22 @@ def test_one_step_generation_from_a_distilled_model(trained, tmp_path):
     assert not (tmp_path / "no.h5").exists()
 
 
+def test_one_step_generation_runs_on_one_thread_unless_told(trained, tmp_path, monkeypatch):
+    """Its operations are too small to split (docs/speed.md): without --threads or OMP_NUM_THREADS a
+    distilled model generates on one thread; --threads still decides."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("caloadapt._threads.auto_threads", lambda **_: 2)  # a machine with two free cores
+    threads = torch.get_num_threads()
+    try:
+        for i, (extra, expected) in enumerate((([], 1), (["--threads", "2"], 2))):
+            torch.set_num_threads(2)
+            result = _generate(trained["distilled"], tmp_path / f"t{i}.h5", *extra)
+            assert result.exit_code == 0, result.output
+            assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_onnx_export_and_onnxruntime_generation(trained, tmp_path):
     result = runner.invoke(app, ["export", "--checkpoint", str(trained["model"]), "-f", "onnx",
                                  "-o", str(tmp_path / "net.onnx")])

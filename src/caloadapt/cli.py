@@ -511,6 +511,9 @@ def generate(
     model, stored = load_model(source)
     chosen = _choose_sampler(sampler, stored).with_steps(steps).with_sigma_max(sigma_max)
     run_device = resolve_device(device)
+    if threads is None and chosen.kind == "consistency" and run_device.type == "cpu" and \
+            "OMP_NUM_THREADS" not in os.environ:
+        _use_threads("1")  # one-step generation is fastest on one thread per process (docs/speed.md)
     if engine == "onnxruntime":
         model, run_device = _onnx_engine(model, source, onnx), torch.device("cpu")
     elif engine != "torch":
