@@ -307,8 +307,8 @@ class PointFrame:
         # the points are filled column by column, column-major (as ShowerModel.generate hands over the
         # features): every column operation here and after runs over contiguous memory
         points = np.empty((4, len(f))).T
-        # a cell never holds more than the incident energy: clip the log energy before exp
-        # x and y in mm are the features times one factor per point, found from the features' radius
+        # x and y in mm are the features times one factor per point, found from the features' radius;
+        # a cell never holds more than the incident energy: the log energy is clipped before exp
         if self.frame == "physical":
             ratio, radius = self._radial_ratio(f[:, 0], f[:, 1], inverse=True)
             scale = ratio * g.layer_moliere_radius_mm[layer]
