@@ -379,12 +379,17 @@ class ShowerModel(nn.Module):
         return given
 
 
-def _scale_layers(energy: np.ndarray, shower_layer: np.ndarray, layer_energy: np.ndarray) -> None:
-    """Scale ``energy`` (in place) so each (shower, layer) holds the flow's ``layer_energy`` (N, L);
-    ``shower_layer`` is each point's ``shower * L + layer``."""
+def _layer_scale(shower_layer: np.ndarray, energy: np.ndarray, layer_energy: np.ndarray) -> np.ndarray:
+    """``(N * L,)`` factors that make the ``energy`` of each (shower, layer) (``shower_layer`` is
+    ``shower * L + layer``) the flow's ``layer_energy`` (N, L); 1 where nothing is held."""
     target = layer_energy.ravel()
     held = np.bincount(shower_layer, energy, minlength=target.size)
-    energy *= np.divide(target, held, out=np.ones_like(target), where=held > 0)[shower_layer]
+    return np.divide(target, held, out=np.ones_like(target), where=held > 0)
+
+
+def _scale_layers(energy: np.ndarray, shower_layer: np.ndarray, layer_energy: np.ndarray) -> None:
+    """Scale the points' ``energy`` (in place) so each (shower, layer) holds the flow's layer energy."""
+    energy *= _layer_scale(shower_layer, energy, layer_energy)[shower_layer]
 
 
 def _visible_cell_scale(geometry: Geometry, keys: np.ndarray, cell_energy: np.ndarray,
@@ -399,9 +404,7 @@ def _visible_cell_scale(geometry: Geometry, keys: np.ndarray, cell_energy: np.nd
     visible = cell_energy >= geometry.energy.threshold_mev
     cell_shower, cell = np.divmod(keys, geometry.n_cells)
     shower_layer = cell_shower * geometry.n_layers + geometry.cell_layer[cell]
-    target = layer_energy.ravel()
-    held = np.bincount(shower_layer[visible], cell_energy[visible], minlength=target.size)
-    scale = np.divide(target, held, out=np.ones_like(target), where=held > 0)
+    scale = _layer_scale(shower_layer[visible], cell_energy[visible], layer_energy)
     return np.where(visible, scale[shower_layer], 1.0)
 
 
