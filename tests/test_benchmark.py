@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,23 @@ def test_budget_skips_batches_estimated_too_slow(checkpoints, tmp_path):
     big = [r for r in report["results"] if r["batch_size"] == 100000]
     assert big and all("skipped" in r for r in big)
     assert "skipped" in format_table(report)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compile_adds_the_one_step_case_with_its_flow_compiled(checkpoints, tmp_path):
+    """--compile times the one-step model a second time with its flow compiled (not in the energy scan),
+    with its own targets; the plain one-step case is still timed beside it."""
+    teacher, distilled = checkpoints
+    report = run_benchmark(teacher, tmp_path / "b.json", quick=True, device="cpu", distilled=distilled,
+                           threads=(1,), n_steps=2, repeats=1, batch_sizes=(1,), scan_energies_gev=(1.0,),
+                           scan_batch=1, simulator=False, onnx=False, compile=True)
+    rows = {r["case"]: r for r in report["results"]}
+    assert {"one_step", "one_step_compiled"} <= set(rows) and rows["one_step_compiled"]["nfe"] == 1
+    assert rows["one_step_compiled"]["mean_hits"] > 0
+    assert "one_step_compiled" not in {r["case"] for r in report["energy_scan"]["results"]}
+    summary = report["summary"]
+    ms = rows["one_step_compiled"]["ms_per_shower"]["median"]
+    assert summary["one_step_compiled_ms_per_shower_1_thread"] == {"1": ms}
+    assert summary["one_step_compiled_targets"]["batch 1: <= 5 ms/shower"] == (ms <= 5.0)
+    assert "flow compiled" in format_table(report)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -226,3 +227,27 @@ def test_train_flow_trains_the_flow_alone_and_can_give_a_student_a_smaller_flow(
 
     bad = run(trained["model"], tmp_path / "bad", "--flow-lr", "-1")
     assert bad.exit_code == 2 and "--flow-lr must be a positive number" in bad.output
+
+
+def test_generate_compile_that_fails_is_a_one_line_error(trained, tmp_path, monkeypatch):
+    def no_compiler(function, **options):
+        def compiled(*args):
+            raise OSError("no C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    result = _generate(trained["distilled"], tmp_path / "c.h5", "--compile")
+    assert result.exit_code == 2 and "--compile: torch.compile could not compile the flow's sampling: no C++ " \
+                                       "compiler found" in result.stderr
+    assert not (tmp_path / "c.h5").exists()
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_generate_compile_writes_the_same_showers(trained, tmp_path):
+    plain, compiled = _generate(trained["distilled"], tmp_path / "p.h5"), _generate(
+        trained["distilled"], tmp_path / "c.h5", "--compile")
+    assert plain.exit_code == 0 and compiled.exit_code == 0, compiled.output
+    a, b = read_showers(tmp_path / "p.h5"), read_showers(tmp_path / "c.h5")
+    np.testing.assert_array_equal(a.n_points, b.n_points)
+    np.testing.assert_allclose(a.points, b.points, rtol=1e-4, atol=1e-3)

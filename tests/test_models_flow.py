@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -200,9 +201,48 @@ def test_sampling_inverts_the_flow_as_zuko_does(randperm):
         for layer in last_layers:
             layer.bias += 0.5
     agree()
+    with torch.no_grad():  # the hidden layers' weights are kept as well
+        for transform in flow.flow.transform.transforms:
+            transform.hyper[0].bias -= 0.3
+    agree()
     with torch.no_grad():
         for layer in last_layers:
             layer.weight.mul_(1.5)
     agree()
     flow.load_state_dict(ShowerFlow(7, context_dim=2, hidden=(16, 16), transforms=3, randperm=randperm).state_dict())
     agree()
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_sampling_gives_the_flows_samples_and_follows_its_weights():
+    """compile_sampling changes the speed, not the samples: the same draws give the same samples at batch
+    1 (compiled up front) and at another batch size (compiled on its first call), and a later change of
+    the weights reaches the compiled sampler (the weights are its inputs)."""
+    torch.manual_seed(0)
+    flow = ShowerFlow(7, context_dim=2, hidden=(16, 16), transforms=2)
+    eager = ShowerFlow(7, context_dim=2, hidden=(16, 16), transforms=2)
+    eager.load_state_dict(flow.state_dict())
+    context = torch.randn(4, 2)
+    flow.compile_sampling()
+    for rows in (slice(0, 1), slice(0, 4)):
+        torch.testing.assert_close(flow.sample(context[rows], seed=3), eager.sample(context[rows], seed=3),
+                                   rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for model in (flow, eager):
+            model.flow.transform.transforms[0].hyper[-1].bias += 0.5
+    torch.testing.assert_close(flow.sample(context, seed=3), eager.sample(context, seed=3), rtol=1e-5, atol=1e-5)
+
+
+def test_a_flow_that_cannot_be_compiled_says_so_and_keeps_sampling(monkeypatch):
+    def no_compiler(function, **options):
+        def compiled(*args):
+            raise OSError("no C++ compiler found\n(details)")
+        return compiled
+
+    flow = small_flow()
+    expected = flow.sample(torch.ones(2, 1), seed=0)
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with pytest.raises(RuntimeError, match="could not compile the flow's sampling: no C\\+\\+ compiler found$"):
+        flow.compile_sampling()
+    torch.testing.assert_close(flow.sample(torch.ones(2, 1), seed=0), expected)

@@ -54,8 +54,17 @@ def test_saturated_layers_are_not_extrapolated():
     k = np.exp(-np.asarray(calibration.log_efficiency))
     np.testing.assert_allclose(k, [2.0, 3.0, 0.5], rtol=1e-3)  # layer 2: fewer points, proportionally
     placed = calibration.points_for_hits(np.array([[10.0, 10.0, 10.0]] * 4000), np.random.default_rng(4))
-    # never fewer points than the hits asked for: every layer the flow fills keeps its points
-    np.testing.assert_allclose(placed.mean(axis=0), [20.0, 30.0, 10.0], rtol=0.02)
+    # where the flow asks for more hits than the training showers have, fewer points than hits
+    np.testing.assert_allclose(placed.mean(axis=0), [20.0, 30.0, 5.0], rtol=0.02)
+
+
+def test_every_layer_the_flow_fills_keeps_a_point():
+    """Points per hit far below 1 (an undertrained flow asking for far too many hits) never empty a
+    layer the flow fills, so no shower is left without points; an empty layer stays empty."""
+    calibration = OccupancyCalibration("g", (-np.log(0.1),) * 3, (0.0,) * 3, (1.0,) * 3, {})
+    placed = calibration.points_for_hits(np.array([[4.0, 0.5, 0.0]] * 4000), np.random.default_rng(5))
+    assert placed[:, 0].min() >= 1 and placed[:, 2].max() == 0
+    np.testing.assert_allclose(placed.mean(axis=0), [1.0, 0.5, 0.0], rtol=0.05)
 
 
 def test_round_trip_and_bad_values():

@@ -6,6 +6,8 @@
 - ``heun`` / ``euler``: the diffusion model with N sampler steps (2N-1 and N network evaluations);
 - ``one_step``: the consistency-distilled model (one network evaluation), when a distilled
   checkpoint is given (otherwise skipped, with a note);
+- ``one_step_compiled`` (with ``compile``): the same with the flow's sampling compiled
+  (:meth:`~caloadapt.models.flow.ShowerFlow.compile_sampling`; the warm-up runs compile);
 - ``onnx_one_step`` (or ``onnx_heun`` without a distilled model): the same through onnxruntime;
 - ``reference_net``: one evaluation of the reference network, the CaloClouds II PointWise-Net
   (arXiv:2309.05704; :class:`~caloadapt.models.pointwise.PointwiseNet` with its default widths:
@@ -29,6 +31,7 @@ shower are recorded. :func:`format_table` renders the results as a short text ta
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import math
@@ -181,7 +184,8 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
                   n_steps: int = 13, repeats: int | None = None, warmup: int | None = None,
                   budget_s: float | None = None, energy_gev: float = 50.0, theta_deg: float = 90.0,
                   scan_energies_gev: Sequence[float] | None = None, scan_batch: int | None = None,
-                  onnx: bool = True, simulator: bool = True, log: Callable[[str], None] | None = None) -> dict:
+                  onnx: bool = True, simulator: bool = True, compile: bool = False,
+                  log: Callable[[str], None] | None = None) -> dict:
     """Measure generation speed; write the results as JSON and :func:`format_table`'s text beside it
     (``out_path`` with suffix ``.txt``), both atomically; return them.
 
@@ -205,6 +209,8 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
             1000 GeV at batch 100, one thread; quick 1, 10 GeV at batch 8).
         onnx: include the onnxruntime case (needs onnx, onnxscript, onnxruntime).
         simulator: include the embedded simulator.
+        compile: also time the one-step case with its flow compiled (``one_step_compiled``, main table
+            only; a note says why when torch cannot compile here).
         log: progress messages (e.g. ``print``); None is silent.
 
     Returns:
@@ -289,10 +295,21 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
         energy = float(energy_gev)
         angles = {} if theta_deg == 90.0 else {"theta_deg": float(theta_deg), "phi_deg": 90.0}
 
-        def model_cases(dev: torch.device):
-            cases = [("heun", "heun", n_steps, model), ("euler", "euler", n_steps, model)]
+        compiled = None
+        if compile and one_step is not None:
+            compiled = copy.deepcopy(one_step[0])
+            try:
+                compiled.flow.compile_sampling()
+            except RuntimeError as err:
+                notes.append(f"one_step_compiled skipped: {err}")
+                compiled = None
+
+        def model_cases(dev: torch.device, scan: bool = False):
+            cases = [("heun", "heun", n_steps, model)] + ([] if scan else [("euler", "euler", n_steps, model)])
             if one_step is not None:
                 cases.append(("one_step", "consistency", 1, one_step[0]))
+            if compiled is not None and not scan:  # each batch shape compiles: not in the energy scan
+                cases.append(("one_step_compiled", "consistency", 1, compiled))
             return [(name, sampler, steps, m.to(dev)) for name, sampler, steps, m in cases]
 
         # main table: ILD photons at one energy
@@ -336,9 +353,7 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
                     if simulator:
                         row = _row("simulator", "numpy", "cpu", 1, batch, None, None, e, ds3.name, "electron")
                         scan_rows.append(measure(row, lambda: _simulator_run(ds3, "electron", energies), None))
-                    for name, sampler, steps, m in model_cases(torch.device("cpu")):
-                        if name == "euler":
-                            continue
+                    for name, sampler, steps, m in model_cases(torch.device("cpu"), scan=True):
                         row = _row(name, "torch", "cpu", 1, batch, sampler, steps, e, ds3.name, "electron")
                         settings = one_step[1] if sampler == "consistency" else None
                         scan_rows.append(measure(row, lambda m=m, sampler=sampler, steps=steps, settings=settings:
@@ -424,6 +439,16 @@ def _summary(report: dict) -> dict:
                    "batch 1: <= 5 ms/shower": one_by_batch.get(1, math.inf) <= TARGET_MS_BATCH_1,
                    "batch 100: >= 5 x faster than the reference network": speedup.get(100, 0.0) >= TARGET_SPEEDUP}
         summary["one_step_targets"] = {k: bool(v) for k, v in targets.items()}
+        compiled = by_batch("one_step_compiled")
+        if compiled:
+            summary["one_step_compiled_ms_per_shower_1_thread"] = {str(b): v for b, v in compiled.items()}
+            summary["one_step_compiled_speedup_over_reference"] = {
+                str(b): reference[b] / v for b, v in compiled.items() if b in reference}
+            summary["one_step_compiled_targets"] = {
+                "batch 100: <= 2 ms/shower": compiled.get(100, math.inf) <= TARGET_MS,
+                "batch 1: <= 5 ms/shower": compiled.get(1, math.inf) <= TARGET_MS_BATCH_1,
+                "batch 100: >= 5 x faster than the reference network":
+                    reference.get(100, 0.0) / compiled.get(100, math.inf) >= TARGET_SPEEDUP}
     else:
         summary["one_step_best"] = None
     heun = by_batch("heun")
@@ -444,7 +469,7 @@ def _fmt_ms(stats: dict) -> str:
 
 
 def _row_line(row: dict) -> str:
-    head = (f"{row['case']:<14} {row['engine']:<11} {row['device']:<4} "
+    head = (f"{row['case']:<19} {row['engine']:<11} {row['device']:<4} "
             f"{'-' if row['threads'] is None else row['threads']:>3} {row['batch_size']:>5} "
             f"{'-' if row['nfe'] is None else row['nfe']:>3}")
     if "skipped" in row:
@@ -465,13 +490,13 @@ def format_table(results: dict) -> str:
              f"GPU: {gpus}; load average {hw.get('load_average')}; torch {results['versions']['torch']}, "
              f"onnxruntime {results['versions'].get('onnxruntime')}",
              "",
-             f"{'case':<14} {'engine':<11} {'dev':<4} {'thr':>3} {'batch':>5} {'NFE':>3}  "
+             f"{'case':<19} {'engine':<11} {'dev':<4} {'thr':>3} {'batch':>5} {'NFE':>3}  "
              f"{'ms/shower median [min-max]':>24} {'showers/s':>10} {'points':>8} {'hits':>7}"]
     lines += [_row_line(r) for r in results["results"]]
     scan = results.get("energy_scan", {})
     if scan.get("results"):
         lines += ["", f"cost per shower vs incident energy: {scan['geometry']} {scan['particle']}s, 1 thread"]
-        lines += [f"{'E/GeV':>6} {'case':<14} {'engine':<11} {'dev':<4} {'thr':>3} {'batch':>5} {'NFE':>3}  "
+        lines += [f"{'E/GeV':>6} {'case':<19} {'engine':<11} {'dev':<4} {'thr':>3} {'batch':>5} {'NFE':>3}  "
                   f"{'ms/shower median [min-max]':>24} {'showers/s':>10} {'points':>8} {'hits':>7}"]
         lines += [f"{r['energy_gev']:>6g} {_row_line(r)}" for r in scan["results"]]
     summary = results.get("summary", {})
@@ -487,6 +512,10 @@ def format_table(results: dict) -> str:
         lines.append(f"one-step, 1 CPU thread: {best['ms_per_shower']:.3g} ms/shower at batch {best['batch_size']}"
                      f"{ratio_text}")
         lines += [f"  target {name}: {'met' if ok else 'not met'}" for name, ok in summary["one_step_targets"].items()]
+        if "one_step_compiled_targets" in summary:
+            lines.append("one-step with the flow compiled, 1 CPU thread:")
+            lines += [f"  target {name}: {'met' if ok else 'not met'}"
+                      for name, ok in summary["one_step_compiled_targets"].items()]
         fused = summary.get("one_step_speedup_over_reference_fused", {})
         for batch, speedup in summary.get("one_step_speedup_over_reference", {}).items():
             also = f"; {fused[batch]:.3g} x against its fused evaluation" if batch in fused else ""

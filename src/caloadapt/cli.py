@@ -482,6 +482,10 @@ def generate(
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="output layout")] = OutputFormat.points,
     digitise: Annotated[bool, typer.Option(help="sum points into cells and apply the threshold")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="compile the flow's sampling (torch.compile, tens of seconds once, needs a C++ compiler "
+                          "on a CPU): worth it at small batches, where the flow's many small operations cost most "
+                          "(docs/speed.md)")] = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Generate showers with a trained (pre-trained, adapted or distilled) model in any geometry."""
@@ -518,6 +522,13 @@ def generate(
         model, run_device = _onnx_engine(model, source, onnx), torch.device("cpu")
     elif engine != "torch":
         raise CaloadaptError(f"unknown engine {engine!r}; expected torch or onnxruntime")
+    if compile:
+        model = model.to(run_device)
+        typer.echo("compiling the flow's sampling (once; tens of seconds)", err=True)
+        try:
+            model.flow.compile_sampling()
+        except RuntimeError as err:
+            raise CaloadaptError(f"--compile: {err}") from None
     attrs = {"command": " ".join(sys.argv), "seed": seed, "sampler": chosen.kind, "steps": chosen.steps,
              "sigma_max": chosen.sigma_max, "engine": engine}
     with ShowerWriter(output, format.value, geo, attrs) as writer:
@@ -718,6 +729,8 @@ def benchmark(
     budget_s: Annotated[Optional[float], typer.Option(
         "--budget-s", min=1.0, help="seconds one measurement may take; a batch estimated to take longer is "
                                     "skipped (default 120, quick 20)", show_default=False)] = None,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="also time the one-step model with its flow compiled (generate --compile)")] = False,
 ) -> None:
     """Milliseconds per shower of the simulator and of every generation path, at several batch sizes."""
     from ._threads import parse_threads
@@ -727,7 +740,7 @@ def benchmark(
     _use_threads(None)  # the untimed set-up; each timed case sets its own thread count
     report = run_benchmark(checkpoint, output, quick=quick, device=device, distilled=distilled, n_steps=steps,
                            onnx=onnx, threads=None if timed is None else (1, timed), theta_deg=theta,
-                           budget_s=budget_s, log=typer.echo)
+                           budget_s=budget_s, compile=compile, log=typer.echo)
     typer.echo(format_table(report))
 
 

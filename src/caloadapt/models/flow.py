@@ -13,7 +13,9 @@ zuko's masked layers multiply each weight matrix by its mask at every call. With
 masked weights are computed once and kept until the weights change (:class:`_CachedMaskedLinear`):
 at batch 1 that product was most of the flow's sampling time (docs/speed.md). The splines normalise
 their bin widths and heights over the bins in an inner dimension (:class:`_RQSTransform`), where the
-CPU's softmax is several times faster than over the short last one.
+CPU's softmax is several times faster than over the short last one. Sampling inverts the couplings
+with one plain function of tensors (:func:`_invert_couplings`), which ``torch.compile`` can fuse
+(:meth:`ShowerFlow.compile_sampling`).
 """
 
 from __future__ import annotations
@@ -119,30 +121,65 @@ class _RQSTransform(zuko.transforms.MonotonicRQSTransform):
 
 class _CouplingHalves:
     """The two halves of a coupling transform's features and, for each, the rows of the
-    hyper-network's last layer that give its spline parameters (masked, without gradient).
+    hyper-network's last layer that give its spline parameters, with the masked weights of its hidden
+    layers (all without gradient): what sampling needs of one transform, as plain tensors.
 
     zuko's ``MaskedAutoregressiveTransform`` with ``passes=2`` gives feature ``i`` the degree
     ``order[i] // ceil(features / 2)``: degree 0 is transformed given the context only, degree 1
     given the context and the degree-0 features; the last layer's rows ``i * total ... (i + 1) *
-    total - 1`` are feature ``i``'s parameters. The sliced weights are cut again whenever the layer's
+    total - 1`` are feature ``i``'s parameters. The weights are cut again whenever a layer's
     weight, mask or bias changes (same rule as :class:`_CachedMaskedLinear`)."""
 
     def __init__(self, transform: zuko.flows.MaskedAutoregressiveTransform) -> None:
-        *self.hidden_layers, self.layer = transform.hyper
+        *hidden, self.layer = transform.hyper
+        # ShowerFlow's hyper-networks are zuko's default: masked linear layers with a ReLU between them
+        self.hidden_layers = hidden[0::2]
+        assert all(isinstance(a, nn.ReLU) for a in hidden[1::2]), hidden
+        self.total = transform.total
+        self.sizes = [math.prod(s) for s in transform.shapes]
+        self.univariate = transform.univariate
         self.features = [torch.nonzero(transform.order == degree).flatten() for degree in (0, 1)]
         self.rows = [(f[:, None] * transform.total + torch.arange(transform.total)).flatten() for f in self.features]
-        self._cut: tuple[tuple, list[tuple[Tensor, Tensor, Tensor]]] | None = None
+        self._cut: tuple[tuple, tuple] | None = None
 
-    def passes(self) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """``(features, weight, bias)`` of the first pass, then of the second."""
-        layer = self.layer
-        key = tuple((t._version, t.data_ptr()) for t in (layer.weight, layer.mask, layer.bias))
+    def plan(self) -> tuple:
+        """``(hidden, passes, total, sizes, univariate)``: ``(weight, bias)`` of each hidden layer,
+        ``(features, weight, bias)`` of the first pass then of the second, and how the last layer's
+        output splits into spline parameters (:func:`_invert_couplings` reads it)."""
+        layers = (*self.hidden_layers, self.layer)
+        key = tuple((t._version, t.data_ptr()) for layer in layers for t in (layer.weight, layer.mask, layer.bias))
         if self._cut is None or self._cut[0] != key:
             with torch.no_grad():
-                weight = layer.mask * layer.weight
-                self._cut = (key, [(f.to(weight.device), weight[r], layer.bias[r])
-                                   for f, r in zip(self.features, self.rows)])
+                hidden = [(layer.mask * layer.weight, layer.bias.detach()) for layer in self.hidden_layers]
+                weight = self.layer.mask * self.layer.weight
+                passes = [(f.to(weight.device), weight[r], self.layer.bias.detach()[r])
+                          for f, r in zip(self.features, self.rows)]
+            self._cut = (key, (hidden, passes, self.total, self.sizes, self.univariate))
         return self._cut[1]
+
+
+def _invert_couplings(plan: list[tuple], y: Tensor, context: Tensor) -> Tensor:
+    """The inverse of a flow's coupling transforms, last first (``plan``: :meth:`_CouplingHalves.plan`
+    of each, in that order), for base samples ``y`` (B, n_features) and ``context`` (B, C).
+
+    zuko inverts a coupling transform with two passes over all features: the first pass (from
+    ``x = 0``) gets the first half right, the second the rest. The first half's spline parameters
+    depend on the context only, so each pass here evaluates the output rows of the half it inverts
+    and no more: the same numbers for half the work of the last layer and of the splines. A plain
+    function of tensors, so that ``torch.compile`` can fuse it (:meth:`ShowerFlow.compile_sampling`).
+    """
+    x = y
+    for hidden_layers, passes, total, sizes, univariate in plan:
+        y, x = x, torch.zeros_like(x)
+        for features, weight, bias in passes:
+            hidden = torch.cat([x, context], dim=-1)
+            for hidden_weight, hidden_bias in hidden_layers:
+                hidden = torch.relu(F.linear(hidden, hidden_weight, hidden_bias))
+            phi = F.linear(hidden, weight, bias).unflatten(-1, (-1, total))
+            spline = univariate(*phi.split(sizes, dim=-1))
+            # without torch's Transform.inv checks
+            x = x.index_copy(1, features, spline._inverse(y.index_select(1, features)))
+    return x
 
 
 class ShowerFlow(nn.Module):
@@ -224,6 +261,7 @@ class ShowerFlow(nn.Module):
         )
         self.flow = zuko.flows.Flow(layers, base)
         self._halves: list[_CouplingHalves] | None = None
+        self._invert_fn = _invert_couplings
 
     def _check_context(self, context: Tensor) -> Tensor:
         if context.ndim == 1 and self.context_dim == 1:
@@ -273,25 +311,36 @@ class ShowerFlow(nn.Module):
     def _invert(self, y: Tensor, context: Tensor) -> Tensor:
         """The flow's inverse map of base samples ``y`` (B, n_features): what
         ``self(context).transform.inv(y)`` computes, without building zuko's transform objects (at
-        batch 1 building them cost more than the arithmetic).
+        batch 1 building them cost more than the arithmetic): :func:`_invert_couplings`."""
+        return self._invert_fn(self._plan(), y, context.to(y.dtype))
 
-        zuko inverts a coupling transform with two passes over all features: the first pass (from
-        ``x = 0``) gets the first half right, the second the rest. The first half's spline parameters
-        depend on the context only, so each pass here evaluates the output rows of the half it
-        inverts and no more (:class:`_CouplingHalves`): the same numbers for half the work of the
-        last layer and of the splines."""
-        context = context.to(y.dtype)
-        x = y
-        for transform, halves in zip(reversed(self.flow.transform.transforms), reversed(self._coupling_halves())):
-            y, x = x, torch.zeros_like(x)
-            for features, weight, bias in halves.passes():
-                hidden = torch.cat([x, context], dim=-1)
-                for layer in halves.hidden_layers:
-                    hidden = layer(hidden)
-                phi = F.linear(hidden, weight, bias).unflatten(-1, (-1, transform.total))
-                spline = transform.univariate(*phi.split([math.prod(s) for s in transform.shapes], dim=-1))
-                x[:, features] = spline._inverse(y[:, features])  # without torch's Transform.inv checks
-        return x
+    def _plan(self) -> list[tuple]:
+        """What :func:`_invert_couplings` needs of each coupling transform, last first."""
+        return [halves.plan() for halves in reversed(self._coupling_halves())]
+
+    def compile_sampling(self) -> None:
+        """Sample through ``torch.compile`` from now on (docs/speed.md, "The flow compiled").
+
+        At batch 1 the flow's cost is the dispatch of its some thousand small tensor operations;
+        compiled, they run as a few fused kernels. One sample at batch 1 is compiled here (tens of
+        seconds on a CPU, where inductor needs a C++ compiler), so that a failure shows now; a
+        larger batch compiles on its first call. Later weight changes are picked up (the weights
+        are inputs of the compiled code, not constants).
+
+        Raises:
+            RuntimeError: torch could not compile the flow (the message says why).
+        """
+        # static shapes, one compilation per batch size: with torch's automatic dynamic shapes, a flow
+        # compiled after one of another size in the same process gave wrong samples (seen in the tests)
+        compiled = torch.compile(_invert_couplings, dynamic=False)
+        like = self.flow.base().base_dist.loc  # device and dtype of the samples
+        try:
+            with torch.no_grad():
+                compiled(self._plan(), like.new_zeros(1, self.n_features), like.new_zeros(1, self.context_dim))
+        except Exception as err:  # noqa: BLE001 - inductor reports a missing compiler in several ways
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RuntimeError(f"torch.compile could not compile the flow's sampling: {first}") from None
+        self._invert_fn = compiled
 
     def _coupling_halves(self) -> list[_CouplingHalves]:
         transforms = self.flow.transform.transforms

@@ -93,8 +93,10 @@ class OccupancyCalibration:
         wanted = hits * np.asarray(self.hit_scale)
         a, b = np.asarray(self.log_efficiency), np.asarray(self.exponent)
         points = np.exp((np.log(np.maximum(wanted, 1e-12)) - a) / (1.0 + b))
-        # never fewer points than wanted hits (each point makes at most one hit), none for no hits
-        points = np.where(wanted > 0, np.maximum(points, wanted), 0.0)
+        # fewer points than wanted hits where the flow asks for more hits than the training showers have
+        # (points per hit below 1: the correction itself), but a point in every layer the flow fills, so
+        # that no shower is left empty; none for no hits
+        points = np.where(wanted > 0, np.maximum(points, np.minimum(wanted, 1.0)), 0.0)
         return stochastic_round(points, rng)
 
     def to_dict(self) -> dict:
