@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,8 @@ def generate_both_ways(model, geometry, sampler, **angles):
                           digitise=True, **angles)
     points = model.generate(geometry, ENERGIES_MEV, sampler, generator=torch.Generator().manual_seed(3), **angles)
     return hits, geometry.digitise(points)
+
+
+#: torch.compile on a CPU (inductor) needs a C++ compiler; where there is none, the tests of compiled sampling skip
+needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                               reason="torch.compile on a CPU needs a C++ compiler")

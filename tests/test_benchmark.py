@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from caloadapt.benchmark import REFERENCE_POINTS, SCHEMA, format_table, run_benchmark
+from conftest import needs_cxx
 
 HAS_ONNX = all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
 
@@ -97,8 +97,7 @@ def test_budget_skips_batches_estimated_too_slow(checkpoints, tmp_path):
     assert "skipped" in format_table(report)
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="torch.compile on a CPU needs a C++ compiler")
+@needs_cxx
 def test_compile_adds_the_one_step_case_with_its_flow_compiled(checkpoints, tmp_path):
     """--compile times the one-step model a second time with its flow compiled (not in the energy scan),
     with its own targets; the plain one-step case is still timed beside it."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from caloadapt.geometry import get_geometry
 from caloadapt.models import ModelConfig, ShowerModel
 from caloadapt.simulate import simulate
 from caloadapt.train import TrainConfig, train
+from conftest import needs_cxx
 
 TINY = ModelConfig(widths=(16, 16), time_dim=8, flow_hidden=(16,), flow_transforms=1)
 runner = CliRunner()
@@ -242,8 +242,7 @@ def test_generate_compile_that_fails_is_a_one_line_error(trained, tmp_path, monk
     assert not (tmp_path / "c.h5").exists()
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="torch.compile on a CPU needs a C++ compiler")
+@needs_cxx
 def test_generate_compile_writes_the_same_showers(trained, tmp_path):
     plain, compiled = _generate(trained["distilled"], tmp_path / "p.h5"), _generate(
         trained["distilled"], tmp_path / "c.h5", "--compile")

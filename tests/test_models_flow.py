@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import shutil
 
 import pytest
 import torch
 
 from caloadapt.models import ShowerFlow
+from conftest import needs_cxx
 
 
 def small_flow(n_features: int = 3, **kwargs) -> ShowerFlow:
@@ -213,8 +213,7 @@ def test_sampling_inverts_the_flow_as_zuko_does(randperm):
     agree()
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="torch.compile on a CPU needs a C++ compiler")
+@needs_cxx
 def test_compiled_sampling_gives_the_flows_samples_and_follows_its_weights():
     """compile_sampling changes the speed, not the samples: the same draws give the same samples at batch
     1 (compiled up front) and at another batch size (compiled on its first call), and a later change of

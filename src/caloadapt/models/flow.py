@@ -32,6 +32,12 @@ from torch.nn import functional as F
 __all__ = ["ShowerFlow"]
 
 
+def _versions(*tensors: Tensor) -> tuple:
+    """What identifies the contents of ``tensors``: torch counts in-place modifications of a tensor in
+    ``_version``, and a replaced tensor (a move to another device) has another address."""
+    return tuple((t._version, t.data_ptr()) for t in tensors)
+
+
 class _CachedMaskedLinear(zuko.nn.MaskedLinear):
     """zuko's masked linear layer, keeping ``mask * weight`` while no gradient is taken.
 
@@ -45,8 +51,7 @@ class _CachedMaskedLinear(zuko.nn.MaskedLinear):
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled():
             return super().forward(x)
-        # torch counts in-place modifications of a tensor in ``_version``
-        key = (self.weight._version, self.weight.data_ptr(), self.mask._version, self.mask.data_ptr())
+        key = _versions(self.weight, self.mask)
         if self._masked is None or self._masked[0] != key:
             self._masked = (key, self.mask * self.weight)
         return torch.nn.functional.linear(x, self._masked[1], self.bias)
@@ -147,7 +152,7 @@ class _CouplingHalves:
         ``(features, weight, bias)`` of the first pass then of the second, and how the last layer's
         output splits into spline parameters (:func:`_invert_couplings` reads it)."""
         layers = (*self.hidden_layers, self.layer)
-        key = tuple((t._version, t.data_ptr()) for layer in layers for t in (layer.weight, layer.mask, layer.bias))
+        key = _versions(*(t for layer in layers for t in (layer.weight, layer.mask, layer.bias)))
         if self._cut is None or self._cut[0] != key:
             with torch.no_grad():
                 hidden = [(layer.mask * layer.weight, layer.bias.detach()) for layer in self.hidden_layers]
