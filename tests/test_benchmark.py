@@ -114,3 +114,20 @@ def test_compile_adds_the_one_step_case_with_its_flow_compiled(checkpoints, tmp_
     assert summary["one_step_compiled_ms_per_shower_1_thread"] == {"1": ms}
     assert summary["one_step_compiled_targets"]["batch 1: <= 5 ms/shower"] == (ms <= 5.0)
     assert "flow compiled" in format_table(report)
+
+
+def test_fast_runs_are_repeated_until_the_minimum_time_is_timed():
+    """A measurement times ``repeats`` runs, and more (up to ``max_repeats``) while less than
+    ``min_timed_s`` is timed, each run one batch, so the median of a fast case is that of many runs."""
+    from caloadapt._timing import time_runs
+
+    calls = []
+
+    def run() -> dict:
+        calls.append(1)
+        return {"mean_hits": 1.0}
+    plain = time_runs(run, 1, repeats=3, warmup=1, budget_s=60.0, estimate_s=None)
+    assert plain["repeats"] == 3 and len(calls) == 4  # one warm-up
+    calls.clear()
+    more = time_runs(run, 1, repeats=3, warmup=0, budget_s=60.0, estimate_s=None, min_timed_s=60.0, max_repeats=7)
+    assert more["repeats"] == 7 == len(calls) and more["ms_per_shower"]["n"] == 7

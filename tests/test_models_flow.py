@@ -213,6 +213,20 @@ def test_sampling_inverts_the_flow_as_zuko_does(randperm):
     agree()
 
 
+def test_sampling_reads_only_what_each_half_depends_on():
+    """Each half of a coupling transform is inverted with the weights its outputs depend on (the masks'
+    support): the first half reads the context alone, the second the context and the first half, and
+    together they read fewer weights than zuko's two full passes."""
+    flow = ShowerFlow(9, context_dim=2, hidden=(16, 16), transforms=2)
+    for halves, transform in zip(flow._coupling_halves(), flow.flow.transform.transforms):
+        (first, first_inputs, first_layers), (second, second_inputs, _) = halves.plan()[0]
+        assert set(first_inputs.tolist()) <= {9, 10}  # the context columns follow the 9 features
+        assert set(second_inputs.tolist()) <= set(first.tolist()) | {9, 10}
+        read = sum(w.numel() for _, _, layers in halves.plan()[0] for w, _ in layers)
+        assert read < 2 * sum(layer.weight.numel() for layer in transform.hyper if hasattr(layer, "weight"))
+        assert first_layers[-1][0].shape[0] < 16  # half the last hidden units
+
+
 @needs_cxx
 def test_compiled_sampling_gives_the_flows_samples_and_follows_its_weights():
     """compile_sampling changes the speed, not the samples: the same draws give the same samples at batch

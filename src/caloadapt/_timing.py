@@ -20,8 +20,11 @@ def timing_stats(values: Sequence[float]) -> dict:
 
 
 def time_runs(run: Callable[[], dict], batch: int, *, repeats: int, warmup: int, budget_s: float,
-             estimate_s: float | None) -> dict:
-    """Time ``run`` (one batch of ``batch`` showers): warm-up, then up to ``repeats`` timed runs.
+             estimate_s: float | None, min_timed_s: float = 0.0, max_repeats: int = 200) -> dict:
+    """Time ``run`` (one batch of ``batch`` showers): warm-up, then ``repeats`` timed runs, and more
+    (up to ``max_repeats``) until ``min_timed_s`` seconds are timed: a run of a few milliseconds is
+    at the mercy of every other process, and the median of a handful of them moves by a quarter
+    from one benchmark to the next.
 
     Skipped when the estimated time of one run exceeds the budget; fewer repeats (at least one)
     when the budget runs out.
@@ -33,7 +36,7 @@ def time_runs(run: Callable[[], dict], batch: int, *, repeats: int, warmup: int,
         run()
     seconds, infos = [], []
     started = time.perf_counter()
-    for _ in range(repeats):
+    while len(seconds) < max(repeats, 1) or (sum(seconds) < min_timed_s and len(seconds) < max_repeats):
         t0 = time.perf_counter()
         infos.append(run())
         seconds.append(time.perf_counter() - t0)

@@ -125,41 +125,53 @@ class _RQSTransform(zuko.transforms.MonotonicRQSTransform):
 
 
 class _CouplingHalves:
-    """The two halves of a coupling transform's features and, for each, the rows of the
-    hyper-network's last layer that give its spline parameters, with the masked weights of its hidden
-    layers (all without gradient): what sampling needs of one transform, as plain tensors.
+    """What sampling needs of one coupling transform, as plain tensors without gradient: for each
+    half of its features, the part of the hyper-network that gives that half's spline parameters.
 
     zuko's ``MaskedAutoregressiveTransform`` with ``passes=2`` gives feature ``i`` the degree
     ``order[i] // ceil(features / 2)``: degree 0 is transformed given the context only, degree 1
     given the context and the degree-0 features; the last layer's rows ``i * total ... (i + 1) *
-    total - 1`` are feature ``i``'s parameters. The weights are cut again whenever a layer's
-    weight, mask or bias changes (same rule as :class:`_CachedMaskedLinear`)."""
+    total - 1`` are feature ``i``'s parameters. The masks say which hidden units and inputs those
+    rows depend on (their support, followed from the last layer back to the inputs): for the first
+    half, the context and half the hidden units; for the second, the context, the first half's
+    features and every unit. Each half keeps only the weights of its support, masked and transposed
+    (``(inputs, outputs)``, the layout a one-row product reads fastest), which computes the same
+    numbers with a quarter fewer weights read per sample. The weights are cut again whenever a
+    layer's weight, mask or bias changes (same rule as :class:`_CachedMaskedLinear`)."""
 
     def __init__(self, transform: zuko.flows.MaskedAutoregressiveTransform) -> None:
-        *hidden, self.layer = transform.hyper
+        *hidden, last = transform.hyper
         # ShowerFlow's hyper-networks are zuko's default: masked linear layers with a ReLU between them
-        self.hidden_layers = hidden[0::2]
         assert all(isinstance(a, nn.ReLU) for a in hidden[1::2]), hidden
+        self.layers = (*hidden[0::2], last)
         self.total = transform.total
         self.sizes = [math.prod(s) for s in transform.shapes]
         self.univariate = transform.univariate
         self.features = [torch.nonzero(transform.order == degree).flatten() for degree in (0, 1)]
-        self.rows = [(f[:, None] * transform.total + torch.arange(transform.total)).flatten() for f in self.features]
         self._cut: tuple[tuple, tuple] | None = None
 
+    def _half(self, features: Tensor) -> tuple:
+        """``(features, inputs, layers)`` of one half: the inputs it reads (indices into the features
+        followed by the context) and ``(weight^T, bias)`` of each layer over its support."""
+        rows = (features[:, None] * self.total + torch.arange(self.total)).flatten()
+        layers = []
+        for layer in reversed(self.layers):
+            mask = layer.mask[rows]
+            columns = torch.nonzero(mask.any(dim=0)).flatten()
+            weight = (layer.weight[rows] * mask)[:, columns]
+            layers.insert(0, (weight.t().contiguous(), layer.bias[rows].detach()))
+            rows = columns
+        return features, rows, layers
+
     def plan(self) -> tuple:
-        """``(hidden, passes, total, sizes, univariate)``: ``(weight, bias)`` of each hidden layer,
-        ``(features, weight, bias)`` of the first pass then of the second, and how the last layer's
-        output splits into spline parameters (:func:`_invert_couplings` reads it)."""
-        layers = (*self.hidden_layers, self.layer)
-        key = _versions(*(t for layer in layers for t in (layer.weight, layer.mask, layer.bias)))
+        """``(halves, total, sizes, univariate)``: :meth:`_half` of the first half then of the second,
+        and how the last layer's output splits into spline parameters (:func:`_invert_couplings`)."""
+        key = _versions(*(t for layer in self.layers for t in (layer.weight, layer.mask, layer.bias)))
         if self._cut is None or self._cut[0] != key:
+            device = self.layers[-1].weight.device
             with torch.no_grad():
-                hidden = [(layer.mask * layer.weight, layer.bias.detach()) for layer in self.hidden_layers]
-                weight = self.layer.mask * self.layer.weight
-                passes = [(f.to(weight.device), weight[r], self.layer.bias.detach()[r])
-                          for f, r in zip(self.features, self.rows)]
-            self._cut = (key, (hidden, passes, self.total, self.sizes, self.univariate))
+                halves = [self._half(f.to(device)) for f in self.features]
+            self._cut = (key, (halves, self.total, self.sizes, self.univariate))
         return self._cut[1]
 
 
@@ -167,21 +179,22 @@ def _invert_couplings(plan: list[tuple], y: Tensor, context: Tensor) -> Tensor:
     """The inverse of a flow's coupling transforms, last first (``plan``: :meth:`_CouplingHalves.plan`
     of each, in that order), for base samples ``y`` (B, n_features) and ``context`` (B, C).
 
-    zuko inverts a coupling transform with two passes over all features: the first pass (from
-    ``x = 0``) gets the first half right, the second the rest. The first half's spline parameters
-    depend on the context only, so each pass here evaluates the output rows of the half it inverts
-    and no more: the same numbers for half the work of the last layer and of the splines. A plain
-    function of tensors, so that ``torch.compile`` can fuse it (:meth:`ShowerFlow.compile_sampling`).
+    zuko inverts a coupling transform with two passes of its hyper-network over all features: the
+    first (from ``x = 0``) gets the first half right, the second the rest. Here each pass evaluates
+    only what the half it inverts depends on (:class:`_CouplingHalves`): the same numbers for less
+    than half the work of the first pass. A plain function of tensors, so that ``torch.compile``
+    can fuse it (:meth:`ShowerFlow.compile_sampling`).
     """
     x = y
-    for hidden_layers, passes, total, sizes, univariate in plan:
+    for halves, total, sizes, univariate in plan:
         y, x = x, torch.zeros_like(x)
-        for features, weight, bias in passes:
-            hidden = torch.cat([x, context], dim=-1)
-            for hidden_weight, hidden_bias in hidden_layers:
-                hidden = torch.relu(F.linear(hidden, hidden_weight, hidden_bias))
-            phi = F.linear(hidden, weight, bias).unflatten(-1, (-1, total))
-            spline = univariate(*phi.split(sizes, dim=-1))
+        for features, inputs, layers in halves:
+            hidden = torch.cat([x, context], dim=-1).index_select(-1, inputs)
+            for i, (weight_t, bias) in enumerate(layers):
+                hidden = torch.addmm(bias, hidden, weight_t)
+                if i < len(layers) - 1:
+                    hidden = torch.relu(hidden)
+            spline = univariate(*hidden.unflatten(-1, (-1, total)).split(sizes, dim=-1))
             # without torch's Transform.inv checks
             x = x.index_copy(1, features, spline._inverse(y.index_select(1, features)))
     return x
@@ -349,6 +362,6 @@ class ShowerFlow(nn.Module):
 
     def _coupling_halves(self) -> list[_CouplingHalves]:
         transforms = self.flow.transform.transforms
-        if self._halves is None or any(h.layer is not t.hyper[-1] for h, t in zip(self._halves, transforms)):
+        if self._halves is None or any(h.layers[-1] is not t.hyper[-1] for h, t in zip(self._halves, transforms)):
             self._halves = [_CouplingHalves(transform) for transform in transforms]
         return self._halves
