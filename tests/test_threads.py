@@ -44,7 +44,7 @@ def test_ranks_of_a_distributed_run_split_the_cores(monkeypatch):
     monkeypatch.setattr(_threads, "usable_cores", lambda: 8)
     monkeypatch.setattr(_threads, "other_caloadapt_processes", lambda: 0)
     monkeypatch.setattr(_threads, "USER_OMP_NUM_THREADS", None)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(_threads, "busy_cpus", lambda: 0.0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert _threads.auto_threads() == 2
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
@@ -56,7 +56,7 @@ def test_explicit_auto_overrides_omp_num_threads(monkeypatch):
     monkeypatch.setattr(_threads, "usable_cores", lambda: 8)
     monkeypatch.setattr(_threads, "other_caloadapt_processes", lambda: 3)
     monkeypatch.setattr(_threads, "USER_OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(_threads, "busy_cpus", lambda: 0.0)
     assert _threads.auto_threads() == 1
     assert _threads.auto_threads(respect_omp_num_threads=False) == 2
 
@@ -71,8 +71,40 @@ def test_the_users_omp_num_threads_decides_without_scanning_the_processes(monkey
     monkeypatch.setattr(_threads, "USER_OMP_NUM_THREADS", "zero")  # not a count: the machine decides
     monkeypatch.setattr(_threads, "other_caloadapt_processes", lambda: 0)
     monkeypatch.setattr(_threads, "usable_cores", lambda: 4)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(_threads, "busy_cpus", lambda: 0.0)
     assert _threads.auto_threads() == 4
+
+
+def _write_stat(path: Path, user: int, idle: int) -> None:
+    path.write_text(f"cpu  {user} 0 0 {idle} 0 0 0 0 0 0\ncpu0 {user} 0 0 {idle} 0 0 0 0 0 0\n")
+
+
+def test_busy_cpus_counts_the_cpu_time_spent_computing_over_the_interval(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    _write_stat(stat, user=5, idle=7)
+    assert _threads._cpu_times(stat) == (12, 7)
+    assert _threads.busy_cpus(tmp_path / "missing", interval_s=0.0) is None
+    readings = iter([(1000, 300), (1100, 300), (1100, 300), (1200, 400), (5, 5), (5, 5)])  # (all, idle) ticks
+    monkeypatch.setattr(_threads, "_cpu_times", lambda _: next(readings))
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert _threads.busy_cpus(stat, interval_s=0.0) == pytest.approx(4.0)   # every tick busy: all 4 CPUs
+    assert _threads.busy_cpus(stat, interval_s=0.0) == pytest.approx(0.0)   # every tick idle
+    assert _threads.busy_cpus(stat, interval_s=0.0) is None                 # no time passed: unknown
+
+
+def test_a_stale_load_average_leaves_every_core_to_the_default_choice(monkeypatch):
+    """A process that ended a moment ago (a pip install before the first demo) still sits in the load
+    average; it computes nothing, so the default choice takes every usable core."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 1.5, 0.8))   # what the finished install left
+    monkeypatch.setattr(_threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(_threads, "other_caloadapt_processes", lambda: 0)
+    monkeypatch.setattr(_threads, "USER_OMP_NUM_THREADS", None)
+    readings = iter([(1000, 100), (1040, 140),     # (all, idle) ticks: idle throughout
+                     (1000, 100), (1040, 120)])    # one of the two CPUs computing throughout
+    monkeypatch.setattr(_threads, "_cpu_times", lambda _: next(readings))
+    assert _threads.auto_threads() == 2
+    assert _threads.auto_threads() == 1
 
 
 def _fake_proc(root: Path, commands: dict[int, list[str]]) -> Path:

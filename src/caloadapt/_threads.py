@@ -9,7 +9,10 @@ the time of one instead of 2x. So the command line
 - asks OpenMP to let idle threads sleep (``OMP_WAIT_POLICY=PASSIVE``), in the environment before
   numpy and torch load their runtimes, unless the user chose a wait policy or spin count;
 - uses as many threads as the cores it may run on (the CPU affinity) divided among the caloadapt
-  processes running there, and no more than the cores the load average leaves free (at least one);
+  processes running there, and no more than the cores that other work keeps free now (at least one):
+  the CPU time the machine spent computing over a fifth of a second at start-up (``/proc/stat``), not
+  the load average, which still counts a process that finished a minute ago (a ``pip install`` just
+  before the first ``caloadapt demo`` cost that run half its cores);
 - leaves the count to ``OMP_NUM_THREADS`` when the user set it (and ``--threads`` is not given), and
   to ``--threads N``; an explicit ``--threads auto`` makes the choice above even when
   ``OMP_NUM_THREADS`` is set (torchrun sets it to 1 for each of several ranks).
@@ -20,10 +23,11 @@ This module imports neither numpy nor torch at import time: it must run before t
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 __all__ = ["AUTO", "parse_threads", "choose_threads", "configure_thread_environment", "apply_threads",
-           "auto_threads", "split_threads", "usable_cores", "other_caloadapt_processes"]
+           "auto_threads", "split_threads", "usable_cores", "other_caloadapt_processes", "busy_cpus"]
 
 #: the ``--threads`` value that asks for the start-up choice
 AUTO = "auto"
@@ -84,6 +88,31 @@ def other_caloadapt_processes(proc: Path = Path("/proc")) -> int:
     return count
 
 
+def _cpu_times(stat: Path) -> tuple[int, int]:
+    """(all, idle) CPU time of the machine in clock ticks, from the ``cpu`` line of ``/proc/stat``
+    (idle counts the time waiting for input/output too)."""
+    with open(stat) as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return sum(ticks[:8]), ticks[3] + ticks[4]  # user nice system idle iowait irq softirq steal
+
+
+def busy_cpus(stat: Path = Path("/proc/stat"), interval_s: float = 0.2) -> float | None:
+    """How many CPUs of the machine are computing now: the busy share of the CPU time over
+    ``interval_s``, times the CPU count (this process sleeps meanwhile, so it counts only others);
+    None where ``/proc/stat`` cannot be read. Unlike the load average it forgets a finished process
+    at once."""
+    try:
+        total0, idle0 = _cpu_times(stat)
+        time.sleep(interval_s)
+        total1, idle1 = _cpu_times(stat)
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    if elapsed <= 0:
+        return None
+    return (elapsed - (idle1 - idle0)) / elapsed * (os.cpu_count() or 1)
+
+
 def _positive_threads(omp_num_threads: str | None) -> int | None:
     """The thread count an ``OMP_NUM_THREADS`` value asks for, or None (unset, empty, not a positive
     integer); OpenMP allows a list per nesting level, whose first entry counts."""
@@ -102,8 +131,8 @@ def choose_threads(usable: int, *, load: float | None = None, total_cpus: int | 
 
     Arguments:
         usable: CPUs this process may run on (its affinity).
-        load: one-minute load average of the machine (``None``: unknown, not used).
-        total_cpus: CPUs of the whole machine, which the load average is counted over (default ``usable``).
+        load: CPUs of the machine busy with other work now (:func:`busy_cpus`; ``None``: unknown, not used).
+        total_cpus: CPUs of the whole machine, which the load is counted over (default ``usable``).
         sharers: caloadapt processes that split the usable CPUs, this one included (other runs, or the
             ranks of a distributed run on this node).
         omp_num_threads: the user's ``OMP_NUM_THREADS``; a positive integer is taken as it is.
@@ -115,8 +144,8 @@ def choose_threads(usable: int, *, load: float | None = None, total_cpus: int | 
         return value
     share = usable // max(1, sharers)
     if load is not None:
-        # the load average counts runnable tasks over the whole machine; our share of it is the
-        # part that falls on the CPUs we may use
+        # the load is counted over the whole machine; our share of it is the part that falls on
+        # the CPUs we may use
         busy = load * usable / max(1, total_cpus or usable)
         share = min(share, usable - int(busy + 0.5))
     return max(1, share)
@@ -146,16 +175,13 @@ def parse_threads(text: str | None) -> int | None:
 
 
 def auto_threads(*, respect_omp_num_threads: bool = True) -> int:
-    """The start-up choice on this machine: affinity, load average, other caloadapt processes and
+    """The start-up choice on this machine: affinity, CPUs busy now, other caloadapt processes and
     the ranks of a distributed run on this node (``LOCAL_WORLD_SIZE``, set by torchrun); the user's
     ``OMP_NUM_THREADS`` instead, when set and respected (then nothing else is looked at)."""
     user = _positive_threads(USER_OMP_NUM_THREADS) if respect_omp_num_threads else None
     if user is not None:
         return user
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = None
+    load = busy_cpus()
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     sharers = max(1 + other_caloadapt_processes(), ranks)
     return choose_threads(usable_cores(), load=load, total_cpus=os.cpu_count(), sharers=sharers,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ def load_adapted_state(payload: dict, source: str = "checkpoint", weights: str =
 def finetune(pretrained: str | os.PathLike[str], data_path: str | os.PathLike[str], geometry: Geometry,
              out_dir: str | os.PathLike[str], method: AdaptMethod, config, *, resume: bool = False,
              checkpoint_parts: dict | None = None, stop_after_steps: int | None = None,
-             progress: bool = True, log=print) -> dict:
+             hits_as_spots: bool | None = None, progress: bool = True, log=print) -> dict:
     """Adapt the pre-trained model to the showers of ``data_path`` with ``method``.
 
     Arguments:
@@ -58,6 +59,8 @@ def finetune(pretrained: str | os.PathLike[str], data_path: str | os.PathLike[st
         config: :class:`caloadapt.train.TrainConfig`; its ``seed`` also seeds the initialisation
             of ``scratch`` and of the adapters.
         resume, checkpoint_parts, stop_after_steps, progress: as for :func:`caloadapt.train.train`.
+        hits_as_spots: train on the target's hits split into spot-like points
+            (:attr:`~caloadapt.models.ModelConfig.hits_as_spots`); None keeps the pre-trained model's setting.
         log: called with the parameter table (None: silent).
 
     Returns:
@@ -67,6 +70,8 @@ def finetune(pretrained: str | os.PathLike[str], data_path: str | os.PathLike[st
     out_dir = Path(out_dir)
     base, sampler = load_model(pretrained)  # the adapted model is generated as its pre-trained model was
     base.occupancy = {}  # calibrations belong to the weights they were fitted with; training fits the target's
+    if hits_as_spots is not None:
+        base.config = replace(base.config, hits_as_spots=hits_as_spots)
     model, names = prepare(base, method, seed=config.seed)
     rows = parameter_report(model, names)
     if log is not None:

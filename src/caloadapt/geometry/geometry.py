@@ -293,9 +293,16 @@ class Geometry:
         (``docs/fidelity.md``, "Training on spots").
         """
         cells = self.cell_index(showers.points)
+        return self._smear_in_cells(showers, cells, rng) if self._at_centres(showers, cells) else showers
+
+    def holds_hits(self, showers: Showers) -> bool:
+        """True when the points of ``showers`` sit at their cells' centres (cell-level hits, as in
+        the real data sets), False for sub-cell points (spots)."""
+        return self._at_centres(showers, self.cell_index(showers.points))
+
+    def _at_centres(self, showers: Showers, cells: np.ndarray) -> bool:
         inside = cells >= 0
-        at_centres = np.allclose(showers.points[inside, :2], self.cell_centres_mm[cells[inside], :2], atol=1e-3)
-        return self._smear_in_cells(showers, cells, rng) if at_centres else showers
+        return np.allclose(showers.points[inside, :2], self.cell_centres_mm[cells[inside], :2], atol=1e-3)
 
     def axis_direction(self, theta_deg: np.ndarray, phi_deg: np.ndarray) -> np.ndarray:
         """``(N, 3)`` unit direction of each shower's axis in this geometry's shower frame (x, y, depth).

@@ -43,11 +43,13 @@ import numpy as np
 from ..geometry import Geometry, PlanarReadout
 from ..geometry.layer_units import depth_to_layer_units
 from ..incidence import local_direction
-from ..showers import Showers
+from ..showers import ENERGY, Showers
+from ..simulate.engine import gflash_medium
+from ..simulate.gflash import spot_count
 
 __all__ = ["FRAMES", "OUTSIDE_BOUND", "DepthGrid", "PointFrame", "shower_statistics", "statistics_to_layers",
            "energy_condition", "points_condition", "shower_depth_condition", "layer_energy_depth_x0",
-           "shower_depth_x0", "n_statistics", "direction_condition", "axis_slope", "along_axis"]
+           "shower_depth_x0", "hits_as_spots", "n_statistics", "direction_condition", "axis_slope", "along_axis"]
 
 FRAMES = ("physical", "box")
 #: small offsets that keep empty grid bins away from ln(0); dequantisation noise is added on top
@@ -124,6 +126,32 @@ def shower_depth_x0(geometry: Geometry, showers: Showers) -> np.ndarray:
     flat = showers.shower_index * n_layers + _hit_layers(geometry, showers)
     layer_energy = np.bincount(flat, showers.points[:, 3].astype(np.float64), n * n_layers)
     return layer_energy_depth_x0(geometry, layer_energy.reshape(n, n_layers))
+
+
+def hits_as_spots(geometry: Geometry, showers: Showers, rng: np.random.Generator) -> Showers:
+    """Cell-level hits split into spot-like points, at the hit's cell centre (smeared inside the cell
+    afterwards like any hit, :meth:`Geometry.dequantise`); sub-cell points are returned unchanged.
+
+    A hit holding the share f of its shower's energy becomes k points of equal energy, k the
+    stochastically rounded f x N_spot (at least one), N_spot the GFlash spot count of a shower of the
+    incident energy in this detector (:func:`caloadapt.simulate.gflash.spot_count`, hep-ex/0001020):
+    the core's energy is then carried by many points, as in the spots a model pre-trained on the
+    simulator's spots knows, and no longer by a few points of very high energy, which a point network
+    places too far out (docs/fidelity.md, "Adapting a spot model to hits"). Cell energies are kept.
+    """
+    if not len(showers.points) or not geometry.holds_hits(showers):
+        return showers
+    energy = showers.points[:, ENERGY].astype(np.float64)
+    shower = showers.shower_index
+    total = np.bincount(shower, energy, len(showers))
+    n_spots = spot_count(gflash_medium(geometry), showers.incident_energy_mev / 1000.0, geometry.shower.sampling_term)
+    expected = n_spots[shower] * energy / np.maximum(total[shower], 1e-30)
+    k = np.maximum(np.floor(expected + rng.random(len(expected))), 1).astype(np.int64)
+    points = np.repeat(showers.points, k, axis=0)
+    points[:, ENERGY] /= np.repeat(k, k).astype(np.float32)
+    counts = np.bincount(shower, k, len(showers)).astype(np.int64)
+    return Showers.from_counts(points, counts, showers.incident_energy_mev, particle=showers.particle,
+                               geometry=showers.geometry, meta=dict(showers.meta))
 
 
 @dataclass(frozen=True)

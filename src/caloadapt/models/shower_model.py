@@ -77,6 +77,12 @@ class ModelConfig:
             the centre of gravity are taken about the shower's axis, so the shift of an inclined
             shower from layer to layer is applied, not learnt. False (and every older checkpoint):
             the model generates normal incidence only.
+        hits_as_spots: train on cell-level hits split into spot-like points
+            (:func:`~caloadapt.models.representation.hits_as_spots`): each hit becomes as many points,
+            sharing its energy and spread inside its cell, as the GFlash spot count of its detector gives
+            its share of the shower energy, so that a model pre-trained on spots adapts to hits in the
+            representation it knows (docs/fidelity.md, "Adapting a spot model to hits"). False (and
+            every older checkpoint): one point per hit.
         backbone: point network, ``pointwise`` (CaloClouds II PointWise-Net) or ``transformer``
             (:class:`~caloadapt.models.transformer.PointTransformer`).
         geometry_conditioning: append the detector descriptor
@@ -97,6 +103,7 @@ class ModelConfig:
     depth_given: bool = False
     shower_depth_condition: bool = False
     angle_conditioning: bool = False
+    hits_as_spots: bool = False
     backbone: str = "pointwise"
     geometry_conditioning: bool = False
     grid_step_x0: float = 0.5

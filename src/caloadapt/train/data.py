@@ -17,7 +17,7 @@ import torch
 from ..data.io import read_showers
 from ..errors import InputError
 from ..geometry import Geometry
-from ..models.representation import shower_depth_x0, shower_statistics
+from ..models.representation import hits_as_spots, shower_depth_x0, shower_statistics
 from ..models.shower_model import ModelConfig, shower_condition
 from ..showers import Showers
 
@@ -60,7 +60,10 @@ def make_batch(showers: Showers, geometry: Geometry, config: ModelConfig, rng: n
     most ``max_points`` random points per shower are kept (an unbiased sample of the per-point
     loss; the transformer's attention pools by softmax averages, which a uniform subset also
     estimates). The point frame, the flow's grid and whether the detector
-    descriptor is appended to the condition come from the model's ``config``."""
+    descriptor is appended to the condition come from the model's ``config``; with
+    ``config.hits_as_spots`` the hits are first split into spot-like points (the flow then counts those)."""
+    if config.hits_as_spots:
+        showers = hits_as_spots(geometry, showers, rng)
     statistics = shower_statistics(geometry, showers, rng, config.grid)
     moved = geometry.dequantise(showers, rng) if smear else showers
     features = config.point_frame(geometry).to_features(moved)
