@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from caloadapt.cli import app
-from caloadapt.models.checkpoint import load_model
+from caloadapt.models.checkpoint import load_checkpoint, load_model
 from caloadapt.pretrained import default_checkpoint
 
 
@@ -21,6 +21,7 @@ def test_demo_quick_writes_report_and_metrics(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {row["method"]: row for row in metrics["methods"]}
     assert set(rows) == {"scratch", "full", "bitfit", "bitfit:flow=bitfit"}
+    assert {row["kind"] for row in rows.values()} == {"one-step"}  # students only, unless --teachers
     point_network = load_model("ild-photons")[0].denoiser
     biases = sum(p.numel() for name, p in point_network.named_parameters() if name.endswith("bias"))
     assert biases == 2632  # the widths of the shipped network: its bias count does not depend on the condition
@@ -34,18 +35,42 @@ def test_demo_quick_writes_report_and_metrics(tmp_path):
     for row in rows.values():
         assert row["geometric_mean"] > 0 and row["train_s"] > 0 and row["steps"] == 12
         assert row["ratio_to_floor"] == pytest.approx(row["geometric_mean"] / row["geometric_mean_floor"])
+        assert row["ms_per_shower"] > 0 and row["sampler"] == "one step"
+        # every method's files: the adapted model, its student (from the shipped student; scratch from its
+        # own network), and the generated showers named by method
+        student = load_checkpoint(out / "runs" / row["directory"].removesuffix("-1step") / "model-1step.pt")
+        assert student["consistency"]["teacher"].endswith("model.pt")
+        assert ("student_init" in student) == (row["method"] != "scratch")
+        assert (out / "generated" / f"{row['directory']}.h5").is_file()
+    assert rows["full"]["directory"] == "full-1step"
     assert rows["scratch"]["improvement_over_scratch"] is None
     assert rows["full"]["improvement_over_scratch"] == pytest.approx(
         1 - rows["full"]["geometric_mean"] / rows["scratch"]["geometric_mean"])
     report = (out / "report.md").read_text()
-    assert "| bitfit |" in report and "geometric mean" in report and "G_floor" in report
+    assert "| bitfit, one step |" in report and "geometric mean" in report and "G_floor" in report
     assert metrics["floor_data"].endswith("floor.h5")
     assert (out / "report.html").stat().st_size > 0
     for row in rows.values():
         evaluation = json.loads((out / "evaluation" / row["directory"] / "metrics.json").read_text())
         assert evaluation["summary"]["ratio_to_floor"] == pytest.approx(row["ratio_to_floor"])
         assert evaluation["floor"]["input"]["path"] == metrics["floor_data"]
-    assert "method" in result.output and "vs scratch" in result.output and "G_floor" in result.output
+    assert "generator" in result.output and "vs scratch" in result.output and "G_floor" in result.output
+
+
+@pytest.mark.slow
+def test_demo_with_teachers_scores_the_adapted_models_and_their_students(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--quick", "--teachers", "-o", str(out), "--device", "cpu",
+                                      "--methods", "scratch,full"])
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    rows = json.loads((out / "metrics.json").read_text())["methods"]
+    assert [(r["method"], r["kind"]) for r in rows] == [("scratch", "teacher"), ("scratch", "one-step"),
+                                                        ("full", "teacher"), ("full", "one-step")]
+    assert rows[2]["sampler"] == "8 heun steps" and rows[2]["directory"] == "full"
+    # each kind is compared with the scratch baseline of its own kind
+    assert rows[3]["improvement_over_scratch"] == pytest.approx(1 - rows[3]["geometric_mean"] / rows[1]["geometric_mean"])
+    assert rows[2]["improvement_over_scratch"] == pytest.approx(1 - rows[2]["geometric_mean"] / rows[0]["geometric_mean"])
+    assert load_checkpoint(out / "runs" / "full" / "model.pt")["occupancy"]  # calibrated for its own sampler
 
 
 def test_demo_refuses_bad_methods_before_any_work(tmp_path):

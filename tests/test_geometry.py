@@ -295,6 +295,41 @@ def test_smearing_is_uniform_in_area_and_depth() -> None:
     assert np.mean(z) == pytest.approx(g.layer_centres_mm[layer], abs=0.05)
 
 
+def test_radii_follow_an_exponential_area_density_inside_a_ring() -> None:
+    from caloadapt.geometry.readout import sample_radius
+
+    u = np.random.default_rng(0).random(100_000)
+    for r0, r1, slope in ((0.0, 2.325, -1.0), (2.325, 4.65, -2.5), (6.975, 9.3, 0.0)):
+        r = sample_radius(r0, r1, slope, u)
+        assert np.all((r >= r0) & (r <= r1))
+        grid = np.linspace(r0, r1, 200_001)
+        weight = grid * np.exp(slope * grid)  # radial density of the area density exp(slope r)
+        assert np.mean(r) == pytest.approx(np.sum(grid * weight) / np.sum(weight), abs=0.01)
+        assert np.mean(r**2) == pytest.approx(np.sum(grid**2 * weight) / np.sum(weight), abs=0.02)
+
+
+def test_profile_smearing_follows_the_energy_density_and_keeps_the_cells() -> None:
+    from caloadapt.geometry.readout import radial_density_slopes
+    from caloadapt.simulate import simulate
+
+    g = get_geometry("calochallenge-3")
+    # the slope between rings: ln(density) falls by ln(10) from ring to ring of 1 mm: -ln(10) per mm inside,
+    # never rising, 0 next to an empty ring
+    edges = np.arange(6.0)
+    densities = 10.0 ** -np.arange(5.0)
+    np.testing.assert_allclose(radial_density_slopes(edges, densities * np.pi * np.diff(edges**2)), -np.log(10))
+    assert radial_density_slopes(edges, np.array([1.0, 5.0, 1.0, 0.0, 1.0]))[0] == 0.0
+    assert radial_density_slopes(edges, np.array([1.0, 1.0, 1.0, 0.0, 1.0]))[2] == 0.0
+    hits = simulate(g, "electron", np.full(8, 30e3), seed=4)
+    uniform = g.dequantise(hits, np.random.default_rng(1))
+    profile = g.dequantise(hits, np.random.default_rng(1), radial_profile=True)
+    np.testing.assert_array_equal(g.cell_index(profile.points), g.cell_index(hits.points))
+    # in the central ring, where the shower's energy density falls steeply, the points move inwards
+    central = np.hypot(*hits.points[:, :2].T) < 2.325
+    r_uniform, r_profile = (np.hypot(*s.points[central, :2].T) for s in (uniform, profile))
+    assert np.mean(r_profile) < np.mean(r_uniform) - 0.2
+
+
 def test_planar_smearing_is_uniform_in_the_square() -> None:
     readout = PlanarReadout(n_layers=1, pitch_mm=5.0, n_x=3, n_y=3)
     n = 20_000

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from caloadapt.geometry import get_geometry
-from caloadapt.models.representation import (OUTSIDE_BOUND, DepthGrid, PointFrame, energy_condition, n_statistics,
-                                             points_condition, shower_statistics, statistics_to_layers)
+from caloadapt.models.representation import (OUTSIDE_BOUND, DepthGrid, PointFrame, energy_condition, hits_as_spots,
+                                             n_statistics, points_condition, shower_statistics, statistics_to_layers)
+from caloadapt.simulate import simulate
+from caloadapt.simulate.engine import gflash_medium
+from caloadapt.simulate.gflash import spot_count
 
 
 def test_conditions_are_fixed_geometry_independent_scales():
@@ -83,3 +86,28 @@ def test_far_generated_points_are_bounded_and_stay_outside_the_readout(name):
     np.testing.assert_allclose(r[near], unbounded[near], rtol=1e-9)  # untouched where it was inside the bound
     np.testing.assert_allclose(points[~near, :2] / r[~near, None], np.tile(direction, (int((~near).sum()), 1)))
     assert np.all((geometry.cell_index(points[:, :3]) >= 0) == (unbounded <= reach))
+
+
+def test_hits_split_into_spots_keep_every_cell_and_carry_the_core_by_their_number():
+    geometry = get_geometry("calochallenge-3")
+    hits = simulate(geometry, "electron", np.array([5e3, 40e3]), seed=3)
+    spots = hits_as_spots(geometry, hits, np.random.default_rng(0))
+    # the same cells with the same energies: digitising the split showers gives back the hits
+    again = geometry.digitise(geometry.dequantise(spots, np.random.default_rng(1)))
+    for i in range(len(hits)):
+        a, b = hits.shower(i), again.shower(i)
+        order_a, order_b = np.lexsort(a[:, :3].T), np.lexsort(b[:, :3].T)
+        np.testing.assert_allclose(b[order_b], a[order_a], rtol=1e-5, atol=1e-4)
+    # about the GFlash spot count of each shower, and at least one point per hit
+    n_spot = spot_count(gflash_medium(geometry), hits.incident_energy_mev / 1e3, geometry.shower.sampling_term)
+    assert np.all(spots.n_points >= hits.n_points) and np.all(spots.n_points <= hits.n_points + n_spot + 1)
+    assert np.all(spots.n_points >= n_spot * 0.9)
+    # the hottest cell becomes the most points: the core is carried by their number
+    hottest = int(np.argmax(hits.shower(1)[:, 3]))
+    x, y, z, e = hits.shower(1)[hottest]
+    same = np.all(spots.shower(1)[:, :3] == [x, y, z], axis=1)
+    per_hit = np.bincount(geometry.cell_index(spots.shower(1)))
+    assert same.sum() == per_hit.max() > 3 and spots.shower(1)[same, 3].max() < e / 3
+    # sub-cell points (the simulator's spots) are already spots: unchanged
+    raw = simulate(geometry, "electron", np.array([5e3]), seed=3, level="spots")
+    assert hits_as_spots(geometry, raw, np.random.default_rng(0)) is raw

@@ -108,6 +108,41 @@ def test_finetune_and_analyze_updates_cli(files, tmp_path):
     assert bad.exit_code == 2 and "nonsense" in bad.stderr
 
 
+def test_finetune_one_step_writes_a_calibrated_student_that_generates(files, tmp_path):
+    """``finetune --one-step``: the adapted model and its one-step student, which starts from a given
+    student's network (or a fresh one) and loads and generates like any checkpoint."""
+    from caloadapt.models.checkpoint import load_checkpoint, load_model
+    from caloadapt.train import model_from_checkpoint
+    from caloadapt.train.distill import DistillConfig, distill
+
+    geometry = get_geometry("calochallenge-2")
+    distill(model_from_checkpoint(files["pretrained"]), files["source"], get_geometry("ild-ecal"), tmp_path / "cm",
+            DistillConfig(steps=1, batch_size=4, max_points=32, val_every=1, checkpoint_every=1, device="cpu",
+                          val_max_showers=4, val_max_points=16, val_teacher_steps=2, student_widths=(8, 8),
+                          sigma_max=5.0), progress=False)
+    runner = CliRunner()
+    common = ["finetune", "--checkpoint", str(files["pretrained"]), "--data", str(files["target"]), "--n-samples",
+              "12", "--steps", "2", "--val-every", "2", "--batch-size", "4", "--max-points", "32", "--device", "cpu",
+              "--occupancy-showers", "4", "--one-step", "--one-step-steps", "2"]
+    for init, widths in ((str(tmp_path / "cm" / "best.pt"), (8, 8)), ("fresh", (32, 32))):
+        out = tmp_path / f"ft-{widths[0]}"
+        result = runner.invoke(app, [*common, "--student-init", init, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        student = load_checkpoint(out / "model-1step.pt")
+        assert tuple(student["model_config"]["widths"]) == widths and student["teacher"] == str(out / "model.pt")
+        assert student["occupancy"]["calochallenge-2"]["fit"]["training_hits"] is not None  # calibrated for it
+        model, sampler = load_model(out / "model-1step.pt")
+        assert sampler.kind == "consistency" and sampler.steps == 1
+        if init != "fresh":  # distilled on the noise range of the student it started from
+            assert sampler.sigma_max == 5.0
+        hits = model.generate(geometry, np.array([5e3, 20e3]), sampler, generator=torch.Generator().manual_seed(0),
+                              digitise=True)
+        assert len(hits) == 2 and np.all(np.isfinite(hits.points))
+        assert (out / "model.pt").exists() and (out / "model-1step" / "metrics.csv").exists()
+    bad = runner.invoke(app, [*common, "--student-init", str(files["pretrained"]), "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "not a one-step" in bad.stderr and not (tmp_path / "bad").exists()
+
+
 def test_sweep_through_submitit(files, tmp_path):
     """The Slurm path goes through submitit; without a Slurm cluster submitit runs the jobs locally."""
     spec = SweepSpec(**{**_spec(files).to_dict(), "sizes": (10,), "methods": ("bitfit",)})

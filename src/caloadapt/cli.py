@@ -762,15 +762,15 @@ def finetune(
     = "linear",
     layers: Annotated[Optional[str], typer.Option(help="adapted layer indices, e.g. 3,4,5 (default all)")] = None,
     flow: Annotated[str, typer.Option(help="flow adaptation: full, frozen or bitfit")] = "full",
-    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 1000,
-    batch_size: Annotated[int, typer.Option(min=1, help="showers per step")] = 32,
+    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 250,
+    batch_size: Annotated[int, typer.Option(min=1, help="showers per step")] = 16,
     lr: Annotated[Optional[float], typer.Option(help="peak learning rate (default: per method and data size)")]
     = None,
     flow_lr: Annotated[Optional[float], typer.Option(help="flow learning rate (default: the data-size table)")]
     = None,
-    max_points: Annotated[int, typer.Option(min=1, help="points per shower per step")] = 512,
+    max_points: Annotated[int, typer.Option(min=1, help="points per shower per step")] = 256,
     val_fraction: Annotated[float, typer.Option(help="share of the showers held out for validation")] = 0.2,
-    val_every: Annotated[int, typer.Option(min=1, help="steps between validations/checkpoints")] = 100,
+    val_every: Annotated[int, typer.Option(min=1, help="steps between validations/checkpoints")] = 50,
     patience: Annotated[Optional[int], typer.Option(help="early stop after N validations without gain")] = None,
     seed: Annotated[int, typer.Option(help="seed of the run (initialisation of new weights, noise)", min=0,
                                       max=MAX_SEED)] = 0,
@@ -779,11 +779,25 @@ def finetune(
     occupancy_showers: Annotated[int, typer.Option(min=0, help="training showers per detector the occupancy "
                                                                "calibration is fitted on after training (0: none)")]
     = 128,
+    hits_as_spots: Annotated[Optional[bool], typer.Option(
+        "--hits-as-spots/--one-point-per-hit",
+        help="train on the target's hits split into spot-like points, as the shipped models were pre-trained "
+             "(default: as the pre-trained model was trained; docs/fidelity.md)", show_default=False)] = None,
+    one_step: Annotated[bool, typer.Option(
+        "--one-step", help="also distil the adapted model into a one-step student, RUN/model-1step.pt "
+                           "(milliseconds per shower; docs/speed.md)")] = False,
+    one_step_steps: Annotated[Optional[int], typer.Option(
+        min=1, help="distillation steps of the one-step student (default: 300 from the pre-trained model's "
+                    "shipped student, 2000 for a fresh one)", show_default=False)] = None,
+    student_init: Annotated[Optional[str], typer.Option(
+        help="one-step checkpoint the student starts from, or 'fresh' (default: the shipped student of the "
+             "pre-trained model where there is one)", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
     overwrite: OverwriteOption = False,
     threads: ThreadsOption = None,
 ) -> None:
-    """Adapt a pre-trained model to a target detector (or train the scratch baseline)."""
+    """Adapt a pre-trained model to a target detector (or train the scratch baseline); with --one-step, also
+    its one-step student."""
     _use_threads(threads)
     from .adapt import AdaptMethod, finetune as run_finetune
     from .data.io import count_showers, file_geometry
@@ -799,10 +813,17 @@ def finetune(
                                batch_size=batch_size, max_points=max_points, n_samples=n_samples,
                                val_fraction=val_fraction, patience=patience, seed=seed, data_seed=data_seed,
                                device=device, occupancy_showers=occupancy_showers)
+    pretrained = checkpoint or default_checkpoint()
+    init = None
+    if one_step:
+        from .adapt.one_step import one_step_config, student_start
+        init = student_start(pretrained, student_init)
+        distill_config = one_step_config(config, "fresh" if init is None else "init", one_step_steps)
     _claim_run(output, resume, overwrite)
     with run_lock(output):
-        summary = run_finetune(checkpoint or default_checkpoint(), data, geo, output, adapt_method, config,
-                               resume=resume, checkpoint_parts={"command": " ".join(sys.argv)}, log=typer.echo)
+        summary = run_finetune(pretrained, data, geo, output, adapt_method, config, resume=resume,
+                               checkpoint_parts={"command": " ".join(sys.argv)}, hits_as_spots=hits_as_spots,
+                               log=typer.echo)
     whole = summary["whole_model"]
     typer.echo(f"{adapt_method.label()} (flow: {'full' if method == 'scratch' else flow}): trains "
                f"{whole['trainable']:,} of {whole['total']:,} parameters of the whole model ({whole['percent']:.2f} %; "
@@ -810,6 +831,15 @@ def finetune(
     typer.echo(f"{adapt_method.label()}: {summary['steps']} steps in {summary['wall_s']:.0f} s; best validation "
                f"diffusion {summary['best']['diffusion']:.4f}, flow {summary['best']['flow']:.4f}; "
                f"model in {output / 'model.pt'}")
+    if one_step:
+        from .adapt.one_step import one_step_student
+
+        typer.echo(f"one-step student: {distill_config.steps} distillation steps from "
+                   + (f"{init}" if init is not None else "a fresh network"))
+        student = one_step_student(output / "model.pt", data, geo, output / "model-1step.pt", distill_config,
+                                   init=init, resume=resume, checkpoint_parts={"command": " ".join(sys.argv)})
+        typer.echo(f"one-step student: {student['steps']} steps in {student['wall_s']:.0f} s; best one-step "
+                   f"validation error {student['best']['one_step']:.4g}; model in {output / 'model-1step.pt'}")
 
 
 @app.command("analyze-updates")
@@ -982,7 +1012,11 @@ def evaluate(
 @_one_line_errors
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="demo directory")] = Path("caloadapt-demo"),
-    quick: Annotated[bool, typer.Option("--quick", help="reduced version (about 2 minutes)")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="reduced sizes: shows that the pipeline runs (about a "
+                                                        "minute), not how well")] = False,
+    teachers: Annotated[bool, typer.Option(
+        "--teachers", help="also generate with each adapted model's own multi-step sampler, beside its one-step "
+                           "student (seconds per shower: tens of minutes in all)")] = False,
     target_data: Annotated[Optional[Path], typer.Option(help="real target training file instead of simulated")]
     = None,
     reference_data: Annotated[Optional[Path], typer.Option(help="real held-out reference file")] = None,
@@ -1002,13 +1036,14 @@ def demo(
     seed: Annotated[int, typer.Option(help="seed of data, training and generation", min=0, max=MAX_SEED)] = 0,
     threads: ThreadsOption = None,
 ) -> None:
-    """The main job: adapt the shipped model to a new detector, compare with scratch and the floor, write a report."""
+    """The main job: adapt the shipped model to a new detector, distil one-step students, compare with scratch and
+    the floor, write a report."""
     _use_threads(threads)
     from .demo import run_demo
 
     if (target_data is None) != (reference_data is None):
         raise CaloadaptError("give both --target-data and --reference-data, or neither")
-    run_demo(output, quick=quick, target_data=target_data, reference_data=reference_data, floor_data=floor_data,
+    run_demo(output, quick=quick, teachers=teachers, target_data=target_data, reference_data=reference_data, floor_data=floor_data,
              checkpoint=checkpoint, device=device, seed=seed,
              methods=[m.strip() for m in _split_methods(methods)] if methods else None, patience=patience,
              max_steps=max_steps, log=typer.echo)

@@ -270,19 +270,22 @@ class Geometry:
         """
         return self._smear_in_cells(showers, self.cell_index(showers.points), rng)
 
-    def _smear_in_cells(self, showers: Showers, cells: np.ndarray, rng: np.random.Generator) -> Showers:
-        """:meth:`smear_hits` with the points' cell indices already known."""
+    def _smear_in_cells(self, showers: Showers, cells: np.ndarray, rng: np.random.Generator,
+                        radial_profile: bool = False) -> Showers:
+        """:meth:`smear_hits` with the points' cell indices already known; ``radial_profile``: inside the
+        rings of a cylindrical readout, follow the fall of the points' energy density (its ``sample``)."""
         if np.any(cells < 0):
             raise InputError(f"{np.sum(cells < 0)} hits lie outside the readout of {self.name!r}")
         layer = self.cell_layer[cells]
-        x, y = self.readout.sample(layer, self._cell_local[cells], rng)
+        x, y = self.readout.sample(layer, self._cell_local[cells], rng,
+                                   showers.points[:, ENERGY].astype(np.float64) if radial_profile else None)
         lo, hi = self.layer_edges_mm[layer], self.layer_edges_mm[layer + 1]
         z = lo + uniform_inside(rng, len(cells)) * (hi - lo)
         points = np.stack([x, y, z, showers.points[:, ENERGY]], axis=1)
         return Showers(points, showers.offsets, showers.incident_energy_mev, showers.particle, showers.geometry,
                        dict(showers.meta))
 
-    def dequantise(self, showers: Showers, rng: np.random.Generator) -> Showers:
+    def dequantise(self, showers: Showers, rng: np.random.Generator, radial_profile: bool = False) -> Showers:
         """Points to train on: cell-level hits smeared inside their cells, sub-cell points kept.
 
         Hits sit at their cells' centres, a lattice a continuous model can only smear; moving
@@ -290,10 +293,14 @@ class Geometry:
         Sub-cell points (the simulator's spots, ``--level spots``, or clustered Geant4 steps)
         already carry the positions inside the cells and are returned unchanged: their energy is
         spread over many small points, so the cell energy is a sum the digitisation rebuilds
-        (``docs/fidelity.md``, "Training on spots").
+        (``docs/fidelity.md``, "Training on spots"). ``radial_profile``: hits in the rings of a cylindrical
+        readout follow the fall of the energy density of ``showers`` inside their rings instead of
+        spreading uniformly (:meth:`~caloadapt.geometry.readout.CylindricalReadout.sample`).
         """
         cells = self.cell_index(showers.points)
-        return self._smear_in_cells(showers, cells, rng) if self._at_centres(showers, cells) else showers
+        if not self._at_centres(showers, cells):
+            return showers
+        return self._smear_in_cells(showers, cells, rng, radial_profile)
 
     def holds_hits(self, showers: Showers) -> bool:
         """True when the points of ``showers`` sit at their cells' centres (cell-level hits, as in

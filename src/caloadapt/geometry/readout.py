@@ -27,6 +27,44 @@ def uniform_inside(rng: np.random.Generator, shape) -> np.ndarray:
     return EDGE_MARGIN + (1 - 2 * EDGE_MARGIN) * rng.random(shape)
 
 
+#: steepest fall of a ring's density followed inside it [1/mm]: a factor e^10 across a millimetre
+MAX_DENSITY_SLOPE_PER_MM = 10.0
+
+
+def radial_density_slopes(r_edges_mm: np.ndarray, ring_energy_mev: np.ndarray) -> np.ndarray:
+    """Per ring, the slope [1/mm] of ln(energy per unit area) against the radius: the central difference
+    between the neighbouring rings' densities (one-sided at the first and the last ring), never rising
+    (a density rising outwards is noise of a few points), 0 where a neighbour holds no energy."""
+    area = np.pi * np.diff(np.square(r_edges_mm))
+    centre = 0.5 * (r_edges_mm[1:] + r_edges_mm[:-1])
+    with np.errstate(divide="ignore"):
+        log_density = np.log(ring_energy_mev / area)
+    if len(log_density) < 2:
+        return np.zeros(len(log_density))
+    slope = np.gradient(log_density, centre)
+    return np.clip(np.nan_to_num(slope, nan=0.0, posinf=0.0, neginf=0.0), -MAX_DENSITY_SLOPE_PER_MM, 0.0)
+
+
+def sample_radius(r0_mm: np.ndarray, r1_mm: np.ndarray, slope_per_mm: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Radii in [r0, r1] with the area density exp(slope r), by inverting the cumulative distribution of
+    r exp(slope r) at the uniform numbers ``u`` (bisection; slope 0: uniform in area)."""
+    r0, r1, s = (np.broadcast_to(np.asarray(a, np.float64), np.shape(u)) for a in (r0_mm, r1_mm, slope_per_mm))
+    flat = np.abs(s) * (r1 - r0) < 1e-6
+    uniform = np.sqrt(r0**2 + u * (r1**2 - r0**2))
+    s = np.where(flat, -1.0, s)  # any slope: those points take the uniform radii
+
+    def primitive(r):  # integral of r exp(s (r - r0)), up to a constant
+        return np.exp(s * (r - r0)) * (r / s - 1.0 / s**2)
+
+    target = primitive(r0) + u * (primitive(r1) - primitive(r0))
+    lo, hi = r0.copy(), r1.copy()
+    for _ in range(40):  # (r1 - r0) / 2^40: far below a micrometre
+        mid = 0.5 * (lo + hi)
+        below = primitive(mid) < target
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return np.where(flat, uniform, 0.5 * (lo + hi))
+
+
 def _offsets(cells_per_layer: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(cells_per_layer)]).astype(np.int64)
 
@@ -87,8 +125,9 @@ class PlanarReadout:
         ix, iy = self._grid(local)
         return self.x_min_mm + (ix + 0.5) * self.pitch_mm, self.y_min_mm + (iy + 0.5) * self.pitch_mm
 
-    def sample(self, layer: np.ndarray, local: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Points uniform inside the given cells."""
+    def sample(self, layer: np.ndarray, local: np.ndarray, rng: np.random.Generator,
+               energy_mev: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Points uniform inside the given cells (square cells: ``energy_mev`` is not used)."""
         ix, iy = self._grid(local)
         u, v = uniform_inside(rng, (2, len(local)))
         return self.x_min_mm + (ix + u) * self.pitch_mm, self.y_min_mm + (iy + v) * self.pitch_mm
@@ -197,13 +236,25 @@ class CylindricalReadout:
             x[sel], y[sel] = r_mid * np.cos(alpha), r_mid * np.sin(alpha)
         return x, y
 
-    def sample(self, layer: np.ndarray, local: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Points uniform in area inside the given cells (r^2 uniform, so no pile-up near the axis)."""
+    def sample(self, layer: np.ndarray, local: np.ndarray, rng: np.random.Generator,
+               energy_mev: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Points inside the given cells: uniform in area (r^2 uniform), or, given the points' energies,
+        with an area density that falls inside each ring as the energy density of these points falls
+        from ring to ring (:func:`radial_density_slopes`, :func:`sample_radius`).
+
+        A shower's energy density drops by an order of magnitude across the innermost ring of a
+        CaloChallenge readout: its deposits sit close to the axis, where uniform smearing puts most of
+        a ring's area, and so most of its points, at the outer edge (docs/fidelity.md, "Adapting a spot
+        model to hits").
+        """
         x, y = np.empty(len(local)), np.empty(len(local))
         u, v = uniform_inside(rng, (2, len(local)))
         for sel, edges, d_alpha, ia, ir in self._polar_bins(layer, local):
-            r0, r1 = edges[ir], edges[ir + 1]
-            r = np.sqrt(r0**2 + u[sel] * (r1**2 - r0**2))
+            if energy_mev is None:
+                slope = np.zeros(len(ir))
+            else:
+                slope = radial_density_slopes(edges, np.bincount(ir, energy_mev[sel], len(edges) - 1))[ir]
+            r = sample_radius(edges[ir], edges[ir + 1], slope, u[sel])
             alpha = -np.pi + (ia + v[sel]) * d_alpha
             x[sel], y[sel] = r * np.cos(alpha), r * np.sin(alpha)
         return x, y

@@ -21,13 +21,15 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 
-__all__ = ["PRETRAINED_NAME", "SHIPPED_CHECKPOINTS", "default_checkpoint", "shipped_checkpoint",
-           "resolve_checkpoint"]
+__all__ = ["PRETRAINED_NAME", "SHIPPED_CHECKPOINTS", "SHIPPED_STUDENTS", "default_checkpoint", "shipped_checkpoint",
+           "resolve_checkpoint", "shipped_student"]
 
 #: shipped models: name -> file in this package
 SHIPPED_CHECKPOINTS = {"ild-photons": "ild-photons.pt", "multi-detector": "multi-detector.pt",
                        "ild-photons-1step": "ild-photons-1step.pt", "ild-photons-angular": "ild-photons-angular.pt"}
 PRETRAINED_NAME = SHIPPED_CHECKPOINTS["ild-photons"]
+#: shipped model -> its shipped one-step student (the start of the students of the models adapted from it)
+SHIPPED_STUDENTS = {"ild-photons": "ild-photons-1step"}
 
 
 def shipped_checkpoint(name: str) -> Path:
@@ -52,3 +54,15 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path:
     if not path.exists() and str(path_or_name) in SHIPPED_CHECKPOINTS:
         return shipped_checkpoint(str(path_or_name))
     return path
+
+
+def shipped_student(checkpoint: str | Path) -> Path | None:
+    """The shipped one-step student of ``checkpoint`` when it is a shipped model that has one, else None."""
+    path = resolve_checkpoint(checkpoint)
+    for name, student in SHIPPED_STUDENTS.items():
+        try:
+            if path.is_file() and path.samefile(shipped_checkpoint(name)):
+                return shipped_checkpoint(student)
+        except (OSError, CheckpointError):
+            continue
+    return None

@@ -21,7 +21,7 @@ from ..models.representation import hits_as_spots, shower_depth_x0, shower_stati
 from ..models.shower_model import ModelConfig, shower_condition
 from ..showers import Showers
 
-__all__ = ["Batch", "make_batch", "ShowerSubset", "BatchStream", "DataSource", "split_indices"]
+__all__ = ["Batch", "make_batch", "training_points", "ShowerSubset", "BatchStream", "DataSource", "split_indices"]
 
 
 @dataclass
@@ -53,6 +53,20 @@ class DataSource:
             raise InputError(f"{self.path}: sampling weight must be positive, got {self.weight}")
 
 
+def training_points(geometry: Geometry, showers: Showers, config: ModelConfig, rng: np.random.Generator,
+                    smear: bool = True) -> tuple[Showers, Showers]:
+    """The showers as the model learns them, and their points moved inside their cells.
+
+    With ``config.hits_as_spots`` cell-level hits are first split into spot-like points
+    (:func:`~caloadapt.models.representation.hits_as_spots`: the flow then counts those), which are then
+    placed inside their cells following the fall of the energy density from ring to ring; otherwise
+    hits are smeared uniformly (:meth:`Geometry.dequantise`). Sub-cell points are kept as they are.
+    """
+    if config.hits_as_spots:
+        showers = hits_as_spots(geometry, showers, rng)
+    return showers, geometry.dequantise(showers, rng, radial_profile=config.hits_as_spots) if smear else showers
+
+
 def make_batch(showers: Showers, geometry: Geometry, config: ModelConfig, rng: np.random.Generator,
                max_points: int, smear: bool = True) -> Batch:
     """Features of a batch of showers: cell-level hits are smeared inside their cells
@@ -60,12 +74,10 @@ def make_batch(showers: Showers, geometry: Geometry, config: ModelConfig, rng: n
     most ``max_points`` random points per shower are kept (an unbiased sample of the per-point
     loss; the transformer's attention pools by softmax averages, which a uniform subset also
     estimates). The point frame, the flow's grid and whether the detector
-    descriptor is appended to the condition come from the model's ``config``; with
-    ``config.hits_as_spots`` the hits are first split into spot-like points (the flow then counts those)."""
-    if config.hits_as_spots:
-        showers = hits_as_spots(geometry, showers, rng)
+    descriptor is appended to the condition come from the model's ``config`` (with
+    ``config.hits_as_spots`` hits become spot-like points first, :func:`training_points`)."""
+    showers, moved = training_points(geometry, showers, config, rng, smear)
     statistics = shower_statistics(geometry, showers, rng, config.grid)
-    moved = geometry.dequantise(showers, rng) if smear else showers
     features = config.point_frame(geometry).to_features(moved)
     counts = showers.n_points
     keep = np.minimum(counts, max_points)

@@ -267,29 +267,34 @@ class ConsistencyObjective(Objective):
         load_weights(self.target.net, payload["target"], f"{source} (target network)")
 
 
-def student_model(teacher: ShowerModel, config: DistillConfig) -> ShowerModel:
+def student_model(teacher: ShowerModel, config: DistillConfig, init: ShowerModel | None = None) -> ShowerModel:
     """The model to distil into: a copy of the teacher (flow, normalisation, calibration) whose point
     network is the teacher's own when the student has its size, and a fresh one of the student's size
-    otherwise (same seed, same initialisation); the same for the flow."""
+    otherwise (same seed, same initialisation); the same for the flow.
+
+    ``init``: a distilled model whose point network (of the student's size) the student starts from
+    instead, e.g. the student of the model the teacher was adapted from: it already maps noise to
+    showers in one step and has only the teacher's change to learn."""
     student = copy.deepcopy(teacher)
     settings = config.student_config(teacher.config)
-    if settings == teacher.config:
-        return student
-    torch.manual_seed(config.seed)
-    fresh = ShowerModel(settings).to(teacher.point_mean.device)
-    student.config = settings
-    if (settings.widths, settings.transformer_dim, settings.transformer_depth) != (
-            teacher.config.widths, teacher.config.transformer_dim, teacher.config.transformer_depth):
-        student.denoiser = fresh.denoiser
-    if config.trains_flow(teacher.config):
-        student.flow = fresh.flow
+    if settings != teacher.config:
+        torch.manual_seed(config.seed)
+        fresh = ShowerModel(settings).to(teacher.point_mean.device)
+        student.config = settings
+        if (settings.widths, settings.transformer_dim, settings.transformer_depth) != (
+                teacher.config.widths, teacher.config.transformer_dim, teacher.config.transformer_depth):
+            student.denoiser = fresh.denoiser
+        if config.trains_flow(teacher.config):
+            student.flow = fresh.flow
+    if init is not None:
+        load_weights(student.denoiser.net, init.denoiser.net.state_dict(), "the student's initial network")
     return student
 
 
 def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: Geometry,
             out_dir: str | os.PathLike[str], config: DistillConfig = DistillConfig(), *, resume: bool = False,
             checkpoint_parts: dict | None = None, stop_after_steps: int | None = None,
-            progress: bool = True) -> dict:
+            student_init: ShowerModel | None = None, progress: bool = True) -> dict:
     """Distil the teacher's point diffusion model into a consistency model (see the module docstring).
 
     Writes ``last.pt`` (everything to resume), ``best.pt`` (the student EMA weights with the best
@@ -307,6 +312,7 @@ def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: G
         config: :class:`DistillConfig`.
         resume, checkpoint_parts, stop_after_steps, progress: as for :func:`caloadapt.train.train`
             (``checkpoint_parts`` may name the ``teacher``).
+        student_init: a distilled model the student's point network starts from (:func:`student_model`).
 
     Returns:
         The training summary (``steps``, ``best`` and ``best_step``: the best ``one_step`` score and
@@ -315,7 +321,7 @@ def distill(teacher: ShowerModel, data_path: str | os.PathLike[str], geometry: G
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("distillation runs in one process; start it without torchrun")
     device = resolve_device(config.device)
-    model = student_model(teacher, config)
+    model = student_model(teacher, config, student_init)
     objective = ConsistencyObjective(teacher, model, config, device)
     settings = {"sigma_min": config.sigma_min, "sigma_max": config.sigma_max, "rho": config.rho,
                 "steps": [1, 2], "sigmas": multistep_sigmas(2, config.sigma_min, config.sigma_max, config.rho),

@@ -34,7 +34,7 @@ from ..models.representation import shower_statistics
 from ..models.sampling import Sampler
 from ..models.shower_model import ShowerModel
 from .calibrate import calibrate_occupancy
-from .data import Batch, BatchStream, DataSource, ShowerSubset, make_batch, split_indices
+from .data import Batch, BatchStream, DataSource, ShowerSubset, make_batch, split_indices, training_points
 from .rundir import run_lock
 
 __all__ = ["TrainConfig", "train", "resolve_device", "Objective", "ModelLosses"]
@@ -197,8 +197,9 @@ def _fit_normalisation(model: ShowerModel, sources: list[DataSource], subsets: l
             raise InputError(f"{source.path}: the training showers hold no hits (every shower drawn is empty); "
                              "there is nothing to learn from")
         frame = model.config.point_frame(source.geometry)
-        features.append(frame.to_features(source.geometry.dequantise(showers, rng)))
-        statistics.append(shower_statistics(source.geometry, showers, rng, model.config.grid))
+        counted, moved = training_points(source.geometry, showers, model.config, rng)
+        features.append(frame.to_features(moved))
+        statistics.append(shower_statistics(source.geometry, counted, rng, model.config.grid))
     model.set_normalisation(np.concatenate(features), np.concatenate(statistics))
     for name, buffer in model.named_buffers():
         if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all()):
