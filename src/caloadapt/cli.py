@@ -766,7 +766,7 @@ def finetune(
     batch_size: Annotated[int, typer.Option(min=1, help="showers per step")] = 16,
     lr: Annotated[Optional[float], typer.Option(help="peak learning rate (default: per method and data size)")]
     = None,
-    flow_lr: Annotated[Optional[float], typer.Option(help="flow learning rate (default: the data-size table)")]
+    flow_lr: Annotated[Optional[float], typer.Option(help="flow learning rate (default: 3 x the data-size table)")]
     = None,
     max_points: Annotated[int, typer.Option(min=1, help="points per shower per step")] = 256,
     val_fraction: Annotated[float, typer.Option(help="share of the showers held out for validation")] = 0.2,
@@ -785,7 +785,7 @@ def finetune(
              "(default: as the pre-trained model was trained; docs/fidelity.md)", show_default=False)] = None,
     one_step: Annotated[bool, typer.Option(
         "--one-step", help="also distil the adapted model into a one-step student, RUN/model-1step.pt "
-                           "(milliseconds per shower; docs/speed.md)")] = False,
+                           "(milliseconds per shower; docs/fidelity.md)")] = False,
     one_step_steps: Annotated[Optional[int], typer.Option(
         min=1, help="distillation steps of the one-step student (default: 300 from the pre-trained model's "
                     "shipped student, 2000 for a fresh one)", show_default=False)] = None,
@@ -1013,7 +1013,7 @@ def evaluate(
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="demo directory")] = Path("caloadapt-demo"),
     quick: Annotated[bool, typer.Option("--quick", help="reduced sizes: shows that the pipeline runs (about a "
-                                                        "minute), not how well")] = False,
+                                                        "minute and a half), not how well")] = False,
     teachers: Annotated[bool, typer.Option(
         "--teachers", help="also generate with each adapted model's own multi-step sampler, beside its one-step "
                            "student (seconds per shower: tens of minutes in all)")] = False,
@@ -1043,8 +1043,8 @@ def demo(
 
     if (target_data is None) != (reference_data is None):
         raise CaloadaptError("give both --target-data and --reference-data, or neither")
-    run_demo(output, quick=quick, teachers=teachers, target_data=target_data, reference_data=reference_data, floor_data=floor_data,
-             checkpoint=checkpoint, device=device, seed=seed,
+    run_demo(output, quick=quick, teachers=teachers, target_data=target_data, reference_data=reference_data,
+             floor_data=floor_data, checkpoint=checkpoint, device=device, seed=seed,
              methods=[m.strip() for m in _split_methods(methods)] if methods else None, patience=patience,
              max_steps=max_steps, log=typer.echo)
 
