@@ -1013,7 +1013,7 @@ def evaluate(
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="demo directory")] = Path("caloadapt-demo"),
     quick: Annotated[bool, typer.Option("--quick", help="reduced sizes: shows that the pipeline runs (about a "
-                                                        "minute and a half), not how well")] = False,
+                                                        "minute), not how well")] = False,
     teachers: Annotated[bool, typer.Option(
         "--teachers", help="also generate with each adapted model's own multi-step sampler, beside its one-step "
                            "student (seconds per shower: tens of minutes in all)")] = False,
