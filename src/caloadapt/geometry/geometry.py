@@ -262,13 +262,14 @@ class Geometry:
         return Showers.from_counts(points, np.bincount(hit_shower, minlength=len(incident_energy_mev)),
                                    incident_energy_mev, particle=particle, geometry=self.name, meta=meta)
 
-    def smear_hits(self, showers: Showers, rng: np.random.Generator) -> Showers:
-        """Move each hit uniformly inside its cell (area-correct; depth over the layer extent).
+    def smear_hits(self, showers: Showers, rng: np.random.Generator, radial_profile: bool = False) -> Showers:
+        """Move each hit uniformly inside its cell (area-correct; depth over the layer extent), or with
+        ``radial_profile`` along the fall of the energy density inside the rings (:meth:`dequantise`).
 
         The dequantisation used for training on cell-level data: voxelising the result gives
         back the same cells.
         """
-        return self._smear_in_cells(showers, self.cell_index(showers.points), rng)
+        return self._smear_in_cells(showers, self.cell_index(showers.points), rng, radial_profile)
 
     def _smear_in_cells(self, showers: Showers, cells: np.ndarray, rng: np.random.Generator,
                         radial_profile: bool = False) -> Showers:

@@ -47,12 +47,17 @@ def radial_density_slopes(r_edges_mm: np.ndarray, ring_energy_mev: np.ndarray) -
 
 def sample_radius(r0_mm: np.ndarray, r1_mm: np.ndarray, slope_per_mm: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Radii in [r0, r1] with the area density exp(slope r), by inverting the cumulative distribution of
-    r exp(slope r) at the uniform numbers ``u`` (bisection; slope 0: uniform in area)."""
+    r exp(slope r) at the uniform numbers ``u`` (bisection; slope 0: uniform in area, in closed form)."""
     r0, r1, s = (np.broadcast_to(np.asarray(a, np.float64), np.shape(u)) for a in (r0_mm, r1_mm, slope_per_mm))
-    flat = np.abs(s) * (r1 - r0) < 1e-6
-    uniform = np.sqrt(r0**2 + u * (r1**2 - r0**2))
-    s = np.where(flat, -1.0, s)  # any slope: those points take the uniform radii
+    radius = np.sqrt(r0**2 + u * (r1**2 - r0**2))
+    steep = np.abs(s) * (r1 - r0) >= 1e-6
+    if np.any(steep):
+        radius[steep] = _invert_exponential_disc(r0[steep], r1[steep], s[steep], np.asarray(u)[steep])
+    return radius
 
+
+def _invert_exponential_disc(r0: np.ndarray, r1: np.ndarray, s: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """:func:`sample_radius` for slopes away from 0."""
     def primitive(r):  # integral of r exp(s (r - r0)), up to a constant
         return np.exp(s * (r - r0)) * (r / s - 1.0 / s**2)
 
@@ -62,7 +67,7 @@ def sample_radius(r0_mm: np.ndarray, r1_mm: np.ndarray, slope_per_mm: np.ndarray
         mid = 0.5 * (lo + hi)
         below = primitive(mid) < target
         lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
-    return np.where(flat, uniform, 0.5 * (lo + hi))
+    return 0.5 * (lo + hi)
 
 
 def _offsets(cells_per_layer: np.ndarray) -> np.ndarray:

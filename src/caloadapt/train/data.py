@@ -62,9 +62,13 @@ def training_points(geometry: Geometry, showers: Showers, config: ModelConfig, r
     placed inside their cells following the fall of the energy density from ring to ring; otherwise
     hits are smeared uniformly (:meth:`Geometry.dequantise`). Sub-cell points are kept as they are.
     """
-    if config.hits_as_spots:
-        showers = hits_as_spots(geometry, showers, rng)
-    return showers, geometry.dequantise(showers, rng, radial_profile=config.hits_as_spots) if smear else showers
+    if not config.hits_as_spots:
+        return showers, geometry.dequantise(showers, rng) if smear else showers
+    spots = hits_as_spots(geometry, showers, rng)
+    if spots is showers:  # sub-cell points (or none): nothing to split or move
+        return showers, showers
+    # the split points sit at their hits' cell centres: smeared without checking again
+    return spots, geometry.smear_hits(spots, rng, radial_profile=True) if smear else spots
 
 
 def make_batch(showers: Showers, geometry: Geometry, config: ModelConfig, rng: np.random.Generator,
