@@ -362,11 +362,13 @@ def test_finetune_keeps_the_pretrained_sampler_for_calibration_and_generation(ti
 def test_learning_rate_rules():
     from caloadapt.adapt.defaults import adaptation_learning_rates
 
-    # the published table by D, with the per-method factors (a pre-trained flow at 3x the table's rate);
+    # the published table by D, with the per-method factors (a pre-trained network and flow at 3x the table's
+    # rate, a flow adapted by its biases alone at 30x);
     # a scratch flow is fresh: pre-training rate
-    assert adaptation_learning_rates("full", 100) == pytest.approx((5e-4, 3e-3))
-    assert adaptation_learning_rates("full", 10_000) == pytest.approx((2.5e-5, 1.5e-4))
-    assert adaptation_learning_rates("bitfit", 1000) == pytest.approx((4e-4, 6e-4))
+    assert adaptation_learning_rates("full", 100) == pytest.approx((1.5e-3, 3e-3))
+    assert adaptation_learning_rates("full", 10_000) == pytest.approx((7.5e-5, 1.5e-4))
+    assert adaptation_learning_rates("bitfit", 1000) == pytest.approx((1.2e-3, 6e-4))
+    assert adaptation_learning_rates("bitfit", 100, flow="bitfit") == pytest.approx((6e-3, 3e-2))
     assert adaptation_learning_rates("scratch", 10_000) == pytest.approx((1e-3, 1e-3))
     # rates that do not fall with D (short fixed budgets): the D <= 100 row at every size
     for method in ("full", "bitfit", "scratch", "lora"):

@@ -167,6 +167,17 @@ def test_convert_refuses_to_overwrite_its_input(run, files: dict[str, Path]) -> 
     assert files["points"].read_bytes() == before
 
 
+
+@pytest.mark.parametrize("command", ["simulate", "generate"])
+def test_output_that_is_the_energies_file_is_refused(run, files: dict[str, Path], command: str) -> None:
+    """Writing the showers over the file the energies come from (e.g. the evaluation reference) is refused,
+    given by another spelling of the same path too."""
+    before = files["points"].read_bytes()
+    other_spelling = Path(".") / files["points"].name
+    _assert_one_line_error(run(command, "-o", other_spelling, "--energies-from", files["points"], "-n", "2",
+                               "-g", "ild-ecal"), "overwrite", "--energies-from")
+    assert files["points"].read_bytes() == before
+
 # -- errors ---------------------------------------------------------------------------------------
 def _no_output(tmp_path: Path, name: str) -> None:
     assert not (tmp_path / name).exists()

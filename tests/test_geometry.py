@@ -533,3 +533,28 @@ def test_unknown_geometry_name() -> None:
     message = _one_line_geometry_error("no-such-detector", "no-such-detector")
     for name in BUILTIN_GEOMETRIES:
         assert name in message
+
+
+@pytest.mark.parametrize("n_showers", [3, 400])
+def test_grouping_into_cells_matches_a_sort_of_the_cell_keys(n_showers, monkeypatch):
+    """The table of cells (small batches of few cells) and the sort (every other case) give the same
+    cells and the same map of points to them."""
+    import caloadapt.geometry.geometry as module
+
+    geometry = get_geometry("calochallenge-3")
+    rng = np.random.default_rng(1)
+    n = 2000
+    points = np.stack([rng.normal(0, 15, n), rng.normal(0, 15, n),
+                       rng.uniform(geometry.layer_edges_mm[0], geometry.layer_edges_mm[-1] + 20, n),
+                       rng.uniform(1, 2, n)], axis=1)
+    shower = np.sort(rng.integers(0, n_showers, n))
+    cells = geometry.cell_index(points)
+    inside = cells >= 0
+    expected_keys, expected_inverse = np.unique(shower[inside] * geometry.n_cells + cells[inside],
+                                                return_inverse=True)
+    for table in (0, 1 << 24):  # the sort, then the table wherever the batch allows it
+        monkeypatch.setattr(module, "_MAX_CELL_TABLE", table)
+        got_inside, keys, inverse = geometry.group_into_cells(points, shower)
+        np.testing.assert_array_equal(got_inside, inside)
+        np.testing.assert_array_equal(keys, expected_keys)
+        np.testing.assert_array_equal(inverse, expected_inverse.ravel())

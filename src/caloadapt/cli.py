@@ -162,6 +162,12 @@ def _use_threads(threads: str | None) -> int:
     return apply_threads(parse_threads(threads), respect_omp_num_threads=threads is None)
 
 
+def _refuse_output_as_input(output: Path, source: Path | None, what: str = "the input") -> None:
+    """One line, before anything is written, for an output that is also a file the command reads."""
+    if source is not None and output.resolve() == source.resolve():
+        raise CaloadaptError(f"{output}: output would overwrite {what}")
+
+
 def _file_incidence(path: Path, n: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Incident energies (MeV) and incidence angles (degrees) of the first ``n`` (None: all) showers of a file."""
     from .data.io import iter_showers
@@ -239,6 +245,7 @@ def simulate(
     particle = particle or geo.particle
     incoming = None
     if energies_from is not None:
+        _refuse_output_as_input(output, energies_from, "the --energies-from file")
         energies, *incoming = _file_incidence(energies_from, n)
         if len(energies) < n:
             raise CaloadaptError(f"{energies_from}: holds {len(energies)} showers, fewer than --n {n}")
@@ -275,8 +282,7 @@ def convert(
     from .data import ShowerWriter, iter_showers
     from .data.io import file_geometry
 
-    if input.resolve() == output.resolve():
-        raise CaloadaptError(f"{output}: output would overwrite the input")
+    _refuse_output_as_input(output, input)
     with ShowerWriter(output, format.value, file_geometry(input, geometry)) as writer:
         for chunk in iter_showers(input, geometry, chunk_size=chunk_size, smear=smear, seed=seed):
             writer.append(chunk)
@@ -501,6 +507,7 @@ def generate(
     geo = get_geometry(geometry)
     incoming = None
     if energies_from is not None:
+        _refuse_output_as_input(output, energies_from, "the --energies-from file")
         energies, *incoming = _file_incidence(energies_from, n)
         if n is not None and len(energies) < n:
             raise CaloadaptError(f"{energies_from}: holds {len(energies)} showers, fewer than --n {n}")
@@ -762,11 +769,13 @@ def finetune(
     = "linear",
     layers: Annotated[Optional[str], typer.Option(help="adapted layer indices, e.g. 3,4,5 (default all)")] = None,
     flow: Annotated[str, typer.Option(help="flow adaptation: full, frozen or bitfit")] = "full",
-    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 250,
+    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 1000,
     batch_size: Annotated[int, typer.Option(min=1, help="showers per step")] = 16,
-    lr: Annotated[Optional[float], typer.Option(help="peak learning rate (default: per method and data size)")]
+    lr: Annotated[Optional[float], typer.Option(help="peak learning rate (default: 3 x the data-size table, "
+                                                     "times the method's factor; docs/model.md section 7)")]
     = None,
-    flow_lr: Annotated[Optional[float], typer.Option(help="flow learning rate (default: 3 x the data-size table)")]
+    flow_lr: Annotated[Optional[float], typer.Option(help="flow learning rate (default: 3 x the data-size table; "
+                                                          "30 x with --flow bitfit)")]
     = None,
     max_points: Annotated[int, typer.Option(min=1, help="points per shower per step")] = 256,
     val_fraction: Annotated[float, typer.Option(help="share of the showers held out for validation")] = 0.2,
@@ -809,7 +818,7 @@ def finetune(
     adapt_method = AdaptMethod(name=method, k=k, rank=rank, alpha=alpha, target=target, flow=flow,
                                layers=_csv_ints(layers) if layers else None)
     size = n_samples if n_samples is not None else count_showers(data)
-    config = adaptation_config(method, size, val_every=val_every, lr=lr, flow_lr=flow_lr, steps=steps,
+    config = adaptation_config(method, size, flow=flow, val_every=val_every, lr=lr, flow_lr=flow_lr, steps=steps,
                                batch_size=batch_size, max_points=max_points, n_samples=n_samples,
                                val_fraction=val_fraction, patience=patience, seed=seed, data_seed=data_seed,
                                device=device, occupancy_showers=occupancy_showers)
@@ -1025,7 +1034,7 @@ def demo(
     = None,
     methods: Annotated[Optional[str], typer.Option(help="methods as for sweep, e.g. scratch,full,bitfit,"
                                                         "bitfit:flow=frozen,scratch-converged (flow: full, bitfit, "
-                                                        "frozen) [default: scratch,full,bitfit,bitfit:flow=bitfit]")]
+                                                        "frozen) [default: scratch,full,bitfit:flow=bitfit]")]
     = None,
     patience: Annotated[Optional[int], typer.Option(min=1, help="scratch-converged: stop after N validations "
                                                                 "without improvement [default: 5]")] = None,

@@ -3,8 +3,8 @@
 1. target data: CaloChallenge-dataset-3-like electrons from the embedded simulator (or real files),
    and the floor: a second simulated sample at the reference's incident energies (another seed);
 2. the shipped pre-trained model (ILD-like photons) adapted with 100 target showers by each method
-   of ``--methods`` (default: full fine-tuning, BitFit with the flow fully adapted, BitFit with the
-   flow's biases only) and the from-scratch baseline with the same budget (``scratch``) and, when
+   of ``--methods`` (default: full fine-tuning and BitFit with the flow's biases only) and the
+   from-scratch baseline with the same budget (``scratch``) and, when
    asked for, trained to convergence (``scratch-converged``: early stopping on its validation
    split, ``patience`` validations, at most ``max_steps`` steps);
 3. each adapted model distilled into its one-step student (:mod:`caloadapt.adapt.one_step`: from the
@@ -47,9 +47,10 @@ from .train import resolve_device
 
 __all__ = ["DemoSettings", "run_demo", "METHODS", "ONE_STEP", "TEACHER"]
 
-#: the default methods: the same-budget scratch baseline, full fine-tuning, BitFit with the flow fully
-#: adapted (the published choice) and BitFit with only the flow's biases (parameter-efficient as a whole)
-METHODS = ("scratch", "full", "bitfit", "bitfit:flow=bitfit")
+#: the default methods: the same-budget scratch baseline, full fine-tuning and BitFit with only the flow's
+#: biases (parameter-efficient as a whole); BitFit with the flow fully adapted (the published choice, 86 % of
+#: the parameters) is ``--methods scratch,full,bitfit``
+METHODS = ("scratch", "full", "bitfit:flow=bitfit")
 #: the kinds of generator a row of the demo scores: an adapted model's one-step student, or the adapted
 #: model itself with its multi-step sampler (``teachers``)
 ONE_STEP, TEACHER = "one-step", "teacher"
@@ -62,7 +63,7 @@ class DemoSettings:
     n_adapt: int = 100            # target showers used for adaptation (train + validation)
     n_reference: int = 150        # held-out target showers for the evaluation
     energy_gev: tuple[float, float] = (1.0, 100.0)  # log-uniform, the two lower DS3 decades
-    steps: int = 250              # training steps per method (the same budget for all)
+    steps: int = 500              # training steps per method (the same budget for all; finetune: 1000)
     batch_size: int = 16
     max_points: int = 256
     one_step_steps: int | None = None  # distillation steps of each student (None: one_step_config's default)
@@ -165,7 +166,8 @@ def run_demo(out: str | Path = "caloadapt-demo", *, quick: bool = False, teacher
                else f"{settings.steps} steps"))
         run_dir = out / "runs" / name
         # the adapted model is calibrated for its own (slow) sampler only when it generates itself
-        config = adaptation_config(method.name, n_adapt, val_every=max(1, settings.steps // 5), steps=steps,
+        config = adaptation_config(method.name, n_adapt, flow=method.flow, val_every=max(1, settings.steps // 5),
+                                   steps=steps,
                                    batch_size=settings.batch_size, max_points=settings.max_points, n_samples=n_adapt,
                                    val_fraction=0.2, patience=settings.patience if converged else None, seed=seed,
                                    data_seed=seed, device=device,

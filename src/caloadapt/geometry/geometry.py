@@ -248,8 +248,8 @@ class Geometry:
         """
         cells = self.cell_index(points)
         inside = cells >= 0
-        keys, inverse = np.unique(shower[inside] * self.n_cells + cells[inside], return_inverse=True)
-        return inside, keys, inverse
+        return inside, *_distinct(shower[inside] * self.n_cells + cells[inside],
+                                  (int(shower.max(initial=-1)) + 1) * self.n_cells)
 
     def hits_from_cells(self, keys: np.ndarray, cell_energy_mev: np.ndarray, incident_energy_mev: np.ndarray,
                         particle: str, meta: dict[str, np.ndarray]) -> Showers:
@@ -346,3 +346,25 @@ class Geometry:
     def __repr__(self) -> str:
         return (f"Geometry({self.name!r}, {self.readout.kind}, layers={self.n_layers}, cells={self.n_cells}, "
                 f"X0={self.x0_mm:.3f} mm, R_M={self.moliere_radius_mm:.2f} mm)")
+
+
+#: largest table of cells (5 bytes each) :func:`_distinct` fills instead of sorting
+_MAX_CELL_TABLE = 1 << 24
+
+
+def _distinct(flat: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(flat, return_inverse=True)`` of integers in ``[0, span)``.
+
+    A table over every cell of the batch marks the cells hit: linear in ``span``, where the sort
+    of ``np.unique`` is ``P log P`` in the points (ten times faster for a batch of 100 dataset-3
+    showers of 9000 points). Sparse batches of large detectors still sort.
+    """
+    if span > min(_MAX_CELL_TABLE, max(16 * len(flat), 1 << 20)):
+        return np.unique(flat, return_inverse=True)
+    seen = np.zeros(span, bool)
+    seen[flat] = True
+    keys = np.flatnonzero(seen)
+    position = np.empty(span, np.int32)  # span <= 2**24
+    position[keys] = np.arange(len(keys))
+    return keys, position[flat].astype(np.int64)
+

@@ -90,7 +90,8 @@ def parse_method(text: str):
 
 
 def adaptation_config(method: str, n_target: int, *, val_every: int, lr: float | None = None,
-                      flow_lr: float | None = None, lr_by_size: bool = True, **options) -> TrainConfig:
+                      flow_lr: float | None = None, lr_by_size: bool = True, flow: str = "full",
+                      **options) -> TrainConfig:
     """The training options of one adaptation run, with a checkpoint at every validation.
 
     Arguments:
@@ -99,10 +100,11 @@ def adaptation_config(method: str, n_target: int, *, val_every: int, lr: float |
         val_every: steps between validations (and checkpoints).
         lr, flow_lr: peak learning rates; None takes them from the table
             (:func:`~caloadapt.adapt.defaults.adaptation_learning_rates`).
-        lr_by_size: as for :func:`~caloadapt.adapt.defaults.adaptation_learning_rates`.
+        lr_by_size, flow: as for :func:`~caloadapt.adapt.defaults.adaptation_learning_rates` (``flow``: the
+            method's flow adaptation, :attr:`~caloadapt.adapt.AdaptMethod.flow`).
         options: the other fields of :class:`~caloadapt.train.TrainConfig`.
     """
-    default_lr, default_flow_lr = adaptation_learning_rates(method, n_target, lr_by_size)
+    default_lr, default_flow_lr = adaptation_learning_rates(method, n_target, lr_by_size, flow)
     return TrainConfig(lr=default_lr if lr is None else lr, flow_lr=default_flow_lr if flow_lr is None else flow_lr,
                        val_every=val_every, checkpoint_every=val_every, **options)
 

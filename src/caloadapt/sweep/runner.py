@@ -141,7 +141,8 @@ def run_one(run: RunSpec) -> dict:
         summary, parameters = {"best": None, "steps": 0}, []
     else:
         method = parse_method(run.method)
-        config = adaptation_config(method.name, run.size, lr_by_size=spec.lr_by_size, val_every=spec.val_every,
+        config = adaptation_config(method.name, run.size, lr_by_size=spec.lr_by_size, flow=method.flow,
+                                   val_every=spec.val_every,
                                    steps=converged_max_steps(spec.steps, spec.max_steps) if converged else spec.steps,
                                    batch_size=spec.batch_size, max_points=spec.max_points, n_samples=run.size,
                                    val_fraction=spec.val_fraction, patience=spec.patience if converged else None,

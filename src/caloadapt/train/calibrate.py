@@ -41,13 +41,14 @@ def training_showers(source: DataSource, train_config: dict | None, n_showers: i
 
 def calibrate_occupancy(model: ShowerModel, sources: Sequence[DataSource], train_config: dict | None, *,
                         n_showers: int = 128, seed: int = 0, progress: bool = True,
-                        sampler: Sampler = Sampler()) -> None:
+                        sampler: Sampler = Sampler(), check: bool = True) -> None:
     """Fit ``model.occupancy`` for the detector of each source on its training showers (in place),
-    generating with ``sampler`` (the one its checkpoint holds)."""
+    generating with ``sampler`` (the one its checkpoint holds); ``check``: the fit's third pass, which
+    records the calibrated hits beside the training showers' (:func:`~caloadapt.models.occupancy.fit_occupancy`)."""
     for source in sources:
         showers = training_showers(source, train_config, n_showers)
         if progress:
             tqdm.write(f"fitting the occupancy calibration in {source.geometry.name} on {len(showers)} "
                        "training showers")
         model.occupancy[source.geometry.name] = fit_occupancy(model, source.geometry, showers, seed=seed,
-                                                              sampler=sampler, progress=progress)
+                                                              sampler=sampler, progress=progress, check=check)

@@ -496,8 +496,9 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
     if rank == 0 and config.occupancy_showers > 0 and (converged or state["step"] >= config.steps):
         raw = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best_state)  # the weights that best.pt (and every copy of it) holds
+        # without the fit's check pass (a third of its time; `caloadapt calibrate` runs it and prints it)
         calibrate_occupancy(model, sources, asdict(config), n_showers=config.occupancy_showers, seed=config.seed,
-                            progress=progress, sampler=sampler)
+                            progress=progress, sampler=sampler, check=False)
         model.load_state_dict(raw)
         save(out_dir / "best.pt", best_state)
         save(last, ema.state)
