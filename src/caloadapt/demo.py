@@ -167,10 +167,9 @@ def run_demo(out: str | Path = "caloadapt-demo", *, quick: bool = False, teacher
         run_dir = out / "runs" / name
         # the adapted model is calibrated for its own (slow) sampler only when it generates itself
         config = adaptation_config(method.name, n_adapt, flow=method.flow, val_every=max(1, settings.steps // 5),
-                                   steps=steps,
-                                   batch_size=settings.batch_size, max_points=settings.max_points, n_samples=n_adapt,
-                                   val_fraction=0.2, patience=settings.patience if converged else None, seed=seed,
-                                   data_seed=seed, device=device,
+                                   steps=steps, batch_size=settings.batch_size, max_points=settings.max_points,
+                                   n_samples=n_adapt, val_fraction=0.2, seed=seed, data_seed=seed, device=device,
+                                   patience=settings.patience if converged else None,
                                    occupancy_showers=settings.occupancy_showers if settings.teachers else 0)
         t0 = time.perf_counter()
         summary, model, sampler = adapt_model(pretrained, target, geometry, run_dir, method, config, progress=True)

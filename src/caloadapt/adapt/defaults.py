@@ -50,7 +50,8 @@ FLOW_FACTOR = 3.0
 #: "More steps, higher rates")
 NET_FACTOR = 3.0
 #: a flow adapted through its biases alone (``flow=bitfit``) takes this multiple of the whole flow's rate:
-#: at 1x its validation loss after 250 steps was where the whole flow's is after 50 (same section)
+#: at 1x its validation loss after 250 steps (8.96) was worse than the whole flow's after 50 (8.83), at 10x
+#: it is the whole flow's (8.48 against 8.46; same section)
 BIAS_FLOW_FACTOR = 10.0
 
 

@@ -367,4 +367,3 @@ def _distinct(flat: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
     position = np.empty(span, np.int32)  # span <= 2**24
     position[keys] = np.arange(len(keys))
     return keys, position[flat].astype(np.int64)
-
