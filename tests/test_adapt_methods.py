@@ -13,6 +13,7 @@ from caloadapt.data import write_showers
 from caloadapt.errors import InputError
 from caloadapt.geometry import get_geometry
 from caloadapt.models import ModelConfig, Sampler, ShowerModel, load_model
+from caloadapt.models.adapters import LowRankUpdate
 from caloadapt.models.representation import n_statistics
 from caloadapt.simulate import simulate
 from caloadapt.train import TrainConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -148,6 +149,7 @@ CASES = [AdaptMethod(m) for m in METHODS] + [
     AdaptMethod("top-k", k=1), AdaptMethod("top-k", k=3, flow="frozen"), AdaptMethod("bitfit", flow="bitfit"),
     AdaptMethod("lora", rank=3, alpha=6, target="gate,context_bias", layers=(0, 2)),
     AdaptMethod("dora", rank=2, target="linear,gate,context_bias", flow="frozen"),
+    AdaptMethod("lora", rank=2, flow="lora"), AdaptMethod("bitfit", rank=3, alpha=3, flow="lora"),
     AdaptMethod("ia3", target="linear,context_bias"), AdaptMethod("loha", rank=2, target="context_bias", layers=(1,)),
 ]
 
@@ -155,9 +157,14 @@ CASES = [AdaptMethod(m) for m in METHODS] + [
 def _flow_names(model: ShowerModel, mode: str) -> set[str]:
     if mode == "full":
         return {f"flow.{n}" for n, _ in model.flow.named_parameters()}
+    biases = {f"flow.{name}.bias" for name, m in model.flow.named_modules()
+              if isinstance(m, nn.Linear) and m.bias is not None}
     if mode == "bitfit":
-        return {f"flow.{name}.bias" for name, m in model.flow.named_modules()
-                if isinstance(m, nn.Linear) and m.bias is not None}
+        return biases
+    if mode == "lora":  # and A, B of every hyper-network layer but the last
+        hyper = {name: m for name, m in model.flow.named_modules() if isinstance(m, nn.Sequential)}
+        return biases | {f"flow.{h}.{i}.{f}" for h, layers in hyper.items() for f in "AB"
+                         for i in [i for i, m in enumerate(layers) if isinstance(m, (nn.Linear, LowRankUpdate))][:-1]}
     return set()
 
 
@@ -167,7 +174,7 @@ def test_each_method_trains_exactly_its_groups(tiny_model, method):
     model, names = prepare(tiny_model, method, seed=0)
     assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in before.items())  # input untouched
     assert not is_adapted(tiny_model)
-    assert is_adapted(model) == method.is_peft
+    assert is_adapted(model) == (method.is_peft or method.flow == "lora")
     flow_mode = "full" if method.name == "scratch" else method.flow
     expected = _expected_net_names(model, method) | _flow_names(model, flow_mode)
     assert set(names) == expected
@@ -215,7 +222,7 @@ def test_scratch_reinitialises_but_keeps_the_normalisation(tiny_model):
 
 def test_invalid_settings_are_refused(tiny_model):
     for kwargs in ({"name": "prefix"}, {"name": "lora", "target": "linear,bogus"}, {"name": "lora", "rank": 0},
-                   {"name": "scratch", "flow": "frozen"}, {"name": "full", "flow": "lora"},
+                   {"name": "scratch", "flow": "frozen"}, {"name": "full", "flow": "prefix"},
                    {"name": "lora", "target": "linear,linear"}):
         with pytest.raises(InputError):
             AdaptMethod(**kwargs)
@@ -289,6 +296,38 @@ def test_peft_merge_gives_the_same_model(tiny_model, method, tmp_path):
     assert list(reloaded.state_dict()) == list(tiny_model.state_dict())
     for key, value in merged.state_dict().items():
         assert torch.allclose(reloaded.state_dict()[key], value, atol=1e-6), key
+
+
+def test_the_flows_low_rank_update_keeps_its_couplings_and_merges_exactly(tiny_model, tmp_path):
+    method = AdaptMethod("bitfit", rank=2, alpha=4, flow="lora")
+    model, names = prepare(tiny_model, method, seed=0)
+    context = torch.rand(5, 1)
+    sample = tiny_model.flow(context).sample()
+    with torch.no_grad():  # the update starts at zero: the pre-trained flow
+        torch.testing.assert_close(model.flow(context).log_prob(sample), tiny_model.flow(context).log_prob(sample))
+        for name, p in model.named_parameters():
+            if name.startswith("flow.") and name.endswith((".A", ".B")):
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    model.eval()
+    with torch.no_grad():
+        adapted = model.flow(context)
+        # still invertible (which an update that bypassed the couplings' masks would break), and moved
+        torch.testing.assert_close(adapted.transform.inv(adapted.transform(sample)), sample, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(adapted.log_prob(sample), tiny_model.flow(context).log_prob(sample))
+    merged = merge(model, method)
+    assert not is_adapted(merged) and set(merged.state_dict()) == set(tiny_model.state_dict())
+    merged.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged.flow(context).log_prob(sample), model.flow(context).log_prob(sample))
+        # the fast sampling path, which cuts the layers' weights itself, samples the updated flow
+        drawn = model.flow.sample(context, seed=3)
+        torch.testing.assert_close(drawn, merged.flow.sample(context, seed=3), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(drawn, tiny_model.flow.sample(context, seed=3), atol=1e-3)
+    # a checkpoint written during training (updates unmerged) loads merged
+    save_checkpoint(tmp_path / "adapted.pt", model, ema=model.state_dict(), adapter=method.to_dict())
+    reloaded, _ = load_model(tmp_path / "adapted.pt")
+    for key, value in merged.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value)
 
 
 def test_merge_is_identity_for_plain_methods(tiny_model):

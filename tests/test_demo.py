@@ -20,15 +20,17 @@ def test_demo_quick_writes_report_and_metrics(tmp_path):
     assert result.exit_code == 0, result.output + (result.stderr or "")
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {row["method"]: row for row in metrics["methods"]}
-    assert set(rows) == {"scratch", "full", "bitfit:flow=bitfit"}
+    peft = "lora:rank=8,alpha=8,flow=lora"
+    assert set(rows) == {"scratch", "full", peft}
     assert {row["kind"] for row in rows.values()} == {"one-step"}  # students only, unless --teachers
     point_network = load_model("ild-photons")[0].denoiser
     biases = sum(p.numel() for name, p in point_network.named_parameters() if name.endswith("bias"))
     assert biases == 2632  # the widths of the shipped network: its bias count does not depend on the condition
     assert rows["full"]["trainable_net"] == sum(p.numel() for p in point_network.parameters())
-    # whole-model counts: full fine-tuning trains everything, BitFit with the flow's biases < 5 %
+    # whole-model counts: full fine-tuning trains everything, LoRA in the network and the flow < 5 %
     assert rows["full"]["trainable_all"] == rows["full"]["total_all"]
-    assert rows["bitfit:flow=bitfit"]["trainable_net"] == biases and rows["bitfit:flow=bitfit"]["percent_all"] < 5
+    inputs_and_outputs = sum(layer.linear.in_features + layer.linear.out_features for layer in point_network.net.layers)
+    assert rows[peft]["trainable_net"] == 8 * inputs_and_outputs and rows[peft]["percent_all"] < 5
     floors = {row["geometric_mean_floor"] for row in rows.values()}  # one floor, beside every method
     assert len(floors) == 1 and floors.pop() > 0
     for row in rows.values():
@@ -46,7 +48,7 @@ def test_demo_quick_writes_report_and_metrics(tmp_path):
     assert rows["full"]["improvement_over_scratch"] == pytest.approx(
         1 - rows["full"]["geometric_mean"] / rows["scratch"]["geometric_mean"])
     report = (out / "report.md").read_text()
-    assert "| bitfit:flow=bitfit, one step |" in report and "geometric mean" in report and "G_floor" in report
+    assert f"| {peft}, one step |" in report and "geometric mean" in report and "G_floor" in report
     assert metrics["floor_data"].endswith("floor.h5")
     assert (out / "report.html").stat().st_size > 0
     for row in rows.values():

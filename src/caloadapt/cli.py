@@ -768,7 +768,7 @@ def finetune(
     target: Annotated[str, typer.Option(help="adapted Linear maps: linear, gate, context_bias (comma list)")]
     = "linear",
     layers: Annotated[Optional[str], typer.Option(help="adapted layer indices, e.g. 3,4,5 (default all)")] = None,
-    flow: Annotated[str, typer.Option(help="flow adaptation: full, frozen or bitfit")] = "full",
+    flow: Annotated[str, typer.Option(help="flow adaptation: full, frozen, bitfit (its biases) or lora (its biases and a rank --rank update of its hidden layers)")] = "full",
     steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 1000,
     batch_size: Annotated[int, typer.Option(min=1, help="showers per step")] = 16,
     lr: Annotated[Optional[float], typer.Option(help="peak learning rate (default: 3 x the data-size table, "
@@ -1033,8 +1033,8 @@ def demo(
                                                             "source, the floor (the simulated demo makes its own)")]
     = None,
     methods: Annotated[Optional[str], typer.Option(help="methods as for sweep, e.g. scratch,full,bitfit,"
-                                                        "bitfit:flow=frozen,scratch-converged (flow: full, bitfit, "
-                                                        "frozen) [default: scratch,full,bitfit:flow=bitfit]")]
+                                                        "bitfit:flow=frozen,scratch-converged (flow: full, bitfit, lora, "
+                                                        "frozen) [default: scratch,full,lora:rank=8,alpha=8,flow=lora]")]
     = None,
     patience: Annotated[Optional[int], typer.Option(min=1, help="scratch-converged: stop after N validations "
                                                                 "without improvement [default: 5]")] = None,

@@ -28,8 +28,10 @@ back into those Linears and returns a plain :class:`~caloadapt.models.ShowerMode
 original state-dict keys, so that the normal checkpoint and generation code uses it unchanged.
 
 The flow is adapted separately (``flow``): ``full`` fine-tuning (the published choice, docs/model.md
-§6), ``frozen``, or ``bitfit`` (the bias vectors of its ``nn.Linear`` layers). PEFT is applied to
-the point network only.
+§6), ``frozen``, ``bitfit`` (the bias vectors of its ``nn.Linear`` layers), or ``lora``: those biases and
+a low-rank update of rank r of every hidden layer of its hyper-networks (:class:`LowRankUpdate`). peft's
+adapters add their output beside a Linear's and would bypass the masks of zuko's masked layers, which keep
+the flow's couplings invertible; the flow's update is added to the weight before the layer's mask instead.
 
 References:
     | BitFit: Ben Zaken et al. 2022, https://arxiv.org/abs/2106.10199;
@@ -46,10 +48,13 @@ import contextlib
 import copy
 from dataclasses import asdict, dataclass, fields
 
+import math
+
 import torch
 from torch import nn
 
 from ..errors import InputError
+from .flow import tensor_versions
 from .pointwise import PointwiseNet
 from .shower_model import ShowerModel
 from .transformer import PointTransformer
@@ -60,6 +65,7 @@ __all__ = [
     "TARGETS",
     "FLOW_MODES",
     "AdaptMethod",
+    "LowRankUpdate",
     "prepare",
     "merge",
     "adapter_modules",
@@ -76,7 +82,7 @@ PEFT_METHODS: tuple[str, ...] = ("lora", "dora", "ia3", "loha")
 #: ``context_bias`` (pointwise), ``attention``, ``mlp`` and ``modulation`` (transformer)
 TARGETS: tuple[str, ...] = ("linear", "gate", "context_bias", "attention", "mlp", "modulation")
 #: how the flow is adapted
-FLOW_MODES: tuple[str, ...] = ("full", "frozen", "bitfit")
+FLOW_MODES: tuple[str, ...] = ("full", "frozen", "bitfit", "lora")
 
 
 @dataclass(frozen=True)
@@ -94,8 +100,10 @@ class AdaptMethod:
             ``context_bias`` (H).
         layers: peft methods: indices of the ConcatSquash layers that get adapters (0 is the
             input layer); None: all layers.
-        flow: flow adaptation, ``full`` (default, the published choice), ``frozen`` or ``bitfit``
-            (bias vectors of the flow's Linear layers). ``scratch`` always trains the whole flow.
+        flow: flow adaptation, ``full`` (default, the published choice), ``frozen``, ``bitfit``
+            (bias vectors of the flow's Linear layers) or ``lora`` (those and a rank-``rank`` update,
+            scaled by ``alpha / rank``, of the hidden layers of its hyper-networks). ``scratch`` always
+            trains the whole flow.
     """
 
     name: str
@@ -174,11 +182,83 @@ def _flow_bias_vectors(model: ShowerModel) -> list[nn.Parameter]:
     return [m.bias for m in model.flow.modules() if isinstance(m, nn.Linear) and m.bias is not None]
 
 
-def _flow_parameters(model: ShowerModel, mode: str) -> list[nn.Parameter]:
+class LowRankUpdate(nn.Module):
+    """A Linear layer of the flow (zuko's masked ones included) with LoRA's update of its weight,
+    ``W -> W + (alpha / r) B A`` (Hu et al. 2021, eq. 3): ``A`` (r, in) Kaiming-uniform and ``B`` (out, r)
+    zero, so that training starts from the pre-trained layer. The layer's mask, where it has one,
+    multiplies the updated weight, as it multiplies the weight in the layer itself."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.A = nn.Parameter(base.weight.new_empty(rank, base.in_features))
+        self.B = nn.Parameter(base.weight.new_zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # peft's LoRA initialisation of A
+        self._weight: tuple[tuple, torch.Tensor] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The updated weight. Without gradients it is kept until ``W``, ``A`` or ``B`` change, so that the
+        flow's sampling, which caches what it cuts from its layers' weights by their versions
+        (:func:`~caloadapt.models.flow.tensor_versions`), sees a new tensor exactly when they do."""
+        if torch.is_grad_enabled():
+            return self.base.weight + self.scale * (self.B @ self.A)
+        key = tensor_versions(self.base.weight, self.A, self.B)
+        if self._weight is None or self._weight[0] != key:
+            self._weight = (key, self.base.weight + self.scale * (self.B @ self.A))
+        return self._weight[1]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.base.mask  # an AttributeError for a plain Linear, as for the layer itself
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        return nn.functional.linear(x, self.mask * weight if hasattr(self.base, "mask") else weight, self.bias)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The layer with the update folded into its weight (the update is kept in place: merge a copy)."""
+        self.base.weight.copy_(self.base.weight + self.scale * (self.B @ self.A))
+        return self.base
+
+
+def _hyper_networks(model: ShowerModel) -> list[nn.Sequential]:
+    return [m for m in model.flow.modules() if isinstance(m, nn.Sequential)]
+
+
+def _add_flow_updates(model: ShowerModel, rank: int, alpha: float) -> list[nn.Parameter]:
+    """Wrap every Linear of the flow's hyper-networks but the last of each in a :class:`LowRankUpdate`.
+    The last maps the hidden features to every spline parameter (3,726 x 128 in the shipped flow), where
+    a rank-8 update alone would cost more than all the others together; its bias adapts with the others."""
+    params: list[nn.Parameter] = []
+    for hyper in _hyper_networks(model):
+        hidden = [i for i, m in enumerate(hyper) if isinstance(m, nn.Linear)][:-1]
+        for i in hidden:
+            hyper[i] = LowRankUpdate(hyper[i], rank, alpha)
+            params += [hyper[i].A, hyper[i].B]
+    return params
+
+
+def _flow_updates(model: ShowerModel) -> list[LowRankUpdate]:
+    """The flow's layers with a low-rank update (none unless prepared with ``flow="lora"``)."""
+    return [m for m in model.flow.modules() if isinstance(m, LowRankUpdate)]
+
+
+def _flow_parameters(model: ShowerModel, method: AdaptMethod) -> list[nn.Parameter]:
+    """The flow's parameters to train (``scratch``: all); ``flow="lora"`` registers its updates first."""
+    mode = "full" if method.name == "scratch" else method.flow
     if mode == "full":
         return list(model.flow.parameters())
     if mode == "bitfit":
         return _flow_bias_vectors(model)
+    if mode == "lora":
+        return _flow_bias_vectors(model) + _add_flow_updates(model, method.rank, method.alpha)
     return []
 
 
@@ -208,8 +288,9 @@ def adapter_modules(net: nn.Module) -> dict[str, nn.Module]:
 
 
 def is_adapted(model: ShowerModel) -> bool:
-    """True when peft adapters are injected into the model's point network (not yet merged)."""
-    return bool(adapter_modules(model.net))
+    """True when the model holds adapters not yet merged: peft's in the point network, or low-rank
+    updates of the flow."""
+    return bool(adapter_modules(model.net)) or bool(_flow_updates(model))
 
 
 def _adapter_parameters(net: nn.Module) -> list[nn.Parameter]:
@@ -294,8 +375,7 @@ def prepare(model: ShowerModel, method: AdaptMethod, *, seed: int | None = None,
             chosen = _adapter_parameters(net)
         else:
             chosen = _net_parameters(target.net, method)
-    flow_mode = "full" if method.name == "scratch" else method.flow
-    chosen = chosen + _flow_parameters(target, flow_mode)
+        chosen = chosen + _flow_parameters(target, method)
     ids = {id(p) for p in chosen}
     for p in target.parameters():
         p.requires_grad_(id(p) in ids)
@@ -304,15 +384,15 @@ def prepare(model: ShowerModel, method: AdaptMethod, *, seed: int | None = None,
 
 
 def merge(model: ShowerModel, method: AdaptMethod | None = None, *, copy_model: bool = True) -> ShowerModel:
-    """Fold peft adapters into the base Linears; a plain model with the original state-dict keys.
+    """Fold the adapters (peft's, the flow's low-rank updates) into their layers: a plain model with the
+    original state-dict keys.
 
-    For the non-peft methods (or a model without adapters) the model is returned as it is.
+    For the other methods (or a model without adapters) the model is returned as it is.
     ``method`` is only checked against the model (a peft method needs adapters to merge).
     With ``copy_model`` (default) the adapted model is left usable, else it is merged in place.
     All parameters of the merged model have ``requires_grad`` set again.
     """
-    layers = adapter_modules(model.net)
-    if not layers:
+    if not is_adapted(model):
         if method is not None and method.is_peft:
             raise InputError(f"method {method.name!r}: the model holds no peft adapters to merge")
         return model
@@ -326,6 +406,10 @@ def merge(model: ShowerModel, method: AdaptMethod | None = None, *, copy_model: 
         setattr(parent, child, layer.get_base_layer())
     if hasattr(net, "peft_config"):
         del net.peft_config
+    for hyper in _hyper_networks(merged):
+        for i, layer in enumerate(hyper):
+            if isinstance(layer, LowRankUpdate):
+                hyper[i] = layer.merged()
     for p in merged.parameters():
         p.requires_grad_(True)
     return merged
@@ -344,7 +428,7 @@ def parameter_report(model: ShowerModel, trainable_names: list[str] | set[str]) 
     - ``net.adapter``: the peft adapter parameters (total = their number; 0 without adapters);
     - ``net``: all trainable point-network parameters including adapters, over the size of the
       point network itself (504,920 by default), the denominator of docs/model.md §6;
-    - ``flow``: the flow;
+    - ``flow``: the flow, its low-rank updates counted as trainable, not in its size;
     - ``all``: everything trainable over the size of the whole model (point network + flow,
       without adapters).
     """
@@ -367,10 +451,12 @@ def parameter_report(model: ShowerModel, trainable_names: list[str] | set[str]) 
     base = [p for group in groups.values() for _, p in group]
     n_base = sum(p.numel() for p in base)
     rows.append(row("net", base + adapter, n_base))
-    flow = list(model.flow.parameters())
-    rows.append(row("flow", flow))
-    rows.append(row("all", base + adapter + flow, n_base + sum(p.numel() for p in flow)))
-    accounted = {id(p) for p in base + adapter + flow}
+    updates = [p for update in _flow_updates(model) for p in (update.A, update.B)]
+    flow = [p for p in model.flow.parameters() if id(p) not in {id(u) for u in updates}]
+    n_flow = sum(p.numel() for p in flow)
+    rows.append(row("flow", flow + updates, n_flow))
+    rows.append(row("all", base + adapter + flow + updates, n_base + n_flow))
+    accounted = {id(p) for p in base + adapter + flow + updates}
     stray = [by_id[id(p)] for p in model.parameters() if id(p) not in accounted]
     if stray:
         raise AssertionError(f"parameters outside every group: {stray[:3]}")

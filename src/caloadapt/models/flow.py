@@ -34,7 +34,7 @@ from torch.nn import functional as F
 __all__ = ["ShowerFlow"]
 
 
-def _versions(*tensors: Tensor) -> tuple:
+def tensor_versions(*tensors: Tensor) -> tuple:
     """What identifies the contents of ``tensors``: torch counts in-place modifications of a tensor in
     ``_version``, and a replaced tensor (a move to another device) has another address."""
     return tuple((t._version, t.data_ptr()) for t in tensors)
@@ -53,7 +53,7 @@ class _CachedMaskedLinear(zuko.nn.MaskedLinear):
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled():
             return super().forward(x)
-        key = _versions(self.weight, self.mask)
+        key = tensor_versions(self.weight, self.mask)
         if self._masked is None or self._masked[0] != key:
             self._masked = (key, self.mask * self.weight)
         return torch.nn.functional.linear(x, self._masked[1], self.bias)
@@ -168,7 +168,7 @@ class _CouplingHalves:
     def plan(self) -> tuple:
         """``(halves, total, sizes, univariate)``: :meth:`_half` of the first half then of the second,
         and how the last layer's output splits into spline parameters (:func:`_invert_couplings`)."""
-        key = _versions(*(t for layer in self.layers for t in (layer.weight, layer.mask, layer.bias)))
+        key = tensor_versions(*(t for layer in self.layers for t in (layer.weight, layer.mask, layer.bias)))
         if self._cut is None or self._cut[0] != key:
             device = self.layers[-1].weight.device
             with torch.no_grad():
@@ -364,6 +364,8 @@ class ShowerFlow(nn.Module):
 
     def _coupling_halves(self) -> list[_CouplingHalves]:
         transforms = self.flow.transform.transforms
-        if self._halves is None or any(h.layers[-1] is not t.hyper[-1] for h, t in zip(self._halves, transforms)):
+        # cut again when a layer was replaced (moved to another device, wrapped for adaptation, merged)
+        if self._halves is None or any(a is not b for h, t in zip(self._halves, transforms)
+                                       for a, b in zip(h.layers, list(t.hyper)[0::2], strict=True)):
             self._halves = [_CouplingHalves(transform) for transform in transforms]
         return self._halves

@@ -67,7 +67,7 @@ def parse_method(text: str):
     """``name`` or ``name:key=value,...`` -> :class:`~caloadapt.adapt.AdaptMethod`.
 
     Options are the fields of :class:`~caloadapt.adapt.AdaptMethod`, e.g. ``lora:rank=16,alpha=16``
-    or ``bitfit:flow=frozen`` (the flow's adaptation: ``full``, ``bitfit`` or ``frozen``).
+    or ``bitfit:flow=frozen`` (the flow's adaptation: ``full``, ``bitfit``, ``lora`` or ``frozen``).
     ``scratch-converged`` is the scratch method (trained with early stopping, see :func:`is_converged`).
     """
     from ..adapt import AdaptMethod

@@ -29,6 +29,7 @@ from .._signals import Terminated, deferred_termination, pending_termination
 from ..data.io import count_showers, read_showers
 from ..errors import CheckpointError, InputError, TrainingError
 from ..geometry import Geometry
+from ..models.adapters import merge
 from ..models.checkpoint import load_checkpoint, load_weights, save_checkpoint, stored_config
 from ..models.representation import shower_statistics
 from ..models.sampling import Sampler
@@ -496,9 +497,12 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
     if rank == 0 and config.occupancy_showers > 0 and (converged or state["step"] >= config.steps):
         raw = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best_state)  # the weights that best.pt (and every copy of it) holds
-        # without the fit's check pass (a third of its time; `caloadapt calibrate` runs it and prints it)
-        calibrate_occupancy(model, sources, asdict(config), n_showers=config.occupancy_showers, seed=config.seed,
+        # fitted on the model with its adapters merged, as it is generated (peft's layers are not fused: several
+        # times slower to sample); without the fit's check pass (a third of its time; `caloadapt calibrate` runs it)
+        merged = merge(model)
+        calibrate_occupancy(merged, sources, asdict(config), n_showers=config.occupancy_showers, seed=config.seed,
                             progress=progress, sampler=sampler, check=False)
+        model.occupancy = merged.occupancy
         model.load_state_dict(raw)
         save(out_dir / "best.pt", best_state)
         save(last, ema.state)
