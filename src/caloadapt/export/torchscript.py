@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -299,7 +300,8 @@ class ShowerGenerator(nn.Module):
         self.levels: List[float] = [float(v) for v in levels]
         self.sigma_min = float(sampler.sigma_min)
         function = ConsistencyPrecond.from_edm(model.denoiser, sampler.sigma_min, copy_net=True).eval()
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on the shape checks it records as constants
             model.flow._plan()  # noqa: SLF001 - the weights cut once, before the trace: constants in it
             example_points = torch.zeros(1, 7, 4)
             self.consistency = torch.jit.trace(function, (example_points, torch.full((1,), levels[0]),
