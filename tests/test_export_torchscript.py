@@ -341,3 +341,50 @@ def test_embedded_python_backend(exported, monkeypatch):
     out = backend.run_inference(inputs)
     assert out.dtype == np.float32 and out.shape == (backend.output_size(),) and out.flags.c_contiguous
     assert inputs[0][0] == 30.0 and out[:4 * 30:4].sum() > 0
+
+
+# -- the C++ host (examples/cpp_host) ---------------------------------------------------------------------
+
+def _cxx_tools() -> str | None:
+    import shutil
+
+    missing = [tool for tool in ("cmake",) if shutil.which(tool) is None]
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        missing.append("a C++ compiler")
+    return ", ".join(missing) or None
+
+
+@pytest.mark.skipif(_cxx_tools() is not None, reason=f"the C++ host needs {_cxx_tools()}")
+def test_cpp_host_builds_and_agrees_with_generate(exported, tiny_checkpoints, tmp_path):
+    import torch.utils
+
+    source = Path(__file__).resolve().parents[1] / "examples" / "cpp_host"
+    build = tmp_path / "build"
+    configure = subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                                f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
+                               capture_output=True, text=True, timeout=300)
+    assert configure.returncode == 0, configure.stdout[-2000:] + configure.stderr[-2000:]
+    built = subprocess.run(["cmake", "--build", str(build), "-j2"], capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    n, energy_gev = 150, 20.0
+    showers_file = tmp_path / "showers.txt"
+    run = subprocess.run([str(build / "caloadapt_host"), str(exported), str(n), str(energy_gev), "0", "0",
+                          str(showers_file), "7"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "ms per shower" in run.stdout
+    table = np.loadtxt(showers_file, ndmin=2)
+    geometry = get_geometry("ild-ecal")
+    shower, layer = table[:, 0].astype(np.int64), table[:, 1].astype(np.int64)
+    # the host's space points (convertOutput's x, y) back in the shower frame: (x, y) = (-y', -x')
+    points = np.stack([-table[:, 3], -table[:, 2], geometry.layer_centres_mm[layer], table[:, 4]], axis=1)
+    ours = Showers.from_counts(points, np.bincount(shower, minlength=n), np.full(n, energy_gev * 1e3),
+                               geometry=geometry.name)
+    model, sampler = load_model(tiny_checkpoints[1])[:2]
+    theirs = model.generate(geometry, np.full(n, energy_gev * 1e3), sampler,
+                            generator=torch.Generator().manual_seed(8))
+    again = model.generate(geometry, np.full(n, energy_gev * 1e3), sampler,
+                           generator=torch.Generator().manual_seed(9))
+    result = agreement(ours, theirs, geometry)
+    assert abs(result["energy_ratio"] - 1) < max(0.05, 4 * result["energy_error"])
+    assert result["profile_tv"] < max(0.05, 2.5 * agreement(again, theirs, geometry)["profile_tv"])
+    assert np.all(result["hits_pull"] < 5)  # hits per layer within their statistical errors
