@@ -33,7 +33,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ from ..geometry.descriptor import geometry_descriptor
 from ..geometry.readout import CylindricalReadout, PlanarReadout
 from ..incidence import MAX_INCLINATION_DEG
 from ..models.consistency import CONSISTENCY_KEY, ConsistencyPrecond, multistep_sigmas
-from ..models.representation import (COUNT_FLOOR, ENERGY_FLOOR, OUTSIDE_BOUND, energy_condition)
+from ..models.representation import COUNT_FLOOR, ENERGY_FLOOR, OUTSIDE_BOUND
 from ..models.sampling import Sampler
 
 __all__ = ["CONTRACTS", "METADATA_FILE", "DDML_MAX_POINTS", "PAR04_MAX_ENERGY_MEV", "PAR04_MAX_ANGLE_DEG",
@@ -225,7 +225,8 @@ class ShowerGenerator(nn.Module):
     ``shower(energy_mev, direction)`` returns ``(points (P, 4) float64, layer (P,) int64, counts (L,)
     int64)``: points x, y [mm] in the shower frame (about the impact point, along the axis of an
     inclined shower), z at the layer centre [mm], cell energy [MeV]; the layer of each point (the
-    points are in layer order) and the points per layer. Built by :func:`build_generator`.
+    points are in layer order) and the points per layer. The contracts wrap it (:class:`DDMLPointCloud`,
+    :class:`Par04Mesh`); :func:`export_torchscript` builds and writes them.
     """
 
     def __init__(self, model, geometry: Geometry, sampler: Sampler) -> None:
@@ -606,8 +607,10 @@ def export_torchscript(model, geometry: Geometry, sampler: Sampler, path: str | 
     meta = _metadata(model, geometry, sampler, contract, max_points, training or {}, max_energy_mev, max_angle_deg)
     text = json.dumps(meta, sort_keys=True)
     generator = ShowerGenerator(model, geometry, sampler)
-    wrapper = DDMLPointCloud(generator, text, max_points) if contract == "ddml" else Par04Mesh(generator, text, max_energy_mev,
-                                                                                  max_angle_deg)
+    if contract == "ddml":
+        wrapper = DDMLPointCloud(generator, text, max_points)
+    else:
+        wrapper = Par04Mesh(generator, text, max_energy_mev, max_angle_deg)
     scripted = torch.jit.script(wrapper.eval())
     with atomic_path(path) as tmp:
         torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: text})
