@@ -39,7 +39,8 @@ def test_quick_benchmark_writes_json_with_all_cases(checkpoints, tmp_path):
 
     rows = report["results"]
     cases = {r["case"] for r in rows}
-    expected = {"simulator", "reference_net", "reference_net_fused", "heun", "euler", "one_step"} | (
+    expected = {"simulator", "reference_net", "reference_net_fused", "heun", "euler", "one_step",
+                "exported_one_step"} | (
         {"onnx_one_step"} if HAS_ONNX else set())
     assert expected <= cases
     for row in rows:
@@ -50,7 +51,7 @@ def test_quick_benchmark_writes_json_with_all_cases(checkpoints, tmp_path):
         if row["case"] != "simulator":
             assert row["mean_points"] > 0
     nfe = {r["case"]: r["nfe"] for r in rows}
-    assert nfe["heun"] == 5 and nfe["euler"] == 3 and nfe["one_step"] == 1
+    assert nfe["heun"] == 5 and nfe["euler"] == 3 and nfe["one_step"] == nfe["exported_one_step"] == 1
     assert nfe["reference_net"] == nfe["reference_net_fused"] == 1
     assert {r["mean_points"] for r in rows if r["case"].startswith("reference_net")} == {REFERENCE_POINTS}
 

@@ -9,6 +9,10 @@
 - ``one_step_compiled`` (with ``compile``): the same with the flow's sampling compiled
   (:meth:`~caloadapt.models.flow.ShowerFlow.compile_sampling`; the warm-up runs compile);
 - ``onnx_one_step`` (or ``onnx_heun`` without a distilled model): the same through onnxruntime;
+- ``exported_one_step``: the distilled model's whole generator exported to one TorchScript file
+  (:mod:`caloadapt.export.torchscript`, DDML's contract) and called once per shower, as a Geant4
+  host calls it (the file works at batch 1; a batch is that many calls; its output is the points
+  a host reads, with no digitisation of them);
 - ``reference_net``: one evaluation of the reference network, the CaloClouds II PointWise-Net
   (arXiv:2309.05704; :class:`~caloadapt.models.pointwise.PointwiseNet` with its default widths:
   504,920 parameters) on ``REFERENCE_POINTS`` points per shower, the points of a 50 GeV ILD photon in
@@ -296,6 +300,15 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
                     onnx_files["heun"] = export_onnx(model, Path(workdir.name) / "heun.onnx")
             except Exception as err:  # noqa: BLE001 - the other cases still run
                 notes.append(f"ONNX case skipped: {type(err).__name__}: {err}")
+        scripted = None
+        if one_step is not None and theta_deg == 90.0:
+            try:
+                from .export.torchscript import export_torchscript
+
+                scripted = export_torchscript(one_step[0], ild, one_step[1], Path(workdir.name) / "one_step.pt",
+                                              max_points=20_000)
+            except Exception as err:  # noqa: BLE001 - the other cases still run
+                notes.append(f"TorchScript case skipped: {type(err).__name__}: {err}")
         energy = float(energy_gev)
         angles = {} if theta_deg == 90.0 else {"theta_deg": float(theta_deg), "phi_deg": 90.0}
 
@@ -341,6 +354,10 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
                                                    _model_run(m, ild, ild_particle, energies, sampler=sampler,
                                                               n_steps=steps, device=dev, settings=settings,
                                                               angles=angles), m))
+                        if dev.type == "cpu" and scripted is not None:
+                            row = _row("exported_one_step", "torchscript", "cpu", n_threads, batch, "consistency",
+                                       1, energy, ild.name, ild_particle)
+                            results.append(measure(row, lambda: _torchscript_run(scripted, ild, energy, batch), None))
                         if dev.type == "cpu":
                             for name, path in onnx_files.items():
                                 results.append(measure(*_onnx_case(name, path, model, one_step, n_threads, batch,
@@ -395,6 +412,33 @@ def run_benchmark(checkpoint: str | os.PathLike[str] | None = None,
     with atomic_path(out_path.with_suffix(".txt")) as tmp:
         tmp.write_text(format_table(report) + "\n")
     return report
+
+
+def _torchscript_run(path: Path, geometry, energy_gev: float, batch: int) -> Callable[[], dict]:
+    """``batch`` calls of an exported batch-1 generator (:mod:`caloadapt.export.torchscript`) at ``energy_gev``.
+    The first call (a warm-up one) also counts the points and digitises them in ``geometry`` apart, to
+    count the hits; the later calls time the file alone."""
+    from .export.torchscript import parse_ddml_output
+    from .showers import Showers
+
+    module = torch.jit.load(str(path), map_location="cpu")
+    n_layers = int(module.n_layers)
+    inputs = (torch.tensor([energy_gev]), torch.tensor([0.0]), torch.tensor([0.0]))
+    counted: dict[str, float] = {}
+
+    def run() -> dict:
+        with torch.inference_mode():
+            outputs = [module(*inputs) for _ in range(batch)]
+        if not counted:
+            bodies = [np.concatenate(parse_ddml_output(out.numpy(), n_layers)) for out in outputs]
+            points = np.concatenate([np.stack([-b[:, 1], -b[:, 0], geometry.layer_centres_mm[b[:, 2].astype(int)],
+                                               b[:, 3]], axis=1) for b in bodies])
+            showers = Showers.from_counts(points, np.array([len(b) for b in bodies]),
+                                          np.full(batch, energy_gev * 1000.0), geometry=geometry.name)
+            counted.update(mean_points=float(showers.n_points.mean()),
+                           mean_hits=float(geometry.digitise(showers).n_points.mean()))
+        return dict(counted)
+    return run
 
 
 def _onnx_case(name, path, model, one_step, n_threads, batch, n_steps, energy, geometry, particle, energies, angles):

@@ -1061,6 +1061,12 @@ def demo(
 class ExportFormat(str, Enum):
     checkpoint = "checkpoint"
     onnx = "onnx"
+    torchscript = "torchscript"
+
+
+class ExportContract(str, Enum):
+    ddml = "ddml"
+    par04 = "par04"
 
 
 @app.command()
@@ -1070,13 +1076,35 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", help="exported file")],
     format: Annotated[ExportFormat, typer.Option("--format", "-f", help="checkpoint: weights-only copy "
                                                                        "(EMA weights, provenance kept); onnx: the "
-                                                                       "point network for onnxruntime")]
+                                                                       "point network for onnxruntime; torchscript: "
+                                                                       "the whole one-step generator, torch alone "
+                                                                       "(docs/geant4.md)")]
     = ExportFormat.checkpoint,
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
+    contract: Annotated[ExportContract, typer.Option(help="torchscript: ddml (DDML's point cloud) or par04 (Par04's "
+                                                          "scoring mesh)")] = ExportContract.ddml,
+    geometry: Annotated[Optional[str], typer.Option("--geometry", "-g", help="torchscript: the geometry it "
+                                                    "generates in [default: the checkpoint's; generic-mesh for "
+                                                    "par04]", show_default=False)] = None,
+    max_points: Annotated[int, typer.Option(min=2, help="torchscript ddml: quadruples of the output, header "
+                                                        "included (6868 / 4: DDML's CaloCloudsTwoAngleModel buffer)")]
+    = 1717,
     threads: ThreadsOption = None,
 ) -> None:
-    """Export a trained model: a weights-only checkpoint, or the network as ONNX (parity-checked)."""
+    """Export a trained model: a weights-only checkpoint, the network as ONNX (parity-checked), or the whole
+    one-step generator as TorchScript."""
     _use_threads(threads)
+    if format == ExportFormat.torchscript:
+        from .export.torchscript import export_checkpoint_torchscript
+
+        path, _, target, _ = export_checkpoint_torchscript(checkpoint, output, geometry=geometry,
+                                                           contract=contract.value, max_points=max_points)
+        size = path.stat().st_size / 2**20
+        shape = (f"float32[{4 * max_points}]" if contract == ExportContract.ddml else
+                 f"float32[{int(target.readout.cells_per_layer[0]) * target.n_layers}]")
+        typer.echo(f"wrote {output} ({size:.1f} MiB): the {contract.value} generator of {target.name}, batch 1, "
+                   f"output {shape}; metadata in caloadapt.json inside it")
+        return
     if format == ExportFormat.checkpoint:
         from .train import inference_checkpoint
 
