@@ -3,13 +3,13 @@
 - ``ild-photons``: single-detector model, ILD-like Si-W ECAL photons 10-90 GeV (the default);
 - ``multi-detector``: geometry-conditioned model pre-trained jointly on four detectors of the
   built-in family (``caloadapt.geometry.DETECTOR_FAMILY`` except ``pb-scintillator``, which is
-  held out as the adaptation target of the sweep in the README);
+  held out as the adaptation target of the sweep in docs/results/2026-12-readme-measurements.md);
 - ``ild-photons-1step``: ``ild-photons`` distilled into a one-step student (a 32-32 point network,
   the teacher's flow), for fast generation (``caloadapt generate --checkpoint ild-photons-1step``);
 - ``ild-photons-angular``: the ``ild-photons`` recipe with angle conditioning, on photons arriving at
   theta 40-140 and phi 0-360 degrees (``caloadapt generate --checkpoint ild-photons-angular --theta ...``).
 
-How each was made (command, data, training cost) is recorded in the README and inside the
+How each was made (command, data, training cost) is recorded in docs/results/2026-12-readme-measurements.md and inside the
 checkpoint (``command``, ``train_config``, ``train_state``). Wherever a checkpoint path is
 accepted, the shipped models can be named instead (``--checkpoint multi-detector``).
 """
