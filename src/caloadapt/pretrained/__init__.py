@@ -9,8 +9,9 @@
 - ``ild-photons-angular``: the ``ild-photons`` recipe with angle conditioning, on photons arriving at
   theta 40-140 and phi 0-360 degrees (``caloadapt generate --checkpoint ild-photons-angular --theta ...``).
 
-How each was made (command, data, training cost) is recorded in docs/results/2026-12-readme-measurements.md and inside the
-checkpoint (``command``, ``train_config``, ``train_state``). Wherever a checkpoint path is
+How each was made (command, data, training cost) is recorded in
+docs/results/2026-12-readme-measurements.md and inside the checkpoint (``command``, ``train_config``,
+``train_state``). Wherever a checkpoint path is
 accepted, the shipped models can be named instead (``--checkpoint multi-detector``).
 """
 
