@@ -11,8 +11,8 @@
 
 How each was made (command, data, training cost) is recorded in
 docs/results/2026-12-readme-measurements.md and inside the checkpoint (``command``, ``train_config``,
-``train_state``). Wherever a checkpoint path is
-accepted, the shipped models can be named instead (``--checkpoint multi-detector``).
+``train_state``). Wherever a checkpoint path is accepted, the shipped models can be named instead
+(``--checkpoint multi-detector``).
 """
 
 from __future__ import annotations
