@@ -38,6 +38,7 @@ from .evaluate.pipeline import EvaluationOptions, run_evaluation
 from .evaluate.report import Document
 from .generate import iter_generate
 from .geometry import get_geometry
+from .models.adapters import check_available
 from .models.checkpoint import load_model
 from .pretrained import default_checkpoint, shipped_student
 from .simulate import sample_incident_energies, simulate
@@ -146,7 +147,7 @@ def run_demo(out: str | Path = "caloadapt-demo", *, quick: bool = False, teacher
     for text in methods:
         if text == ZERO_SHOT:
             raise InputError("zero-shot is a sweep method (caloadapt sweep --methods zero-shot,...)")
-        parse_method(text)  # fail early, before any simulation or training
+        check_available(parse_method(text))  # fail early, before any simulation or training
     if "scratch" not in methods:
         raise InputError("the demo compares with the same-budget scratch baseline: keep 'scratch' in --methods")
     out = Path(out)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 from dataclasses import asdict, dataclass, fields
 
 import math
@@ -66,6 +67,7 @@ __all__ = [
     "FLOW_MODES",
     "AdaptMethod",
     "LowRankUpdate",
+    "check_available",
     "prepare",
     "merge",
     "adapter_modules",
@@ -302,11 +304,16 @@ def _adapter_parameters(net: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+def check_available(method: AdaptMethod) -> None:
+    """Refuse a peft method where peft is not installed, before any work is done for it."""
+    if method.is_peft and importlib.util.find_spec("peft") is None:
+        raise InputError(f"method {method.name!r} needs the peft extra (pip install 'caloadapt[peft]'); "
+                         "without it, e.g. bitfit:flow=bitfit is parameter-efficient too")
+
+
 def _peft_config(method: AdaptMethod, target_modules: list[str]):
-    try:
-        from peft import IA3Config, LoHaConfig, LoraConfig
-    except ImportError:
-        raise InputError(f"method {method.name!r} needs the peft package (pip install peft)") from None
+    check_available(method)
+    from peft import IA3Config, LoHaConfig, LoraConfig
 
     if method.name in ("lora", "dora"):
         # A Kaiming-uniform, B zero (docs/model.md §6); no dropout, adapters on the Linears' weights only
