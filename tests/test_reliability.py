@@ -581,3 +581,49 @@ def test_full_disk_writing_a_checkpoint_is_an_output_error(tiny_run, tmp_path, m
         save_checkpoint(tmp_path / "out.pt", model)
     assert not (tmp_path / "out.pt").exists()
     assert_no_temporary_files(tmp_path)
+
+
+# -- 10. inputs are checked where they enter ------------------------------------------------------------------
+@pytest.fixture
+def fifo(tmp_path):
+    """A FIFO whose writer opens it once a reader waits (then closes it at once), until the test ends:
+    a reader that does not refuse it gets an empty file instead of waiting for ever."""
+    import threading
+
+    path = tmp_path / "fifo.yaml"
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def writer():
+        while not done.wait(0.05):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader yet
+                continue
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    yield path
+    done.set()
+    thread.join()
+
+
+def test_files_of_the_wrong_kind_are_named(run, tiny_run, ild_file, tmp_path, fifo):
+    (tmp_path / "binary.yaml").write_bytes(ild_file.read_bytes())
+    generate = ["generate", "-g", "ild-ecal", "--n", "2", "--device", "cpu", "--steps", "1", "-o", "out.h5"]
+    assert_one_line_error(run(*generate, "--checkpoint", ild_file), "ild.h5", "HDF5", "not a checkpoint")
+    assert_one_line_error(run(*generate, "--checkpoint", tiny_run / "best.pt", "--engine", "onnxruntime",
+                              "--onnx", ild_file), "ild.h5", "HDF5", "not an ONNX file")
+    assert_one_line_error(run("info", tiny_run / "best.pt"), "best.pt", "PyTorch checkpoint", "not a shower file")
+    assert_one_line_error(run("simulate", "-g", "binary.yaml", "-o", "out.h5", "--n", "2"), "binary.yaml",
+                          "HDF5", "not a geometry file")
+    assert_one_line_error(run("simulate", "-g", fifo, "-o", "out.h5", "--n", "2"), "fifo.yaml", "FIFO")
+    assert_one_line_error(run("info", fifo), "fifo.yaml", "FIFO")
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_an_empty_path_is_refused(run, ild_file, tmp_path):
+    """'' would be the current folder: a training would fill it with its files."""
+    assert_one_line_error(run("train", "--data", ild_file, "-o", "", *TINY_RUN), "empty", "-o")
+    assert_one_line_error(run("info", ""), "empty")
+    assert not (tmp_path / "metrics.csv").exists()

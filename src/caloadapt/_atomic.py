@@ -23,20 +23,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ._inputs import file_type_name
 from .errors import OutputError
 
 __all__ = ["atomic_path", "output_target", "WRITE_ERRNOS"]
 
 #: errors that only writing causes: inside the block they become one line naming the output
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
-
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
-
-
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
 
 def output_target(path: str | os.PathLike[str]) -> Path:
     """The file an output to ``path`` replaces: ``path`` itself, or where its symbolic link points.
@@ -57,7 +50,7 @@ def output_target(path: str | os.PathLike[str]) -> Path:
     except OSError as err:
         raise OutputError(f"{given}: cannot use as output: {err.strerror}") from None
     if not stat.S_ISREG(mode):
-        raise OutputError(f"{given}: is {_kind(mode)}, not a regular file; refusing to write over it")
+        raise OutputError(f"{given}: is {file_type_name(mode)}, not a regular file; refusing to write over it")
     return target
 
 

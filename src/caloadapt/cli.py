@@ -48,6 +48,7 @@ class _OneLineErrorGroup(TyperGroup):
         global _debug
         _debug = os.environ.get("CALOADAPT_DEBUG", "") not in ("", "0")
         try:
+            _refuse_empty_arguments(sys.argv[1:] if args is None else list(args))
             with termination_handlers():
                 status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             status = status if isinstance(status, int) else 0
@@ -56,6 +57,15 @@ class _OneLineErrorGroup(TyperGroup):
         if not standalone_mode:
             return status
         sys.exit(status)
+
+
+def _refuse_empty_arguments(args: list[str]) -> None:
+    """An empty argument is never meant: as a path it would be the current folder (``-o ''`` trains there)."""
+    for i, arg in enumerate(args):
+        option = arg[:-1] if arg.startswith("-") and arg.endswith("=") else (
+            args[i - 1] if arg == "" and i > 0 and args[i - 1].startswith("-") else None)
+        if arg == "" or option is not None:
+            raise CaloadaptError(f"empty value given to {option}" if option else "an empty argument was given")
 
 
 def _one_line(text: str) -> str:

@@ -40,6 +40,7 @@ import yaml
 
 from .. import __version__
 from .._atomic import atomic_path
+from .._inputs import input_file, wrong_kind
 from .._signals import deferred_termination
 from ..errors import CaloadaptError, InputError, OutputError
 from ..geometry import Geometry, geometry_from_yaml_text, get_geometry
@@ -64,15 +65,14 @@ _CALOCHALLENGE_GEOMETRY = {6480: "calochallenge-2", 40500: "calochallenge-3"}
 
 # -- opening and detection -------------------------------------------------------------------
 def _open(path: str | os.PathLike[str]) -> h5py.File:
-    path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a shower file")
+    path = input_file(path, "shower file")
     try:
         return h5py.File(path, "r")
     except OSError:
-        raise InputError(f"{path}: not an HDF5 file (or unreadable)") from None
+        raise InputError(wrong_kind(path, "shower file (HDF5)", expected=("HDF5",))
+                         or f"{path}: not an HDF5 file (or unreadable)") from None
 
 
 def _format_of(f: h5py.File, path) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from .._inputs import read_text_file
 from ..errors import GeometryError
 from .calochallenge_xml import parse_binning_xml
 from .geometry import EnergyScale, Geometry, ShowerParameters
@@ -240,9 +241,7 @@ def geometry_from_yaml(path: str | Path) -> Geometry:
     """Build a geometry from a YAML description file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise GeometryError(f"cannot read geometry file {path}: {err.strerror}") from None
+        data = yaml.safe_load(read_text_file(path, "geometry file", error=GeometryError))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
