@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 import caloadapt
@@ -627,3 +628,48 @@ def test_an_empty_path_is_refused(run, ild_file, tmp_path):
     assert_one_line_error(run("train", "--data", ild_file, "-o", "", *TINY_RUN), "empty", "-o")
     assert_one_line_error(run("info", ""), "empty")
     assert not (tmp_path / "metrics.csv").exists()
+
+
+# -- 11. geometry descriptions: finite numbers, sizes that can be built ------------------------------------
+def _builtin_description(name: str) -> str:
+    from caloadapt.geometry.spec import __file__ as spec_file
+
+    return (Path(spec_file).parent / "data" / f"{name}.yaml").read_text()
+
+
+@pytest.mark.parametrize("old, new, words", [
+    ("thickness_mm: 1.4", "thickness_mm: .inf", ["thickness_mm", "finite"]),
+    ("n_r: 18, dr_moliere: 0.25", "r_edges_mm: [0, 1, .nan, 3]", ["r_edges_mm", "finite"]),
+    ("threshold_mev: 0.015151515151515152", "threshold_mev: .nan", ["threshold_mev", "finite"]),
+    ("repeat: 90", "repeat: 1000000000000", ["slabs", "repeat"]),
+    ("n_layers: 45", "n_layers: 1000000000", ["layers", "10,000"]),
+    ("n_r: 18, dr_moliere: 0.25, n_alpha: 50", "n_r: 100000, dr_moliere: 0.25, n_alpha: 100000", ["cells"]),
+    ("n_r: 18, dr_moliere: 0.25, n_alpha: 50", "layers: [{r_edges_mm: [0, 1]}]", ["n_alpha"]),
+])
+def test_geometry_descriptions_with_unusable_numbers_are_refused(run, tmp_path, old, new, words):
+    text = _builtin_description("generic-mesh")
+    assert old in text
+    (tmp_path / "bad.yaml").write_text(text.replace(old, new))
+    assert_one_line_error(run("simulate", "-g", "bad.yaml", "-o", "out.h5", "--n", "1"), "bad.yaml", *words)
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_binning_xml_with_non_finite_edges_is_refused(run, tmp_path):
+    layers = "".join(f'<Layer id="{i}" r_edges="0,4,nan,20" n_bin_alpha="10"/>' for i in range(3))
+    (tmp_path / "nan.xml").write_text(f'<Bins><Bin pid="22" name="photon">{layers}</Bin></Bins>')
+    assert_one_line_error(run("simulate", "-g", "nan.xml", "-o", "out.h5", "--n", "1"), "nan.xml", "finite")
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_geometry_descriptions_that_alias_their_way_to_millions_of_slabs_are_refused():
+    """YAML aliases make one object stand for many: counted as used, before anything is built from them."""
+    from caloadapt.errors import GeometryError
+    from caloadapt.geometry import geometry_from_spec
+
+    data = yaml.safe_load(_builtin_description("generic-mesh"))
+    block = {"repeat": 1, "slabs": [{"material": "W", "thickness_mm": 0.001, "active": True}]}
+    for _ in range(6):  # 10**6 slabs from a few dozen objects
+        block = {"repeat": 1, "slabs": [block] * 10}
+    data["stack"] = [block]
+    with pytest.raises(GeometryError, match="entries"):
+        geometry_from_spec(data, source="aliases.yaml")
