@@ -673,3 +673,49 @@ def test_geometry_descriptions_that_alias_their_way_to_millions_of_slabs_are_ref
     data["stack"] = [block]
     with pytest.raises(GeometryError, match="entries"):
         geometry_from_spec(data, source="aliases.yaml")
+
+
+# -- 12. failed runs and killed writers leave nothing in the way ---------------------------------------------
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(run, ild_file, tmp_path):
+    """The same command, corrected, runs again: no 'holds a run already' for a run that never was."""
+    failed = run("train", "--data", ild_file, "-o", "run", *TINY_RUN, "--lr", "1e30")
+    assert_one_line_error(failed, "non-finite")
+    assert not (tmp_path / "run").exists()
+    again = run("train", "--data", ild_file, "-o", "run", *TINY_RUN)
+    assert again.exit_code == 0, again.stderr
+    (tmp_path / "kept").mkdir()  # a folder the user made stays, and so does what else is in it
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    assert_one_line_error(run("train", "--data", ild_file, "-o", "kept", *TINY_RUN, "--lr", "1e30"), "non-finite")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir() if p.name != ".caloadapt.lock") == ["notes.txt"]
+
+
+def test_the_files_of_a_run_killed_before_its_first_checkpoint_are_replaced(run, ild_file, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text("step,epoch\n")  # what kill -9 at step 10 of 200 leaves
+    result = run("train", "--data", ild_file, "-o", "run", *TINY_RUN)
+    assert result.exit_code == 0, result.stderr
+    assert "wrote no checkpoint" in result.stdout and (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_stale_temporary_files_are_swept_and_live_ones_kept(run, tmp_path):
+    from caloadapt._atomic import STALE_AFTER_S
+
+    def temporary(name: str, age_s: float) -> Path:
+        path = tmp_path / name
+        path.write_bytes(b"partial")
+        old = path.stat().st_mtime - age_s
+        os.utime(path, (old, old))
+        return path
+
+    stale = temporary(".out.h5.caloadapt-dead0001.tmp", 2 * STALE_AFTER_S)  # its writer was killed
+    live = temporary(".other.h5.caloadapt-live0001.tmp", 2 * STALE_AFTER_S)  # a long write in progress
+    fresh = temporary(".other.h5.caloadapt-new00001.tmp", 0)  # just created, not yet locked
+    foreign = temporary(".notes.txt.swp.tmp", 2 * STALE_AFTER_S)  # not caloadapt's
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as its writer holds it
+        assert run("simulate", "-o", "out.h5", "--n", "2", "--energy", "1:2").exit_code == 0
+        assert not stale.exists()
+        assert live.exists() and fresh.exists() and foreign.exists()
+    finally:
+        os.close(fd)

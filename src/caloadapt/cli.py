@@ -335,7 +335,7 @@ def _claim_run(output: Path, resume: bool, overwrite: bool) -> None:
     from .train.rundir import claim_run_directory
 
     found = claim_run_directory(output, resume=resume, overwrite=overwrite)
-    if resume or overwrite:
+    if not found.startswith("new run"):
         typer.echo(found)
 
 

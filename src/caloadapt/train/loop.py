@@ -319,14 +319,15 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
     (:class:`caloadapt._signals.Terminated` is raised then; ``resume`` continues).
     """
     lock = run_lock(out_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
-    with lock, deferred_termination():
-        return _train(model, data, geometry, out_dir, config, trainable=trainable, resume=resume,
+    with lock, deferred_termination(), contextlib.ExitStack() as on_exit:
+        return _train(model, data, geometry, out_dir, config, on_exit, trainable=trainable, resume=resume,
                       fit_normalisation=fit_normalisation, checkpoint_parts=checkpoint_parts,
                       stop_after_steps=stop_after_steps, progress=progress, objective=objective or ModelLosses(),
                       sampler=sampler or Sampler())
 
 
-def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | Path, config: TrainConfig, *,
+def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | Path, config: TrainConfig,
+           on_exit: contextlib.ExitStack, *,
            trainable: list[str] | None, resume: bool, fit_normalisation: bool, checkpoint_parts: dict | None,
            stop_after_steps: int | None, progress: bool, objective: Objective, sampler: Sampler) -> dict:
     ddp, rank, world = _setup_distributed()
@@ -435,8 +436,9 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
         return _validation_round(model, ema, val, weights, device, state, best_state, config, running, metrics_path,
                                  optimizer, time.perf_counter() - started, board, objective)
 
-    bar = tqdm(total=config.steps, initial=state["step"], disable=not progress or rank != 0, desc=objective.name,
-               unit="step")
+    # closed however the run ends, so that an error's line starts a line of its own
+    bar = on_exit.enter_context(tqdm(total=config.steps, initial=state["step"], disable=not progress or rank != 0,
+                                     desc=objective.name, unit="step"))
     started = time.perf_counter() - state["wall_s"]
     running = fresh_running()
     if objective.validate_start and state["step"] == 0 and rank == 0:
