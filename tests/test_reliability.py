@@ -26,6 +26,7 @@ from caloadapt.errors import CheckpointError, OutputError
 from caloadapt.pretrained import SHIPPED_CHECKPOINTS
 from caloadapt.simulate import simulate
 from caloadapt.train import load_checkpoint
+from caloadapt.train.loop import ModelLosses
 
 #: a tiny model and run: two steps, one validation
 TINY_MODEL = ["--widths", "16,16", "--flow-hidden", "16", "--flow-transforms", "1"]
@@ -719,3 +720,42 @@ def test_stale_temporary_files_are_swept_and_live_ones_kept(run, tmp_path):
         assert live.exists() and fresh.exists() and foreign.exists()
     finally:
         os.close(fd)
+
+
+# -- 13. a diverging training stops, keeping its last checkpoint before -------------------------------------
+def _tiny_training(ild_file, out: Path, objective, **overrides) -> dict:
+    from caloadapt.geometry import get_geometry
+    from caloadapt.models import ModelConfig, ShowerModel
+    from caloadapt.train import TrainConfig, train
+
+    config = TrainConfig(**{**dict(steps=40, batch_size=4, max_points=32, val_every=10, checkpoint_every=10,
+                                   device="cpu", val_max_showers=4, occupancy_showers=0), **overrides})
+    torch.manual_seed(0)
+    model = ShowerModel(ModelConfig(widths=(16, 16), time_dim=16, flow_hidden=(16,), flow_transforms=1))
+    return train(model, ild_file, get_geometry("ild-ecal"), out, config, progress=False, objective=objective)
+
+
+class _ExplodingLosses(ModelLosses):
+    """The model's own losses, times ``factor`` from call ``start`` on: a run whose loss explodes."""
+
+    def __init__(self, start: int, factor: float):
+        self.start, self.factor, self.calls = start, factor, 0
+
+    def losses(self, model, batch, generator):
+        losses = super().losses(model, batch, generator)
+        self.calls += 1
+        return {k: v * self.factor for k, v in losses.items()} if self.calls > self.start else losses
+
+
+def test_a_loss_that_explodes_stops_the_run_and_keeps_the_last_checkpoint(ild_file, tmp_path):
+    from caloadapt.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"diverged at step 25: the diffusion loss rose.*last.pt holds step 20"):
+        _tiny_training(ild_file, tmp_path / "run", _ExplodingLosses(start=25, factor=1e8))
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["step"] == 20
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["train_state"]["step"] == 20
+
+
+def test_a_loss_that_only_wanders_does_not_stop_the_run(ild_file, tmp_path):
+    summary = _tiny_training(ild_file, tmp_path / "run", _ExplodingLosses(start=25, factor=30.0))
+    assert summary["steps"] == 40

@@ -445,6 +445,15 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
         validation_round()
         save(out_dir / "best.pt", best_state)
     converged = False  # early stop by patience: training is over, as at the last step
+    watch = _DivergenceWatch(objective.train_keys)
+    saved_step = state["step"] if resume and last.exists() else None  # the step last.pt holds
+
+    def diverged(what: str, step: int) -> TrainingError:
+        advice = "lower the learning rate (--lr, --flow-lr) and run again"
+        if saved_step is not None:
+            advice = (f"{last} holds step {saved_step}, the last checkpoint before it (--resume continues from it); "
+                      f"{advice} with --overwrite")
+        return TrainingError(f"training diverged at step {step}: {what}; {advice}")
     while state["step"] < config.steps:
         step = state["step"]
         k = 0 if len(sources) == 1 else int(np.random.default_rng([config.data_seed, step, 7]).choice(
@@ -458,17 +467,23 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
         losses = objective.losses(ddp_model, batch, generator)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite training loss at step {step}; lower the learning rate")
+            raise diverged(f"non-finite training loss {float(loss.detach())}", step)
+        values = {key: float(losses[key].detach()) for key in objective.train_keys}
+        exploded = watch.exploded(values)
+        if exploded:
+            raise diverged(exploded, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([params[n] for n in names], config.grad_clip)
+        gradient_norm = torch.nn.utils.clip_grad_norm_([params[n] for n in names], config.grad_clip)
+        if not torch.isfinite(gradient_norm):  # clipping would turn it into NaN weights
+            raise diverged("non-finite gradients", step)
         optimizer.step()
         scheduler.step()
         ema.update(model, step, names)
         objective.after_step(model, step)
         state["step"] = step = step + 1
         for key in objective.train_keys:
-            running[key] += float(losses[key].detach())
+            running[key] += values[key]
         running["n"] += 1
         bar.update(1)
         bar.set_postfix({key: f"{running[key] / running['n']:.3f}" for key in objective.train_keys})
@@ -487,6 +502,7 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
             state["wall_s"] = time.perf_counter() - started
             if rank == 0:
                 save(last, ema.state)
+                saved_step = step
             if ddp:
                 dist.barrier()
         if terminated is not None:
@@ -508,6 +524,38 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
         dist.barrier()
     return {"steps": state["step"], "best": state["best"], "best_step": state["best_step"],
             "wall_s": time.perf_counter() - started, "rank": rank}
+
+
+#: a training loss this many times above its lowest has diverged (a loss near 0 or below, as a flow's
+#: negative log-likelihood can be, is measured against 1 instead)
+DIVERGENCE_FACTOR = 1e4
+#: steps averaged into each candidate for the lowest loss (one lucky batch does not set it)
+DIVERGENCE_BLOCK_STEPS = 10
+
+
+class _DivergenceWatch:
+    """Tells when a training loss exploded: ``DIVERGENCE_FACTOR`` times above the lowest mean of
+    ``DIVERGENCE_BLOCK_STEPS`` consecutive steps seen by this process (so that no checkpoint is written
+    after it). It keeps nothing in checkpoints: a resumed run watches again from its first block."""
+
+    def __init__(self, keys: Sequence[str]):
+        self.lowest = dict.fromkeys(keys, math.inf)
+        self.block: dict[str, list[float]] = {key: [] for key in keys}
+
+    def exploded(self, losses: dict[str, float]) -> str | None:
+        """A description of the loss that exploded, or None; else ``losses`` join the current block."""
+        for key, value in losses.items():
+            lowest = self.lowest[key]
+            scale = max(abs(lowest), 1.0)
+            if value > lowest + DIVERGENCE_FACTOR * scale:
+                return f"the {key} loss rose to {value:.3g} from at most {lowest:.3g} before"
+        for key, value in losses.items():
+            block = self.block[key]
+            block.append(value)
+            if len(block) == DIVERGENCE_BLOCK_STEPS:
+                self.lowest[key] = min(self.lowest[key], sum(block) / len(block))
+                block.clear()
+        return None
 
 
 def _tensorboard(out_dir: Path):
