@@ -759,3 +759,29 @@ def test_a_loss_that_explodes_stops_the_run_and_keeps_the_last_checkpoint(ild_fi
 def test_a_loss_that_only_wanders_does_not_stop_the_run(ild_file, tmp_path):
     summary = _tiny_training(ild_file, tmp_path / "run", _ExplodingLosses(start=25, factor=30.0))
     assert summary["steps"] == 40
+
+
+# -- 14. memory: estimated before it is spent, and an out-of-memory line that names the cause -------------
+def test_showers_that_would_not_fit_are_refused_with_a_count_that_fits(run, tmp_path, monkeypatch):
+    monkeypatch.setattr("caloadapt._memory.available_memory_bytes", lambda: 64 * 2**20)
+    for command in (["simulate"], ["generate", "-g", "ild-ecal", "--device", "cpu"]):
+        line = assert_one_line_error(run(*command, "--n", "2000000", "-o", "out.h5"), "--n 2,000,000", "memory")
+        assert re.search(r"about [\d,]+ showers would fit", line), line
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_evaluating_in_a_readout_too_large_for_the_memory_is_refused_up_front(run, ild_file, tmp_path, monkeypatch):
+    monkeypatch.setattr("caloadapt._memory.available_memory_bytes", lambda: 64 * 2**20)
+    result = run("evaluate", "--generated", ild_file, "--reference", ild_file, "-o", "results", "--classifier", "none",
+                 "--no-plots", "--n-bootstrap", "0")
+    assert_one_line_error(result, "ild-ecal", "187,230 cells", "--geometry")
+    assert not (tmp_path / "results").exists()
+
+
+def test_out_of_memory_names_what_sizes_the_command(run, ild_file, tmp_path, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr("caloadapt.data.iter_showers", exhausted)
+    line = assert_one_line_error(run("convert", ild_file, "out.h5"), "out of memory", "convert", "--chunk-size")
+    assert "--n" not in line and "--batch-size" not in line

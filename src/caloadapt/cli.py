@@ -34,6 +34,8 @@ from .models.sampling import DEFAULT_STEPS, SAMPLER_KINDS, Sampler
 
 #: ``caloadapt --debug COMMAND`` (or CALOADAPT_DEBUG=1): show the traceback of an error
 _debug = False
+#: the command being run (its out-of-memory line names what sizes its memory)
+_command: str | None = None
 
 
 class _OneLineErrorGroup(TyperGroup):
@@ -47,8 +49,11 @@ class _OneLineErrorGroup(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         global _debug
         _debug = os.environ.get("CALOADAPT_DEBUG", "") not in ("", "0")
+        global _command
+        args = sys.argv[1:] if args is None else list(args)
+        _command = next((arg for arg in args if not arg.startswith("-")), None)  # --debug is the only option before it
         try:
-            _refuse_empty_arguments(sys.argv[1:] if args is None else list(args))
+            _refuse_empty_arguments(args)
             with termination_handlers():
                 status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             status = status if isinstance(status, int) else 0
@@ -102,10 +107,8 @@ def _report(err: BaseException) -> int:
         if isinstance(err, FileExistsError):
             return _error(f"{where}exists already and is not what is needed here (a folder?)")
         return _error(f"{where}{err.strerror}")
-    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and any(
-            text in str(err) for text in ("can't allocate memory", "out of memory", "CUDA out of memory"))):
-        return _error("out of memory; ask for fewer or smaller showers or batches (--n, --energy, --batch-size, "
-                      "--steps)")
+    if _is_out_of_memory(err):
+        return _error(_out_of_memory_line(_command))
     hint = "" if _debug else "; rerun as 'caloadapt --debug ...' to see the traceback"
     return _error(f"unexpected {type(err).__name__}: {_one_line(err) or 'no message'} (a bug of caloadapt?){hint}")
 
@@ -137,6 +140,30 @@ class Spectrum(str, Enum):
 class Level(str, Enum):
     hits = "hits"
     spots = "spots"
+
+
+#: the options that size what each command holds in memory (besides the geometry's cells), for its
+#: out-of-memory line
+_MEMORY_OPTIONS = {
+    "simulate": "--n, --energy", "generate": "--batch-size, --n", "convert": "--chunk-size",
+    "evaluate": "--max-showers", "calibrate": "--n-showers",
+    **dict.fromkeys(("pretrain", "train", "finetune", "distill", "train-flow"), "--batch-size, --max-points"),
+    "sweep": "--batch-size, --max-points, --n-eval",
+}
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and any(
+        text in str(err) for text in ("can't allocate memory", "out of memory", "CUDA out of memory")))
+
+
+def _out_of_memory_line(command: str | None) -> str:
+    """The out-of-memory line: what sizes the memory of ``command``, and nothing it does not have."""
+    if command is None:
+        return "out of memory"
+    options = _MEMORY_OPTIONS.get(command)
+    sizes = f"lower {options} or use a readout with fewer cells" if options else "its inputs are too large"
+    return f"out of memory in '{command}': {sizes}"
 
 
 def _one_line_errors(command):
