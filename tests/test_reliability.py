@@ -770,6 +770,15 @@ def test_showers_that_would_not_fit_are_refused_with_a_count_that_fits(run, tmp_
     assert not (tmp_path / "out.h5").exists()
 
 
+def test_a_training_step_that_would_not_fit_is_refused_before_the_run_starts(run, ild_file, tmp_path, monkeypatch):
+    monkeypatch.setattr("caloadapt._memory.available_memory_bytes", lambda: 64 * 2**20)
+    args = [a for a in TINY_RUN]
+    args[args.index("--batch-size") + 1] = "100000"
+    line = assert_one_line_error(run("train", "--data", ild_file, "-o", "run", *args), "100,000 showers", "--batch-size")
+    assert re.search(r"about [\d,]+ showers per step would fit", line), line
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluating_in_a_readout_too_large_for_the_memory_is_refused_up_front(run, ild_file, tmp_path, monkeypatch):
     monkeypatch.setattr("caloadapt._memory.available_memory_bytes", lambda: 64 * 2**20)
     result = run("evaluate", "--generated", ild_file, "--reference", ild_file, "-o", "results", "--classifier", "none",

@@ -635,6 +635,17 @@ def count_showers(path: str | os.PathLike[str]) -> int:
         return len(f[key])
 
 
+def max_points_per_shower(path: str | os.PathLike[str]) -> int:
+    """Most points one shower of a file can hold, read cheaply: the largest shower of a points file, the
+    padded width of an ILD file, the cells of a CaloChallenge file (an upper bound)."""
+    with _open(path) as f:
+        fmt = _format_of(f, path)
+        if fmt == "points":
+            offsets = _read_dataset(_dataset(f, "offsets", 1, path), slice(None), path, "offsets")
+            return int(np.diff(offsets).max(initial=0))
+        return int(_dataset(f, "events", 3, path).shape[2] if fmt == "ild" else _dataset(f, "showers", 2, path).shape[1])
+
+
 def file_info(path: str | os.PathLike[str], geometry: Geometry | str | None = None,
               chunk_size: int = 2000) -> dict:
     """Summary of a shower file: format, geometry, counts, energy and incidence-angle ranges, points per shower."""
