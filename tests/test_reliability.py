@@ -794,3 +794,30 @@ def test_out_of_memory_names_what_sizes_the_command(run, ild_file, tmp_path, mon
     monkeypatch.setattr("caloadapt.data.iter_showers", exhausted)
     line = assert_one_line_error(run("convert", ild_file, "out.h5"), "out of memory", "convert", "--chunk-size")
     assert "--n" not in line and "--batch-size" not in line
+
+
+# -- 15. an output that is an input of the same command ----------------------------------------------------
+def test_outputs_that_are_inputs_of_the_same_command_are_refused(run, tiny_run, ild_file, tmp_path):
+    import shutil
+
+    model = tmp_path / "model.pt"
+    shutil.copy(tiny_run / "best.pt", model)
+    before = model.read_bytes()
+    assert_one_line_error(run("export", "--checkpoint", model, "-o", model), "model.pt", "--checkpoint")
+    assert_one_line_error(run("calibrate", "--checkpoint", model, "--data", ild_file, "-o", model, "--device", "cpu"),
+                          "model.pt", "--checkpoint")
+    assert_one_line_error(run("generate", "--checkpoint", model, "-g", "ild-ecal", "--n", "2", "--device", "cpu",
+                              "-o", model), "model.pt", "--checkpoint")
+    assert model.read_bytes() == before
+
+
+def test_a_run_that_would_write_over_its_own_input_is_refused(run, tiny_run, ild_file, tmp_path):
+    """Fine-tuning again from a run's model.pt into that run: --overwrite would remove the model it starts from."""
+    import shutil
+
+    shutil.copytree(tiny_run, tmp_path / "run")
+    before = (tmp_path / "run" / "best.pt").read_bytes()
+    result = run("finetune", "--checkpoint", "run/best.pt", "--data", ild_file, "-o", "run", "--overwrite",
+                 "--steps", "1", "--device", "cpu", "--occupancy-showers", "0")
+    assert_one_line_error(result, "best.pt", "choose another -o")
+    assert (tmp_path / "run" / "best.pt").read_bytes() == before

@@ -201,7 +201,7 @@ def _use_threads(threads: str | None) -> int:
 
 def _refuse_output_as_input(output: Path, source: Path | None, what: str = "the input") -> None:
     """One line, before anything is written, for an output that is also a file the command reads."""
-    if source is not None and output.resolve() == source.resolve():
+    if source is not None and Path(output).resolve() == Path(source).resolve():
         raise CaloadaptError(f"{output}: output would overwrite {what}")
 
 
@@ -357,9 +357,16 @@ def _csv_ints(text: str) -> tuple[int, ...]:
         raise CaloadaptError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _claim_run(output: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a run folder that holds a run (unless --resume / --overwrite); say what will happen."""
-    from .train.rundir import claim_run_directory
+def _claim_run(output: Path, resume: bool, overwrite: bool, inputs=()) -> None:
+    """Refuse a run folder that holds a run (unless --resume / --overwrite), or whose run files include one of
+    the command's ``inputs`` (the run writes them, --overwrite removes them); say what will happen."""
+    from .train.rundir import RUN_FILES, claim_run_directory
+
+    written = [output / name for name in (*RUN_FILES, "model-1step.pt")]
+    for source in inputs:
+        if source is not None and Path(source).resolve() in {path.resolve() for path in written}:
+            raise CaloadaptError(f"{source}: is an input of this run and a file the run writes (or --overwrite "
+                                 f"removes) in {output}; copy it elsewhere or choose another -o")
 
     found = claim_run_directory(output, resume=resume, overwrite=overwrite)
     if not found.startswith("new run"):
@@ -384,7 +391,7 @@ def _run_training(data: list[Path], data_weight: list[float] | None, output: Pat
     if len(weights) != len(data):
         raise CaloadaptError(f"got {len(weights)} --data-weight values for {len(data)} --data files")
     sources = [DataSource(path, file_geometry(path, geometry), weight) for path, weight in zip(data, weights)]
-    _claim_run(output, resume, overwrite)
+    _claim_run(output, resume, overwrite, data)
     torch.manual_seed(config.seed)  # the initial weights are a function of --seed
     try:
         torch_model = ShowerModel(model_config)
@@ -542,6 +549,8 @@ def generate(
     from .train import resolve_device
 
     geo = get_geometry(geometry)
+    _refuse_output_as_input(output, checkpoint, "the --checkpoint it generates with")
+    _refuse_output_as_input(output, onnx, "the --onnx network it generates with")
     incoming = None
     if energies_from is not None:
         _refuse_output_as_input(output, energies_from, "the --energies-from file")
@@ -683,7 +692,7 @@ def distill(
     size = ("widths", "transformer_dim", "transformer_depth")
     if lr is None and any(getattr(student, k) != getattr(teacher.config, k) for k in size):
         config = dataclasses.replace(config, lr=FRESH_STUDENT_LR)  # a fresh student, not a warm start
-    _claim_run(output, resume, overwrite)
+    _claim_run(output, resume, overwrite, [checkpoint, data])
     # the run folder is locked by the training loop
     summary = run_distill(teacher, data, geo, output, config, resume=resume,
                           checkpoint_parts={"command": " ".join(sys.argv), "teacher": str(checkpoint)})
@@ -746,7 +755,7 @@ def train_flow(
                          data_seed=data_seed if data_seed is not None else ran.get("data_seed", 0),
                          val_every=val_every, checkpoint_every=val_every, seed=seed, device=device,
                          occupancy_showers=occupancy_showers)
-    _claim_run(output, resume, overwrite)
+    _claim_run(output, resume, overwrite, [checkpoint, data])
     summary = run_train_flow(checkpoint, data, geo, output, config, flow_transforms=flow_transforms,
                              flow_hidden=None if flow_hidden is None else _csv_ints(flow_hidden), resume=resume,
                              checkpoint_parts={"command": " ".join(sys.argv)})
@@ -781,6 +790,9 @@ def benchmark(
     from .benchmark import format_table, run_benchmark
 
     timed = parse_threads(threads)
+    for written in (output, output.with_suffix(".txt")):
+        for source, what in ((checkpoint, "the --checkpoint it times"), (distilled, "the --distilled checkpoint")):
+            _refuse_output_as_input(written, source, what)
     _use_threads(None)  # the untimed set-up; each timed case sets its own thread count
     report = run_benchmark(checkpoint, output, quick=quick, device=device, distilled=distilled, n_steps=steps,
                            onnx=onnx, threads=None if timed is None else (1, timed), theta_deg=theta,
@@ -865,7 +877,7 @@ def finetune(
         from .adapt.one_step import one_step_config, student_start
         init = student_start(pretrained, student_init)
         distill_config = one_step_config(config, "fresh" if init is None else "init", one_step_steps)
-    _claim_run(output, resume, overwrite)
+    _claim_run(output, resume, overwrite, [pretrained, data, init])
     with run_lock(output):
         summary = run_finetune(pretrained, data, geo, output, adapt_method, config, resume=resume,
                                checkpoint_parts={"command": " ".join(sys.argv)}, hits_as_spots=hits_as_spots,
@@ -1114,6 +1126,7 @@ def export(
 ) -> None:
     """Export a trained model: a weights-only checkpoint, or the network as ONNX (parity-checked)."""
     _use_threads(threads)
+    _refuse_output_as_input(output, checkpoint, "the --checkpoint it exports")
     if format == ExportFormat.checkpoint:
         from .train import inference_checkpoint
 
@@ -1160,6 +1173,8 @@ def calibrate(
     _use_threads(threads)
     if geometry is not None and len(data) > 1:
         raise CaloadaptError("--geometry names the detector of a single file")
+    for source, what in ((checkpoint, "the --checkpoint it calibrates"), *((path, "a --data file") for path in data)):
+        _refuse_output_as_input(output, source, what)
     payload = load_checkpoint(checkpoint)
     model, sampler = load_model(payload, source=str(checkpoint))
     model, sampler = model.to(resolve_device(device)), sampler.with_sigma_max(sigma_max).with_steps(steps)
