@@ -422,6 +422,7 @@ def test_malformed_files_are_one_line(run, ild_file, tmp_path, case):
     (["simulate", "--energy", "1e9"], ["memory", "GeV"]),
     (["simulate", "--format", "xml"], ["--format"]),
     (["generate", "-g", "ild-ecal", "--device", "tpu"], ["tpu"]),
+    (["generate", "-g", "ild-ecal", "--device", "cpu", "--sigma-max", "1e300"], ["sigma_max", "float32"]),
 ])
 def test_bad_numbers_and_names_are_one_line(run, tmp_path, args, words):
     assert_one_line_error(run(*args, "-o", "out.h5"), *words)
@@ -431,7 +432,8 @@ def test_bad_numbers_and_names_are_one_line(run, tmp_path, args, words):
 
 @pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--lr", "-1"), ("--flow-lr", "inf"),
                                            ("--val-fraction", "1"), ("--device", "tpu"), ("--seed", "-1"),
-                                           ("--widths", "0,-3")])
+                                           ("--widths", "0,-3"), ("--transverse-scale-rm", "nan"),
+                                           ("--transverse-scale-rm", "-1")])
 def test_bad_training_options_are_one_line(run, ild_file, tmp_path, option, value):
     args = [*TINY_RUN]
     if option in args:

@@ -410,6 +410,14 @@ def _run_training(data: list[Path], data_weight: list[float] | None, output: Pat
                f"checkpoints and {LOSS_CURVES} in {output}")
 
 
+def _model_options(config_class, **options):
+    """A model configuration from command-line options; what it refuses is one line."""
+    try:
+        return config_class(**options)
+    except ValueError as err:  # the configuration's own checks, e.g. a negative --transverse-scale-rm
+        raise CaloadaptError(f"invalid model options: {err}") from None
+
+
 def _training_command(name: str, help_text: str, default_steps: int, default_val_fraction: float):
     @app.command(name, help=help_text)
     @_one_line_errors
@@ -478,13 +486,12 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
                              checkpoint_every=val_every, seed=seed, data_seed=data_seed, device=device,
                              patience=patience, occupancy_showers=occupancy_showers)
         conditioned = len(data) > 1 if geometry_conditioning is None else geometry_conditioning
-        model_config = ModelConfig(frame=frame, transverse_scale_rm=transverse_scale_rm, depth_given=depth_given,
-                                   shower_depth_condition=shower_depth_condition,
-                                   angle_conditioning=angle_conditioning, backbone=backbone,
-                                   geometry_conditioning=conditioned,
-                                   widths=_csv_ints(widths), transformer_dim=transformer_dim,
-                                   transformer_depth=transformer_depth, flow_hidden=_csv_ints(flow_hidden),
-                                   flow_transforms=flow_transforms)
+        model_config = _model_options(ModelConfig, frame=frame, transverse_scale_rm=transverse_scale_rm,
+                                      depth_given=depth_given, shower_depth_condition=shower_depth_condition,
+                                      angle_conditioning=angle_conditioning, backbone=backbone,
+                                      geometry_conditioning=conditioned, widths=_csv_ints(widths),
+                                      transformer_dim=transformer_dim, transformer_depth=transformer_depth,
+                                      flow_hidden=_csv_ints(flow_hidden), flow_transforms=flow_transforms)
         _run_training(data, data_weight, output, geometry, config, model_config, resume, overwrite)
     return command
 

@@ -18,6 +18,7 @@ they simulate, by its descriptor (:func:`caloadapt.geometry.geometry_descriptor`
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -136,6 +137,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {', '.join(BACKBONES)}")
+        if not (isinstance(self.transverse_scale_rm, (int, float)) and 0 <= self.transverse_scale_rm < math.inf):
+            raise ValueError(f"transverse_scale_rm must be a finite number >= 0, got {self.transverse_scale_rm!r}")
 
     @property
     def condition_dim(self) -> int:
