@@ -568,7 +568,8 @@ class _DivergenceWatch:
             lowest = self.lowest[key]
             scale = max(abs(lowest), 1.0)
             if value > lowest + DIVERGENCE_FACTOR * scale:
-                return f"the {key} loss rose to {value:.3g} from at most {lowest:.3g} before"
+                return (f"the {key} loss rose to {value:.3g} from a lowest {DIVERGENCE_BLOCK_STEPS}-step mean of "
+                        f"{lowest:.3g}")
         for key, value in losses.items():
             block = self.block[key]
             block.append(value)
