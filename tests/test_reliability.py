@@ -439,7 +439,9 @@ def test_bad_training_options_are_one_line(run, ild_file, tmp_path, option, valu
     if option in args:
         i = args.index(option)
         del args[i:i + 2]
-    assert_one_line_error(run("train", "--data", ild_file, "-o", "run", *args, option, value), option.lstrip("-")[:5])
+    line = assert_one_line_error(run("train", "--data", ild_file, "-o", "run", *args, option, value),
+                                 option.lstrip("-")[:5])
+    assert "unexpected" not in line
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
