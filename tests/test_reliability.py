@@ -778,7 +778,8 @@ def test_a_training_step_that_would_not_fit_is_refused_before_the_run_starts(run
     monkeypatch.setattr("caloadapt._memory.available_memory_bytes", lambda: 64 * 2**20)
     args = [a for a in TINY_RUN]
     args[args.index("--batch-size") + 1] = "100000"
-    line = assert_one_line_error(run("train", "--data", ild_file, "-o", "run", *args), "100,000 showers", "--batch-size")
+    line = assert_one_line_error(run("train", "--data", ild_file, "-o", "run", *args), "100,000 showers",
+                                 "--batch-size")
     assert re.search(r"about [\d,]+ showers per step would fit", line), line
     assert not (tmp_path / "run").exists()
 

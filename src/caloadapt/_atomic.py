@@ -75,6 +75,7 @@ def sweep_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
             os.close(fd)
     return removed
 
+
 def output_target(path: str | os.PathLike[str]) -> Path:
     """The file an output to ``path`` replaces: ``path`` itself, or where its symbolic link points.
 

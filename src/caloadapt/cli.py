@@ -47,9 +47,8 @@ class _OneLineErrorGroup(TyperGroup):
     """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        global _debug
+        global _debug, _command
         _debug = os.environ.get("CALOADAPT_DEBUG", "") not in ("", "0")
-        global _command
         args = sys.argv[1:] if args is None else list(args)
         _command = next((arg for arg in args if not arg.startswith("-")), None)  # --debug is the only option before it
         try:
@@ -67,9 +66,10 @@ class _OneLineErrorGroup(TyperGroup):
 def _refuse_empty_arguments(args: list[str]) -> None:
     """An empty argument is never meant: as a path it would be the current folder (``-o ''`` trains there)."""
     for i, arg in enumerate(args):
-        option = arg[:-1] if arg.startswith("-") and arg.endswith("=") else (
-            args[i - 1] if arg == "" and i > 0 and args[i - 1].startswith("-") else None)
-        if arg == "" or option is not None:
+        if arg.startswith("--") and arg.endswith("="):  # --output=
+            raise CaloadaptError(f"empty value given to {arg[:-1]}")
+        if arg == "":
+            option = args[i - 1] if i > 0 and args[i - 1].startswith("-") else None
             raise CaloadaptError(f"empty value given to {option}" if option else "an empty argument was given")
 
 
@@ -410,10 +410,12 @@ def _run_training(data: list[Path], data_weight: list[float] | None, output: Pat
                f"checkpoints and {LOSS_CURVES} in {output}")
 
 
-def _model_options(config_class, **options):
-    """A model configuration from command-line options; what it refuses is one line."""
+def _model_config(**options):
+    """The model configuration of command-line options; what it refuses is one line."""
+    from .models import ModelConfig
+
     try:
-        return config_class(**options)
+        return ModelConfig(**options)
     except ValueError as err:  # the configuration's own checks, e.g. a negative --transverse-scale-rm
         raise CaloadaptError(f"invalid model options: {err}") from None
 
@@ -473,7 +475,7 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
         = 128,
         threads: ThreadsOption = None,
     ) -> None:
-        from .models import BACKBONES, FRAMES, ModelConfig
+        from .models import BACKBONES, FRAMES
         from .train import TrainConfig
 
         _use_threads(threads)
@@ -486,12 +488,12 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
                              checkpoint_every=val_every, seed=seed, data_seed=data_seed, device=device,
                              patience=patience, occupancy_showers=occupancy_showers)
         conditioned = len(data) > 1 if geometry_conditioning is None else geometry_conditioning
-        model_config = _model_options(ModelConfig, frame=frame, transverse_scale_rm=transverse_scale_rm,
-                                      depth_given=depth_given, shower_depth_condition=shower_depth_condition,
-                                      angle_conditioning=angle_conditioning, backbone=backbone,
-                                      geometry_conditioning=conditioned, widths=_csv_ints(widths),
-                                      transformer_dim=transformer_dim, transformer_depth=transformer_depth,
-                                      flow_hidden=_csv_ints(flow_hidden), flow_transforms=flow_transforms)
+        model_config = _model_config(frame=frame, transverse_scale_rm=transverse_scale_rm,
+                                     depth_given=depth_given, shower_depth_condition=shower_depth_condition,
+                                     angle_conditioning=angle_conditioning, backbone=backbone,
+                                     geometry_conditioning=conditioned, widths=_csv_ints(widths),
+                                     transformer_dim=transformer_dim, transformer_depth=transformer_depth,
+                                     flow_hidden=_csv_ints(flow_hidden), flow_transforms=flow_transforms)
         _run_training(data, data_weight, output, geometry, config, model_config, resume, overwrite)
     return command
 

@@ -643,7 +643,9 @@ def max_points_per_shower(path: str | os.PathLike[str]) -> int:
         if fmt == "points":
             offsets = _read_dataset(_dataset(f, "offsets", 1, path), slice(None), path, "offsets")
             return int(np.diff(offsets).max(initial=0))
-        return int(_dataset(f, "events", 3, path).shape[2] if fmt == "ild" else _dataset(f, "showers", 2, path).shape[1])
+        if fmt == "ild":
+            return int(_dataset(f, "events", 3, path).shape[2])
+        return int(_dataset(f, "showers", 2, path).shape[1])
 
 
 def file_info(path: str | os.PathLike[str], geometry: Geometry | str | None = None,
