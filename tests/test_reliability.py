@@ -7,8 +7,10 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import signal
 import stat
+import threading
 from pathlib import Path
 
 import h5py
@@ -594,8 +596,6 @@ def test_full_disk_writing_a_checkpoint_is_an_output_error(tiny_run, tmp_path, m
 def fifo(tmp_path):
     """A FIFO whose writer opens it once a reader waits (then closes it at once), until the test ends:
     a reader that does not refuse it gets an empty file instead of waiting for ever."""
-    import threading
-
     path = tmp_path / "fifo.yaml"
     os.mkfifo(path)
     done = threading.Event()
@@ -803,8 +803,6 @@ def test_out_of_memory_names_what_sizes_the_command(run, ild_file, tmp_path, mon
 
 # -- 15. an output that is an input of the same command ----------------------------------------------------
 def test_outputs_that_are_inputs_of_the_same_command_are_refused(run, tiny_run, ild_file, tmp_path):
-    import shutil
-
     model = tmp_path / "model.pt"
     shutil.copy(tiny_run / "best.pt", model)
     before = model.read_bytes()
@@ -817,12 +815,22 @@ def test_outputs_that_are_inputs_of_the_same_command_are_refused(run, tiny_run, 
 
 
 def test_a_run_that_would_write_over_its_own_input_is_refused(run, tiny_run, ild_file, tmp_path):
-    """Fine-tuning again from a run's model.pt into that run: --overwrite would remove the model it starts from."""
-    import shutil
-
+    """Fine-tuning again from a run's best.pt into that run: --overwrite would remove the model it starts from."""
     shutil.copytree(tiny_run, tmp_path / "run")
     before = (tmp_path / "run" / "best.pt").read_bytes()
     result = run("finetune", "--checkpoint", "run/best.pt", "--data", ild_file, "-o", "run", "--overwrite",
                  "--steps", "1", "--device", "cpu", "--occupancy-showers", "0")
     assert_one_line_error(result, "best.pt", "choose another -o")
     assert (tmp_path / "run" / "best.pt").read_bytes() == before
+
+
+def test_generating_through_onnxruntime_leaves_no_temporary_export(run, tiny_run, tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    result = run("generate", "--checkpoint", tiny_run / "best.pt", "-g", "ild-ecal", "--n", "2", "--device", "cpu",
+                 "--steps", "1", "--engine", "onnxruntime", "-o", "out.h5")
+    assert result.exit_code == 0, result.stderr
+    assert list(scratch.iterdir()) == []

@@ -621,13 +621,16 @@ def _onnx_engine(model, checkpoint: Path, onnx_file: Path | None):
 
     from .export import PARITY_TOLERANCE, export_checkpoint_onnx, onnx_model, parity_check
 
-    if onnx_file is None:
-        onnx_file = Path(tempfile.mkdtemp(prefix="caloadapt-onnx-")) / "network.onnx"
+    if onnx_file is not None:
+        return onnx_model(model, onnx_file)
+    # exported for this run only: onnxruntime holds the network once its session is made
+    with tempfile.TemporaryDirectory(prefix="caloadapt-onnx-") as folder:
+        onnx_file = Path(folder) / "network.onnx"
         _, exported, _ = export_checkpoint_onnx(checkpoint, onnx_file)
         difference = parity_check(exported, onnx_file)
         if difference > PARITY_TOLERANCE:
             raise CaloadaptError(f"ONNX export differs from PyTorch by {difference:.2e} (> {PARITY_TOLERANCE:g})")
-    return onnx_model(model, onnx_file)
+        return onnx_model(model, onnx_file)
 
 
 @app.command()
