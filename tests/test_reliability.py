@@ -774,6 +774,15 @@ def test_showers_that_would_not_fit_are_refused_with_a_count_that_fits(run, tmp_
     assert not (tmp_path / "out.h5").exists()
 
 
+def test_a_generation_batch_that_would_not_fit_is_refused(run, tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr("caloadapt._memory.available_memory_bytes", lambda: 64 * 2**20)
+    result = run("generate", "--checkpoint", tiny_run / "best.pt", "-g", "ild-ecal", "--device", "cpu", "--steps", "1",
+                 "--n", "5000", "--batch-size", "5000", "-o", "out.h5")
+    line = assert_one_line_error(result, "5,000 showers", "--batch-size")
+    assert re.search(r"about [\d,]+ showers per batch would fit", line), line
+    assert not (tmp_path / "out.h5").exists()
+
+
 def test_a_training_step_that_would_not_fit_is_refused_before_the_run_starts(run, ild_file, tmp_path, monkeypatch):
     monkeypatch.setattr("caloadapt._memory.available_memory_bytes", lambda: 64 * 2**20)
     args = [a for a in TINY_RUN]

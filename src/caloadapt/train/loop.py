@@ -187,19 +187,11 @@ def _setup_distributed() -> tuple[bool, int, int]:
     return world > 1, int(os.environ.get("RANK", "0")), world
 
 
-#: floats a training step keeps per point per unit of the point network's width, for the backward pass
-#: (measured 3.5 with the default pointwise widths)
-FLOATS_PER_POINT_PER_WIDTH = 4
-
-
 def _check_step_memory(model: ShowerModel, sources: list[DataSource], config: TrainConfig) -> None:
     """Refuse, before any data is read, a batch whose activations would not fit in memory: they grow with
     --batch-size and the points per shower (--max-points, or fewer where the showers hold fewer)."""
     points = min(config.max_points, max(max_points_per_shower(s.path) for s in sources))
-    c = model.config
-    width = sum(c.widths) if c.backbone == "pointwise" else \
-        c.transformer_depth * (4 * c.transformer_dim + c.transformer_heads * c.transformer_inducing)
-    per_shower = 4 * FLOATS_PER_POINT_PER_WIDTH * width * max(points, 1)  # float32
+    per_shower = 4 * model.config.floats_per_point() * max(points, 1)  # float32
     check_memory(config.batch_size * per_shower, f"a training step of {config.batch_size:,} showers of up to "
                  f"{points:,} points", "lower --batch-size or --max-points", per_item_bytes=per_shower,
                  items="showers per step")
