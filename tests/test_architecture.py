@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "caloadapt"
 
 #: stage of each top-level module or subpackage; modules of the base stage may import each other
 STAGES = {
-    "caloadapt": 0, "errors": 0, "showers": 0, "pretrained": 0, "_atomic": 0, "_memory": 0, "_signals": 0,
+    "caloadapt": 0, "errors": 0, "showers": 0, "pretrained": 0, "_atomic": 0, "_inputs": 0, "_memory": 0, "_signals": 0,
     "_provenance": 0, "_timing": 0, "_threads": 0, "incidence": 0,
     "geometry": 1,
     "simulate": 2, "data": 2,

@@ -37,5 +37,5 @@ def test_broken_files_are_one_line_errors(text, message):
 def test_missing_particle_and_missing_file(tmp_path):
     with pytest.raises(GeometryError, match="for particle 'pion'"):
         parse_binning_xml(GOOD, particle="pion")
-    with pytest.raises(GeometryError, match="cannot read binning XML"):
+    with pytest.raises(GeometryError, match="no such binning XML file"):
         parse_binning_xml(tmp_path / "missing.xml")

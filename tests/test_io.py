@@ -506,3 +506,20 @@ def test_bad_angle_datasets_give_clear_errors(tmp_path: Path, inclined_ild: Show
         del f["incident_phi_deg"]
     with pytest.raises(InputError, match="only one of incident_theta_deg and incident_phi_deg"):
         read_showers(cc)
+
+
+def test_dense_layouts_are_read_in_bounded_blocks_with_the_same_result(tmp_path, monkeypatch):
+    """A CaloChallenge chunk is turned into hits a few rows at a time (a readout of millions of cells
+    would not fit densely); the showers, smeared or not, are the same however many reads it takes."""
+    import caloadapt.data.io as io_module
+
+    path = tmp_path / "ds2.h5"
+    geometry = get_geometry("calochallenge-2")
+    write_showers(path, simulate(geometry, "electron", np.array([2e3, 5e3, 3e3, 4e3, 1e3]), seed=3),
+                  format="calochallenge")
+    whole = [read_showers(path, smear=smear, seed=4) for smear in (False, True)]
+    monkeypatch.setattr(io_module, "DENSE_READ_BYTES", 2 * 8 * geometry.n_cells)  # two showers per read
+    blocks = [read_showers(path, smear=smear, seed=4) for smear in (False, True)]
+    for a, b in zip(whole, blocks):
+        np.testing.assert_array_equal(a.points, b.points)
+        np.testing.assert_array_equal(a.offsets, b.offsets)

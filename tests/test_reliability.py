@@ -7,14 +7,17 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import signal
 import stat
+import threading
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 import caloadapt
@@ -25,6 +28,7 @@ from caloadapt.errors import CheckpointError, OutputError
 from caloadapt.pretrained import SHIPPED_CHECKPOINTS
 from caloadapt.simulate import simulate
 from caloadapt.train import load_checkpoint
+from caloadapt.train.loop import ModelLosses
 
 #: a tiny model and run: two steps, one validation
 TINY_MODEL = ["--widths", "16,16", "--flow-hidden", "16", "--flow-transforms", "1"]
@@ -420,6 +424,7 @@ def test_malformed_files_are_one_line(run, ild_file, tmp_path, case):
     (["simulate", "--energy", "1e9"], ["memory", "GeV"]),
     (["simulate", "--format", "xml"], ["--format"]),
     (["generate", "-g", "ild-ecal", "--device", "tpu"], ["tpu"]),
+    (["generate", "-g", "ild-ecal", "--device", "cpu", "--sigma-max", "1e300"], ["sigma_max", "float32"]),
 ])
 def test_bad_numbers_and_names_are_one_line(run, tmp_path, args, words):
     assert_one_line_error(run(*args, "-o", "out.h5"), *words)
@@ -429,13 +434,16 @@ def test_bad_numbers_and_names_are_one_line(run, tmp_path, args, words):
 
 @pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--lr", "-1"), ("--flow-lr", "inf"),
                                            ("--val-fraction", "1"), ("--device", "tpu"), ("--seed", "-1"),
-                                           ("--widths", "0,-3")])
+                                           ("--widths", "0,-3"), ("--transverse-scale-rm", "nan"),
+                                           ("--transverse-scale-rm", "-1")])
 def test_bad_training_options_are_one_line(run, ild_file, tmp_path, option, value):
     args = [*TINY_RUN]
     if option in args:
         i = args.index(option)
         del args[i:i + 2]
-    assert_one_line_error(run("train", "--data", ild_file, "-o", "run", *args, option, value), option.lstrip("-")[:5])
+    line = assert_one_line_error(run("train", "--data", ild_file, "-o", "run", *args, option, value),
+                                 option.lstrip("-")[:5])
+    assert "unexpected" not in line
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -581,3 +589,257 @@ def test_full_disk_writing_a_checkpoint_is_an_output_error(tiny_run, tmp_path, m
         save_checkpoint(tmp_path / "out.pt", model)
     assert not (tmp_path / "out.pt").exists()
     assert_no_temporary_files(tmp_path)
+
+
+# -- 10. inputs are checked where they enter ------------------------------------------------------------------
+@pytest.fixture
+def fifo(tmp_path):
+    """A FIFO whose writer opens it once a reader waits (then closes it at once), until the test ends:
+    a reader that does not refuse it gets an empty file instead of waiting for ever."""
+    path = tmp_path / "fifo.yaml"
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def writer():
+        while not done.wait(0.05):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader yet
+                continue
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    yield path
+    done.set()
+    thread.join()
+
+
+def test_files_of_the_wrong_kind_are_named(run, tiny_run, ild_file, tmp_path, fifo):
+    (tmp_path / "binary.yaml").write_bytes(ild_file.read_bytes())
+    generate = ["generate", "-g", "ild-ecal", "--n", "2", "--device", "cpu", "--steps", "1", "-o", "out.h5"]
+    assert_one_line_error(run(*generate, "--checkpoint", ild_file), "ild.h5", "HDF5", "not a checkpoint")
+    assert_one_line_error(run(*generate, "--checkpoint", tiny_run / "best.pt", "--engine", "onnxruntime",
+                              "--onnx", ild_file), "ild.h5", "HDF5", "not an ONNX file")
+    assert_one_line_error(run("info", tiny_run / "best.pt"), "best.pt", "PyTorch checkpoint", "not a shower file")
+    assert_one_line_error(run("simulate", "-g", "binary.yaml", "-o", "out.h5", "--n", "2"), "binary.yaml",
+                          "HDF5", "not a geometry file")
+    assert_one_line_error(run("simulate", "-g", fifo, "-o", "out.h5", "--n", "2"), "fifo.yaml", "FIFO")
+    assert_one_line_error(run("info", fifo), "fifo.yaml", "FIFO")
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_an_empty_path_is_refused(run, ild_file, tmp_path):
+    """'' would be the current folder: a training would fill it with its files."""
+    assert_one_line_error(run("train", "--data", ild_file, "-o", "", *TINY_RUN), "empty", "-o")
+    assert_one_line_error(run("info", ""), "empty")
+    assert not (tmp_path / "metrics.csv").exists()
+
+
+# -- 11. geometry descriptions: finite numbers, sizes that can be built ------------------------------------
+def _builtin_description(name: str) -> str:
+    from caloadapt.geometry.spec import __file__ as spec_file
+
+    return (Path(spec_file).parent / "data" / f"{name}.yaml").read_text()
+
+
+@pytest.mark.parametrize("old, new, words", [
+    ("thickness_mm: 1.4", "thickness_mm: .inf", ["thickness_mm", "finite"]),
+    ("n_r: 18, dr_moliere: 0.25", "r_edges_mm: [0, 1, .nan, 3]", ["r_edges_mm", "finite"]),
+    ("threshold_mev: 0.015151515151515152", "threshold_mev: .nan", ["threshold_mev", "finite"]),
+    ("repeat: 90", "repeat: 1000000000000", ["slabs", "repeat"]),
+    ("n_layers: 45", "n_layers: 1000000000", ["layers", "10,000"]),
+    ("n_r: 18, dr_moliere: 0.25, n_alpha: 50", "n_r: 100000, dr_moliere: 0.25, n_alpha: 100000", ["cells"]),
+    ("n_r: 18, dr_moliere: 0.25, n_alpha: 50", "layers: [{r_edges_mm: [0, 1]}]", ["n_alpha"]),
+])
+def test_geometry_descriptions_with_unusable_numbers_are_refused(run, tmp_path, old, new, words):
+    text = _builtin_description("generic-mesh")
+    assert old in text
+    (tmp_path / "bad.yaml").write_text(text.replace(old, new))
+    assert_one_line_error(run("simulate", "-g", "bad.yaml", "-o", "out.h5", "--n", "1"), "bad.yaml", *words)
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_binning_xml_with_non_finite_edges_is_refused(run, tmp_path):
+    layers = "".join(f'<Layer id="{i}" r_edges="0,4,nan,20" n_bin_alpha="10"/>' for i in range(3))
+    (tmp_path / "nan.xml").write_text(f'<Bins><Bin pid="22" name="photon">{layers}</Bin></Bins>')
+    assert_one_line_error(run("simulate", "-g", "nan.xml", "-o", "out.h5", "--n", "1"), "nan.xml", "finite")
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_geometry_descriptions_that_alias_their_way_to_millions_of_slabs_are_refused():
+    """YAML aliases make one object stand for many: counted as used, before anything is built from them."""
+    from caloadapt.errors import GeometryError
+    from caloadapt.geometry import geometry_from_spec
+
+    data = yaml.safe_load(_builtin_description("generic-mesh"))
+    block = {"repeat": 1, "slabs": [{"material": "W", "thickness_mm": 0.001, "active": True}]}
+    for _ in range(6):  # 10**6 slabs from a few dozen objects
+        block = {"repeat": 1, "slabs": [block] * 10}
+    data["stack"] = [block]
+    with pytest.raises(GeometryError, match="entries"):
+        geometry_from_spec(data, source="aliases.yaml")
+
+
+# -- 12. failed runs and killed writers leave nothing in the way ---------------------------------------------
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(run, ild_file, tmp_path):
+    """The same command, corrected, runs again: no 'holds a run already' for a run that never was."""
+    failed = run("train", "--data", ild_file, "-o", "run", *TINY_RUN, "--lr", "1e30")
+    assert_one_line_error(failed, "non-finite")
+    assert not (tmp_path / "run").exists()
+    again = run("train", "--data", ild_file, "-o", "run", *TINY_RUN)
+    assert again.exit_code == 0, again.stderr
+    (tmp_path / "kept").mkdir()  # a folder the user made stays, and so does what else is in it
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    assert_one_line_error(run("train", "--data", ild_file, "-o", "kept", *TINY_RUN, "--lr", "1e30"), "non-finite")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir() if p.name != ".caloadapt.lock") == ["notes.txt"]
+
+
+def test_the_files_of_a_run_killed_before_its_first_checkpoint_are_replaced(run, ild_file, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text("step,epoch\n")  # what kill -9 at step 10 of 200 leaves
+    result = run("train", "--data", ild_file, "-o", "run", *TINY_RUN)
+    assert result.exit_code == 0, result.stderr
+    assert "wrote no checkpoint" in result.stdout and (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_stale_temporary_files_are_swept_and_live_ones_kept(run, tmp_path):
+    from caloadapt._atomic import STALE_AFTER_S
+
+    def temporary(name: str, age_s: float) -> Path:
+        path = tmp_path / name
+        path.write_bytes(b"partial")
+        old = path.stat().st_mtime - age_s
+        os.utime(path, (old, old))
+        return path
+
+    stale = temporary(".out.h5.caloadapt-dead0001.tmp", 2 * STALE_AFTER_S)  # its writer was killed
+    live = temporary(".other.h5.caloadapt-live0001.tmp", 2 * STALE_AFTER_S)  # a long write in progress
+    fresh = temporary(".other.h5.caloadapt-new00001.tmp", 0)  # just created, not yet locked
+    foreign = temporary(".notes.txt.swp.tmp", 2 * STALE_AFTER_S)  # not caloadapt's
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as its writer holds it
+        assert run("simulate", "-o", "out.h5", "--n", "2", "--energy", "1:2").exit_code == 0
+        assert not stale.exists()
+        assert live.exists() and fresh.exists() and foreign.exists()
+    finally:
+        os.close(fd)
+
+
+# -- 13. a diverging training stops, keeping its last checkpoint before -------------------------------------
+def _tiny_training(ild_file, out: Path, objective, **overrides) -> dict:
+    from caloadapt.geometry import get_geometry
+    from caloadapt.models import ModelConfig, ShowerModel
+    from caloadapt.train import TrainConfig, train
+
+    config = TrainConfig(**{**dict(steps=40, batch_size=4, max_points=32, val_every=10, checkpoint_every=10,
+                                   device="cpu", val_max_showers=4, occupancy_showers=0), **overrides})
+    torch.manual_seed(0)
+    model = ShowerModel(ModelConfig(widths=(16, 16), time_dim=16, flow_hidden=(16,), flow_transforms=1))
+    return train(model, ild_file, get_geometry("ild-ecal"), out, config, progress=False, objective=objective)
+
+
+class _ExplodingLosses(ModelLosses):
+    """The model's own losses, times ``factor`` from call ``start`` on: a run whose loss explodes."""
+
+    def __init__(self, start: int, factor: float):
+        self.start, self.factor, self.calls = start, factor, 0
+
+    def losses(self, model, batch, generator):
+        losses = super().losses(model, batch, generator)
+        self.calls += 1
+        return {k: v * self.factor for k, v in losses.items()} if self.calls > self.start else losses
+
+
+def test_a_loss_that_explodes_stops_the_run_and_keeps_the_last_checkpoint(ild_file, tmp_path):
+    from caloadapt.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"diverged at step 25: the diffusion loss rose.*last.pt holds step 20"):
+        _tiny_training(ild_file, tmp_path / "run", _ExplodingLosses(start=25, factor=1e8))
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["step"] == 20
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["train_state"]["step"] == 20
+
+
+def test_a_loss_that_only_wanders_does_not_stop_the_run(ild_file, tmp_path):
+    summary = _tiny_training(ild_file, tmp_path / "run", _ExplodingLosses(start=25, factor=30.0))
+    assert summary["steps"] == 40
+
+
+# -- 14. memory: estimated before it is spent, and an out-of-memory line that names the cause -------------
+def test_showers_that_would_not_fit_are_refused_with_a_count_that_fits(run, tmp_path, monkeypatch):
+    monkeypatch.setattr("caloadapt._memory.available_memory_bytes", lambda: 64 * 2**20)
+    for command in (["simulate"], ["generate", "-g", "ild-ecal", "--device", "cpu"]):
+        line = assert_one_line_error(run(*command, "--n", "2000000", "-o", "out.h5"), "--n 2,000,000", "memory")
+        assert re.search(r"about [\d,]+ showers would fit", line), line
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_a_generation_batch_that_would_not_fit_is_refused(run, tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr("caloadapt._memory.available_memory_bytes", lambda: 64 * 2**20)
+    result = run("generate", "--checkpoint", tiny_run / "best.pt", "-g", "ild-ecal", "--device", "cpu", "--steps", "1",
+                 "--n", "5000", "--batch-size", "5000", "-o", "out.h5")
+    line = assert_one_line_error(result, "5,000 showers", "--batch-size")
+    assert re.search(r"about [\d,]+ showers per batch would fit", line), line
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_a_training_step_that_would_not_fit_is_refused_before_the_run_starts(run, ild_file, tmp_path, monkeypatch):
+    monkeypatch.setattr("caloadapt._memory.available_memory_bytes", lambda: 64 * 2**20)
+    args = [a for a in TINY_RUN]
+    args[args.index("--batch-size") + 1] = "100000"
+    line = assert_one_line_error(run("train", "--data", ild_file, "-o", "run", *args), "100,000 showers",
+                                 "--batch-size")
+    assert re.search(r"about [\d,]+ showers per step would fit", line), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluating_in_a_readout_too_large_for_the_memory_is_refused_up_front(run, ild_file, tmp_path, monkeypatch):
+    monkeypatch.setattr("caloadapt._memory.available_memory_bytes", lambda: 64 * 2**20)
+    result = run("evaluate", "--generated", ild_file, "--reference", ild_file, "-o", "results", "--classifier", "none",
+                 "--no-plots", "--n-bootstrap", "0")
+    assert_one_line_error(result, "ild-ecal", "187,230 cells", "--geometry")
+    assert not (tmp_path / "results").exists()
+
+
+def test_out_of_memory_names_what_sizes_the_command(run, ild_file, tmp_path, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr("caloadapt.data.iter_showers", exhausted)
+    line = assert_one_line_error(run("convert", ild_file, "out.h5"), "out of memory", "convert", "--chunk-size")
+    assert "--n" not in line and "--batch-size" not in line
+
+
+# -- 15. an output that is an input of the same command ----------------------------------------------------
+def test_outputs_that_are_inputs_of_the_same_command_are_refused(run, tiny_run, ild_file, tmp_path):
+    model = tmp_path / "model.pt"
+    shutil.copy(tiny_run / "best.pt", model)
+    before = model.read_bytes()
+    assert_one_line_error(run("export", "--checkpoint", model, "-o", model), "model.pt", "--checkpoint")
+    assert_one_line_error(run("calibrate", "--checkpoint", model, "--data", ild_file, "-o", model, "--device", "cpu"),
+                          "model.pt", "--checkpoint")
+    assert_one_line_error(run("generate", "--checkpoint", model, "-g", "ild-ecal", "--n", "2", "--device", "cpu",
+                              "-o", model), "model.pt", "--checkpoint")
+    assert model.read_bytes() == before
+
+
+def test_a_run_that_would_write_over_its_own_input_is_refused(run, tiny_run, ild_file, tmp_path):
+    """Fine-tuning again from a run's best.pt into that run: --overwrite would remove the model it starts from."""
+    shutil.copytree(tiny_run, tmp_path / "run")
+    before = (tmp_path / "run" / "best.pt").read_bytes()
+    result = run("finetune", "--checkpoint", "run/best.pt", "--data", ild_file, "-o", "run", "--overwrite",
+                 "--steps", "1", "--device", "cpu", "--occupancy-showers", "0")
+    assert_one_line_error(result, "best.pt", "choose another -o")
+    assert (tmp_path / "run" / "best.pt").read_bytes() == before
+
+
+def test_generating_through_onnxruntime_leaves_no_temporary_export(run, tiny_run, tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    result = run("generate", "--checkpoint", tiny_run / "best.pt", "-g", "ild-ecal", "--n", "2", "--device", "cpu",
+                 "--steps", "1", "--engine", "onnxruntime", "-o", "out.h5")
+    assert result.exit_code == 0, result.stderr
+    assert list(scratch.iterdir()) == []

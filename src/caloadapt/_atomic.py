@@ -11,31 +11,69 @@ What sits at the target decides what happens:
 
 Any failure (an exception, ``KeyboardInterrupt``, a termination signal turned into an exception)
 removes the temporary file and leaves whatever was at the target as it was.
+
+A process killed outright (``kill -9``, the machine going down) cannot remove its temporary file. So
+the writer holds an ``flock`` on it, which the kernel releases when the process ends however it
+ends, and every later output into the same folder sweeps the temporary files nobody holds
+(:func:`sweep_stale_temporaries`): never those of a live process, on this machine or another.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ._inputs import file_type_name
 from .errors import OutputError
 
-__all__ = ["atomic_path", "output_target", "WRITE_ERRNOS"]
+__all__ = ["atomic_path", "output_target", "sweep_stale_temporaries", "WRITE_ERRNOS"]
 
 #: errors that only writing causes: inside the block they become one line naming the output
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+#: the temporary file of an output NAME is ``.NAME<TEMPORARY_MARK>XXXXXXXX.tmp`` beside it
+TEMPORARY_MARK = ".caloadapt-"
+#: a temporary file is swept only when unchanged this long too: one just created, not yet locked, stays
+STALE_AFTER_S = 60.0
 
 
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+def sweep_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files of outputs in ``folder`` whose writers are gone; the removed paths.
+
+    A writer holds an ``flock`` on its temporary file until it is renamed or removed; a file that can
+    be locked (and has not changed for :data:`STALE_AFTER_S`) belongs to no running process.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (entry.name.startswith(".") and TEMPORARY_MARK in entry.name and entry.name.endswith(".tmp")):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode) or time.time() - info.st_mtime < STALE_AFTER_S:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # refused while its writer lives
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def output_target(path: str | os.PathLike[str]) -> Path:
@@ -57,7 +95,7 @@ def output_target(path: str | os.PathLike[str]) -> Path:
     except OSError as err:
         raise OutputError(f"{given}: cannot use as output: {err.strerror}") from None
     if not stat.S_ISREG(mode):
-        raise OutputError(f"{given}: is {_kind(mode)}, not a regular file; refusing to write over it")
+        raise OutputError(f"{given}: is {file_type_name(mode)}, not a regular file; refusing to write over it")
     return target
 
 
@@ -78,11 +116,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(f"{given}: cannot create its folder {target.parent}: {err.strerror or err}") from None
+    sweep_stale_temporaries(target.parent)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}{TEMPORARY_MARK}", suffix=".tmp", dir=target.parent)
     except OSError as err:
         raise OutputError(f"{given}: cannot write in {target.parent}: {err.strerror or err}") from None
-    os.close(fd)
+    with contextlib.suppress(OSError):  # a file system without locks: then no sweeper can lock it either
+        fcntl.flock(fd, fcntl.LOCK_EX)  # ours until renamed or removed, or until this process ends however it ends
     tmp = Path(tmp_name)
     try:
         try:
@@ -101,6 +141,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
 
 
 def _keep_mode_and_owner(tmp: Path, target: Path) -> None:

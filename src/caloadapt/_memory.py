@@ -32,9 +32,12 @@ def format_bytes(n: float) -> str:
     return f"{n:.3g} PiB"
 
 
-def check_memory(n_bytes: float, what: str) -> None:
-    """An :class:`InputError` naming ``what`` if ``n_bytes`` exceed the memory available now."""
+def check_memory(n_bytes: float, what: str, advice: str = "", *, per_item_bytes: float | None = None,
+                 items: str = "") -> None:
+    """An :class:`InputError` naming ``what`` (the cause) if ``n_bytes`` exceed the memory available now,
+    followed by ``advice``; with ``per_item_bytes``, also how many ``items`` would fit."""
     available = available_memory_bytes()
     if n_bytes > available:
+        fits = f"; about {int(available // per_item_bytes):,} {items} would fit" if per_item_bytes else ""
         raise InputError(f"{what} would need about {format_bytes(n_bytes)} of memory, more than the "
-                         f"{format_bytes(available)} available")
+                         f"{format_bytes(available)} available{fits}" + (f"; {advice}" if advice else ""))

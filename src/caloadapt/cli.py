@@ -34,6 +34,8 @@ from .models.sampling import DEFAULT_STEPS, SAMPLER_KINDS, Sampler
 
 #: ``caloadapt --debug COMMAND`` (or CALOADAPT_DEBUG=1): show the traceback of an error
 _debug = False
+#: the command being run (its out-of-memory line names what sizes its memory)
+_command: str | None = None
 
 
 class _OneLineErrorGroup(TyperGroup):
@@ -45,9 +47,12 @@ class _OneLineErrorGroup(TyperGroup):
     """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        global _debug
+        global _debug, _command
         _debug = os.environ.get("CALOADAPT_DEBUG", "") not in ("", "0")
+        args = sys.argv[1:] if args is None else list(args)
+        _command = next((arg for arg in args if not arg.startswith("-")), None)  # --debug is the only option before it
         try:
+            _refuse_empty_arguments(args)
             with termination_handlers():
                 status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             status = status if isinstance(status, int) else 0
@@ -56,6 +61,16 @@ class _OneLineErrorGroup(TyperGroup):
         if not standalone_mode:
             return status
         sys.exit(status)
+
+
+def _refuse_empty_arguments(args: list[str]) -> None:
+    """An empty argument is never meant: as a path it would be the current folder (``-o ''`` trains there)."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--") and arg.endswith("="):  # --output=
+            raise CaloadaptError(f"empty value given to {arg[:-1]}")
+        if arg == "":
+            option = args[i - 1] if i > 0 and args[i - 1].startswith("-") else None
+            raise CaloadaptError(f"empty value given to {option}" if option else "an empty argument was given")
 
 
 def _one_line(text: str) -> str:
@@ -92,10 +107,8 @@ def _report(err: BaseException) -> int:
         if isinstance(err, FileExistsError):
             return _error(f"{where}exists already and is not what is needed here (a folder?)")
         return _error(f"{where}{err.strerror}")
-    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and any(
-            text in str(err) for text in ("can't allocate memory", "out of memory", "CUDA out of memory"))):
-        return _error("out of memory; ask for fewer or smaller showers or batches (--n, --energy, --batch-size, "
-                      "--steps)")
+    if _is_out_of_memory(err):
+        return _error(_out_of_memory_line(_command))
     hint = "" if _debug else "; rerun as 'caloadapt --debug ...' to see the traceback"
     return _error(f"unexpected {type(err).__name__}: {_one_line(err) or 'no message'} (a bug of caloadapt?){hint}")
 
@@ -127,6 +140,30 @@ class Spectrum(str, Enum):
 class Level(str, Enum):
     hits = "hits"
     spots = "spots"
+
+
+#: the options that size what each command holds in memory (besides the geometry's cells), for its
+#: out-of-memory line
+_MEMORY_OPTIONS = {
+    "simulate": "--n, --energy", "generate": "--batch-size, --n", "convert": "--chunk-size",
+    "evaluate": "--max-showers", "calibrate": "--n-showers",
+    **dict.fromkeys(("pretrain", "train", "finetune", "distill", "train-flow"), "--batch-size, --max-points"),
+    "sweep": "--batch-size, --max-points, --n-eval",
+}
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and any(
+        text in str(err) for text in ("can't allocate memory", "out of memory", "CUDA out of memory")))
+
+
+def _out_of_memory_line(command: str | None) -> str:
+    """The out-of-memory line: what sizes the memory of ``command``, and nothing it does not have."""
+    if command is None:
+        return "out of memory"
+    options = _MEMORY_OPTIONS.get(command)
+    sizes = f"lower {options} or use a readout with fewer cells" if options else "its inputs are too large"
+    return f"out of memory in '{command}': {sizes}"
 
 
 def _one_line_errors(command):
@@ -164,7 +201,7 @@ def _use_threads(threads: str | None) -> int:
 
 def _refuse_output_as_input(output: Path, source: Path | None, what: str = "the input") -> None:
     """One line, before anything is written, for an output that is also a file the command reads."""
-    if source is not None and output.resolve() == source.resolve():
+    if source is not None and Path(output).resolve() == Path(source).resolve():
         raise CaloadaptError(f"{output}: output would overwrite {what}")
 
 
@@ -320,12 +357,19 @@ def _csv_ints(text: str) -> tuple[int, ...]:
         raise CaloadaptError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _claim_run(output: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a run folder that holds a run (unless --resume / --overwrite); say what will happen."""
-    from .train.rundir import claim_run_directory
+def _claim_run(output: Path, resume: bool, overwrite: bool, inputs=()) -> None:
+    """Refuse a run folder that holds a run (unless --resume / --overwrite), or whose run files include one of
+    the command's ``inputs`` (the run writes them, --overwrite removes them); say what will happen."""
+    from .train.rundir import RUN_FILES, claim_run_directory
+
+    written = [output / name for name in (*RUN_FILES, "model-1step.pt")]
+    for source in inputs:
+        if source is not None and Path(source).resolve() in {path.resolve() for path in written}:
+            raise CaloadaptError(f"{source}: is an input of this run and a file the run writes (or --overwrite "
+                                 f"removes) in {output}; copy it elsewhere or choose another -o")
 
     found = claim_run_directory(output, resume=resume, overwrite=overwrite)
-    if resume or overwrite:
+    if not found.startswith("new run"):
         typer.echo(found)
 
 
@@ -347,7 +391,7 @@ def _run_training(data: list[Path], data_weight: list[float] | None, output: Pat
     if len(weights) != len(data):
         raise CaloadaptError(f"got {len(weights)} --data-weight values for {len(data)} --data files")
     sources = [DataSource(path, file_geometry(path, geometry), weight) for path, weight in zip(data, weights)]
-    _claim_run(output, resume, overwrite)
+    _claim_run(output, resume, overwrite, data)
     torch.manual_seed(config.seed)  # the initial weights are a function of --seed
     try:
         torch_model = ShowerModel(model_config)
@@ -364,6 +408,16 @@ def _run_training(data: list[Path], data_weight: list[float] | None, output: Pat
                f"diffusion {summary['best']['diffusion']:.4f} (step {summary['best_step']['diffusion']}), "
                f"flow {summary['best']['flow']:.4f} (step {summary['best_step']['flow']}); "
                f"checkpoints and {LOSS_CURVES} in {output}")
+
+
+def _model_config(**options):
+    """The model configuration of command-line options; what it refuses is one line."""
+    from .models import ModelConfig
+
+    try:
+        return ModelConfig(**options)
+    except ValueError as err:  # the configuration's own checks, e.g. a negative --transverse-scale-rm
+        raise CaloadaptError(f"invalid model options: {err}") from None
 
 
 def _training_command(name: str, help_text: str, default_steps: int, default_val_fraction: float):
@@ -421,7 +475,7 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
         = 128,
         threads: ThreadsOption = None,
     ) -> None:
-        from .models import BACKBONES, FRAMES, ModelConfig
+        from .models import BACKBONES, FRAMES
         from .train import TrainConfig
 
         _use_threads(threads)
@@ -434,13 +488,12 @@ def _training_command(name: str, help_text: str, default_steps: int, default_val
                              checkpoint_every=val_every, seed=seed, data_seed=data_seed, device=device,
                              patience=patience, occupancy_showers=occupancy_showers)
         conditioned = len(data) > 1 if geometry_conditioning is None else geometry_conditioning
-        model_config = ModelConfig(frame=frame, transverse_scale_rm=transverse_scale_rm, depth_given=depth_given,
-                                   shower_depth_condition=shower_depth_condition,
-                                   angle_conditioning=angle_conditioning, backbone=backbone,
-                                   geometry_conditioning=conditioned,
-                                   widths=_csv_ints(widths), transformer_dim=transformer_dim,
-                                   transformer_depth=transformer_depth, flow_hidden=_csv_ints(flow_hidden),
-                                   flow_transforms=flow_transforms)
+        model_config = _model_config(frame=frame, transverse_scale_rm=transverse_scale_rm,
+                                     depth_given=depth_given, shower_depth_condition=shower_depth_condition,
+                                     angle_conditioning=angle_conditioning, backbone=backbone,
+                                     geometry_conditioning=conditioned, widths=_csv_ints(widths),
+                                     transformer_dim=transformer_dim, transformer_depth=transformer_depth,
+                                     flow_hidden=_csv_ints(flow_hidden), flow_transforms=flow_transforms)
         _run_training(data, data_weight, output, geometry, config, model_config, resume, overwrite)
     return command
 
@@ -505,6 +558,8 @@ def generate(
     from .train import resolve_device
 
     geo = get_geometry(geometry)
+    _refuse_output_as_input(output, checkpoint, "the --checkpoint it generates with")
+    _refuse_output_as_input(output, onnx, "the --onnx network it generates with")
     incoming = None
     if energies_from is not None:
         _refuse_output_as_input(output, energies_from, "the --energies-from file")
@@ -566,13 +621,16 @@ def _onnx_engine(model, checkpoint: Path, onnx_file: Path | None):
 
     from .export import PARITY_TOLERANCE, export_checkpoint_onnx, onnx_model, parity_check
 
-    if onnx_file is None:
-        onnx_file = Path(tempfile.mkdtemp(prefix="caloadapt-onnx-")) / "network.onnx"
+    if onnx_file is not None:
+        return onnx_model(model, onnx_file)
+    # exported for this run only: onnxruntime holds the network once its session is made
+    with tempfile.TemporaryDirectory(prefix="caloadapt-onnx-") as folder:
+        onnx_file = Path(folder) / "network.onnx"
         _, exported, _ = export_checkpoint_onnx(checkpoint, onnx_file)
         difference = parity_check(exported, onnx_file)
         if difference > PARITY_TOLERANCE:
             raise CaloadaptError(f"ONNX export differs from PyTorch by {difference:.2e} (> {PARITY_TOLERANCE:g})")
-    return onnx_model(model, onnx_file)
+        return onnx_model(model, onnx_file)
 
 
 @app.command()
@@ -646,7 +704,7 @@ def distill(
     size = ("widths", "transformer_dim", "transformer_depth")
     if lr is None and any(getattr(student, k) != getattr(teacher.config, k) for k in size):
         config = dataclasses.replace(config, lr=FRESH_STUDENT_LR)  # a fresh student, not a warm start
-    _claim_run(output, resume, overwrite)
+    _claim_run(output, resume, overwrite, [checkpoint, data])
     # the run folder is locked by the training loop
     summary = run_distill(teacher, data, geo, output, config, resume=resume,
                           checkpoint_parts={"command": " ".join(sys.argv), "teacher": str(checkpoint)})
@@ -709,7 +767,7 @@ def train_flow(
                          data_seed=data_seed if data_seed is not None else ran.get("data_seed", 0),
                          val_every=val_every, checkpoint_every=val_every, seed=seed, device=device,
                          occupancy_showers=occupancy_showers)
-    _claim_run(output, resume, overwrite)
+    _claim_run(output, resume, overwrite, [checkpoint, data])
     summary = run_train_flow(checkpoint, data, geo, output, config, flow_transforms=flow_transforms,
                              flow_hidden=None if flow_hidden is None else _csv_ints(flow_hidden), resume=resume,
                              checkpoint_parts={"command": " ".join(sys.argv)})
@@ -744,6 +802,9 @@ def benchmark(
     from .benchmark import format_table, run_benchmark
 
     timed = parse_threads(threads)
+    for written in (output, output.with_suffix(".txt")):
+        for source, what in ((checkpoint, "the --checkpoint it times"), (distilled, "the --distilled checkpoint")):
+            _refuse_output_as_input(written, source, what)
     _use_threads(None)  # the untimed set-up; each timed case sets its own thread count
     report = run_benchmark(checkpoint, output, quick=quick, device=device, distilled=distilled, n_steps=steps,
                            onnx=onnx, threads=None if timed is None else (1, timed), theta_deg=theta,
@@ -828,7 +889,7 @@ def finetune(
         from .adapt.one_step import one_step_config, student_start
         init = student_start(pretrained, student_init)
         distill_config = one_step_config(config, "fresh" if init is None else "init", one_step_steps)
-    _claim_run(output, resume, overwrite)
+    _claim_run(output, resume, overwrite, [pretrained, data, init])
     with run_lock(output):
         summary = run_finetune(pretrained, data, geo, output, adapt_method, config, resume=resume,
                                checkpoint_parts={"command": " ".join(sys.argv)}, hits_as_spots=hits_as_spots,
@@ -1094,6 +1155,7 @@ def export(
     """Export a trained model: a weights-only checkpoint, the network as ONNX (parity-checked), or the whole
     one-step generator as TorchScript."""
     _use_threads(threads)
+    _refuse_output_as_input(output, checkpoint, "the --checkpoint it exports")
     if format == ExportFormat.torchscript:
         from .export.torchscript import export_checkpoint_torchscript
 
@@ -1151,6 +1213,8 @@ def calibrate(
     _use_threads(threads)
     if geometry is not None and len(data) > 1:
         raise CaloadaptError("--geometry names the detector of a single file")
+    for source, what in ((checkpoint, "the --checkpoint it calibrates"), *((path, "a --data file") for path in data)):
+        _refuse_output_as_input(output, source, what)
     payload = load_checkpoint(checkpoint)
     model, sampler = load_model(payload, source=str(checkpoint))
     model, sampler = model.to(resolve_device(device)), sampler.with_sigma_max(sigma_max).with_steps(steps)

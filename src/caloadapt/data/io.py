@@ -31,6 +31,7 @@ import contextlib
 import io
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +41,7 @@ import yaml
 
 from .. import __version__
 from .._atomic import atomic_path
+from .._inputs import input_file, wrong_kind
 from .._signals import deferred_termination
 from ..errors import CaloadaptError, InputError, OutputError
 from ..geometry import Geometry, geometry_from_yaml_text, get_geometry
@@ -62,17 +64,21 @@ CALOCHALLENGE_ANGLE_KEYS = ("incident_theta_deg", "incident_phi_deg")
 _CALOCHALLENGE_GEOMETRY = {6480: "calochallenge-2", 40500: "calochallenge-3"}
 
 
+#: bytes of dense rows (CaloChallenge voxels, ILD's padded hits) turned into hits at once: a chunk of
+#: 1000 showers of a readout of 10^7 cells would be 80 GB as float64 voxels, its hits a few MB
+DENSE_READ_BYTES = 256 * 2**20
+
+
 # -- opening and detection -------------------------------------------------------------------
 def _open(path: str | os.PathLike[str]) -> h5py.File:
-    path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a shower file")
+    path = input_file(path, "shower file")
     try:
         return h5py.File(path, "r")
     except OSError:
-        raise InputError(f"{path}: not an HDF5 file (or unreadable)") from None
+        raise InputError(wrong_kind(path, "shower file (HDF5)", expected=("HDF5",))
+                         or f"{path}: not an HDF5 file (or unreadable)") from None
 
 
 def _format_of(f: h5py.File, path) -> str:
@@ -142,6 +148,7 @@ class _Reader:
         self.file = _open(path)
         self.smear, self.rng = smear, np.random.default_rng(seed)
         self.particle = "electron"
+        self.rows_per_read = sys.maxsize  # dense layouts read fewer rows at once (DENSE_READ_BYTES)
         try:
             self.format = _format_of(self.file, path)
             getattr(self, f"_init_{self.format}")(geometry)
@@ -186,6 +193,7 @@ class _Reader:
         _check_dtype(self.events, "events", self.path)
         _check_dtype(self.energy, "energy", self.path)
         self.n = len(self.events)
+        self.rows_per_read = max(1, DENSE_READ_BYTES // (8 * int(np.prod(self.events.shape[1:]))))
         if self.events.shape[1] != 4 or self.energy.shape != (self.n, 1):
             raise InputError(f"{self.path}: ILD layout needs events (N, 4, M) and energy (N, 1), got "
                              f"{self.events.shape} and {self.energy.shape}")
@@ -206,6 +214,7 @@ class _Reader:
         _check_dtype(self.energy, "incident_energies", self.path)
         self.n = len(self.showers)
         n_cells = self.showers.shape[1]
+        self.rows_per_read = max(1, DENSE_READ_BYTES // (8 * n_cells))
         if self.energy.shape != (self.n, 1):
             raise InputError(f"{self.path}: incident_energies has shape {self.energy.shape}, expected ({self.n}, 1)")
         if geometry is None:
@@ -230,7 +239,13 @@ class _Reader:
 
     def read(self, start: int, stop: int) -> Showers:
         try:
-            return getattr(self, f"_read_{self.format}")(start, stop)
+            read = getattr(self, f"_read_{self.format}")
+            parts = [read(first, min(first + self.rows_per_read, stop))
+                     for first in range(start, stop, self.rows_per_read)]
+            showers = parts[0] if len(parts) == 1 else Showers.concatenate(parts)
+            # smeared once for the whole chunk: the same points however many reads it took
+            return self.geometry.smear_hits(showers, self.rng) if self.smear and self.format == "calochallenge" \
+                else showers
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:  # h5py: corrupt chunks, filters
             raise InputError(f"{self.path}: cannot read showers {start}..{stop - 1}: corrupt or truncated data "
                              f"({_first_line(err)})") from None
@@ -281,7 +296,7 @@ class _Reader:
         energy = np.asarray(self.energy[start:stop, 0], dtype=np.float64)
         _check_values(voxels, "voxel energies", self.path)
         _check_values(energy, "incident energies", self.path, positive=True)
-        showers = self.geometry.points_from_voxels(voxels, energy, "electron", smear=self.smear, rng=self.rng)
+        showers = self.geometry.points_from_voxels(voxels, energy, "electron")
         if self.angles is not None:
             for key, name, dataset in zip(CALOCHALLENGE_ANGLE_KEYS, ("theta_deg", "phi_deg"), self.angles):
                 values = np.asarray(dataset[start:stop, 0], dtype=np.float64)
@@ -618,6 +633,19 @@ def count_showers(path: str | os.PathLike[str]) -> int:
     with _open(path) as f:
         key = {"points": "incident_energy_mev", "ild": "energy", "calochallenge": "incident_energies"}[_format_of(f, path)]
         return len(f[key])
+
+
+def max_points_per_shower(path: str | os.PathLike[str]) -> int:
+    """Most points one shower of a file can hold, read cheaply: the largest shower of a points file, the
+    padded width of an ILD file, the cells of a CaloChallenge file (an upper bound)."""
+    with _open(path) as f:
+        fmt = _format_of(f, path)
+        if fmt == "points":
+            offsets = _read_dataset(_dataset(f, "offsets", 1, path), slice(None), path, "offsets")
+            return int(np.diff(offsets).max(initial=0))
+        if fmt == "ild":
+            return int(_dataset(f, "events", 3, path).shape[2])
+        return int(_dataset(f, "showers", 2, path).shape[1])
 
 
 def file_info(path: str | os.PathLike[str], geometry: Geometry | str | None = None,

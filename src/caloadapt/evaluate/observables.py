@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse
 
 from ..errors import InputError
 from ..geometry import Geometry
@@ -137,11 +138,17 @@ class CellLayout:
         """``(n_cells,)`` transverse distance of each cell centre from the shower axis in mm."""
         return np.hypot(self.cell_centres_mm[:, 0], self.cell_centres_mm[:, 1])
 
-    def layer_matrix(self) -> np.ndarray:
+    def layer_matrix(self) -> scipy.sparse.csr_matrix:
         """``(n_cells, n_layers)`` one-hot matrix: energies @ matrix sums the cells of each layer."""
-        matrix = np.zeros((self.n_cells, self.n_layers))
-        matrix[np.arange(self.n_cells), self.cell_layer] = 1.0
-        return matrix
+        return one_hot_matrix(self.cell_layer, self.n_layers)
+
+
+def one_hot_matrix(column: np.ndarray, n_columns: int) -> scipy.sparse.csr_matrix:
+    """Sparse ``(len(column), n_columns)`` matrix with a 1 at ``column[i]`` in row ``i``: dense ``x @ matrix``
+    sums the entries of ``x`` by column, in memory of the cells alone (densely, a readout of 10^7 cells in
+    45 layers would take 3.6 GB)."""
+    rows = np.arange(len(column))
+    return scipy.sparse.csr_matrix((np.ones(len(column)), (rows, column)), shape=(len(column), n_columns))
 
 
 def layout_of(geometry: Geometry) -> CellLayout:

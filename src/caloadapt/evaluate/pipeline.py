@@ -77,6 +77,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_path
+from .._memory import check_memory
 from .._provenance import library_versions, to_jsonable
 from ..data.io import count_showers
 from ..errors import InputError
@@ -100,7 +101,7 @@ from .observables import (
     layout_of,
 )
 from .physics_distance import frechet_physics_distance, kernel_physics_distance
-from .stream import SampleSummary, calochallenge_binning_of, source_geometry, stream_sample
+from .stream import DENSE_CHUNK_CELLS, SampleSummary, calochallenge_binning_of, source_geometry, stream_sample
 
 __all__ = [
     "EvaluationOptions",
@@ -575,6 +576,20 @@ def _floor_notes(model: dict, floor: dict, n_floor: int) -> list[str]:
 
 
 # -- the pipeline -----------------------------------------------------------------------------------
+#: memory of the evaluation per cell of the readout: the geometry's cell tables, the sums of the voxels
+#: per energy bin, the event-display showers of each sample (measured: about 200 B)
+BYTES_PER_CELL = 200
+#: memory per cell of each shower of the dense voxel chunk, with its working copies
+BYTES_PER_CHUNK_CELL = 40
+
+
+def evaluation_bytes(target: Geometry, chunk_size: int) -> int:
+    """About the memory :func:`run_evaluation` needs in ``target`` besides the classifier's inputs (which
+    have their own budget, ``max_low_level_floats``)."""
+    showers_per_chunk = min(chunk_size, max(1, DENSE_CHUNK_CELLS // target.n_cells))
+    return target.n_cells * (BYTES_PER_CELL + BYTES_PER_CHUNK_CELL * showers_per_chunk)
+
+
 def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLike[str],
                    geometry: Geometry | str, out_dir: str | os.PathLike[str],
                    options: EvaluationOptions | None = None, command: str = "",
@@ -621,6 +636,8 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
         roles.append(("floor", Path(floor)))
 
     target = get_geometry(geometry)
+    check_memory(evaluation_bytes(target, options.chunk_size), f"evaluating in {target.name} ({target.n_cells:,} "
+                 "cells)", "compare the showers in a readout with fewer cells (--geometry)")
     layout = layout_of(target)
     binning = calochallenge_binning_of(target)
     threshold = layout.threshold_mev

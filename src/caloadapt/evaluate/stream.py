@@ -16,6 +16,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import scipy.sparse
 from tqdm.auto import tqdm
 
 from ..data.io import count_showers, detect_format, file_geometry, iter_showers
@@ -24,7 +25,7 @@ from ..geometry import Geometry
 from ..showers import ENERGY, Showers
 from .calochallenge import CaloChallengeBinning, HighLevelFeatures, high_level_features, low_level_vector
 from .energy_bins import ENERGY_DECADES_MEV, energy_bin_masks
-from .observables import ShowerObservables, layout_of, shower_observables
+from .observables import ShowerObservables, layout_of, one_hot_matrix, shower_observables
 
 __all__ = ["SampleSummary", "stream_sample", "source_geometry", "calochallenge_binning_of", "concatenate_observables",
            "concatenate_high_level_features"]
@@ -45,6 +46,11 @@ def calochallenge_binning_of(geometry: Geometry) -> CaloChallengeBinning | None:
     return binning
 
 
+#: cells of the dense voxel chunk of :func:`stream_sample` (about 40 B each with its working copies): a
+#: readout of millions of cells takes fewer showers at once, the built-in ones their usual 500
+DENSE_CHUNK_CELLS = 25_000_000
+
+
 def _radial_edges(geometry: Geometry, binning: CaloChallengeBinning | None) -> np.ndarray:
     if binning is not None:
         return np.asarray(binning.r_edges_mm)
@@ -53,12 +59,10 @@ def _radial_edges(geometry: Geometry, binning: CaloChallengeBinning | None) -> n
     return np.linspace(0.0, top, 31)
 
 
-def _radial_matrix(geometry: Geometry, edges: np.ndarray) -> np.ndarray:
+def _radial_matrix(geometry: Geometry, edges: np.ndarray) -> scipy.sparse.csr_matrix:
     radius = np.hypot(geometry.cell_centres_mm[:, 0], geometry.cell_centres_mm[:, 1])
     index = np.clip(np.searchsorted(edges, radius, side="right") - 1, 0, len(edges) - 2)
-    matrix = np.zeros((geometry.n_cells, len(edges) - 1))
-    matrix[np.arange(geometry.n_cells), index] = 1.0
-    return matrix
+    return one_hot_matrix(index, len(edges) - 1)
 
 
 # -- concatenation helpers ---------------------------------------------------------------------------
@@ -197,7 +201,8 @@ def stream_sample(path: str | os.PathLike[str], target: Geometry, *, chunk_size:
                   progress: bool = False, label: str = "") -> SampleSummary:
     """Read a shower file chunk by chunk, voxelise into ``target`` and accumulate a :class:`SampleSummary`.
 
-    Memory: one dense ``(chunk_size, n_cells)`` chunk at a time plus the accumulated per-shower
+    Memory: one dense ``(chunk_size, n_cells)`` chunk at a time (fewer showers for a large readout:
+    :data:`DENSE_CHUNK_CELLS`) plus the accumulated per-shower
     quantities (observables, pooled hit cells, features, and the low-level inputs of the first
     ``n_low_level`` showers). With ``max_cells`` only the hit cells of the first showers (whole
     showers, at most ``max_cells`` cells) are pooled; the other showers keep their per-shower
@@ -210,6 +215,7 @@ def stream_sample(path: str | os.PathLike[str], target: Geometry, *, chunk_size:
     path = Path(path)
     layout = layout_of(target)
     threshold = layout.threshold_mev
+    chunk_size = min(chunk_size, max(1, DENSE_CHUNK_CELLS // target.n_cells))
     fmt, source = source_geometry(path, target)
     n_in_file = count_showers(path)
     n_used = n_in_file if max_showers is None else min(n_in_file, int(max_showers))

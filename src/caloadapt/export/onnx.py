@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from .._atomic import atomic_path
+from .._inputs import input_file, wrong_kind
 from ..errors import CaloadaptError, CheckpointError
 from ..models.checkpoint import load_checkpoint, load_model
 from ..models.consistency import CONSISTENCY_KEY, ConsistencyPrecond
@@ -240,8 +241,7 @@ class OnnxDenoiser(nn.Module):
                  providers: list[str] | None = None) -> None:
         super().__init__()
         _, ort = _require_onnx()
-        if not Path(path).is_file():
-            raise CheckpointError(f"{path}: no such ONNX file")
+        input_file(path, "ONNX file", CheckpointError)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -251,7 +251,11 @@ class OnnxDenoiser(nn.Module):
         options.log_severity_level = 3
         self.path = Path(path)
         self.threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...) share no base
+            raise CheckpointError(wrong_kind(path, "ONNX file") or f"{path}: not a valid ONNX model "
+                                  f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = {k[len(_META_PREFIX):]: v for k, v in meta.items() if k.startswith(_META_PREFIX)}
         self.kind = self.metadata.get("kind", "edm")

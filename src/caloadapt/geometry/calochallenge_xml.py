@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._inputs import read_text_file
 from ..errors import GeometryError
 
 __all__ = ["XMLBinning", "parse_binning_xml"]
@@ -32,10 +33,8 @@ class XMLBinning:
 
 def parse_binning_xml(source: str | Path, particle: str | None = None) -> XMLBinning:
     """Read a binning XML file or string; pick the ``<Bin>`` of ``particle`` (default: the first)."""
-    try:
-        text = Path(source).read_text() if not str(source).lstrip().startswith("<") else str(source)
-    except OSError as err:
-        raise GeometryError(f"cannot read binning XML {source}: {err.strerror}") from None
+    text = str(source) if str(source).lstrip().startswith("<") else \
+        read_text_file(source, "binning XML file", error=GeometryError)
     try:
         root = ET.fromstring(text)
     except ET.ParseError as err:

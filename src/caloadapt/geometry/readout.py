@@ -7,6 +7,7 @@ other, so the global cell index is ``layer_offsets[layer] + local``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -70,6 +71,18 @@ def _invert_exponential_disc(r0: np.ndarray, r1: np.ndarray, s: np.ndarray, u: n
     return 0.5 * (lo + hi)
 
 
+#: most cells a readout may have (50 times the ILD ECAL's 187 230): every cell has its own entries in
+#: the geometry's tables and in each voxelised shower
+MAX_CELLS = 10_000_000
+
+
+def _check_cell_count(n_cells: int) -> None:
+    """A geometry error for more cells than :data:`MAX_CELLS` (``n_cells`` a Python integer: no overflow)."""
+    if n_cells > MAX_CELLS:
+        raise GeometryError(f"the readout has {n_cells:,} cells, more than the {MAX_CELLS:,} caloadapt handles; "
+                            "use fewer or larger cells")
+
+
 def _offsets(cells_per_layer: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(cells_per_layer)]).astype(np.int64)
 
@@ -91,8 +104,10 @@ class PlanarReadout:
     along_particle: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        if self.pitch_mm <= 0 or self.n_x < 1 or self.n_y < 1 or self.n_layers < 1:
-            raise GeometryError("a planar readout needs a positive pitch, layers and cell counts")
+        if not (math.isfinite(self.pitch_mm) and self.pitch_mm > 0) or self.n_x < 1 or self.n_y < 1 \
+                or self.n_layers < 1:
+            raise GeometryError("a planar readout needs a positive, finite pitch, layers and cell counts")
+        _check_cell_count(int(self.n_layers) * int(self.n_x) * int(self.n_y))
 
     @property
     def x_min_mm(self) -> float:
@@ -166,8 +181,12 @@ class CylindricalReadout:
         if len(self.r_edges_mm) != len(self.n_alpha) or not self.r_edges_mm:
             raise GeometryError("a cylindrical readout needs one set of radial edges and n_alpha per layer")
         for edges, n_alpha in zip(self.r_edges_mm, self.n_alpha):
+            if not np.all(np.isfinite(edges)):
+                raise GeometryError(f"radial edges must be finite numbers, got {list(edges)}")
             if len(edges) > 1 and (np.any(np.diff(edges) <= 0) or edges[0] < 0 or n_alpha < 1):
                 raise GeometryError("radial edges must increase from >= 0 mm and n_alpha must be >= 1")
+        _check_cell_count(sum(max(len(edges) - 1, 0) * int(n_alpha)
+                              for edges, n_alpha in zip(self.r_edges_mm, self.n_alpha)))
 
     @classmethod
     def uniform(cls, n_layers: int, r_edges_mm: Sequence[float], n_alpha: int,

@@ -10,6 +10,7 @@ energy scale and the simulator settings. The built-in geometries are such files,
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -17,6 +18,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from .._inputs import read_text_file
 from ..errors import GeometryError
 from .calochallenge_xml import parse_binning_xml
 from .geometry import EnergyScale, Geometry, ShowerParameters
@@ -26,12 +28,22 @@ from .stack import MaterialStack
 
 __all__ = ["GeometrySpec", "geometry_from_spec", "geometry_from_yaml", "LOADED_GEOMETRIES"]
 
+#: most entries (mappings, lists, values) a description may hold once YAML aliases are expanded: a
+#: built-in one holds about a thousand; a chain of aliases can name billions in a few lines
+MAX_ENTRIES = 100_000
+#: most slabs a stack may expand to (a real calorimeter has a few hundred): a mistyped ``repeat`` is
+#: refused instead of expanded until the memory runs out
+MAX_SLABS = 100_000
+#: most readout layers (the built-in geometries have 20 to 45)
+MAX_LAYERS = 10_000
+
 #: every geometry built in this process, by name, so showers naming a user geometry resolve
 LOADED_GEOMETRIES: dict[str, Geometry] = {}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # a NaN or an infinity in a description is a typo: it would reach the showers as non-finite points
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class MaterialSpec(_Strict):
@@ -78,6 +90,12 @@ class LayerSpec(_Strict):
         return self
 
 
+class LayerReadoutSpec(_Strict):
+    """The cylindrical mesh of one layer, where layers differ."""
+    r_edges_mm: list[float]
+    n_alpha: int = Field(ge=1)
+
+
 class ReadoutSpec(_Strict):
     kind: Literal["planar", "cylindrical"]
     pitch_mm: float | None = Field(default=None, gt=0)
@@ -85,7 +103,7 @@ class ReadoutSpec(_Strict):
     n_y: int | None = Field(default=None, ge=1)
     binning_xml: str | None = None
     r_edges_mm: list[float] | None = None
-    layers: list[dict] | None = None
+    layers: list[LayerReadoutSpec] | None = None
     n_r: int | None = Field(default=None, ge=1)
     dr_mm: float | None = Field(default=None, gt=0)
     dr_moliere: float | None = Field(default=None, gt=0)
@@ -129,6 +147,31 @@ class GeometrySpec(_Strict):
     shower: ShowerSpec
 
 
+def _count_entries(data, limit: int) -> int:
+    """Entries of parsed YAML as a tree (aliases counted where they are used), stopping past ``limit``."""
+    seen: dict[int, int] = {}
+
+    def count(node) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) not in seen:  # an alias is the same object: counted once, used many times
+            children = node.values() if isinstance(node, dict) else node
+            total = 1
+            for child in children:
+                total += count(child)
+                if total > limit:
+                    break
+            seen[id(node)] = total
+        return seen[id(node)]
+
+    return count(data)
+
+
+def _count_slabs(items) -> int:
+    """Slabs of a stack once its repeat blocks are expanded (a Python integer: no overflow)."""
+    return sum(item.repeat * _count_slabs(item.slabs) if isinstance(item, RepeatSpec) else 1 for item in items)
+
+
 def _expand(items, materials: dict[str, Material]) -> list[Slab]:
     slabs: list[Slab] = []
     for item in items:
@@ -154,9 +197,12 @@ def _layer_segmentation(spec: LayerSpec, stack: MaterialStack) -> tuple[np.ndarr
             raise GeometryError(f"n_layers={spec.n_layers} but the stack has {len(centres)} sensors")
         return edges, centres
     slice_mm = spec.slice_mm if spec.slice_mm is not None else spec.slice_x0 * stack.mixture().x0_mm
-    n_layers = spec.n_layers or int(np.floor(stack.depth_mm / slice_mm + 1e-9))
+    n_layers = spec.n_layers or math.floor(stack.depth_mm / slice_mm + 1e-9)
     if n_layers < 1:
         raise GeometryError(f"slices of {slice_mm:.3f} mm do not fit in a {stack.depth_mm:.3f} mm deep stack")
+    if n_layers > MAX_LAYERS:
+        raise GeometryError(f"{n_layers:,} readout layers (slices of {slice_mm:.3g} mm), more than the "
+                            f"{MAX_LAYERS:,} caloadapt builds")
     edges = slice_mm * np.arange(n_layers + 1)
     return edges, 0.5 * (edges[1:] + edges[:-1])
 
@@ -180,8 +226,8 @@ def _readout(spec: ReadoutSpec, n_layers: int, moliere_radius_mm: float, base_di
     if spec.layers is not None:
         if len(spec.layers) != n_layers:
             raise GeometryError(f"readout lists {len(spec.layers)} layers, the depth segmentation {n_layers}")
-        return CylindricalReadout(tuple(np.asarray(lay["r_edges_mm"], float) for lay in spec.layers),
-                                  tuple(int(lay["n_alpha"]) for lay in spec.layers), spec.along_particle)
+        return CylindricalReadout(tuple(np.asarray(lay.r_edges_mm, float) for lay in spec.layers),
+                                  tuple(lay.n_alpha for lay in spec.layers), spec.along_particle)
     if spec.n_alpha is None:
         raise GeometryError("a cylindrical readout needs n_alpha")
     if spec.r_edges_mm is not None:
@@ -196,6 +242,9 @@ def _readout(spec: ReadoutSpec, n_layers: int, moliere_radius_mm: float, base_di
 
 def geometry_from_spec(data: dict, base_dir: Path | None = None, source: str = "geometry") -> Geometry:
     """Validate a geometry description (parsed YAML) and build the :class:`Geometry`."""
+    if _count_entries(data, MAX_ENTRIES) > MAX_ENTRIES:
+        raise GeometryError(f"invalid geometry description {source}: more than {MAX_ENTRIES:,} entries once its "
+                            "YAML aliases are expanded")
     try:
         spec = GeometrySpec.model_validate(data)
     except ValidationError as err:
@@ -204,18 +253,33 @@ def geometry_from_spec(data: dict, base_dir: Path | None = None, source: str = "
         value = first.get("input")
         got = f" (got {value!r})" if isinstance(value, (int, float, str, bool)) and first["type"] != "missing" else ""
         raise GeometryError(f"invalid geometry description {source}: {where}: {first['msg']}{got}") from None
+    try:
+        geometry = _build(spec, data, base_dir)
+    except GeometryError as err:  # named after the description it comes from
+        if source in str(err):
+            raise
+        raise GeometryError(f"invalid geometry description {source}: {err}") from None
+    LOADED_GEOMETRIES[geometry.name] = geometry
+    return geometry
+
+
+def _build(spec: GeometrySpec, data: dict, base_dir: Path | None) -> Geometry:
     materials = {name: Material(name, m.z, m.a, m.density_g_cm3, m.x0_g_cm2, m.dedx_min_mev_cm2_g)
                  for name, m in spec.materials.items()}
+    n_slabs = _count_slabs(spec.stack)
+    if n_slabs > MAX_SLABS:
+        raise GeometryError(f"the stack expands to {n_slabs:,} slabs, more than the {MAX_SLABS:,} caloadapt builds "
+                            "(a mistyped repeat?)")
     stack = MaterialStack.of(_expand(spec.stack, materials))
     if not any(s.active for s in stack.slabs):
-        raise GeometryError(f"invalid geometry description {source}: the stack has no active slab")
+        raise GeometryError("the stack has no active slab")
     edges, centres = _layer_segmentation(spec.layers, stack)
     if edges[-1] > stack.depth_mm + 1e-6:
-        raise GeometryError(f"invalid geometry description {source}: readout layers end at {edges[-1]:.2f} mm, "
+        raise GeometryError(f"readout layers end at {edges[-1]:.2f} mm, "
                             f"behind the {stack.depth_mm:.2f} mm deep stack")
     first, last = spec.shower.shape_layers or (0, len(centres) - 1)
     if not 0 <= first <= last < len(centres):
-        raise GeometryError(f"invalid geometry description {source}: shape_layers outside 0..{len(centres) - 1}")
+        raise GeometryError(f"shape_layers outside 0..{len(centres) - 1}")
     shape_region = (float(edges[first]), float(edges[last + 1]))
     shape_medium = stack.mixture(*shape_region)
     readout = _readout(spec.readout, len(centres), shape_medium.moliere_radius_mm, base_dir)
@@ -225,24 +289,20 @@ def geometry_from_spec(data: dict, base_dir: Path | None = None, source: str = "
     calibration = 1.0 / e.visible_fraction if e.calibration == "inverse_visible_fraction" else float(e.calibration)
     resolved = copy.deepcopy(data)
     resolved["readout"] = readout.to_spec()  # self-contained: no file reference left
-    geometry = Geometry(
+    return Geometry(
         name=spec.name, stack=stack, layer_edges_mm=edges, layer_centres_mm=centres, readout=readout,
         energy=EnergyScale(e_vis=e_vis, calibration=calibration, threshold_mev=e.threshold_mev),
         shower=ShowerParameters(spec.shower.sampling_term, spec.shower.kappa, spec.shower.moyal_sigma,
                                 shape_region, spec.shower.local_moliere),
         particle=spec.particle, description=spec.description, barrel_sides=spec.barrel_sides, spec=resolved,
     )
-    LOADED_GEOMETRIES[geometry.name] = geometry
-    return geometry
 
 
 def geometry_from_yaml(path: str | Path) -> Geometry:
     """Build a geometry from a YAML description file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise GeometryError(f"cannot read geometry file {path}: {err.strerror}") from None
+        data = yaml.safe_load(read_text_file(path, "geometry file", error=GeometryError))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

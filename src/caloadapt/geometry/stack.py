@@ -28,8 +28,8 @@ class MaterialStack:
     def __post_init__(self) -> None:
         if not self.slabs:
             raise GeometryError("a material stack needs at least one slab")
-        if any(s.thickness_mm <= 0 for s in self.slabs):
-            raise GeometryError("every slab of a material stack needs a positive thickness")
+        if not all(np.isfinite(s.thickness_mm) and s.thickness_mm > 0 for s in self.slabs):
+            raise GeometryError("every slab of a material stack needs a positive, finite thickness")
         object.__setattr__(self, "boundaries_mm",
                            np.concatenate([[0.0], np.cumsum([s.thickness_mm for s in self.slabs])]))
         object.__setattr__(self, "boundaries_x0", np.concatenate([[0.0], np.cumsum([s.x0 for s in self.slabs])]))

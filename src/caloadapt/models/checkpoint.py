@@ -18,6 +18,7 @@ import torch
 
 from .. import __version__
 from .._atomic import atomic_path
+from .._inputs import input_file, wrong_kind
 from ..errors import CaloadaptError, CheckpointError, OutputError
 from ..pretrained import resolve_checkpoint
 from .adapters import AdaptMethod, merge, prepare
@@ -85,9 +86,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     before it can run. The model configuration and the weights are checked too (a configuration
     caloadapt can build, tensors of finite values).
     """
-    path = resolve_checkpoint(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: {'is a directory, not a' if path.is_dir() else 'no such'} checkpoint file")
+    path = input_file(resolve_checkpoint(path), "checkpoint file", CheckpointError)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError, TypeError,
@@ -97,7 +96,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
             raise CheckpointError(f"{path}: refused: loading it would call {failure[1]} (code, not data); a caloadapt "
                                   "checkpoint holds tensors and plain data only") from None
         reason = failure[1] if failure is not None else _first_line(err)
-        raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({reason})") from None
+        raise CheckpointError(wrong_kind(path, "checkpoint file", expected=("checkpoint",))
+                              or f"{path}: corrupt or not a PyTorch checkpoint ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a caloadapt checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     for key in ("model_config", "model"):

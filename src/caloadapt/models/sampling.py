@@ -10,6 +10,7 @@ stays with the model (:attr:`ShowerModel.occupancy`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -51,6 +52,8 @@ class Sampler:
             raise InputError(f"the number of sampler steps must be an integer of at least 1, got {self.steps!r}")
         if not 0 < self.sigma_min < self.sigma_max:
             raise InputError(f"the sampler needs 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        if self.sigma_max > math.sqrt(torch.finfo(torch.float32).max):  # the network works in float32, with sigma^2
+            raise InputError(f"the sampler's sigma_max {self.sigma_max} is beyond what float32 networks compute with")
         if not self.rho > 0:
             raise InputError(f"the sampler's rho must be positive, got {self.rho}")
 

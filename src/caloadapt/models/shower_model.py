@@ -18,12 +18,14 @@ they simulate, by its descriptor (:func:`caloadapt.geometry.geometry_descriptor`
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._memory import check_memory
 from ..errors import InputError
 from ..geometry import Geometry
 from ..geometry.descriptor import DESCRIPTOR_DIM, geometry_descriptor
@@ -46,6 +48,13 @@ __all__ = ["ModelConfig", "ShowerModel", "BACKBONES", "shower_condition", "flow_
 BACKBONES = ("pointwise", "transformer")
 #: index of the depth among the point features (x, y, depth, energy)
 DEPTH_FEATURE = 2
+
+
+#: floats held per generated point (see :meth:`ModelConfig.floats_per_point`)
+GENERATION_FLOATS_PER_POINT = 128
+#: bytes held per generated shower while the flow samples its layers, before any point exists (measured
+#: about 40 KB in ild-ecal, with the shipped model and a tiny one alike)
+GENERATION_BYTES_PER_SHOWER = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {', '.join(BACKBONES)}")
+        if not (isinstance(self.transverse_scale_rm, (int, float)) and 0 <= self.transverse_scale_rm < math.inf):
+            raise ValueError(f"transverse_scale_rm must be a finite number >= 0, got {self.transverse_scale_rm!r}")
 
     @property
     def condition_dim(self) -> int:
@@ -149,6 +160,18 @@ class ModelConfig:
         """Width of the flow's condition (:func:`flow_condition`): energy (+ the incidence direction, + the
         detector descriptor)."""
         return self.condition_dim - 1 - self.shower_depth_condition
+
+    def floats_per_point(self, training: bool = True) -> int:
+        """About the floats held per point: in a training step, the point network's activations kept for the
+        backward pass and their gradients (measured 3.5 per unit of the summed pointwise widths); in
+        generation, the sampler's copies of the points, the network working through them in chunks
+        (:class:`~caloadapt.models.fused.FusedDenoiser`; measured 60 to 130 with the shipped model)."""
+        if not training:
+            return GENERATION_FLOATS_PER_POINT
+        if self.backbone == "pointwise":
+            return 4 * sum(self.widths)
+        return 4 * self.transformer_depth * (4 * self.transformer_dim + self.transformer_heads
+                                             * self.transformer_inducing)
 
     @property
     def grid(self) -> DepthGrid:
@@ -303,6 +326,8 @@ class ShowerModel(nn.Module):
         """
         device = self.point_mean.device
         energy = np.asarray(incident_energy_mev, np.float64)
+        check_memory(len(energy) * GENERATION_BYTES_PER_SHOWER, f"a generation batch of {len(energy):,} showers",
+                     "lower --batch-size", per_item_bytes=GENERATION_BYTES_PER_SHOWER, items="showers per batch")
         angles, meta = self._incidence(geometry, len(energy), theta_deg, phi_deg)
         condition, (hits, layer_energy, cog) = self._sample_layers(geometry, energy, generator, angles)
         calibration = self.occupancy.get(geometry.name) if occupancy == "auto" else occupancy
@@ -315,6 +340,9 @@ class ShowerModel(nn.Module):
         counts = np.minimum(counts, max_points // geometry.n_layers + 1)
         n_points = counts.sum(axis=1)
         width = int(n_points.max(initial=0))
+        per_shower = 4 * self.config.floats_per_point(training=False) * width  # float32
+        check_memory(len(energy) * per_shower, f"a generation batch of {len(energy):,} showers of up to {width:,} "
+                     "points", "lower --batch-size", per_item_bytes=per_shower, items="showers per batch")
         if width == 0:
             empty = Showers.from_counts(np.zeros((0, 4)), n_points, energy, particle=particle, geometry=geometry.name,
                                         meta=meta)

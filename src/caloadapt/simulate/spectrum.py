@@ -37,6 +37,11 @@ def parse_energy_range(text: str) -> tuple[float, ...]:
     return parse_values(text, "energies", "50, 10:90 or 10,50,90 (GeV)", positive=True)[0]
 
 
+#: memory held per shower for a whole run of simulate or generate: its incident energy and two angles,
+#: with the working copies made while drawing and checking them (float64 each)
+BYTES_PER_SHOWER = 64
+
+
 def sample_incident_energies(n: int, energies_gev: tuple[float, ...], spectrum: str,
                              rng: np.random.Generator) -> np.ndarray:
     """``(n,)`` incident energies in MeV.
@@ -50,7 +55,8 @@ def sample_incident_energies(n: int, energies_gev: tuple[float, ...], spectrum: 
     """
     if n < 0:
         raise InputError(f"number of showers must be >= 0, got {n}")
-    check_memory(8.0 * n, f"{n} incident energies")
+    check_memory(BYTES_PER_SHOWER * n, f"--n {n:,}: the incident energies and angles of {n:,} showers",
+                 per_item_bytes=BYTES_PER_SHOWER, items="showers")
     values = np.asarray(energies_gev, dtype=np.float64)
     if spectrum == "fixed" or len(values) == 1:
         if len(values) != 1:

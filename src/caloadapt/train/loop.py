@@ -26,7 +26,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .._signals import Terminated, deferred_termination, pending_termination
-from ..data.io import count_showers, read_showers
+from .._memory import check_memory
+from ..data.io import count_showers, max_points_per_shower, read_showers
 from ..errors import CheckpointError, InputError, TrainingError
 from ..geometry import Geometry
 from ..models.adapters import merge
@@ -187,6 +188,16 @@ def _setup_distributed() -> tuple[bool, int, int]:
     return world > 1, int(os.environ.get("RANK", "0")), world
 
 
+def _check_step_memory(model: ShowerModel, sources: list[DataSource], config: TrainConfig) -> None:
+    """Refuse, before any data is read, a batch whose activations would not fit in memory: they grow with
+    --batch-size and the points per shower (--max-points, or fewer where the showers hold fewer)."""
+    points = min(config.max_points, max(max_points_per_shower(s.path) for s in sources))
+    per_shower = 4 * model.config.floats_per_point() * max(points, 1)  # float32
+    check_memory(config.batch_size * per_shower, f"a training step of {config.batch_size:,} showers of up to "
+                 f"{points:,} points", "lower --batch-size or --max-points", per_item_bytes=per_shower,
+                 items="showers per step")
+
+
 def _fit_normalisation(model: ShowerModel, sources: list[DataSource], subsets: list[ShowerSubset],
                        seed: int) -> None:
     """Feature standardisation from up to 2000 training showers, shared among the detectors."""
@@ -320,14 +331,15 @@ def train(model: ShowerModel, data: str | Path | Sequence[DataSource], geometry:
     (:class:`caloadapt._signals.Terminated` is raised then; ``resume`` continues).
     """
     lock = run_lock(out_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
-    with lock, deferred_termination():
-        return _train(model, data, geometry, out_dir, config, trainable=trainable, resume=resume,
+    with lock, deferred_termination(), contextlib.ExitStack() as on_exit:
+        return _train(model, data, geometry, out_dir, config, on_exit, trainable=trainable, resume=resume,
                       fit_normalisation=fit_normalisation, checkpoint_parts=checkpoint_parts,
                       stop_after_steps=stop_after_steps, progress=progress, objective=objective or ModelLosses(),
                       sampler=sampler or Sampler())
 
 
-def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | Path, config: TrainConfig, *,
+def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | Path, config: TrainConfig,
+           on_exit: contextlib.ExitStack, *,
            trainable: list[str] | None, resume: bool, fit_normalisation: bool, checkpoint_parts: dict | None,
            stop_after_steps: int | None, progress: bool, objective: Objective, sampler: Sampler) -> dict:
     ddp, rank, world = _setup_distributed()
@@ -339,6 +351,7 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
     torch.manual_seed(config.seed)
     sources = _sources(data, geometry)
     weights = np.array([s.weight for s in sources]) / sum(s.weight for s in sources)
+    _check_step_memory(model, sources, config)
 
     def batch_of(showers, source: DataSource, rng, max_points: int) -> Batch:
         return make_batch(showers, source.geometry, model.config, rng, max_points)
@@ -436,14 +449,24 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
         return _validation_round(model, ema, val, weights, device, state, best_state, config, running, metrics_path,
                                  optimizer, time.perf_counter() - started, board, objective)
 
-    bar = tqdm(total=config.steps, initial=state["step"], disable=not progress or rank != 0, desc=objective.name,
-               unit="step")
+    # closed however the run ends, so that an error's line starts a line of its own
+    bar = on_exit.enter_context(tqdm(total=config.steps, initial=state["step"], disable=not progress or rank != 0,
+                                     desc=objective.name, unit="step"))
     started = time.perf_counter() - state["wall_s"]
     running = fresh_running()
     if objective.validate_start and state["step"] == 0 and rank == 0:
         validation_round()
         save(out_dir / "best.pt", best_state)
     converged = False  # early stop by patience: training is over, as at the last step
+    watch = _DivergenceWatch(objective.train_keys)
+    saved_step = state["step"] if resume and last.exists() else None  # the step last.pt holds
+
+    def diverged(what: str, step: int) -> TrainingError:
+        advice = "lower the learning rate (--lr, --flow-lr) and run again"
+        if saved_step is not None:
+            advice = (f"{last} holds step {saved_step}, the last checkpoint before it (--resume continues from it); "
+                      f"{advice} with --overwrite")
+        return TrainingError(f"training diverged at step {step}: {what}; {advice}")
     while state["step"] < config.steps:
         step = state["step"]
         k = 0 if len(sources) == 1 else int(np.random.default_rng([config.data_seed, step, 7]).choice(
@@ -457,17 +480,23 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
         losses = objective.losses(ddp_model, batch, generator)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite training loss at step {step}; lower the learning rate")
+            raise diverged(f"non-finite training loss {float(loss.detach())}", step)
+        values = {key: float(losses[key].detach()) for key in objective.train_keys}
+        exploded = watch.exploded(values)
+        if exploded:
+            raise diverged(exploded, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([params[n] for n in names], config.grad_clip)
+        gradient_norm = torch.nn.utils.clip_grad_norm_([params[n] for n in names], config.grad_clip)
+        if not torch.isfinite(gradient_norm):  # clipping would turn it into NaN weights
+            raise diverged("non-finite gradients", step)
         optimizer.step()
         scheduler.step()
         ema.update(model, step, names)
         objective.after_step(model, step)
         state["step"] = step = step + 1
         for key in objective.train_keys:
-            running[key] += float(losses[key].detach())
+            running[key] += values[key]
         running["n"] += 1
         bar.update(1)
         bar.set_postfix({key: f"{running[key] / running['n']:.3f}" for key in objective.train_keys})
@@ -486,6 +515,7 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
             state["wall_s"] = time.perf_counter() - started
             if rank == 0:
                 save(last, ema.state)
+                saved_step = step
             if ddp:
                 dist.barrier()
         if terminated is not None:
@@ -510,6 +540,39 @@ def _train(model: ShowerModel, data, geometry: Geometry | None, out_dir: str | P
         dist.barrier()
     return {"steps": state["step"], "best": state["best"], "best_step": state["best_step"],
             "wall_s": time.perf_counter() - started, "rank": rank}
+
+
+#: a training loss this many times above its lowest has diverged (a loss near 0 or below, as a flow's
+#: negative log-likelihood can be, is measured against 1 instead)
+DIVERGENCE_FACTOR = 1e4
+#: steps averaged into each candidate for the lowest loss (one lucky batch does not set it)
+DIVERGENCE_BLOCK_STEPS = 10
+
+
+class _DivergenceWatch:
+    """Tells when a training loss exploded: ``DIVERGENCE_FACTOR`` times above the lowest mean of
+    ``DIVERGENCE_BLOCK_STEPS`` consecutive steps seen by this process (so that no checkpoint is written
+    after it). It keeps nothing in checkpoints: a resumed run watches again from its first block."""
+
+    def __init__(self, keys: Sequence[str]):
+        self.lowest = dict.fromkeys(keys, math.inf)
+        self.block: dict[str, list[float]] = {key: [] for key in keys}
+
+    def exploded(self, losses: dict[str, float]) -> str | None:
+        """A description of the loss that exploded, or None; else ``losses`` join the current block."""
+        for key, value in losses.items():
+            lowest = self.lowest[key]
+            scale = max(abs(lowest), 1.0)
+            if value > lowest + DIVERGENCE_FACTOR * scale:
+                return (f"the {key} loss rose to {value:.3g} from a lowest {DIVERGENCE_BLOCK_STEPS}-step mean of "
+                        f"{lowest:.3g}")
+        for key, value in losses.items():
+            block = self.block[key]
+            block.append(value)
+            if len(block) == DIVERGENCE_BLOCK_STEPS:
+                self.lowest[key] = min(self.lowest[key], sum(block) / len(block))
+                block.clear()
+        return None
 
 
 def _tensorboard(out_dir: Path):

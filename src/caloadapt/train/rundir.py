@@ -5,6 +5,10 @@ run writes there, so a second training into the same folder is refused instead o
 ``metrics.csv`` and checkpoints. :func:`claim_run_directory` is what the command line does before a
 training starts: refuse a folder that already holds a run unless ``--resume`` (continue it) or
 ``--overwrite`` (start afresh, removing the old run's files), and say what ``--resume`` found.
+
+A run that fails before its first checkpoint leaves nothing behind: :func:`run_lock` removes the
+files it made (and the folder, if it made that too), so the same command, corrected, simply runs
+again. A run that fails later keeps ``last.pt``: ``--resume`` continues it, ``--overwrite`` replaces it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ LOCK_NAME = ".caloadapt.lock"
 LOSS_CURVES = "loss_curves.png"
 #: files a training run writes into its folder (the sign that a folder holds a run)
 RUN_FILES = ("last.pt", "best.pt", "model.pt", "metrics.csv", "parameters.json", LOSS_CURVES)
+#: the files of a run that it can be continued or used from
+CHECKPOINTS = ("last.pt", "best.pt", "model.pt")
+#: what a run writes into its folder besides :data:`RUN_FILES`
+_RUN_FOLDERS = ("tensorboard",)
 
 #: folders locked by this process: resolved path -> (file descriptor, depth); nested use is allowed
 _held: dict[str, list[int]] = {}
@@ -50,7 +58,12 @@ def prepare_run_directory(out_dir: str | os.PathLike[str]) -> Path:
 
 @contextlib.contextmanager
 def run_lock(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
-    """Hold the run folder for this process; a :class:`TrainingError` if another process holds it."""
+    """Hold the run folder for this process; a :class:`TrainingError` if another process holds it.
+
+    Should the block fail before it wrote ``last.pt``, what it made in the folder is removed again
+    (see :func:`_undo_unfinished_start`); the outermost holder of a folder does that.
+    """
+    created = not os.path.lexists(out_dir)
     out_dir = prepare_run_directory(out_dir)
     key = str(out_dir.resolve())
     if key in _held:
@@ -77,11 +90,44 @@ def run_lock(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held[key] = [fd, 1]
+    before = _run_outputs(out_dir)
     try:
         yield out_dir
+    except BaseException:
+        _undo_unfinished_start(out_dir, before, created)
+        raise
     finally:
         del _held[key]
         os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting run)
+
+
+def _run_outputs(out_dir: Path) -> dict[str, tuple[int, int]]:
+    """The run's files and folders present in ``out_dir``: name -> (inode, modification time in ns)."""
+    found = {}
+    for name in (*RUN_FILES, *_RUN_FOLDERS):
+        with contextlib.suppress(OSError):
+            info = os.lstat(out_dir / name)
+            found[name] = (info.st_ino, info.st_mtime_ns)
+    return found
+
+
+def _undo_unfinished_start(out_dir: Path, before: dict[str, tuple[int, int]], created: bool) -> None:
+    """After a run failed: unless it wrote ``last.pt`` (which ``--resume`` continues), remove the run files
+    it made, and the folder when the run made it and nothing else is in it. Called holding the lock."""
+    after = _run_outputs(out_dir)
+    if "last.pt" in after and after["last.pt"] != before.get("last.pt"):
+        return
+    for name in after.keys() - before.keys():
+        path = out_dir / name
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    if created:
+        with contextlib.suppress(OSError):
+            (out_dir / LOCK_NAME).unlink()
+            out_dir.rmdir()  # fails, harmlessly, when something else was put there meanwhile
 
 
 def _read_holder(fd: int) -> str:
@@ -96,7 +142,9 @@ def claim_run_directory(out_dir: str | os.PathLike[str], *, resume: bool, overwr
 
     - ``resume``: the folder must hold ``last.pt``; the sentence says which step it continues from;
     - otherwise a folder holding a run (any of :data:`RUN_FILES`) is refused unless ``overwrite``,
-      which removes those files (and nothing else) first.
+      which removes those files (and nothing else) first;
+    - the files of a run that never wrote a checkpoint (one killed before its first) are replaced
+      without ``overwrite``: there is nothing in them to continue or to use.
     """
     from ..models.checkpoint import load_checkpoint
 
@@ -115,17 +163,20 @@ def claim_run_directory(out_dir: str | os.PathLike[str], *, resume: bool, overwr
         total = (payload.get("train_config") or {}).get("steps", "?")
         return f"resuming {out_dir} from step {step} of {total} (last.pt)"
     found = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if found and not overwrite:
+    unfinished = found and not any(name in CHECKPOINTS for name in found)
+    if found and not (overwrite or unfinished):
         raise TrainingError(f"{out_dir}: holds a run already ({', '.join(found)}); continue it with --resume, "
                             "replace it with --overwrite, or choose another -o")
     if found:
-        with run_lock(out_dir):
+        with run_lock(out_dir):  # not while another process runs there
             for name in found:
                 path = out_dir / name
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
                 else:
                     path.unlink()
+        if unfinished and not overwrite:
+            return f"replacing the start of a run in {out_dir} that wrote no checkpoint (removed {', '.join(found)})"
         return f"overwriting the run in {out_dir} (removed {', '.join(found)})"
     return f"new run in {out_dir}"
 
