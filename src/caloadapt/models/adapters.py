@@ -47,9 +47,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
-from dataclasses import asdict, dataclass, fields
-
 import math
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
