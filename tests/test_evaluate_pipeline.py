@@ -403,3 +403,15 @@ def test_the_event_display_is_told_each_showers_direction(tmp_path):
     metrics = run_evaluation(path, path, geometry, tmp_path / "out",
                              _options(classifier="none", fpd_kpd=False, n_event_display=2))
     assert (tmp_path / "out" / "plots" / "event_display.png").is_file()
+
+
+def test_without_scikit_learn_the_classifier_is_skipped_with_a_note_first(files, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else find_spec(name, *a))
+    metrics = run_evaluation(files["generated"], files["reference"], GEOMETRY, tmp_path / "base",
+                             _options(classifier="cpu", plots=False, fpd_kpd=False, energy_bins=False, n_bootstrap=0,
+                                      progress=True))
+    assert metrics["classifier"]["settings"] == "none" and "scikit-learn" in capsys.readouterr().out.splitlines()[0]
+    assert any("caloadapt[eval]" in note for note in metrics["notes"])

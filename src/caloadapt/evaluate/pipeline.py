@@ -62,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -127,6 +128,9 @@ _OFFICIAL_KPD_BATCH = 10_000
 #: batches smaller than the official ones and the value is dominated by its finite-sample bias
 FPD_KPD_MIN_SHOWERS = 10_000
 
+#: what an evaluation says when scikit-learn (the ``eval`` extra) is missing
+NO_SKLEARN_NOTE = ("the classifier metrics (AUC, JSD) need scikit-learn, which is not installed "
+                   "(pip install 'caloadapt[eval]'): they are skipped")
 #: a classifier with fewer optimiser steps per epoch is noted as barely trained
 CLASSIFIER_MIN_STEPS_PER_EPOCH = 10
 
@@ -627,6 +631,12 @@ def run_evaluation(generated: str | os.PathLike[str], reference: str | os.PathLi
     start_all = time.perf_counter()
     timing: dict[str, float] = {}
     notes: list[str] = []
+    if options.classifier_enabled and importlib.util.find_spec("sklearn") is None:
+        # said before any work, not found after the first classifier has trained
+        notes.append(NO_SKLEARN_NOTE)
+        if options.progress:
+            tqdm.write(f"note: {NO_SKLEARN_NOTE}")
+        options = dataclasses.replace(options, classifier="none")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a directory")
