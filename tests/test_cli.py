@@ -301,3 +301,21 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     bad = cli("info", "absent.h5")
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == ["caloadapt: error: absent.h5: no such file"]
+
+
+def test_list_names_every_builtin_geometry_and_shipped_model():
+    from caloadapt.geometry import BUILTIN_GEOMETRIES
+    from caloadapt.pretrained import SHIPPED_CHECKPOINTS
+
+    geometries = CliRunner().invoke(app, ["list", "geometries"])
+    assert geometries.exit_code == 0, geometries.output
+    rows = {line.split()[0]: line.split()[1:] for line in geometries.output.splitlines()[1:]}
+    assert set(rows) == set(BUILTIN_GEOMETRIES) and rows["calochallenge-3"][:2] == ["45", "40,500"]
+    models = CliRunner().invoke(app, ["list", "models"])
+    assert models.exit_code == 0, models.output
+    rows = {line.split()[0]: line for line in models.output.splitlines()[1:]}
+    assert set(rows) == set(SHIPPED_CHECKPOINTS)
+    assert "one step" in rows["ild-photons-1step"] and "30 heun steps" in rows["ild-photons"]
+    assert rows["ild-photons"].split()[4] == "ild-photons-1step"
+    wrong = CliRunner().invoke(app, ["list", "detectors"])
+    assert wrong.exit_code == 2

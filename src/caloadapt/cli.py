@@ -326,6 +326,38 @@ def convert(
     typer.echo(f"wrote {writer.n} showers to {output} ({format.value})")
 
 
+class Listing(str, Enum):
+    geometries = "geometries"
+    models = "models"
+
+
+@app.command("list")
+@_one_line_errors
+def list_builtins(
+    what: Annotated[Listing, typer.Argument(help="geometries (built in, usable by name with -g) or models "
+                                                 "(shipped, usable by name with --checkpoint)")],
+) -> None:
+    """List the built-in geometries or the shipped models."""
+    if what == Listing.geometries:
+        from .geometry import BUILTIN_GEOMETRIES, get_geometry
+
+        typer.echo(f"{'geometry':<22} {'layers':>6} {'cells':>9} {'Moliere radius':>15}")
+        for name in BUILTIN_GEOMETRIES:
+            geometry = get_geometry(name)
+            typer.echo(f"{name:<22} {geometry.n_layers:>6} {geometry.n_cells:>9,} {geometry.moliere_radius_mm:>12.1f} mm")
+        return
+    from .models.checkpoint import load_checkpoint, stored_sampler
+    from .pretrained import SHIPPED_CHECKPOINTS, SHIPPED_STUDENTS, shipped_checkpoint
+
+    typer.echo(f"{'model':<22} {'sampler':<16} {'one-step student':<20} calibrated for")
+    for name in SHIPPED_CHECKPOINTS:
+        payload = load_checkpoint(shipped_checkpoint(name))
+        sampler = stored_sampler(payload, name)
+        steps = "one step" if sampler.distilled else f"{sampler.steps} {sampler.kind} steps"
+        calibrated = ", ".join(payload.get("occupancy") or {}) or "-"
+        typer.echo(f"{name:<22} {steps:<16} {SHIPPED_STUDENTS.get(name, '-'):<20} {calibrated}")
+
+
 @app.command()
 @_one_line_errors
 def info(
