@@ -13,6 +13,21 @@ from caloadapt.data import Showers
 from caloadapt.geometry import Geometry, geometry_from_spec, get_geometry
 from caloadapt.simulate import simulate
 
+@pytest.fixture
+def uninstalled(monkeypatch):
+    """``uninstalled(name)``: ``importlib.util.find_spec`` finds no module ``name`` for the rest of the test
+    (an extra that is not installed, as caloadapt checks for one before using it)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+
+    def hide(name: str) -> None:
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda wanted, *args: None if wanted == name else find_spec(wanted, *args))
+
+    return hide
+
+
 #: a few low incident energies in MeV: fast to simulate, still hundreds of hits per shower
 LOW_ENERGIES_MEV = np.array([1000.0, 3000.0, 2000.0, 1500.0, 2500.0])
 

@@ -83,11 +83,8 @@ def test_demo_refuses_bad_methods_before_any_work(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_demo_without_peft_says_so_before_any_work(tmp_path, monkeypatch):
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+def test_demo_without_peft_says_so_before_any_work(tmp_path, uninstalled):
+    uninstalled("peft")
     result = CliRunner().invoke(app, ["demo", "--quick", "-o", str(tmp_path / "d")])  # the default methods
     assert result.exit_code == 2 and "caloadapt[peft]" in result.output and "'lora'" in result.output
     assert not (tmp_path / "d").exists()

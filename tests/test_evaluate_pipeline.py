@@ -405,11 +405,8 @@ def test_the_event_display_is_told_each_showers_direction(tmp_path):
     assert (tmp_path / "out" / "plots" / "event_display.png").is_file()
 
 
-def test_without_scikit_learn_the_classifier_is_skipped_with_a_note_first(files, tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else find_spec(name, *a))
+def test_without_scikit_learn_the_classifier_is_skipped_with_a_note_first(files, tmp_path, uninstalled, capsys):
+    uninstalled("sklearn")
     metrics = run_evaluation(files["generated"], files["reference"], GEOMETRY, tmp_path / "base",
                              _options(classifier="cpu", plots=False, fpd_kpd=False, energy_bins=False, n_bootstrap=0,
                                       progress=True))

@@ -344,7 +344,8 @@ def list_builtins(
         typer.echo(f"{'geometry':<22} {'layers':>6} {'cells':>9} {'Moliere radius':>15}")
         for name in BUILTIN_GEOMETRIES:
             geometry = get_geometry(name)
-            typer.echo(f"{name:<22} {geometry.n_layers:>6} {geometry.n_cells:>9,} {geometry.moliere_radius_mm:>12.1f} mm")
+            typer.echo(f"{name:<22} {geometry.n_layers:>6} {geometry.n_cells:>9,} "
+                       f"{geometry.moliere_radius_mm:>12.1f} mm")
         return
     from .models.checkpoint import load_checkpoint, stored_sampler
     from .pretrained import SHIPPED_CHECKPOINTS, SHIPPED_STUDENTS, shipped_checkpoint
@@ -861,14 +862,15 @@ def finetune(
     target: Annotated[str, typer.Option(help="adapted Linear maps: linear, gate, context_bias (comma list)")]
     = "linear",
     layers: Annotated[Optional[str], typer.Option(help="adapted layer indices, e.g. 3,4,5 (default all)")] = None,
-    flow: Annotated[str, typer.Option(help="flow adaptation: full, frozen, bitfit (its biases) or lora (its biases and a rank --rank update of its hidden layers)")] = "full",
+    flow: Annotated[str, typer.Option(help="flow adaptation: full, frozen, bitfit (its biases) or lora (its "
+                                           "biases and a rank --rank update of its hidden layers)")] = "full",
     steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 1000,
     batch_size: Annotated[int, typer.Option(min=1, help="showers per step")] = 16,
     lr: Annotated[Optional[float], typer.Option(help="peak learning rate (default: 3 x the data-size table, "
                                                      "times the method's factor; docs/model.md section 7)")]
     = None,
     flow_lr: Annotated[Optional[float], typer.Option(help="flow learning rate (default: 3 x the data-size table; "
-                                                          "30 x with --flow bitfit)")]
+                                                          "30 x with --flow bitfit or lora)")]
     = None,
     max_points: Annotated[int, typer.Option(min=1, help="points per shower per step")] = 256,
     val_fraction: Annotated[float, typer.Option(help="share of the showers held out for validation")] = 0.2,
@@ -1126,8 +1128,9 @@ def demo(
                                                             "source, the floor (the simulated demo makes its own)")]
     = None,
     methods: Annotated[Optional[str], typer.Option(help="methods as for sweep, e.g. scratch,full,bitfit,"
-                                                        "bitfit:flow=frozen,scratch-converged (flow: full, bitfit, lora, "
-                                                        "frozen) [default: scratch,full,lora:rank=8,alpha=8,flow=lora]")]
+                                                        "bitfit:flow=frozen,scratch-converged (flow: full, bitfit, "
+                                                        "lora, frozen) [default: scratch,full,"
+                                                        "lora:rank=8,alpha=8,flow=lora]")]
     = None,
     patience: Annotated[Optional[int], typer.Option(min=1, help="scratch-converged: stop after N validations "
                                                                 "without improvement [default: 5]")] = None,

@@ -3,10 +3,10 @@
 1. target data: CaloChallenge-dataset-3-like electrons from the embedded simulator (or real files),
    and the floor: a second simulated sample at the reference's incident energies (another seed);
 2. the shipped pre-trained model (ILD-like photons) adapted with 100 target showers by each method
-   of ``--methods`` (default: full fine-tuning and BitFit with the flow's biases only) and the
-   from-scratch baseline with the same budget (``scratch``) and, when
-   asked for, trained to convergence (``scratch-converged``: early stopping on its validation
-   split, ``patience`` validations, at most ``max_steps`` steps);
+   of ``--methods`` (default: full fine-tuning and LoRA in the point network and the flow) and the
+   from-scratch baseline with the same budget (``scratch``) and, when asked for, trained to convergence
+   (``scratch-converged``: early stopping on its validation split, ``patience`` validations, at most
+   ``max_steps`` steps);
 3. each adapted model distilled into its one-step student (:mod:`caloadapt.adapt.one_step`: from the
    shipped student of the pre-trained model; the scratch baseline's from its own network), which is
    what generates the showers: milliseconds per shower. With ``teachers`` the adapted models also

@@ -50,9 +50,9 @@ FLOW_FACTOR = 3.0
 #: "More steps, higher rates")
 NET_FACTOR = 3.0
 #: a flow adapted through its biases (``flow=bitfit``, or ``lora``: with low-rank updates of its hidden layers)
-#: takes this multiple of the whole flow's rate:
-#: at 1x its validation loss after 250 steps (8.96) was worse than the whole flow's after 50 (8.83), at 10x
-#: it is the whole flow's (8.48 against 8.46; same section)
+#: takes this multiple of the whole flow's rate: with its biases alone at 1x its validation loss after 250 steps
+#: (8.96) was worse than the whole flow's after 50 (8.83), at 10x it is the whole flow's (8.48 against 8.46;
+#: same section)
 BIAS_FLOW_FACTOR = 10.0
 
 
@@ -61,9 +61,10 @@ def adaptation_learning_rates(method: str, n_samples: int, by_size: bool = True,
     """Peak learning rates ``(point network, flow)`` of an adaptation run.
 
     The pre-trained point network follows the table times :data:`NET_FACTOR` (and the method's factor), the
-    pre-trained flow the table times :data:`FLOW_FACTOR` (times :data:`BIAS_FLOW_FACTOR` when only its biases
-    move, ``flow="bitfit"`` or ``"lora"``); a scratch network and flow train at the pre-training rate. ``by_size=False``:
-    the rates of D <= 100 at every size (see the module docstring).
+    pre-trained flow the table times :data:`FLOW_FACTOR` (times :data:`BIAS_FLOW_FACTOR` when only its biases,
+    and with ``flow="lora"`` its low-rank updates, move: ``flow="bitfit"`` or ``"lora"``); a scratch network
+    and flow train at the pre-training rate. ``by_size=False``: the rates of D <= 100 at every size (see the
+    module docstring).
     """
     size = n_samples if by_size else min(n_samples, _TABLE[0][0])
     if method == "scratch":

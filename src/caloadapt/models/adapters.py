@@ -204,11 +204,14 @@ class LowRankUpdate(nn.Module):
         flow's sampling, which caches what it cuts from its layers' weights by their versions
         (:func:`~caloadapt.models.flow.tensor_versions`), sees a new tensor exactly when they do."""
         if torch.is_grad_enabled():
-            return self.base.weight + self.scale * (self.B @ self.A)
+            return self._updated()
         key = tensor_versions(self.base.weight, self.A, self.B)
         if self._weight is None or self._weight[0] != key:
-            self._weight = (key, self.base.weight + self.scale * (self.B @ self.A))
+            self._weight = (key, self._updated())
         return self._weight[1]
+
+    def _updated(self) -> torch.Tensor:
+        return self.base.weight + self.scale * (self.B @ self.A)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -225,7 +228,7 @@ class LowRankUpdate(nn.Module):
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """The layer with the update folded into its weight (the update is kept in place: merge a copy)."""
-        self.base.weight.copy_(self.base.weight + self.scale * (self.B @ self.A))
+        self.base.weight.copy_(self._updated())
         return self.base
 
 
